@@ -1,0 +1,3 @@
+from snapmgr.cli import main
+
+main()

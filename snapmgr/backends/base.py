@@ -1,0 +1,47 @@
+"""The backend protocol: what the engine may ask of any snapshot technology.
+
+A backend instance serves one volume. It knows nothing of other backends, the engine,
+the journal or the CLI; the snapshot storage itself is the source of truth for what
+exists."""
+
+from __future__ import annotations
+
+import abc
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Callable, ClassVar, Mapping
+
+from snapmgr.model import Snapshot, SnapshotId
+from snapmgr.schema import Field
+
+Progress = Callable[[str], None]
+
+
+class Backend(abc.ABC):
+    name: ClassVar[str]
+    # The backend's own keys of a `[volumes.NAME]` table, checked by the config loader.
+    options: ClassVar[Mapping[str, Field]]
+
+    def __init__(self, volume: str, options: Mapping):
+        self.volume = volume
+        self.opts = options
+
+    @abc.abstractmethod
+    def create(self, snapshot_id: SnapshotId, tags: frozenset[str], progress: Progress | None = None) -> Snapshot:
+        """Take the snapshot. It must not be listed until it is complete."""
+
+    @abc.abstractmethod
+    def list(self) -> list[Snapshot]:
+        """Complete snapshots of this volume, in any order."""
+
+    @abc.abstractmethod
+    def delete(self, snapshot: Snapshot) -> None:
+        """Remove the snapshot; once this starts, it is no longer listed."""
+
+    @abc.abstractmethod
+    def browse_root(self, snapshot: Snapshot) -> AbstractContextManager[Path]:
+        """A read-only directory showing the snapshot's files, for as long as the context lasts."""
+
+    @abc.abstractmethod
+    def plan_create(self, snapshot_id: SnapshotId) -> str:
+        """One line saying what create() would do, for --dry-run."""

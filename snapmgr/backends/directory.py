@@ -1,0 +1,134 @@
+"""Backends whose snapshots are directories side by side in one folder (rsync, btrfs).
+
+Each snapshot `<dir>/<id>` has its metadata in `<dir>/<id>.json`. The sidecar is written
+and fsync'd *before* the snapshot becomes visible under its final name, so a listed
+snapshot always has its metadata; a sidecar left without a snapshot by a crash is removed
+on the next run."""
+
+from __future__ import annotations
+
+import abc
+import json
+import logging
+import os
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+from snapmgr.backends.base import Backend, Progress
+from snapmgr.model import Snapshot, SnapshotId
+
+log = logging.getLogger(__name__)
+SIDECAR_SUFFIX = ".json"
+
+
+class DirectoryBackend(Backend):
+    @property
+    @abc.abstractmethod
+    def snapshot_dir(self) -> Path:
+        """The folder that holds this volume's snapshots."""
+
+    @abc.abstractmethod
+    def _is_snapshot(self, path: Path) -> bool:
+        """Whether a directory named like a snapshot id really is one of ours."""
+
+    @abc.abstractmethod
+    def _build(self, snapshot_id: SnapshotId, progress: Progress | None) -> dict:
+        """Make the snapshot's data where list() does not see it; return extra metadata."""
+
+    @abc.abstractmethod
+    def _publish(self, snapshot_id: SnapshotId) -> None:
+        """Make the built snapshot visible as `<dir>/<id>`, atomically."""
+
+    @abc.abstractmethod
+    def _discard(self, path: Path) -> None:
+        """Remove a snapshot's data."""
+
+    @abc.abstractmethod
+    def _clean_leftovers(self) -> None:
+        """Deal with what an interrupted create or delete left behind."""
+
+    # The protocol ---------------------------------------------------------------
+
+    def create(self, snapshot_id: SnapshotId, tags: frozenset[str], progress: Progress | None = None) -> Snapshot:
+        self.snapshot_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._clean_leftovers()
+        self._remove_orphan_sidecars()
+        meta = {
+            "id": str(snapshot_id),
+            "volume": self.volume,
+            "backend": self.name,
+            "tags": sorted(tags),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        meta |= self._build(snapshot_id, progress)
+        self._write_sidecar(snapshot_id, meta)
+        try:
+            self._publish(snapshot_id)
+        except BaseException:
+            self._sidecar(snapshot_id).unlink(missing_ok=True)
+            raise
+        _fsync_dir(self.snapshot_dir)
+        return Snapshot(snapshot_id, self.snapshot_dir / str(snapshot_id), frozenset(tags), meta)
+
+    def list(self) -> list[Snapshot]:
+        try:
+            entries = list(os.scandir(self.snapshot_dir))
+        except FileNotFoundError:
+            return []
+        snapshots = []
+        for entry in entries:
+            sid = SnapshotId.try_parse(entry.name)
+            if sid and sid.volume == self.volume and entry.is_dir(follow_symlinks=False) \
+                    and self._is_snapshot(Path(entry.path)):
+                meta = self._read_sidecar(sid)
+                snapshots.append(Snapshot(sid, Path(entry.path), frozenset(meta.get("tags", ())), meta))
+        return snapshots
+
+    def delete(self, snapshot: Snapshot) -> None:
+        self._discard(snapshot.path)
+        self._sidecar(snapshot.id).unlink(missing_ok=True)
+        _fsync_dir(self.snapshot_dir)
+
+    @contextmanager
+    def browse_root(self, snapshot: Snapshot) -> Iterator[Path]:
+        yield snapshot.path
+
+    # Sidecars ---------------------------------------------------------------------
+
+    def _sidecar(self, snapshot_id: SnapshotId) -> Path:
+        return self.snapshot_dir / f"{snapshot_id}{SIDECAR_SUFFIX}"
+
+    def _write_sidecar(self, snapshot_id: SnapshotId, meta: dict) -> None:
+        final = self._sidecar(snapshot_id)
+        tmp = final.with_name(final.name + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(meta, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.rename(final)
+
+    def _read_sidecar(self, snapshot_id: SnapshotId) -> dict:
+        try:
+            return json.loads(self._sidecar(snapshot_id).read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            log.warning("%s: unreadable metadata (%s); listing it without tags", snapshot_id, e)
+            return {}
+
+    def _remove_orphan_sidecars(self) -> None:
+        for sidecar in self.snapshot_dir.glob(f"{self.volume}@*{SIDECAR_SUFFIX}*"):
+            stem = sidecar.name.split(SIDECAR_SUFFIX)[0]
+            if SnapshotId.try_parse(stem) and not (self.snapshot_dir / stem).exists():
+                log.info("removing metadata of an unfinished snapshot: %s", sidecar.name)
+                sidecar.unlink()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,120 @@
+"""rsync hardlink snapshots: each snapshot is a full tree whose unchanged files are
+hardlinks into the previous one (`--link-dest`), as rsnapshot makes them."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import re
+import shlex
+import shutil
+from pathlib import Path
+
+from snapmgr import schema, sh
+from snapmgr.backends.base import Progress
+from snapmgr.backends.directory import DirectoryBackend
+from snapmgr.model import SnapshotId
+
+log = logging.getLogger(__name__)
+
+PARTIAL = ".partial"
+DELETING = ".deleting"
+RSYNC_VANISHED = 24  # "some files vanished before they could be transferred": normal on a live system
+_STAT_RE = re.compile(r"^(Number of [a-z ]+|Total [a-z ]+size): ([\d,]+)", re.M)
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class RsyncBackend(DirectoryBackend):
+    name = "rsync"
+    options = {
+        "source": schema.Field(schema.existing_dir, required=True),
+        "repository": schema.Field(schema.path(), required=True),
+        "exclude": schema.Field(schema.list_of(schema.string), default=()),
+        "one_file_system": schema.Field(schema.boolean, default=False),
+    }
+
+    @property
+    def snapshot_dir(self) -> Path:
+        return self.opts["repository"]
+
+    def _is_snapshot(self, path: Path) -> bool:
+        return True
+
+    def plan_create(self, snapshot_id: SnapshotId) -> str:
+        partial = self.snapshot_dir / f"{snapshot_id}{PARTIAL}"
+        return f"{shlex.join(self._argv(partial, self._latest(), progress=False))}, then rename to {snapshot_id}"
+
+    def _build(self, snapshot_id: SnapshotId, progress: Progress | None) -> dict:
+        latest = self._latest()
+        partial = self.snapshot_dir / f"{snapshot_id}{PARTIAL}"
+        self._take_over_partials(partial, seeding=latest is None)
+        result = sh.run(self._argv(partial, latest, progress is not None), check=False, on_stdout=progress)
+        if result.returncode not in (0, RSYNC_VANISHED):
+            raise sh.CommandError(result.argv, result.returncode, result.stderr)
+        _syncfs(partial)
+        meta = {"source": str(self.opts["source"]), "link_dest": latest.name if latest else None,
+                "rsync_stats": _parse_stats(result.stdout)}
+        if result.returncode == RSYNC_VANISHED:
+            log.warning("%s: some files vanished while rsync copied them", snapshot_id)
+            meta["warnings"] = ["some files vanished during the copy (rsync exit 24)"]
+        return meta
+
+    def _publish(self, snapshot_id: SnapshotId) -> None:
+        (self.snapshot_dir / f"{snapshot_id}{PARTIAL}").rename(self.snapshot_dir / str(snapshot_id))
+
+    def _discard(self, path: Path) -> None:
+        # Renamed first, so a delete cut short leaves nothing that looks like a snapshot.
+        doomed = path.with_name(path.name + DELETING)
+        path.rename(doomed)
+        shutil.rmtree(doomed)
+
+    def _clean_leftovers(self) -> None:
+        for doomed in self.snapshot_dir.glob(f"{self.volume}@*{DELETING}"):
+            log.info("finishing an interrupted delete: %s", doomed.name)
+            shutil.rmtree(doomed)
+
+    # -------------------------------------------------------------------------------
+
+    def _latest(self) -> Path | None:
+        snapshots = self.list()
+        return max(snapshots, key=lambda s: s.id).path if snapshots else None
+
+    def _argv(self, partial: Path, latest: Path | None, progress: bool) -> list[str]:
+        argv = ["rsync", "-aHAX", "--numeric-ids", "--delete", "--stats"]
+        if progress:
+            argv.append("--info=progress2")
+        if self.opts["one_file_system"]:
+            argv.append("--one-file-system")
+        argv += [f"--exclude={pattern}" for pattern in self.opts["exclude"]]
+        if latest:
+            argv.append(f"--link-dest={latest}")
+        return argv + [f"{self.opts['source']}/", f"{partial}/"]
+
+    def _take_over_partials(self, partial: Path, seeding: bool) -> None:
+        """A `.partial` left by a crash is reused only for the first, seeding copy, where
+        it saves the most; later copies start clean, because files rsync finds already in
+        place would not be hardlinked to the previous snapshot and would waste space."""
+        leftovers = sorted(self.snapshot_dir.glob(f"{self.volume}@*{PARTIAL}"))
+        if seeding and leftovers:
+            log.info("reusing the interrupted first copy %s", leftovers[-1].name)
+            leftovers.pop().rename(partial)
+        for leftover in leftovers:
+            log.info("removing an interrupted copy: %s", leftover.name)
+            shutil.rmtree(leftover)
+
+
+def _parse_stats(stdout: str) -> dict[str, int]:
+    return {key.lower().replace(" ", "_"): int(value.replace(",", ""))
+            for key, value in _STAT_RE.findall(stdout)}
+
+
+def _syncfs(path: Path) -> None:
+    """Flush the filesystem holding `path`, so a snapshot is on disk before it is named."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), str(path))
+    finally:
+        os.close(fd)

@@ -1,0 +1,237 @@
+"""The command line: parse, call the engine, render. No snapshot logic lives here."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import resources
+from pathlib import Path
+from typing import Sequence
+
+import click
+
+from snapmgr import config as configuration
+from snapmgr import render
+from snapmgr.engine import Engine, Outcome
+from snapmgr.model import NAME_RULE, is_valid_name
+from snapmgr.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, Interrupted, SnapmgrError, UsageError
+
+log = logging.getLogger("snapmgr")
+
+
+@dataclass
+class Context:
+    config_option: str | None
+    json: bool
+    quiet: bool
+
+    def engine(self) -> Engine:
+        return Engine(configuration.load(configuration.locate(self.config_option)))
+
+    def emit(self, data: dict, human: str | None) -> None:
+        if self.json:
+            click.echo(json.dumps(data, indent=2, sort_keys=True))
+        elif human and not self.quiet:
+            click.echo(human)
+
+
+pass_ctx = click.make_pass_decorator(Context)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_option", metavar="PATH",
+              help="Config file [default: $SNAPMGR_CONFIG or /etc/snapmgr/snapmgr.toml].")
+@click.option("--json", "as_json", is_flag=True, help="Print results as JSON for scripts.")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv shows every command run).")
+@click.option("-q", "--quiet", is_flag=True, help="Print errors only.")
+@click.option("--debug", is_flag=True, help="Show a traceback on errors.")
+@click.version_option(package_name="snapmgr")
+@click.pass_context
+def cli(ctx: click.Context, config_option, as_json, verbose, quiet, debug):
+    """Consistent filesystem snapshots: take, list, prune and check them."""
+    level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
+    logging.basicConfig(level=level, format="snapmgr: %(levelname)s: %(message)s", stream=sys.stderr)
+    ctx.obj = Context(config_option, as_json, quiet)
+    ctx.meta["debug"] = debug
+
+
+@cli.command()
+@click.argument("volumes", nargs=-1)
+@click.option("--tag", "-t", "tags", multiple=True, metavar="TAG",
+              help="Tag the snapshot (repeatable) [default: manual, which prune never removes].")
+@click.option("--prune", is_flag=True, help="Apply the volume's retention policy afterwards.")
+@click.option("--dry-run", "-n", is_flag=True, help="Say what would be done; change nothing.")
+@pass_ctx
+def snapshot(c: Context, volumes, tags, prune, dry_run):
+    """Take a snapshot of VOLUMES (all volumes when none are named)."""
+    for tag in tags:
+        _check_tag(tag)
+    outcomes = c.engine().snapshot(volumes, tags, prune, dry_run, _progress(c))
+    c.emit({"results": [render.outcome_json(o) for o in outcomes]},
+           "\n".join(filter(None, (_describe(o) for o in outcomes))))
+    _exit_for(outcomes)
+
+
+@cli.command("list")
+@click.argument("volumes", nargs=-1)
+@pass_ctx
+def list_(c: Context, volumes):
+    """List the snapshots of VOLUMES (all volumes when none are named)."""
+    snapshots = c.engine().list(volumes)
+    c.emit({"snapshots": [render.snapshot_json(s) for s in snapshots]},
+           render.snapshots_table(snapshots) if snapshots else "no snapshots")
+
+
+@cli.command()
+@click.argument("snapshots", nargs=-1, required=True, metavar="VOLUME@ID...")
+@click.option("--dry-run", "-n", is_flag=True, help="Say what would be deleted; delete nothing.")
+@pass_ctx
+def delete(c: Context, snapshots, dry_run):
+    """Delete the named snapshots (protected ones too: naming them is the decision)."""
+    outcomes = c.engine().delete(snapshots, dry_run)
+    c.emit({"results": [render.outcome_json(o) for o in outcomes]},
+           "\n".join(filter(None, (_describe(o) for o in outcomes))))
+    _exit_for(outcomes)
+
+
+@cli.command()
+@click.argument("volumes", nargs=-1)
+@click.option("--dry-run", "-n", is_flag=True, help="Show each snapshot with keep/prune and the reason.")
+@pass_ctx
+def prune(c: Context, volumes, dry_run):
+    """Delete the snapshots that no retention rule keeps."""
+    outcomes = c.engine().prune(volumes, dry_run)
+    c.emit({"dry_run": dry_run, "results": [render.outcome_json(o) for o in outcomes]},
+           "\n\n".join(_describe_prune(o, dry_run) for o in outcomes))
+    _exit_for(outcomes)
+
+
+@cli.command()
+@click.argument("volumes", nargs=-1)
+@pass_ctx
+def status(c: Context, volumes):
+    """Per volume: state, snapshot count, last success and its age, last error."""
+    statuses = c.engine().status(volumes)
+    now = datetime.now(timezone.utc)
+    c.emit({"volumes": [render.status_json(s, now) for s in statuses]}, render.status_table(statuses, now))
+
+
+@cli.group("config")
+def config_group():
+    """Check the configuration."""
+
+
+@config_group.command("check")
+@pass_ctx
+def config_check(c: Context):
+    """Validate the config file and print a summary."""
+    cfg = configuration.load(configuration.locate(c.config_option))
+    rows = [(v.name, v.backend, v.retention.name if v.retention else "-", ",".join(sorted(v.tags)) or "-")
+            for v in cfg.volumes.values()]
+    c.emit({"config": str(cfg.path), "valid": True,
+            "volumes": {v.name: {"backend": v.backend, "retention": v.retention and v.retention.name,
+                                 "tags": sorted(v.tags)} for v in cfg.volumes.values()},
+            "policies": sorted(cfg.policies), "quiesce": sorted(cfg.quiescers),
+            "groups": sorted(cfg.groups), "schedules": sorted(cfg.schedules)},
+           f"{cfg.path}: valid\n" + (render.table(("VOLUME", "BACKEND", "RETENTION", "TAGS"), rows) if rows
+                                      else "no volumes configured"))
+
+
+@cli.command()
+@pass_ctx
+def init(c: Context):
+    """Write a commented example config (never overwrites one)."""
+    path = configuration.locate(c.config_option)
+    if path.exists():
+        raise UsageError(f"{path} already exists; not overwriting it")
+    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    with open(path, "x") as f:
+        f.write(resources.files("snapmgr").joinpath("example.toml").read_text())
+    path.chmod(0o644)
+    c.emit({"config": str(path), "written": True}, f"wrote {path}; check it with 'snapmgr config check'")
+
+
+@cli.command()
+@click.option("--dir", "workdir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where to build the demo [default: a new temporary directory].")
+def demo(workdir):
+    """Run the main job on a generated sample directory, showing each command."""
+    from snapmgr.demo import run_demo
+    run_demo(workdir)
+
+
+# Helpers -------------------------------------------------------------------------------
+
+def _check_tag(tag: str) -> None:
+    if not is_valid_name(tag):
+        raise UsageError(f"--tag '{tag}': {NAME_RULE}")
+
+
+def _progress(c: Context):
+    """rsync's progress line, redrawn in place, only for a person at a terminal."""
+    if c.json or c.quiet or not sys.stderr.isatty():
+        return None
+    return lambda line: click.echo(f"\r\033[K{line.strip()}", nl=False, err=True)
+
+
+def _describe(o: Outcome) -> str | None:
+    if o.error:
+        return None  # reported on stderr by _exit_for
+    lines = [o.planned] if o.planned else []
+    if o.created:
+        lines.append(f"created {o.created.id}")
+    lines += [f"deleted {sid}" for sid in o.deleted]
+    return "\n".join(lines)
+
+
+def _describe_prune(o: Outcome, dry_run: bool) -> str:
+    if o.error:
+        return f"{o.volume}: failed"
+    if o.policy is None:
+        return f"{o.volume}: no retention policy; nothing is pruned"
+    head = f"{o.volume} (policy {o.policy})" + (": dry run, nothing deleted" if dry_run else "")
+    return f"{head}\n{render.decisions_table(o) if o.decisions else 'no snapshots'}"
+
+
+def _exit_for(outcomes: Sequence[Outcome]) -> None:
+    failed = [o for o in outcomes if o.error]
+    if sys.stderr.isatty():
+        click.echo("\r\033[K", nl=False, err=True)
+    for o in failed:
+        click.echo(f"snapmgr: error: volume {o.volume}: {o.error}", err=True)
+    if failed:
+        sys.exit(failed[0].error.exit_code)
+
+
+def _terminate(signum, frame):
+    raise Interrupted(f"stopped by {signal.Signals(signum).name}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the CLI: errors are one line on stderr and a documented exit code."""
+    signal.signal(signal.SIGTERM, _terminate)
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    try:
+        cli.main(args=argv, prog_name="snapmgr", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        click.echo(f"snapmgr: error: {e.format_message()} (see 'snapmgr --help')", err=True)
+        sys.exit(EXIT_USAGE if isinstance(e, click.UsageError) else EXIT_FAILED)
+    except click.Abort:
+        click.echo("snapmgr: interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except SnapmgrError as e:
+        if debug:
+            raise
+        click.echo(f"snapmgr: error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except OSError as e:
+        if debug:
+            raise
+        click.echo(f"snapmgr: error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), err=True)
+        sys.exit(EXIT_FAILED)

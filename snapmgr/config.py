@@ -1,0 +1,262 @@
+"""/etc/snapmgr/snapmgr.toml -> a typed Config. Every error names the file, the dotted key
+and the reason, and nothing is half-loaded: a Config exists only if all of it is valid."""
+
+from __future__ import annotations
+
+import os
+import stat
+import tomllib
+from dataclasses import dataclass, field
+from datetime import timedelta, tzinfo
+from pathlib import Path
+from typing import Any, Mapping
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from snapmgr import schema
+from snapmgr.backends import BACKENDS
+from snapmgr.errors import ConfigError
+from snapmgr.model import Policy
+from snapmgr.schema import Field, check_table, dotted
+
+DEFAULT_PATH = Path("/etc/snapmgr/snapmgr.toml")
+ENV_VAR = "SNAPMGR_CONFIG"
+
+
+@dataclass(frozen=True)
+class Settings:
+    state_dir: Path = Path("/var/lib/snapmgr")
+    run_dir: Path = Path("/run/snapmgr")
+    lock_wait: timedelta = timedelta(seconds=60)
+    timezone: tzinfo | None = None  # None: the system's local time, as borg uses
+
+
+@dataclass(frozen=True)
+class Volume:
+    name: str
+    backend: str
+    options: Mapping[str, Any]
+    retention: Policy | None
+    tags: frozenset[str]
+    quiesce: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Quiescer:
+    name: str
+    kind: str
+    timeout: timedelta
+    options: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Group:
+    name: str
+    volumes: tuple[str, ...]
+    quiesce: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    name: str
+    on_calendar: str
+    volumes: tuple[str, ...]
+    groups: tuple[str, ...]
+    tag: str
+    prune: bool
+    randomized_delay: timedelta
+    persistent: bool
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    settings: Settings
+    volumes: dict[str, Volume]
+    policies: dict[str, Policy]
+    quiescers: dict[str, Quiescer] = field(default_factory=dict)
+    groups: dict[str, Group] = field(default_factory=dict)
+    schedules: dict[str, Schedule] = field(default_factory=dict)
+
+
+def _timezone(value: Any) -> tzinfo | None:
+    text = schema.string(value)
+    if text == "local":
+        return None
+    try:
+        return ZoneInfo(text)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown time zone '{text}' (use 'local', 'UTC' or a name like 'Europe/Paris')") from None
+
+
+SETTINGS = {
+    "state_dir": Field(schema.path(), default=Settings.state_dir),
+    "run_dir": Field(schema.path(), default=Settings.run_dir),
+    "lock_wait": Field(schema.duration, default=Settings.lock_wait),
+    "timezone": Field(_timezone, default=None),
+}
+POLICY = {
+    "keep_within": Field(schema.duration),
+    "keep_last": Field(schema.count, default=0),
+    **{period: Field(schema.count, default=0) for period in ("hourly", "daily", "weekly", "monthly", "yearly")},
+}
+VOLUME = {
+    "backend": Field(schema.string, required=True),  # checked first, by _discriminator
+    "retention": Field(schema.name),
+    "tags": Field(schema.names, default=()),
+    "quiesce": Field(schema.names, default=()),
+}
+# Quiescers arrive in a later release; their tables are checked now so that a config
+# written today keeps working, and a typo is caught today.
+QUIESCE_COMMON = {"kind": Field(schema.string, required=True),
+                  "timeout": Field(schema.duration, default=timedelta(seconds=60))}
+QUIESCE_KINDS = {
+    "command": {"pre": Field(schema.argv, required=True), "post": Field(schema.argv)},
+    "systemd": {"units": Field(schema.list_of(schema.string, non_empty=True), required=True),
+                "mode": Field(schema.choice("stop", "freeze"), default="stop")},
+    "fsfreeze": {"mountpoints": Field(schema.list_of(schema.existing_dir, non_empty=True), required=True)},
+    "sqlite": {"databases": Field(schema.list_of(schema.path(must_exist=True), non_empty=True), required=True)},
+    "postgres": {"host": Field(schema.string, default="/var/run/postgresql"), "port": Field(schema.port, default=5432),
+                 "user": Field(schema.string, default="postgres"), "dbname": Field(schema.string, default="postgres")},
+    "mysql": {"socket": Field(schema.path(), default=Path("/run/mysqld/mysqld.sock")),
+              "user": Field(schema.string, default="root")},
+    "redis": {"host": Field(schema.string, default="127.0.0.1"), "port": Field(schema.port, default=6379),
+              "password_file": Field(schema.path(must_exist=True))},
+}
+GROUP = {"volumes": Field(schema.list_of(schema.name, non_empty=True), required=True),
+         "quiesce": Field(schema.names, default=())}
+SCHEDULE = {
+    "on_calendar": Field(schema.string, required=True),
+    "volumes": Field(schema.names, default=()),
+    "groups": Field(schema.names, default=()),
+    "tag": Field(schema.name),
+    "prune": Field(schema.boolean, default=True),
+    "randomized_delay": Field(schema.duration, default=timedelta(0)),
+    "persistent": Field(schema.boolean, default=True),
+}
+TOP = ("settings", "volumes", "retention", "quiesce", "groups", "schedules")
+
+
+def locate(option: str | None) -> Path:
+    """--config wins over $SNAPMGR_CONFIG, which wins over the default path."""
+    return Path(option or os.environ.get(ENV_VAR) or DEFAULT_PATH)
+
+
+def load(path: Path) -> Config:
+    return parse(path, _read(path))
+
+
+def _read(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            _check_ownership(path, os.fstat(f.fileno()))
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(path, None, "does not exist (write an example with 'snapmgr init')") from None
+    except IsADirectoryError:
+        raise ConfigError(path, None, "is a directory, not a config file") from None
+    except PermissionError:
+        raise ConfigError(path, None, "cannot be read: permission denied") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(path, None, f"TOML syntax error: {e}") from None
+
+
+def _check_ownership(path: Path, st: os.stat_result) -> None:
+    """As sudo does with sudoers: root runs commands named in this file, so only root
+    may be able to change it."""
+    if os.geteuid() != 0:
+        return
+    if st.st_uid != 0:
+        raise ConfigError(path, None, f"is owned by uid {st.st_uid}, not root; refusing to use it (chown root {path})")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ConfigError(path, None, f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
+                                      f"refusing to use it (chmod go-w {path})")
+
+
+def parse(path: Path, doc: dict) -> Config:
+    for key in doc:
+        if key not in TOP:
+            raise ConfigError(path, dotted(key), "unknown table" + schema.did_you_mean(key, TOP))
+    settings = Settings(**check_table(path, ("settings",), doc.get("settings", {}), SETTINGS))
+    policies = {n: Policy(n, **_policy(path, n, t)) for n, t in _named_tables(path, doc, "retention")}
+    quiescers = {n: _quiescer(path, n, t) for n, t in _named_tables(path, doc, "quiesce")}
+    volumes = {n: _volume(path, n, t, policies, quiescers) for n, t in _named_tables(path, doc, "volumes")}
+    groups = {n: _group(path, n, t, volumes, quiescers) for n, t in _named_tables(path, doc, "groups")}
+    schedules = {n: _schedule(path, n, t, volumes, groups) for n, t in _named_tables(path, doc, "schedules")}
+    return Config(path, settings, volumes, policies, quiescers, groups, schedules)
+
+
+def _named_tables(path: Path, doc: dict, section: str):
+    tables = doc.get(section, {})
+    if not isinstance(tables, dict):
+        raise ConfigError(path, dotted(section), f"expected a table of [{section}.NAME] tables")
+    for name, table in tables.items():
+        try:
+            schema.name(name)
+        except ValueError as e:
+            raise ConfigError(path, dotted(section, name), str(e)) from None
+        yield name, table
+
+
+def _policy(path: Path, name: str, table: Any) -> dict:
+    values = check_table(path, ("retention", name), table, POLICY)
+    if not any(values.values()):
+        raise ConfigError(path, dotted("retention", name),
+                          f"keeps nothing: set at least one of {', '.join(POLICY)}")
+    return values
+
+
+def _quiescer(path: Path, name: str, table: Any) -> Quiescer:
+    where = ("quiesce", name)
+    kind = _discriminator(path, where, table, "kind", QUIESCE_KINDS)
+    values = check_table(path, where, table, QUIESCE_COMMON | QUIESCE_KINDS[kind])
+    return Quiescer(name, kind, values.pop("timeout"), {k: v for k, v in values.items() if k != "kind"})
+
+
+def _volume(path: Path, name: str, table: Any, policies: dict, quiescers: dict) -> Volume:
+    where = ("volumes", name)
+    backend = _discriminator(path, where, table, "backend", BACKENDS)
+    values = check_table(path, where, table, VOLUME | BACKENDS[backend].options)
+    _check_refs(path, where + ("retention",), values["retention"] and (values["retention"],), policies, "retention")
+    _check_refs(path, where + ("quiesce",), values["quiesce"], quiescers, "quiesce")
+    common = {k: values.pop(k) for k in VOLUME}
+    return Volume(name, backend, values, policies.get(common["retention"]),
+                  frozenset(common["tags"]), common["quiesce"])
+
+
+def _group(path: Path, name: str, table: Any, volumes: dict, quiescers: dict) -> Group:
+    values = check_table(path, ("groups", name), table, GROUP)
+    _check_refs(path, ("groups", name, "volumes"), values["volumes"], volumes, "volumes")
+    _check_refs(path, ("groups", name, "quiesce"), values["quiesce"], quiescers, "quiesce")
+    return Group(name, **values)
+
+
+def _schedule(path: Path, name: str, table: Any, volumes: dict, groups: dict) -> Schedule:
+    values = check_table(path, ("schedules", name), table, SCHEDULE)
+    _check_refs(path, ("schedules", name, "volumes"), values["volumes"], volumes, "volumes")
+    _check_refs(path, ("schedules", name, "groups"), values["groups"], groups, "groups")
+    if not values["volumes"] and not values["groups"]:
+        raise ConfigError(path, dotted("schedules", name), "names no volumes and no groups")
+    return Schedule(name, **(values | {"tag": values["tag"] or name}))
+
+
+def _discriminator(path: Path, where: tuple[str, ...], table: Any, key: str, known: Mapping) -> str:
+    """The key that decides which other keys a table may have, checked before them."""
+    if not isinstance(table, dict):
+        raise ConfigError(path, dotted(*where), "expected a table")
+    if key not in table:
+        raise ConfigError(path, dotted(*where, key), "missing required key")
+    try:
+        value = schema.string(table[key])
+    except ValueError as e:
+        raise ConfigError(path, dotted(*where, key), str(e)) from None
+    if value not in known:
+        raise ConfigError(path, dotted(*where, key), f"unknown {key} '{value}' (known: {', '.join(known)})"
+                          + schema.did_you_mean(value, known))
+    return value
+
+
+def _check_refs(path: Path, where: tuple[str, ...], refs, defined: Mapping, section: str) -> None:
+    for ref in refs or ():
+        if ref not in defined:
+            raise ConfigError(path, dotted(*where), f"no [{section}.{ref}] table is defined"
+                              + schema.did_you_mean(ref, defined))

@@ -1,0 +1,120 @@
+"""Plain data shared by every layer: names, snapshot ids, snapshots. No I/O here."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Iterable
+
+# A name may become a file name, an LVM tag or a ZFS snapshot name, and must never be
+# read as an option or a path: no leading '-' or '.', no '/', '@', whitespace or control
+# characters (so no '..' either). LVM tags allow exactly [A-Za-z0-9_+.-].
+NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_+.-]{0,63}")
+NAME_RULE = "letters, digits and _+.- only, not starting with '-' or '.', at most 64 characters"
+
+STAMP_FORMAT = "%Y%m%dT%H%M%SZ"
+ID_RE = re.compile(r"(?P<volume>[^@]+)@(?P<stamp>\d{8}T\d{6}Z)(?:-(?P<seq>[1-9]\d*))?")
+
+PROTECTED_TAGS = frozenset({"manual", "pre-rollback"})
+
+
+def is_valid_name(name: str) -> bool:
+    return NAME_RE.fullmatch(name) is not None and ".." not in name
+
+
+@dataclass(frozen=True, order=True)
+class SnapshotId:
+    """`VOLUME@YYYYmmddTHHMMSSZ`, with `-N` appended for the N+1th snapshot in one second.
+
+    Ordering is by (volume, time, seq), so `max()` of one volume's ids is the newest."""
+
+    volume: str
+    stamp: str
+    seq: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.volume}@{self.stamp}" + (f"-{self.seq}" if self.seq else "")
+
+    @property
+    def created(self) -> datetime:
+        return datetime.strptime(self.stamp, STAMP_FORMAT).replace(tzinfo=timezone.utc)
+
+    @classmethod
+    def parse(cls, text: str) -> SnapshotId:
+        m = ID_RE.fullmatch(text)
+        if not m or not is_valid_name(m["volume"]):
+            raise ValueError(f"'{text}' is not a snapshot id (expected VOLUME@YYYYmmddTHHMMSSZ)")
+        try:
+            datetime.strptime(m["stamp"], STAMP_FORMAT)
+        except ValueError:
+            raise ValueError(f"'{text}' has an impossible timestamp") from None
+        return cls(m["volume"], m["stamp"], int(m["seq"] or 0))
+
+    @classmethod
+    def try_parse(cls, text: str) -> SnapshotId | None:
+        try:
+            return cls.parse(text)
+        except ValueError:
+            return None
+
+    @classmethod
+    def next_free(cls, volume: str, now: datetime, taken: Iterable[SnapshotId]) -> SnapshotId:
+        """The id for a snapshot taken at `now`: deterministic, never one already taken."""
+        stamp = now.astimezone(timezone.utc).strftime(STAMP_FORMAT)
+        used = {t.seq for t in taken if t.volume == volume and t.stamp == stamp}
+        seq = 0
+        while seq in used:
+            seq += 1
+        return cls(volume, stamp, seq)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    id: SnapshotId
+    path: Path
+    tags: frozenset[str] = frozenset()
+    meta: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def volume(self) -> str:
+        return self.id.volume
+
+    @property
+    def created(self) -> datetime:
+        return self.id.created
+
+    @property
+    def protected_by(self) -> str | None:
+        """The tag that shields this snapshot from automatic pruning, if any."""
+        return min(self.tags & PROTECTED_TAGS, default=None)
+
+
+_DURATION_RE = re.compile(r"(\d+)(s|min|h|d|w|y)")
+_DURATION_UNITS = {"s": 1, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
+
+
+def parse_duration(text: str) -> timedelta:
+    """'90s', '15min', '36h', '14d', '2w', '1y' (a year is 365 days). A plain 'm' is refused:
+    borg reads it as months and most people read it as minutes."""
+    m = _DURATION_RE.fullmatch(text.strip())
+    if not m:
+        if re.fullmatch(r"\d+m", text.strip()):
+            raise ValueError(f"'{text}' is ambiguous: write 'min' for minutes or use days")
+        raise ValueError(f"'{text}' is not a duration (e.g. 90s, 15min, 36h, 14d, 2w, 1y)")
+    return timedelta(seconds=int(m[1]) * _DURATION_UNITS[m[2]])
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Keep rules of one `[retention.NAME]` table; a count of 0 switches a rule off."""
+
+    name: str
+    keep_within: timedelta | None = None
+    keep_last: int = 0
+    hourly: int = 0
+    daily: int = 0
+    weekly: int = 0
+    monthly: int = 0
+    yearly: int = 0

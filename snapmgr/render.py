@@ -1,0 +1,99 @@
+"""How results look: aligned tables for people, stable JSON for scripts.
+
+The JSON shapes are an interface: add keys, never rename or remove them."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Sequence
+
+import click
+
+from snapmgr.engine import Outcome, VolumeStatus
+from snapmgr.model import Snapshot
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
+    return "\n".join([click.style(line(headers), bold=True)] + [line(row) for row in rows])
+
+
+def when(moment: datetime | None) -> str | None:
+    return moment.astimezone(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z") if moment else None
+
+
+def age(moment: datetime | None, now: datetime) -> str:
+    if moment is None:
+        return "never"
+    seconds = int((now - moment).total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit} ago"
+    return f"{max(seconds, 0)}s ago"
+
+
+# JSON forms ------------------------------------------------------------------------
+
+def snapshot_json(s: Snapshot) -> dict:
+    return {"id": str(s.id), "volume": s.volume, "created": when(s.created),
+            "tags": sorted(s.tags), "path": str(s.path)}
+
+
+def outcome_json(o: Outcome) -> dict:
+    return {
+        "volume": o.volume,
+        "ok": o.error is None,
+        "error": str(o.error) if o.error else None,
+        "created": snapshot_json(o.created) if o.created else None,
+        "planned": o.planned,
+        "policy": o.policy,
+        "decisions": [{"id": str(d.snapshot.id), "keep": d.keep, "reason": d.reason} for d in o.decisions],
+        "deleted": o.deleted,
+    }
+
+
+def status_json(s: VolumeStatus, now: datetime) -> dict:
+    h = s.history
+    return {
+        "volume": s.volume,
+        "backend": s.backend,
+        "state": state(s),
+        "snapshots": s.snapshots,
+        "newest": str(s.newest.id) if s.newest else None,
+        "last_success": when(h.last_success),
+        "last_success_age_seconds": int((now - h.last_success).total_seconds()) if h.last_success else None,
+        "last_failure": when(h.last_failure),
+        "last_error": h.last_error,
+    }
+
+
+def state(s: VolumeStatus) -> str:
+    """never: no snapshot run succeeded yet; failing: the last run failed; ok otherwise."""
+    h = s.history
+    if h.last_failure and (h.last_success is None or h.last_failure > h.last_success):
+        return "failing"
+    return "ok" if h.last_success else "never"
+
+
+# Human forms -----------------------------------------------------------------------
+
+def snapshots_table(snapshots: Sequence[Snapshot]) -> str:
+    return table(("SNAPSHOT", "CREATED", "TAGS"),
+                 [(str(s.id), when(s.created), ",".join(sorted(s.tags)) or "-") for s in snapshots])
+
+
+def decisions_table(outcome: Outcome) -> str:
+    return table(("SNAPSHOT", "ACTION", "REASON"),
+                 [(str(d.snapshot.id), "keep" if d.keep else "prune", d.reason) for d in outcome.decisions])
+
+
+def status_table(statuses: Sequence[VolumeStatus], now: datetime) -> str:
+    rows = []
+    for s in statuses:
+        h = s.history
+        rows.append((s.volume, s.backend, state(s), str(s.snapshots), age(h.last_success, now),
+                     h.last_error if state(s) == "failing" else "-"))
+    return table(("VOLUME", "BACKEND", "STATE", "SNAPSHOTS", "LAST SUCCESS", "LAST ERROR"), rows)

@@ -1,0 +1,150 @@
+"""Typed fields for TOML tables. A converter turns a raw TOML value into a typed one or
+raises ValueError with the reason; check_table turns that into a ConfigError naming the
+file and the dotted key. Backends declare their own fields with these."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from snapmgr.errors import ConfigError
+from snapmgr.model import NAME_RULE, is_valid_name, parse_duration
+
+Converter = Callable[[Any], Any]
+_MISSING = object()
+_TOML_TYPES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+               list: "an array", dict: "a table"}
+
+
+@dataclass(frozen=True)
+class Field:
+    convert: Converter
+    required: bool = False
+    default: Any = None
+
+
+def dotted(*parts: str) -> str:
+    """Join key parts as TOML writes them, quoting any part that is not a bare key."""
+    return ".".join(p if re.fullmatch(r"[A-Za-z0-9_-]+", p) else f'"{p}"' for p in parts)
+
+
+def check_table(file: Path, where: tuple[str, ...], table: Any, fields: Mapping[str, Field]) -> dict:
+    """Every key of `table` known, typed and converted; every required key present."""
+    if not isinstance(table, dict):
+        raise ConfigError(file, dotted(*where), f"expected a table, got {_type_name(table)}")
+    for key in table:
+        if key not in fields:
+            raise ConfigError(file, dotted(*where, key), "unknown key" + did_you_mean(key, fields))
+    values = {}
+    for key, field in fields.items():
+        raw = table.get(key, _MISSING)
+        if raw is _MISSING:
+            if field.required:
+                raise ConfigError(file, dotted(*where, key), "missing required key")
+            values[key] = field.default
+            continue
+        try:
+            values[key] = field.convert(raw)
+        except ValueError as e:
+            raise ConfigError(file, dotted(*where, key), str(e)) from None
+    return values
+
+
+def did_you_mean(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _type_name(value: Any) -> str:
+    return next((n for t, n in _TOML_TYPES.items() if type(value) is t), type(value).__name__)
+
+
+def _expect(value: Any, kind: type) -> Any:
+    if type(value) is not kind:
+        raise ValueError(f"wrong type: expected {_TOML_TYPES[kind]}, got {_type_name(value)}")
+    return value
+
+
+# Converters ------------------------------------------------------------------
+
+def string(value: Any) -> str:
+    text = _expect(value, str)
+    if not text:
+        raise ValueError("must not be empty")
+    return text
+
+
+def boolean(value: Any) -> bool:
+    return _expect(value, bool)
+
+
+def count(value: Any) -> int:
+    number = _expect(value, int)
+    if number < 0:
+        raise ValueError(f"must be 0 or more, got {number}")
+    return number
+
+
+def port(value: Any) -> int:
+    number = _expect(value, int)
+    if not 0 < number < 65536:
+        raise ValueError(f"must be a port number (1-65535), got {number}")
+    return number
+
+
+def duration(value: Any) -> timedelta:
+    return parse_duration(string(value))
+
+
+def name(value: Any) -> str:
+    text = string(value)
+    if not is_valid_name(text):
+        raise ValueError(f"bad name '{text}': {NAME_RULE}")
+    return text
+
+
+def list_of(item: Converter, non_empty: bool = False) -> Converter:
+    def convert(value: Any) -> tuple:
+        items = _expect(value, list)
+        if non_empty and not items:
+            raise ValueError("must not be empty")
+        out = []
+        for i, raw in enumerate(items):
+            try:
+                out.append(item(raw))
+            except ValueError as e:
+                raise ValueError(f"item {i + 1}: {e}") from None
+        return tuple(out)
+    return convert
+
+
+def choice(*options: str) -> Converter:
+    def convert(value: Any) -> str:
+        text = string(value)
+        if text not in options:
+            raise ValueError(f"'{text}' is not one of {', '.join(options)}" + did_you_mean(text, options))
+        return text
+    return convert
+
+
+def path(must_exist: bool = False, directory: bool = False) -> Converter:
+    """An absolute path: a root-run tool must not depend on the directory it starts in."""
+    def convert(value: Any) -> Path:
+        p = Path(string(value))
+        if not p.is_absolute():
+            raise ValueError(f"'{p}' is not an absolute path")
+        if must_exist and not p.exists():
+            raise ValueError(f"path {p} does not exist")
+        if must_exist and directory and not p.is_dir():
+            raise ValueError(f"path {p} is not a directory")
+        return p
+    return convert
+
+
+argv = list_of(string, non_empty=True)
+names = list_of(name)
+existing_dir = path(must_exist=True, directory=True)
