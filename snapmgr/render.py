@@ -87,7 +87,13 @@ def snapshots_table(snapshots: Sequence[Snapshot]) -> str:
 
 def decisions_table(outcome: Outcome) -> str:
     return table(("SNAPSHOT", "ACTION", "REASON"),
-                 [(str(d.snapshot.id), "keep" if d.keep else "prune", d.reason) for d in outcome.decisions])
+                 [(str(d.snapshot.id), _action(d, outcome), d.reason) for d in outcome.decisions])
+
+
+def _action(decision, outcome: Outcome) -> str:
+    if decision.keep:
+        return "keep"
+    return "deleted" if str(decision.snapshot.id) in outcome.deleted else "prune"
 
 
 def status_table(statuses: Sequence[VolumeStatus], now: datetime) -> str:
