@@ -44,9 +44,10 @@ class Outcome:
 class VolumeStatus:
     volume: str
     backend: str
-    snapshots: int
+    snapshots: int | None         # None when the snapshots could not be listed
     newest: Snapshot | None
     history: VolumeHistory
+    problem: str | None = None    # why they could not be listed
 
 
 class Engine:
@@ -102,10 +103,14 @@ class Engine:
     def status(self, names: Iterable[str] = ()) -> list[VolumeStatus]:
         statuses = []
         for volume in self.volumes(names):
-            snapshots = self.backend(volume).list()
+            history = self.journal.history(volume.name)
+            try:
+                snapshots = self.backend(volume).list()
+            except (SnapmgrError, OSError) as e:
+                statuses.append(VolumeStatus(volume.name, volume.backend, None, None, history, str(_as_error(e))))
+                continue
             statuses.append(VolumeStatus(volume.name, volume.backend, len(snapshots),
-                                         max(snapshots, key=lambda s: s.id, default=None),
-                                         self.journal.history(volume.name)))
+                                         max(snapshots, key=lambda s: s.id, default=None), history))
         return statuses
 
     # One volume -------------------------------------------------------------------------
@@ -114,12 +119,9 @@ class Engine:
         outcome = Outcome(volume.name)
         try:
             job(outcome)
-        except SnapmgrError as e:
+        except (SnapmgrError, OSError) as e:
             log.debug("volume %s failed", volume.name, exc_info=True)
-            outcome.error = e
-        except OSError as e:
-            log.debug("volume %s failed", volume.name, exc_info=True)
-            outcome.error = SnapmgrError(f"{e.strerror}: {e.filename}" if e.filename else str(e))
+            outcome.error = _as_error(e)
         return outcome
 
     @contextmanager
@@ -178,3 +180,10 @@ class Engine:
                     backend.delete(existing[sid])
                     run.deleted(str(sid))
                     outcome.deleted.append(str(sid))
+
+
+def _as_error(e: SnapmgrError | OSError) -> SnapmgrError:
+    """An OSError (disk full, permission denied) as a one-line snapmgr error."""
+    if isinstance(e, SnapmgrError):
+        return e
+    return SnapmgrError(f"{e.strerror}: {e.filename}" if e.filename else str(e))

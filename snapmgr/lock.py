@@ -25,7 +25,7 @@ def volume_lock(run_dir: Path, volume: str, wait: float) -> Iterator[None]:
     path = lock_dir / f"{volume}.lock"
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        _acquire(fd, path, volume, wait)
+        _acquire(fd, path, wait)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
@@ -33,7 +33,7 @@ def volume_lock(run_dir: Path, volume: str, wait: float) -> Iterator[None]:
         os.close(fd)  # closing the descriptor releases the flock
 
 
-def _acquire(fd: int, path: Path, volume: str, wait: float) -> None:
+def _acquire(fd: int, path: Path, wait: float) -> None:
     deadline = time.monotonic() + wait
     while True:
         try:
@@ -41,8 +41,8 @@ def _acquire(fd: int, path: Path, volume: str, wait: float) -> None:
             return
         except BlockingIOError:
             if time.monotonic() >= deadline:
-                raise LockBusy(f"volume {volume} is busy: another snapmgr run (pid {_holder(path)}) "
-                               f"holds {path}; gave up after waiting {wait:g}s") from None
+                raise LockBusy(f"busy: another snapmgr run (pid {_holder(path)}) holds {path}; "
+                               f"gave up after waiting {wait:g}s") from None
             time.sleep(POLL_S)
 
 

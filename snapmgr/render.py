@@ -66,13 +66,16 @@ def status_json(s: VolumeStatus, now: datetime) -> dict:
         "last_success": when(h.last_success),
         "last_success_age_seconds": int((now - h.last_success).total_seconds()) if h.last_success else None,
         "last_failure": when(h.last_failure),
-        "last_error": h.last_error,
+        "last_error": s.problem or h.last_error,
     }
 
 
 def state(s: VolumeStatus) -> str:
-    """never: no snapshot run succeeded yet; failing: the last run failed; ok otherwise."""
+    """failing: the snapshots cannot be listed, or the last run failed; never: no snapshot
+    run has succeeded yet; ok otherwise."""
     h = s.history
+    if s.problem:
+        return "failing"
     if h.last_failure and (h.last_success is None or h.last_failure > h.last_success):
         return "failing"
     return "ok" if h.last_success else "never"
@@ -100,6 +103,6 @@ def status_table(statuses: Sequence[VolumeStatus], now: datetime) -> str:
     rows = []
     for s in statuses:
         h = s.history
-        rows.append((s.volume, s.backend, state(s), str(s.snapshots), age(h.last_success, now),
-                     h.last_error if state(s) == "failing" else "-"))
+        rows.append((s.volume, s.backend, state(s), "?" if s.snapshots is None else str(s.snapshots),
+                     age(h.last_success, now), (s.problem or h.last_error) if state(s) == "failing" else "-"))
     return table(("VOLUME", "BACKEND", "STATE", "SNAPSHOTS", "LAST SUCCESS", "LAST ERROR"), rows)

@@ -37,7 +37,7 @@ class BtrfsBackend(DirectoryBackend):
     def _build(self, snapshot_id: SnapshotId, progress: Progress | None) -> dict:
         subvolume = self.opts["subvolume"]
         if os.stat(subvolume).st_ino != SUBVOLUME_ROOT_INODE:
-            raise SnapmgrError(f"volume {self.volume}: {subvolume} is not a btrfs subvolume")
+            raise SnapmgrError(f"{subvolume} is not a btrfs subvolume")
         return {"source": str(subvolume)}
 
     def _publish(self, snapshot_id: SnapshotId) -> None:

@@ -49,7 +49,8 @@ class RsyncBackend(DirectoryBackend):
         latest = self._latest()
         partial = self.snapshot_dir / f"{snapshot_id}{PARTIAL}"
         self._take_over_partials(partial, seeding=latest is None)
-        result = sh.run(self._argv(partial, latest, progress is not None), check=False, on_stdout=progress)
+        result = sh.run(self._argv(partial, latest, progress is not None), check=False,
+                        on_stdout=progress and _progress_lines_only(progress))
         if result.returncode not in (0, RSYNC_VANISHED):
             raise sh.CommandError(result.argv, result.returncode, result.stderr)
         _syncfs(partial)
@@ -102,6 +103,11 @@ class RsyncBackend(DirectoryBackend):
         for leftover in leftovers:
             log.info("removing an interrupted copy: %s", leftover.name)
             shutil.rmtree(leftover)
+
+
+def _progress_lines_only(progress: Progress) -> Progress:
+    """--info=progress2 lines carry a percentage; the --stats report that follows does not."""
+    return lambda line: progress(line) if "%" in line else None
 
 
 def _parse_stats(stdout: str) -> dict[str, int]:

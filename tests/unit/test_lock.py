@@ -39,7 +39,7 @@ def test_a_second_run_waits_then_names_the_holder(tmp_path, holder):
         with volume_lock(tmp_path, "home", 0.5):
             pass
     assert time.monotonic() - started >= 0.5
-    assert f"pid {p.pid}" in str(e.value) and "volume home is busy" in str(e.value)
+    assert f"pid {p.pid}" in str(e.value) and "home.lock" in str(e.value)
     with volume_lock(tmp_path, "other", 0):  # other volumes are not blocked
         pass
 

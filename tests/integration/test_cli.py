@@ -1,0 +1,176 @@
+"""The CLI as users and scripts meet it: exit codes, one-line errors, --json, dry runs."""
+
+import os
+import pty
+import subprocess
+
+import pytest
+
+from tests.integration.helpers import make_tree
+
+
+def one_line_error(r, code: int) -> str:
+    assert r.returncode == code, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("snapmgr: error: ")
+    return lines[0]
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("[volumes.x]\nbackend = 'zfs'\n", "volumes.x.backend: unknown backend 'zfs'"),
+    ("[volumes.x]\nbackend = 'rsync'\nsource = '/nonexistent'\nrepository = '/r'\n",
+     "volumes.x.source: path /nonexistent does not exist"),
+    ("[volumes.x\n", "TOML syntax error"),
+    ("[retention.r]\nkeep_lst = 3\n", "retention.r.keep_lst: unknown key (did you mean 'keep_last'?)"),
+])
+def test_bad_configs_exit_78_with_one_line(ws, text, expected):
+    ws.config.write_text(text)
+    for command in (["list"], ["snapshot"], ["config", "check"], ["status"]):
+        line = one_line_error(ws.run(*command), 78)
+        assert line.startswith(f"snapmgr: error: {ws.config}: ") and expected in line
+
+
+def test_missing_config_names_the_file(ws):
+    ws.config.unlink()
+    assert "does not exist" in one_line_error(ws.run("list"), 78)
+
+
+def test_config_from_environment(ws):
+    env = dict(ws.env, SNAPMGR_CONFIG=str(ws.config))
+    r = subprocess.run(["python3", "-m", "snapmgr", "--json", "config", "check"], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout and '"valid": true' in r.stdout
+
+
+@pytest.mark.parametrize("args,code,expected", [
+    (["snapshot", "nosuch"], 2, "unknown volume 'nosuch'"),
+    (["snapshot", "dta"], 2, "unknown volume 'dta' (did you mean 'data'?)"),
+    (["snapshot", "--tag", "-bad"], 2, "--tag '-bad'"),
+    (["delete", "not-an-id"], 2, "'not-an-id' is not a snapshot id"),
+    (["delete", "data@20200101T000000Z"], 1, "volume data: no such snapshot: data@20200101T000000Z"),
+    (["frobnicate"], 2, "No such command 'frobnicate'"),
+    (["list", "--bogus"], 2, "No such option '--bogus'"),
+])
+def test_usage_errors(ws, args, code, expected):
+    assert expected in one_line_error(ws.run(*args), code)
+
+
+def test_debug_shows_the_traceback(ws):
+    r = ws.run("--debug", "snapshot", "nosuch")
+    assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_json_shapes_are_stable(ws):
+    make_tree(ws.source, files=5)
+    snap = ws.ok("--json", "snapshot", "--tag", "daily").json()
+    [result] = snap["results"]
+    assert set(result) == {"volume", "ok", "error", "created", "planned", "policy", "decisions", "deleted"}
+    assert result["ok"] and set(result["created"]) == {"id", "volume", "created", "tags", "path"}
+    listing = ws.ok("--json", "list").json()
+    assert listing == {"snapshots": [result["created"]]}
+    status = ws.ok("--json", "status").json()["volumes"][0]
+    assert set(status) == {"volume", "backend", "state", "snapshots", "newest", "last_success",
+                           "last_success_age_seconds", "last_failure", "last_error"}
+    assert status["state"] == "ok" and status["snapshots"] == 1 and status["newest"] == result["created"]["id"]
+    assert 0 <= status["last_success_age_seconds"] < 60
+    check = ws.ok("--json", "config", "check").json()
+    assert check["valid"] and check["volumes"] == {"data": {"backend": "rsync", "retention": "default", "tags": []}}
+
+
+def test_default_tag_is_manual_and_volume_tags_are_added(ws):
+    make_tree(ws.source, files=3)
+    ws.write_config({"data": {"backend": "rsync", "source": ws.source, "repository": ws.repo, "tags": ["home"]}})
+    created = ws.ok("--json", "snapshot").json()["results"][0]["created"]
+    assert created["tags"] == ["home", "manual"]
+
+
+def test_prune_dry_run_explains_and_changes_nothing(ws):
+    make_tree(ws.source, files=3)
+    ids = [ws.ok("--json", "snapshot", "--tag", "hourly").json()["results"][0]["created"]["id"] for _ in range(4)]
+    manual = ws.ok("--json", "snapshot").json()["results"][0]["created"]["id"]
+    r = ws.ok("prune", "--dry-run")
+    assert "data (policy default): dry run, nothing deleted" in r.stdout
+    lines = {line.split()[0]: line.split(None, 2)[1:] for line in r.stdout.splitlines()[2:]}
+    assert lines[manual] == ["keep", "protected (tag manual)"]
+    assert lines[ids[3]] == ["keep", "keep_last #1"]
+    assert lines[ids[1]] == ["keep", "keep_last #3"]
+    assert lines[ids[0]] == ["prune", "no rule keeps it"]
+    assert len(ws.snapshots()) == 5
+    decisions = ws.ok("--json", "prune", "--dry-run").json()["results"][0]["decisions"]
+    assert [d["keep"] for d in decisions] == [True, True, True, True, False]
+    r = ws.ok("prune")
+    assert f"{ids[0]}    deleted  no rule keeps it" in r.stdout
+    assert ws.snapshots() == ids[1:] + [manual]
+
+
+def test_snapshot_with_prune_and_dry_runs(ws):
+    make_tree(ws.source, files=3)
+    planned = ws.ok("--json", "snapshot", "--dry-run").json()["results"][0]["planned"]
+    assert planned.startswith("would create data@") and "rsync -aHAX --numeric-ids --delete" in planned
+    assert ws.snapshots() == [] and not ws.repo.exists()
+    ids = [ws.ok("--json", "snapshot", "--tag", "t", "--prune").json()["results"][0]["created"]["id"]
+           for _ in range(4)]
+    assert ws.snapshots() == ids[1:]
+    r = ws.ok("delete", "--dry-run", ids[1])
+    assert r.stdout.strip() == f"would delete {ids[1]}" and ws.snapshots() == ids[1:]
+    r = ws.ok("delete", ids[1], ids[2])
+    assert r.stdout.split() == ["deleted", ids[1], "deleted", ids[2]]
+    assert ws.snapshots() == ids[3:]
+
+
+def test_one_failing_volume_does_not_stop_the_others(ws, tmp_path):
+    make_tree(ws.source, files=3)
+    good, bad = ws.root / "good-repo", ws.root / "bad-repo"
+    bad.write_text("a file where a directory should be")
+    ws.write_config({"bad": {"backend": "rsync", "source": ws.source, "repository": bad},
+                     "good": {"backend": "rsync", "source": ws.source, "repository": good}})
+    r = ws.run("snapshot")
+    assert f"volume bad: Not a directory: {bad}" in one_line_error(r, 1)
+    assert r.stdout.startswith("created good@")
+    status = {v["volume"]: v for v in ws.ok("--json", "status").json()["volumes"]}
+    assert (status["bad"]["state"], status["good"]["state"]) == ("failing", "ok")
+    assert status["bad"]["snapshots"] is None and status["bad"]["last_error"] == f"Not a directory: {bad}"
+    human = ws.ok("status").stdout.splitlines()
+    assert human[1].split()[:4] == ["bad", "rsync", "failing", "?"]
+
+
+def test_quiet_off_a_terminal_and_progress_on_one(ws):
+    make_tree(ws.source, files=20, size=10_000)
+    leader, follower = pty.openpty()
+    p = subprocess.run(ws.command("snapshot"), stdout=subprocess.PIPE, stderr=follower, env=ws.env, timeout=60)
+    os.close(follower)
+    seen = os.read(leader, 65536).decode()
+    os.close(leader)
+    assert p.returncode == 0
+    assert "100%" in seen and "\r" in seen  # rsync's progress, redrawn in place
+    assert "speedup" not in seen  # the --stats report is parsed, not shown
+    r = ws.ok("snapshot")
+    assert r.stderr == ""  # a timer's journal stays clean
+
+
+def test_init_writes_a_valid_example_and_never_overwrites(ws):
+    target = ws.root / "etc" / "snapmgr.toml"
+    r = subprocess.run(["python3", "-m", "snapmgr", "--config", str(target), "init"], env=ws.env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and target.exists()
+    assert oct(target.stat().st_mode & 0o777) == "0o644"
+    r = subprocess.run(["python3", "-m", "snapmgr", "--config", str(target), "config", "check"], env=ws.env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and ["etc", "rsync", "default", "-"] in [line.split() for line in r.stdout.splitlines()]
+    before = target.read_text()
+    r = subprocess.run(["python3", "-m", "snapmgr", "--config", str(target), "init"], env=ws.env,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "already exists; not overwriting it" in r.stderr
+    assert target.read_text() == before
+
+
+def test_demo_runs_the_main_job(tmp_path, ws):
+    r = subprocess.run(["python3", "-m", "snapmgr", "demo", "--dir", str(tmp_path / "demo")], env=ws.env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    for expected in ("config check", "created sample@", "prune --dry-run", "protected (tag manual)",
+                     "keep_last #1", "no rule keeps it", "deleted", "STATE", "project-1/src/file-0.txt has 4 links"):
+        assert expected in r.stdout, expected
+    assert len(list((tmp_path / "demo" / "snapshots").glob("sample@*[0-9Z]"))) == 3

@@ -1,0 +1,170 @@
+"""The rsync backend through the real CLI and real rsync."""
+
+import json
+import os
+import signal
+import subprocess
+
+from tests.integration.helpers import make_tree, needs_root, pids_of, tree, wait_for
+
+
+def test_snapshot_is_a_faithful_copy_with_metadata(ws):
+    make_tree(ws.source)
+    (ws.source / "link").symlink_to("d0/f0000")
+    os.link(ws.source / "d1" / "f0001", ws.source / "hardlink")
+    created = ws.ok("--json", "snapshot", "--tag", "daily").json()["results"][0]["created"]
+    snap = ws.repo / created["id"]
+    assert tree(snap) == tree(ws.source)
+    assert os.stat(snap / "hardlink").st_ino == os.stat(snap / "d1" / "f0001").st_ino  # -H
+    meta = json.loads((ws.repo / f"{created['id']}.json").read_text())
+    assert meta["volume"] == "data" and meta["id"] == created["id"] and meta["tags"] == ["daily"]
+    assert meta["source"] == str(ws.source) and meta["backend"] == "rsync" and meta["link_dest"] is None
+    # 51 regular files, but the hardlink's data is sent once
+    assert meta["rsync_stats"]["number_of_regular_files_transferred"] == 50
+    assert created["tags"] == ["daily"] and created["path"] == str(snap)
+
+
+def test_unchanged_files_share_inodes_and_changed_files_do_not(ws):
+    make_tree(ws.source)
+    first = ws.ok("--json", "snapshot").json()["results"][0]["created"]["id"]
+    (ws.source / "d0" / "f0000").write_bytes(b"changed")
+    (ws.source / "new").write_bytes(b"new")
+    (ws.source / "d1" / "f0001").unlink()
+    second = ws.ok("--json", "snapshot").json()["results"][0]["created"]["id"]
+    a, b = ws.repo / first, ws.repo / second
+    assert os.stat(a / "d2" / "f0002").st_ino == os.stat(b / "d2" / "f0002").st_ino
+    assert os.stat(b / "d2" / "f0002").st_nlink == 2
+    assert os.stat(a / "d0" / "f0000").st_ino != os.stat(b / "d0" / "f0000").st_ino
+    assert (b / "d0" / "f0000").read_bytes() == b"changed" and (a / "d0" / "f0000").read_bytes() != b"changed"
+    assert not (b / "d1" / "f0001").exists() and (a / "d1" / "f0001").exists()
+    assert tree(b) == tree(ws.source)
+    assert json.loads((ws.repo / f"{second}.json").read_text())["link_dest"] == first
+
+
+def test_excludes(ws):
+    make_tree(ws.source, files=10)
+    (ws.source / "cache").mkdir()
+    (ws.source / "cache" / "big").write_bytes(b"x" * 1000)
+    (ws.source / "d0" / "scratch.tmp").write_bytes(b"tmp")
+    ws.write_config({"data": {"backend": "rsync", "source": ws.source, "repository": ws.repo,
+                              "exclude": ["*.tmp", "/cache/"]}})
+    sid = ws.ok("--json", "snapshot").json()["results"][0]["created"]["id"]
+    assert not (ws.repo / sid / "cache").exists()
+    assert not (ws.repo / sid / "d0" / "scratch.tmp").exists()
+    assert (ws.repo / sid / "d0" / "f0000").exists()
+
+
+@needs_root
+def test_one_file_system_stops_at_mount_points(ws):
+    make_tree(ws.source, files=5)
+    mnt = ws.source / "mnt"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", mnt], check=True)
+    try:
+        (mnt / "other-fs").write_text("on tmpfs")
+        for one_fs, expected in ((True, False), (False, True)):
+            ws.write_config({"data": {"backend": "rsync", "source": ws.source, "repository": ws.repo,
+                                      "one_file_system": one_fs}})
+            sid = ws.ok("--json", "snapshot").json()["results"][0]["created"]["id"]
+            assert (ws.repo / sid / "mnt").is_dir()
+            assert (ws.repo / sid / "mnt" / "other-fs").exists() is expected
+    finally:
+        subprocess.run(["umount", mnt], check=True)
+
+
+def _start_slow_snapshot(ws):
+    """A snapshot whose rsync is slowed to 200 KiB/s over 2 MB, caught while it copies."""
+    make_tree(ws.source, files=20, size=100_000)
+    ws.throttle_rsync(200)
+    proc = ws.start("snapshot")
+    partial = wait_for(lambda: next(ws.repo.glob("*.partial"), None), what="a .partial directory")
+    rsync = wait_for(lambda: pids_of("rsync", str(partial)), what="rsync to start")
+    return proc, partial, rsync
+
+
+def test_killed_rsync_leaves_no_listed_snapshot_and_the_next_run_reuses_it(ws):
+    proc, partial, rsync = _start_slow_snapshot(ws)
+    for pid in rsync:
+        os.kill(pid, signal.SIGKILL)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert "error: volume data: rsync was killed by SIGKILL" in err
+    assert partial.is_dir()
+    assert ws.snapshots() == []
+    status = ws.ok("--json", "status").json()["volumes"][0]
+    assert status["state"] == "failing" and "killed by SIGKILL" in status["last_error"]
+
+    ws.env["PATH"] = os.environ["PATH"]  # full speed again
+    r = ws.ok("-v", "snapshot")
+    assert f"reusing the interrupted first copy {partial.name}" in r.stderr
+    [sid] = ws.snapshots()
+    assert tree(ws.repo / sid) == tree(ws.source)
+    assert list(ws.repo.glob("*.partial")) == [] and list(ws.repo.glob("*.json.tmp")) == []
+    assert ws.ok("--json", "status").json()["volumes"][0]["state"] == "ok"
+
+
+def test_interrupted_copy_after_a_good_snapshot_is_replaced_not_reused(ws):
+    make_tree(ws.source, files=20, size=100_000)
+    [first] = [ws.ok("--json", "snapshot").json()["results"][0]["created"]["id"]]
+    for changed in ("d0", "d1", "d2"):  # ~1.2 MB to send: seconds at 200 KiB/s; d3, d4 unchanged
+        for f in (ws.source / changed).iterdir():
+            f.write_bytes(b"changed" * 15_000)
+    ws.throttle_rsync(200)
+    proc = ws.start("snapshot")
+    partial = wait_for(lambda: next(ws.repo.glob("*.partial"), None), what="a .partial directory")
+    os.kill(proc.pid, signal.SIGKILL)  # snapmgr itself dies; PDEATHSIG takes rsync down
+    proc.communicate(timeout=30)
+    wait_for(lambda: not pids_of("rsync", str(partial)), what="rsync to die with snapmgr")
+    assert ws.snapshots() == [first]
+
+    ws.env["PATH"] = os.environ["PATH"]
+    r = ws.ok("-v", "snapshot")
+    assert f"removing an interrupted copy: {partial.name}" in r.stderr
+    first_path, second_path = (ws.repo / s for s in ws.snapshots())
+    assert os.stat(first_path / "d3" / "f0003").st_ino == os.stat(second_path / "d3" / "f0003").st_ino
+
+
+def test_sigterm_stops_rsync_and_records_the_failure(ws):
+    proc, partial, rsync = _start_slow_snapshot(ws)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert "stopped by SIGTERM" in err and "Traceback" not in err
+    wait_for(lambda: not any(os.path.exists(f"/proc/{p}") and "Z" not in
+                             open(f"/proc/{p}/stat").read().split()[2] for p in rsync), what="rsync to exit")
+    assert ws.snapshots() == []
+    assert "stopped by SIGTERM" in ws.ok("--json", "status").json()["volumes"][0]["last_error"]
+
+
+def test_vanished_files_are_a_warning_not_a_failure(ws):
+    proc, partial, rsync = _start_slow_snapshot(ws)
+    (ws.source / "d4" / "f0019").unlink()  # sorted last: not copied yet at 200 KiB/s
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "some files vanished" in err
+    [sid] = ws.snapshots()
+    assert json.loads((ws.repo / f"{sid}.json").read_text())["warnings"] == [
+        "some files vanished during the copy (rsync exit 24)"]
+
+
+def test_a_second_run_waits_for_the_lock_then_names_the_holder(ws):
+    proc, partial, rsync = _start_slow_snapshot(ws)
+    ws.write_config(lock_wait="1s")
+    r = ws.run("snapshot")
+    assert r.returncode == 75
+    assert r.stderr.strip() == (f"snapmgr: error: volume data: busy: another snapmgr run "
+                                f"(pid {proc.pid}) holds {ws.root}/run/locks/data.lock; gave up after waiting 1s")
+    proc.kill()
+    proc.communicate()
+
+
+def test_leftovers_of_interrupted_deletes_and_orphan_metadata_are_cleaned(ws):
+    make_tree(ws.source, files=5)
+    ws.ok("snapshot")
+    (ws.repo / "data@20200101T000000Z.deleting" / "x").mkdir(parents=True)
+    (ws.repo / "data@20200101T000001Z.json").write_text("{}")
+    (ws.repo / "notes.txt").write_text("not ours")
+    assert len(ws.snapshots()) == 1
+    ws.ok("snapshot")
+    assert not list(ws.repo.glob("data@2020*"))
+    assert (ws.repo / "notes.txt").exists()
