@@ -17,10 +17,8 @@ import click
 from snapmgr import config as configuration
 from snapmgr import render
 from snapmgr.engine import Engine, Outcome
-from snapmgr.model import NAME_RULE, is_valid_name
 from snapmgr.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, Interrupted, SnapmgrError, UsageError
-
-log = logging.getLogger("snapmgr")
+from snapmgr.model import NAME_RULE, is_valid_name
 
 
 @dataclass

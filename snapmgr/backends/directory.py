@@ -119,11 +119,21 @@ class DirectoryBackend(Backend):
             return {}
 
     def _remove_orphan_sidecars(self) -> None:
-        for sidecar in self.snapshot_dir.glob(f"{self.volume}@*{SIDECAR_SUFFIX}*"):
-            stem = sidecar.name.split(SIDECAR_SUFFIX)[0]
-            if SnapshotId.try_parse(stem) and not (self.snapshot_dir / stem).exists():
-                log.info("removing metadata of an unfinished snapshot: %s", sidecar.name)
-                sidecar.unlink()
+        unfinished = self._suffixed(SIDECAR_SUFFIX + ".tmp") + [
+            sidecar for sidecar in self._suffixed(SIDECAR_SUFFIX)
+            if not sidecar.with_name(sidecar.name.removesuffix(SIDECAR_SUFFIX)).exists()]
+        for sidecar in unfinished:
+            log.info("removing metadata of an unfinished snapshot: %s", sidecar.name)
+            sidecar.unlink()
+
+    def _suffixed(self, suffix: str) -> list[Path]:
+        """This volume's entries named `<id><suffix>`, oldest first."""
+        found = {}
+        for path in self.snapshot_dir.glob(f"{self.volume}@*{suffix}"):
+            sid = SnapshotId.try_parse(path.name.removesuffix(suffix))
+            if sid and sid.volume == self.volume:
+                found[sid] = path
+        return [found[sid] for sid in sorted(found)]
 
 
 def _fsync_dir(path: Path) -> None:

@@ -71,7 +71,7 @@ class RsyncBackend(DirectoryBackend):
         shutil.rmtree(doomed)
 
     def _clean_leftovers(self) -> None:
-        for doomed in self.snapshot_dir.glob(f"{self.volume}@*{DELETING}"):
+        for doomed in self._suffixed(DELETING):
             log.info("finishing an interrupted delete: %s", doomed.name)
             shutil.rmtree(doomed)
 
@@ -96,7 +96,7 @@ class RsyncBackend(DirectoryBackend):
         """A `.partial` left by a crash is reused only for the first, seeding copy, where
         it saves the most; later copies start clean, because files rsync finds already in
         place would not be hardlinked to the previous snapshot and would waste space."""
-        leftovers = sorted(self.snapshot_dir.glob(f"{self.volume}@*{PARTIAL}"))
+        leftovers = self._suffixed(PARTIAL)
         if seeding and leftovers:
             log.info("reusing the interrupted first copy %s", leftovers[-1].name)
             leftovers.pop().rename(partial)

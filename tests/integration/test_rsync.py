@@ -168,3 +168,15 @@ def test_leftovers_of_interrupted_deletes_and_orphan_metadata_are_cleaned(ws):
     ws.ok("snapshot")
     assert not list(ws.repo.glob("data@2020*"))
     assert (ws.repo / "notes.txt").exists()
+
+
+def test_of_several_leftover_first_copies_the_newest_is_reused(ws):
+    make_tree(ws.source, files=5)
+    for name in ("data@20200101T000000Z-2.partial", "data@20200101T000000Z-10.partial",
+                 "other@20300101T000000Z.partial", "data@20200101T000000Z-10.json.tmp"):
+        (ws.repo / name).mkdir(parents=True) if name.endswith(".partial") else (ws.repo / name).write_text("{")
+    r = ws.ok("-v", "snapshot")
+    assert "reusing the interrupted first copy data@20200101T000000Z-10.partial" in r.stderr
+    assert "removing an interrupted copy: data@20200101T000000Z-2.partial" in r.stderr
+    assert sorted(p.name for p in ws.repo.iterdir() if "2020" in p.name or "2030" in p.name) == [
+        "other@20300101T000000Z.partial"]  # another volume's leftovers are not ours to touch
