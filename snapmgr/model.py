@@ -76,6 +76,9 @@ class Snapshot:
     path: Path
     tags: frozenset[str] = frozenset()
     meta: dict = field(default_factory=dict, compare=False, hash=False)
+    # False when the snapshot's metadata could not be read: its tags are unknown, so it
+    # might be a protected one.
+    meta_readable: bool = True
 
     @property
     def volume(self) -> str:
@@ -86,9 +89,12 @@ class Snapshot:
         return self.id.created
 
     @property
-    def protected_by(self) -> str | None:
-        """The tag that shields this snapshot from automatic pruning, if any."""
-        return min(self.tags & PROTECTED_TAGS, default=None)
+    def protection(self) -> str | None:
+        """Why automatic pruning must leave this snapshot alone, if it must."""
+        if not self.meta_readable:
+            return "metadata unreadable"
+        tag = min(self.tags & PROTECTED_TAGS, default=None)
+        return f"tag {tag}" if tag else None
 
 
 _DURATION_RE = re.compile(r"(\d+)(s|min|h|d|w|y)")

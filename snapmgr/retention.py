@@ -8,8 +8,9 @@ counted again. When a rule runs out of snapshots before reaching its count it ke
 oldest one too (borg >= 1.2), so a new volume does not lose its first snapshot.
 
 Two additions, both in the direction of keeping more:
-- protected snapshots (tags `manual`, `pre-rollback`) are set aside before the rules run:
-  they are always kept and neither fill nor use up any rule's periods;
+- protected snapshots (tags `manual`, `pre-rollback`, or metadata that cannot be read, so
+  the tags are unknown) are set aside before the rules run: they are always kept and
+  neither fill nor use up any rule's periods;
 - the newest unprotected snapshot is always kept, even when no rule would keep it
   (borg with only --keep-within deletes everything once the newest is old enough).
 """
@@ -46,7 +47,7 @@ def decide(snapshots: Iterable[Snapshot], policy: Policy, now: datetime, tz: tzi
     """One decision per snapshot, newest first. Periods are counted in `tz`; None means the
     system's local time, with each snapshot's own daylight-saving offset."""
     ordered = sorted(snapshots, key=lambda s: s.id, reverse=True)
-    reasons: dict = {s.id: f"protected (tag {s.protected_by})" for s in ordered if s.protected_by}
+    reasons: dict = {s.id: f"protected ({s.protection})" for s in ordered if s.protection}
     candidates = [s for s in ordered if s.id not in reasons]
 
     if policy.keep_within is not None:

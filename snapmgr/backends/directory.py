@@ -83,7 +83,8 @@ class DirectoryBackend(Backend):
             if sid and sid.volume == self.volume and entry.is_dir(follow_symlinks=False) \
                     and self._is_snapshot(Path(entry.path)):
                 meta = self._read_sidecar(sid)
-                snapshots.append(Snapshot(sid, Path(entry.path), frozenset(meta.get("tags", ())), meta))
+                tags = frozenset(meta["tags"]) if meta else frozenset()
+                snapshots.append(Snapshot(sid, Path(entry.path), tags, meta or {}, meta_readable=meta is not None))
         return snapshots
 
     def delete(self, snapshot: Snapshot) -> None:
@@ -109,14 +110,18 @@ class DirectoryBackend(Backend):
             os.fsync(f.fileno())
         tmp.rename(final)
 
-    def _read_sidecar(self, snapshot_id: SnapshotId) -> dict:
+    def _read_sidecar(self, snapshot_id: SnapshotId) -> dict | None:
+        """The metadata, or None when it is missing or damaged."""
         try:
-            return json.loads(self._sidecar(snapshot_id).read_text())
-        except FileNotFoundError:
-            return {}
+            meta = json.loads(self._sidecar(snapshot_id).read_text())
         except (OSError, ValueError) as e:
-            log.warning("%s: unreadable metadata (%s); listing it without tags", snapshot_id, e)
-            return {}
+            log.warning("%s: metadata unreadable (%s); prune will keep it", snapshot_id, e)
+            return None
+        tags = meta.get("tags") if isinstance(meta, dict) else None
+        if not (isinstance(tags, list) and all(isinstance(t, str) for t in tags)):
+            log.warning("%s: metadata has no list of tags; prune will keep it", snapshot_id)
+            return None
+        return meta
 
     def _remove_orphan_sidecars(self) -> None:
         unfinished = self._suffixed(SIDECAR_SUFFIX + ".tmp") + [

@@ -180,3 +180,18 @@ def test_of_several_leftover_first_copies_the_newest_is_reused(ws):
     assert "removing an interrupted copy: data@20200101T000000Z-2.partial" in r.stderr
     assert sorted(p.name for p in ws.repo.iterdir() if "2020" in p.name or "2030" in p.name) == [
         "other@20300101T000000Z.partial"]  # another volume's leftovers are not ours to touch
+
+
+def test_damaged_metadata_protects_the_snapshot_from_prune(ws):
+    make_tree(ws.source, files=3)
+    ids = [ws.ok("--json", "snapshot", "--tag", "hourly").json()["results"][0]["created"]["id"] for _ in range(5)]
+    (ws.repo / f"{ids[0]}.json").write_text('{"tags": ["man')  # cut short
+    (ws.repo / f"{ids[1]}.json").write_text('{"tags": "manual"}')
+    (ws.repo / f"{ids[2]}.json").unlink()
+    r = ws.ok("--json", "prune")
+    assert "metadata unreadable" in r.stderr
+    decisions = {d["id"]: d["reason"] for d in r.json()["results"][0]["decisions"]}
+    assert decisions[ids[0]] == decisions[ids[1]] == decisions[ids[2]] == "protected (metadata unreadable)"
+    assert ws.snapshots() == ids  # keep_last 3 keeps the other two
+    ws.ok("snapshot", "--tag", "hourly", "--prune")
+    assert ws.snapshots()[:3] == ids[:3] and len(ws.snapshots()) == 6

@@ -172,3 +172,9 @@ def test_adding_keep_within_never_prunes_more(snapshots, policy, hours):
     window = timedelta(hours=hours) + (policy.keep_within or timedelta(0))
     wider = Policy(**{**policy.__dict__, "keep_within": window})
     assert kept(snapshots, policy) <= kept(snapshots, wider)
+
+
+def test_snapshots_with_unreadable_metadata_are_protected():
+    damaged = Snapshot(snap(NOW - timedelta(days=9)).id, Path("/x"), meta_readable=False)
+    r = reasons([snap(NOW), damaged], Policy("p", keep_last=1))
+    assert r == {"v@20261121T120000Z": "keep_last #1", "v@20261112T120000Z": "protected (metadata unreadable)"}
