@@ -216,7 +216,7 @@ def _volume(path: Path, name: str, table: Any, policies: dict, quiescers: dict) 
     where = ("volumes", name)
     backend = _discriminator(path, where, table, "backend", BACKENDS)
     values = check_table(path, where, table, VOLUME | BACKENDS[backend].options)
-    _check_refs(path, where + ("retention",), values["retention"] and (values["retention"],), policies, "retention")
+    _check_refs(path, where + ("retention",), [values["retention"]] if values["retention"] else [], policies, "retention")
     _check_refs(path, where + ("quiesce",), values["quiesce"], quiescers, "quiesce")
     common = {k: values.pop(k) for k in VOLUME}
     return Volume(name, backend, values, policies.get(common["retention"]),
@@ -256,7 +256,7 @@ def _discriminator(path: Path, where: tuple[str, ...], table: Any, key: str, kno
 
 
 def _check_refs(path: Path, where: tuple[str, ...], refs, defined: Mapping, section: str) -> None:
-    for ref in refs or ():
+    for ref in refs:
         if ref not in defined:
             raise ConfigError(path, dotted(*where), f"no [{section}.{ref}] table is defined"
                               + schema.did_you_mean(ref, defined))

@@ -8,10 +8,9 @@ from __future__ import annotations
 import logging
 import os
 from collections import defaultdict
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 from snapmgr import retention
 from snapmgr.backends import BACKENDS
@@ -124,11 +123,9 @@ class Engine:
             outcome.error = _as_error(e)
         return outcome
 
-    @contextmanager
-    def _locked(self, volume: Volume) -> Iterator[None]:
-        wait = self.config.settings.lock_wait.total_seconds()
-        with volume_lock(self.config.settings.run_dir, volume.name, wait):
-            yield
+    def _locked(self, volume: Volume):
+        settings = self.config.settings
+        return volume_lock(settings.run_dir, volume.name, settings.lock_wait.total_seconds())
 
     def _snapshot(self, volume: Volume, tags: frozenset[str], prune: bool, dry_run: bool,
                   progress: Progress | None, outcome: Outcome) -> None:
