@@ -2,6 +2,7 @@
 
 import os
 import pty
+import sqlite3
 import subprocess
 
 import pytest
@@ -103,6 +104,16 @@ def test_prune_dry_run_explains_and_changes_nothing(ws):
     r = ws.ok("prune")
     assert f"{ids[0]}    deleted  no rule keeps it" in r.stdout
     assert ws.snapshots() == ids[1:] + [manual]
+    journal = sqlite3.connect(ws.root / "state" / "journal.db")
+    events = journal.execute("SELECT r.action, r.status, e.snapshot, e.event FROM snapshot_events e "
+                             "JOIN runs r ON r.id = e.run_id ORDER BY e.id").fetchall()
+    assert events == [("snapshot", "ok", i, "created") for i in ids + [manual]] + [("prune", "ok", ids[0], "deleted")]
+
+
+def test_every_command_run_is_logged_with_vv(ws):
+    make_tree(ws.source, files=3)
+    r = ws.ok("-vv", "snapshot")
+    assert f"snapmgr: DEBUG: run: rsync -aHAX --numeric-ids --delete --stats {ws.source}/ {ws.repo}/data@" in r.stderr
 
 
 def test_snapshot_with_prune_and_dry_runs(ws):
