@@ -2,12 +2,13 @@
 """snapmgr's rsync backend against rsnapshot and bare rsync, side by side in one run.
 
 A generated tree of FILES small files; before each round 1% of them change; then every
-contender takes one hardlink snapshot against its own previous one, in an order rotated
-each round so no one always runs on the warmest cache. The first round (a full copy) is
-a warm-up and is not counted. Prints the median, min and max wall time of each and the
+contender takes one hardlink snapshot against its own previous one, in an order shuffled
+each round (a fixed rotation gave each contender the same predecessor every time, and
+position in a round changes timings here by up to a second), each after an untimed `sync`.
+The first round (a full copy) is a warm-up and is not counted. Prints the median, min and max wall time of each and the
 ratios of the medians.
 
-    ./run bench                      # 100,000 files, 7 timed rounds
+    ./run bench                      # 100,000 files, 9 timed rounds
     ./run bench --files 20000 --rounds 3
 """
 
@@ -55,6 +56,10 @@ class Contender:
 
     def run(self, round_: int, timed: bool) -> None:
         argv = self.argv(round_)
+        # Start from a clean page cache of dirty data: snapmgr flushes the filesystem
+        # (syncfs) before naming a snapshot, and must pay for its own writes only, not
+        # for the previous contender's.
+        os.sync()
         started = time.perf_counter()
         subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         elapsed = time.perf_counter() - started
@@ -109,7 +114,7 @@ class Rsnapshot(Contender):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--files", type=int, default=100_000)
-    parser.add_argument("--rounds", type=int, default=7, help="timed rounds after the warm-up")
+    parser.add_argument("--rounds", type=int, default=9, help="timed rounds after the warm-up")
     parser.add_argument("--changed", type=float, default=0.01, help="fraction of files changed per round")
     parser.add_argument("--dir", type=Path, help="work directory [default: a temporary one, removed after]")
     args = parser.parse_args()
@@ -139,7 +144,7 @@ def bench(work: Path, args) -> int:
     for round_ in range(args.rounds + 1):
         if round_:
             change(paths, args.changed, rng)
-        order = contenders[round_ % len(contenders):] + contenders[:round_ % len(contenders)]
+        order = rng.sample(contenders, len(contenders))
         for c in order:
             c.run(round_, timed=round_ > 0)
         print(f"round {round_}{' (warm-up, full copy)' if not round_ else ''}: "

@@ -42,12 +42,12 @@ class RsyncBackend(DirectoryBackend):
         return True
 
     def plan_create(self, snapshot_id: SnapshotId) -> str:
-        partial = self.snapshot_dir / f"{snapshot_id}{PARTIAL}"
-        return f"{shlex.join(self._argv(partial, self._latest(), progress=False))}, then rename to {snapshot_id}"
+        argv = self._argv(self._partial(snapshot_id), self._latest(), progress=False)
+        return f"{shlex.join(argv)}, then rename to {snapshot_id}"
 
     def _build(self, snapshot_id: SnapshotId, progress: Progress | None) -> dict:
         latest = self._latest()
-        partial = self.snapshot_dir / f"{snapshot_id}{PARTIAL}"
+        partial = self._partial(snapshot_id)
         self._take_over_partials(partial, seeding=latest is None)
         result = sh.run(self._argv(partial, latest, progress is not None), check=False,
                         on_stdout=progress and _progress_lines_only(progress))
@@ -62,7 +62,7 @@ class RsyncBackend(DirectoryBackend):
         return meta
 
     def _publish(self, snapshot_id: SnapshotId) -> None:
-        (self.snapshot_dir / f"{snapshot_id}{PARTIAL}").rename(self.snapshot_dir / str(snapshot_id))
+        self._partial(snapshot_id).rename(self.snapshot_dir / str(snapshot_id))
 
     def _discard(self, path: Path) -> None:
         # Renamed first, so a delete cut short leaves nothing that looks like a snapshot.
@@ -76,6 +76,9 @@ class RsyncBackend(DirectoryBackend):
             shutil.rmtree(doomed)
 
     # -------------------------------------------------------------------------------
+
+    def _partial(self, snapshot_id: SnapshotId) -> Path:
+        return self.snapshot_dir / f"{snapshot_id}{PARTIAL}"
 
     def _latest(self) -> Path | None:
         snapshots = self.list()
