@@ -14,7 +14,6 @@ from typing import Iterator
 
 from snapmgr.errors import SnapmgrError
 
-SCHEMA_VERSION = 1
 BUSY_TIMEOUT_S = 30
 # Each entry upgrades the schema from version i to i + 1.
 MIGRATIONS = (
@@ -40,7 +39,7 @@ MIGRATIONS = (
     CREATE INDEX events_by_snapshot ON snapshot_events (snapshot);
     """,
 )
-assert len(MIGRATIONS) == SCHEMA_VERSION
+SCHEMA_VERSION = len(MIGRATIONS)
 
 
 @dataclass(frozen=True)

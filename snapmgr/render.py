@@ -103,6 +103,7 @@ def status_table(statuses: Sequence[VolumeStatus], now: datetime) -> str:
     rows = []
     for s in statuses:
         h = s.history
-        rows.append((s.volume, s.backend, state(s), "?" if s.snapshots is None else str(s.snapshots),
-                     age(h.last_success, now), (s.problem or h.last_error) if state(s) == "failing" else "-"))
+        now_state = state(s)
+        rows.append((s.volume, s.backend, now_state, "?" if s.snapshots is None else str(s.snapshots),
+                     age(h.last_success, now), (s.problem or h.last_error) if now_state == "failing" else "-"))
     return table(("VOLUME", "BACKEND", "STATE", "SNAPSHOTS", "LAST SUCCESS", "LAST ERROR"), rows)

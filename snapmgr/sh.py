@@ -99,10 +99,10 @@ def run(
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
         out, err = _collect(proc, deadline, on_stdout) if capture else ("", "")
-        proc.wait(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        _kill(proc)
-        raise CommandTimeout(argv, timeout, "") from None
+        try:
+            proc.wait(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:  # the pipes closed, but the program still runs
+            raise _Deadline(err) from None
     except _Deadline as d:
         _kill(proc)
         raise CommandTimeout(argv, timeout, d.stderr) from None

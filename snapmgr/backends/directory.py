@@ -8,6 +8,7 @@ on the next run."""
 from __future__ import annotations
 
 import abc
+import ctypes
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from snapmgr.model import Snapshot, SnapshotId
 
 log = logging.getLogger(__name__)
 SIDECAR_SUFFIX = ".json"
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class DirectoryBackend(Backend):
@@ -73,19 +75,27 @@ class DirectoryBackend(Backend):
         return Snapshot(snapshot_id, self.snapshot_dir / str(snapshot_id), frozenset(tags), meta)
 
     def list(self) -> list[Snapshot]:
+        snapshots = []
+        for sid, path in self._snapshot_dirs():
+            meta = self._read_sidecar(sid)
+            tags = frozenset(meta["tags"]) if meta else frozenset()
+            snapshots.append(Snapshot(sid, path, tags, meta or {}, meta_readable=meta is not None))
+        return snapshots
+
+    def _snapshot_dirs(self) -> list[tuple[SnapshotId, Path]]:
+        """(id, path) of each complete snapshot, found by name and type alone: no metadata
+        is read, for callers that only need to know what exists."""
         try:
             entries = list(os.scandir(self.snapshot_dir))
         except FileNotFoundError:
             return []
-        snapshots = []
+        found = []
         for entry in entries:
             sid = SnapshotId.try_parse(entry.name)
             if sid and sid.volume == self.volume and entry.is_dir(follow_symlinks=False) \
                     and self._is_snapshot(Path(entry.path)):
-                meta = self._read_sidecar(sid)
-                tags = frozenset(meta["tags"]) if meta else frozenset()
-                snapshots.append(Snapshot(sid, Path(entry.path), tags, meta or {}, meta_readable=meta is not None))
-        return snapshots
+                found.append((sid, Path(entry.path)))
+        return found
 
     def delete(self, snapshot: Snapshot) -> None:
         self._discard(snapshot.path)
@@ -141,9 +151,24 @@ class DirectoryBackend(Backend):
         return [found[sid] for sid in sorted(found)]
 
 
-def _fsync_dir(path: Path) -> None:
+@contextmanager
+def _opened_dir(path: Path) -> Iterator[int]:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.fsync(fd)
+        yield fd
     finally:
         os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    with _opened_dir(path) as fd:
+        os.fsync(fd)
+
+
+def syncfs(path: Path) -> None:
+    """Flush the whole filesystem holding `path` (one syscall, however many files were
+    written), so what was written there is on disk before it is named."""
+    with _opened_dir(path) as fd:
+        if _libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), str(path))

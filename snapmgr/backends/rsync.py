@@ -3,9 +3,7 @@ hardlinks into the previous one (`--link-dest`), as rsnapshot makes them."""
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import os
 import re
 import shlex
 import shutil
@@ -13,7 +11,7 @@ from pathlib import Path
 
 from snapmgr import schema, sh
 from snapmgr.backends.base import Progress
-from snapmgr.backends.directory import DirectoryBackend
+from snapmgr.backends.directory import DirectoryBackend, syncfs
 from snapmgr.model import SnapshotId
 
 log = logging.getLogger(__name__)
@@ -22,7 +20,6 @@ PARTIAL = ".partial"
 DELETING = ".deleting"
 RSYNC_VANISHED = 24  # "some files vanished before they could be transferred": normal on a live system
 _STAT_RE = re.compile(r"^(Number of [a-z ]+|Total [a-z ]+size): ([\d,]+)", re.M)
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class RsyncBackend(DirectoryBackend):
@@ -53,7 +50,7 @@ class RsyncBackend(DirectoryBackend):
                         on_stdout=progress and _progress_lines_only(progress))
         if result.returncode not in (0, RSYNC_VANISHED):
             raise sh.CommandError(result.argv, result.returncode, result.stderr)
-        _syncfs(partial)
+        syncfs(partial)
         meta = {"source": str(self.opts["source"]), "link_dest": latest.name if latest else None,
                 "rsync_stats": _parse_stats(result.stdout)}
         if result.returncode == RSYNC_VANISHED:
@@ -81,8 +78,7 @@ class RsyncBackend(DirectoryBackend):
         return self.snapshot_dir / f"{snapshot_id}{PARTIAL}"
 
     def _latest(self) -> Path | None:
-        snapshots = self.list()
-        return max(snapshots, key=lambda s: s.id).path if snapshots else None
+        return max(self._snapshot_dirs(), default=(None, None))[1]
 
     def _argv(self, partial: Path, latest: Path | None, progress: bool) -> list[str]:
         argv = ["rsync", "-aHAX", "--numeric-ids", "--delete", "--stats"]
@@ -117,13 +113,3 @@ def _parse_stats(stdout: str) -> dict[str, int]:
     return {key.lower().replace(" ", "_"): int(value.replace(",", ""))
             for key, value in _STAT_RE.findall(stdout)}
 
-
-def _syncfs(path: Path) -> None:
-    """Flush the filesystem holding `path`, so a snapshot is on disk before it is named."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        if _libc.syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), str(path))
-    finally:
-        os.close(fd)
