@@ -79,9 +79,11 @@ def snapshot(c: Context, volumes, tags, prune, dry_run):
 @pass_ctx
 def list_(c: Context, volumes):
     """List the snapshots of VOLUMES (all volumes when none are named)."""
-    snapshots = c.engine().list(volumes)
-    c.emit({"snapshots": [render.snapshot_json(s) for s in snapshots]},
-           render.snapshots_table(snapshots) if snapshots else "no snapshots")
+    engine = c.engine()
+    snapshots, foreign = engine.list(volumes), engine.foreign(volumes)
+    c.emit({"snapshots": [render.snapshot_json(s) for s in snapshots],
+            "foreign": [render.foreign_json(f) for f in foreign]},
+           render.snapshots_table(snapshots, foreign) if snapshots or foreign else "no snapshots")
 
 
 @cli.command()

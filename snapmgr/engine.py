@@ -19,7 +19,7 @@ from snapmgr.config import Config, Volume
 from snapmgr.errors import SnapmgrError, UsageError
 from snapmgr.journal import Journal, VolumeHistory
 from snapmgr.lock import volume_lock
-from snapmgr.model import Snapshot, SnapshotId
+from snapmgr.model import ForeignSnapshot, Snapshot, SnapshotId
 from snapmgr.schema import did_you_mean
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,8 @@ class VolumeStatus:
     snapshots: int | None         # None when the snapshots could not be listed
     newest: Snapshot | None
     history: VolumeHistory
-    problem: str | None = None    # why they could not be listed
+    problem: str | None = None    # why they could not be listed, or which are invalid
+    invalid: tuple[str, ...] = ()
 
 
 class Engine:
@@ -62,7 +63,7 @@ class Engine:
         return self._journal
 
     def backend(self, volume: Volume) -> Backend:
-        return BACKENDS[volume.backend](volume.name, volume.options)
+        return BACKENDS[volume.backend](volume.name, volume.options, self.config.settings.run_dir)
 
     def volumes(self, names: Iterable[str] = ()) -> list[Volume]:
         """The named volumes (all of them when none are named); unknown names are refused
@@ -99,6 +100,10 @@ class Engine:
     def list(self, names: Iterable[str] = ()) -> list[Snapshot]:
         return sorted((s for v in self.volumes(names) for s in self.backend(v).list()), key=lambda s: s.id)
 
+    def foreign(self, names: Iterable[str] = ()) -> list[ForeignSnapshot]:
+        return sorted((f for v in self.volumes(names) for f in self.backend(v).foreign()),
+                      key=lambda f: (f.volume, f.created, f.name))
+
     def status(self, names: Iterable[str] = ()) -> list[VolumeStatus]:
         statuses = []
         for volume in self.volumes(names):
@@ -108,8 +113,11 @@ class Engine:
             except (SnapmgrError, OSError) as e:
                 statuses.append(VolumeStatus(volume.name, volume.backend, None, None, history, str(_as_error(e))))
                 continue
+            invalid = sorted((s for s in snapshots if s.invalid), key=lambda s: s.id)
+            problem = "; ".join(f"{s.id} is invalid ({s.invalid})" for s in invalid) or None
             statuses.append(VolumeStatus(volume.name, volume.backend, len(snapshots),
-                                         max(snapshots, key=lambda s: s.id, default=None), history))
+                                         max(snapshots, key=lambda s: s.id, default=None), history,
+                                         problem, tuple(str(s.id) for s in invalid)))
         return statuses
 
     # One volume -------------------------------------------------------------------------

@@ -35,7 +35,13 @@ class SnapshotId:
     seq: int = 0
 
     def __str__(self) -> str:
-        return f"{self.volume}@{self.stamp}" + (f"-{self.seq}" if self.seq else "")
+        return f"{self.volume}@{self.label}"
+
+    @property
+    def label(self) -> str:
+        """The id without its volume, e.g. `20261121T140501Z-1`: what backends put into
+        names whose alphabet has no '@' (LV names and tags, ZFS snapshot names)."""
+        return self.stamp + (f"-{self.seq}" if self.seq else "")
 
     @property
     def created(self) -> datetime:
@@ -73,12 +79,14 @@ class SnapshotId:
 @dataclass(frozen=True)
 class Snapshot:
     id: SnapshotId
-    path: Path
+    path: Path    # where it lives: a directory, a device, or a ZFS snapshot name
     tags: frozenset[str] = frozenset()
     meta: dict = field(default_factory=dict, compare=False, hash=False)
     # False when the snapshot's metadata could not be read: its tags are unknown, so it
     # might be a protected one.
     meta_readable: bool = True
+    # Why its data cannot be trusted, if it cannot (an overflowed LVM snapshot).
+    invalid: str | None = None
 
     @property
     def volume(self) -> str:
@@ -95,6 +103,15 @@ class Snapshot:
             return "metadata unreadable"
         tag = min(self.tags & PROTECTED_TAGS, default=None)
         return f"tag {tag}" if tag else None
+
+
+@dataclass(frozen=True)
+class ForeignSnapshot:
+    """A snapshot of a volume's storage that snapmgr did not make: shown, never touched."""
+
+    volume: str
+    name: str
+    created: datetime
 
 
 _DURATION_RE = re.compile(r"(\d+)(s|min|h|d|w|y)")

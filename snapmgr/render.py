@@ -10,7 +10,7 @@ from typing import Sequence
 import click
 
 from snapmgr.engine import Outcome, VolumeStatus
-from snapmgr.model import Snapshot
+from snapmgr.model import ForeignSnapshot, Snapshot
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -39,7 +39,11 @@ def age(moment: datetime | None, now: datetime) -> str:
 
 def snapshot_json(s: Snapshot) -> dict:
     return {"id": str(s.id), "volume": s.volume, "created": when(s.created),
-            "tags": sorted(s.tags), "path": str(s.path)}
+            "tags": sorted(s.tags), "path": str(s.path), "invalid": s.invalid}
+
+
+def foreign_json(f: ForeignSnapshot) -> dict:
+    return {"name": f.name, "volume": f.volume, "created": when(f.created)}
 
 
 def outcome_json(o: Outcome) -> dict:
@@ -67,6 +71,7 @@ def status_json(s: VolumeStatus, now: datetime) -> dict:
         "last_success_age_seconds": int((now - h.last_success).total_seconds()) if h.last_success else None,
         "last_failure": when(h.last_failure),
         "last_error": s.problem or h.last_error,
+        "invalid": list(s.invalid),
     }
 
 
@@ -83,9 +88,12 @@ def state(s: VolumeStatus) -> str:
 
 # Human forms -----------------------------------------------------------------------
 
-def snapshots_table(snapshots: Sequence[Snapshot]) -> str:
-    return table(("SNAPSHOT", "CREATED", "TAGS"),
-                 [(str(s.id), when(s.created), ",".join(sorted(s.tags)) or "-") for s in snapshots])
+def snapshots_table(snapshots: Sequence[Snapshot], foreign: Sequence[ForeignSnapshot]) -> str:
+    rows = [(str(s.id), when(s.created), ",".join(sorted(s.tags)) or "-",
+             f"INVALID: {s.invalid}" if s.invalid else "ok") for s in snapshots]
+    rows += [(f.name, when(f.created), "-", f"foreign to {f.volume}: not snapmgr's, never pruned")
+             for f in foreign]
+    return table(("SNAPSHOT", "CREATED", "TAGS", "STATE"), rows)
 
 
 def decisions_table(outcome: Outcome) -> str:

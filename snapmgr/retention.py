@@ -7,12 +7,14 @@ not seen yet. A snapshot that an earlier rule already kept uses up its period bu
 counted again. When a rule runs out of snapshots before reaching its count it keeps the
 oldest one too (borg >= 1.2), so a new volume does not lose its first snapshot.
 
-Two additions, both in the direction of keeping more:
+Two additions in the direction of keeping more, and one for invalid snapshots:
 - protected snapshots (tags `manual`, `pre-rollback`, or metadata that cannot be read, so
   the tags are unknown) are set aside before the rules run: they are always kept and
   neither fill nor use up any rule's periods;
 - the newest unprotected snapshot is always kept, even when no rule would keep it
-  (borg with only --keep-within deletes everything once the newest is old enough).
+  (borg with only --keep-within deletes everything once the newest is old enough);
+- an invalid snapshot (an overflowed LVM snapshot) holds no usable data: unless protected,
+  it is pruned and does not take a period from a good snapshot.
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ def decide(snapshots: Iterable[Snapshot], policy: Policy, now: datetime, tz: tzi
     system's local time, with each snapshot's own daylight-saving offset."""
     ordered = sorted(snapshots, key=lambda s: s.id, reverse=True)
     reasons: dict = {s.id: f"protected ({s.protection})" for s in ordered if s.protection}
-    candidates = [s for s in ordered if s.id not in reasons]
+    doomed = {s.id: f"invalid ({s.invalid})" for s in ordered if s.invalid and s.id not in reasons}
+    candidates = [s for s in ordered if s.id not in reasons and s.id not in doomed]
 
     if policy.keep_within is not None:
         for s in candidates:
@@ -59,7 +62,8 @@ def decide(snapshots: Iterable[Snapshot], policy: Policy, now: datetime, tz: tzi
     if candidates and candidates[0].id not in reasons:
         reasons[candidates[0].id] = "newest (always kept)"
 
-    return [Decision(s, s.id in reasons, reasons.get(s.id, "no rule keeps it")) for s in ordered]
+    return [Decision(s, s.id in reasons, reasons.get(s.id) or doomed.get(s.id, "no rule keeps it"))
+            for s in ordered]
 
 
 def _keep_newest_per_period(candidates: list[Snapshot], rule: str, count: int, pattern: str | None,

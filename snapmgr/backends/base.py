@@ -11,7 +11,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Callable, ClassVar, Mapping
 
-from snapmgr.model import Snapshot, SnapshotId
+from snapmgr.model import ForeignSnapshot, Snapshot, SnapshotId
 from snapmgr.schema import Field
 
 Progress = Callable[[str], None]
@@ -22,9 +22,10 @@ class Backend(abc.ABC):
     # The backend's own keys of a `[volumes.NAME]` table, checked by the config loader.
     options: ClassVar[Mapping[str, Field]]
 
-    def __init__(self, volume: str, options: Mapping):
+    def __init__(self, volume: str, options: Mapping, run_dir: Path):
         self.volume = volume
         self.opts = options
+        self.run_dir = run_dir   # where browse_root may mount things
 
     @abc.abstractmethod
     def create(self, snapshot_id: SnapshotId, tags: frozenset[str], progress: Progress | None = None) -> Snapshot:
@@ -33,6 +34,10 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def list(self) -> list[Snapshot]:
         """Complete snapshots of this volume, in any order."""
+
+    def foreign(self) -> list[ForeignSnapshot]:
+        """Snapshots of the volume's storage that snapmgr did not make, for display only."""
+        return []
 
     @abc.abstractmethod
     def delete(self, snapshot: Snapshot) -> None:

@@ -20,7 +20,7 @@ def one_line_error(r, code: int) -> str:
 
 
 @pytest.mark.parametrize("text,expected", [
-    ("[volumes.x]\nbackend = 'zfs'\n", "volumes.x.backend: unknown backend 'zfs'"),
+    ("[volumes.x]\nbackend = 'zfz'\n", "volumes.x.backend: unknown backend 'zfz'"),
     ("[volumes.x]\nbackend = 'rsync'\nsource = '/nonexistent'\nrepository = '/r'\n",
      "volumes.x.source: path /nonexistent does not exist"),
     ("[volumes.x\n", "TOML syntax error"),
@@ -68,12 +68,12 @@ def test_json_shapes_are_stable(ws):
     snap = ws.ok("--json", "snapshot", "--tag", "daily").json()
     [result] = snap["results"]
     assert set(result) == {"volume", "ok", "error", "created", "planned", "policy", "decisions", "deleted"}
-    assert result["ok"] and set(result["created"]) == {"id", "volume", "created", "tags", "path"}
+    assert result["ok"] and set(result["created"]) == {"id", "volume", "created", "tags", "path", "invalid"}
     listing = ws.ok("--json", "list").json()
-    assert listing == {"snapshots": [result["created"]]}
+    assert listing == {"snapshots": [result["created"]], "foreign": []}
     status = ws.ok("--json", "status").json()["volumes"][0]
     assert set(status) == {"volume", "backend", "state", "snapshots", "newest", "last_success",
-                           "last_success_age_seconds", "last_failure", "last_error"}
+                           "last_success_age_seconds", "last_failure", "last_error", "invalid"}
     assert status["state"] == "ok" and status["snapshots"] == 1 and status["newest"] == result["created"]["id"]
     assert 0 <= status["last_success_age_seconds"] < 60
     check = ws.ok("--json", "config", "check").json()

@@ -83,6 +83,19 @@ def test_example_config_is_valid(tmp_path):
     assert "etc" in config.load(path).volumes
 
 
+LVM = '\n[volumes.lv]\nbackend = "lvm"\nlv = {lv}\n'
+ZFS = '\n[volumes.z]\nbackend = "zfs"\ndatasets = ["tank/a", {ds}]\n'
+
+
+def test_lvm_and_zfs_options_load_typed(write):
+    cfg = config.load(write(GOOD + LVM.format(lv='"vg0/data"') + 'snapshot_size = "20%ORIGIN"\n'
+                            + ZFS.format(ds='"tank/b"') + "recursive = true\n"))
+    lv = cfg.volumes["lv"].options
+    assert lv["lv"] == ("vg0", "data") and lv["thin_pool_threshold"] == 80
+    assert lv["snapshot_size"].bytes_for(10 << 30) == 2 << 30
+    assert cfg.volumes["z"].options == {"datasets": ("tank/a", "tank/b"), "recursive": True}
+
+
 def replace(old: str, new: str) -> str:
     assert old in GOOD
     return GOOD.replace(old, new, 1)
@@ -112,7 +125,7 @@ BAD = [
     ("relative path", replace('repository = "{repo}"', 'repository = "snaps"'), "volumes.home.repository",
      "'snaps' is not an absolute path"),
     ("unknown backend", replace('backend = "rsync"', 'backend = "rsnc"'), "volumes.home.backend",
-     "unknown backend 'rsnc' (known: rsync, btrfs) (did you mean 'rsync'?)"),
+     "unknown backend 'rsnc' (known: rsync, btrfs, lvm, zfs) (did you mean 'rsync'?)"),
     ("missing backend", replace('backend = "rsync"\n', ""), "volumes.home.backend", "missing required key"),
     ("backend key of another backend", replace('exclude = ["*.tmp"]', 'subvolume = "{src}"'),
      "volumes.home.subvolume", "unknown key"),
@@ -137,6 +150,16 @@ BAD = [
     ("schedule names unknown group", replace('groups = ["all"]', 'groups = ["al"]'), "schedules.hourly.groups",
      "no [groups.al] table"),
     ("schedule bool", GOOD + "prune = 1\n", "schedules.hourly.prune", "expected a boolean, got an integer"),
+    ("lvm without vg", GOOD + LVM.format(lv='"data"'), "volumes.lv.lv", "'data' is not VG/LV"),
+    ("lvm option name", GOOD + LVM.format(lv='"vg0/-x"'), "volumes.lv.lv", "is not VG/LV"),
+    ("lvm size unit", GOOD + LVM.format(lv='"vg0/data"') + 'snapshot_size = "1X"\n', "volumes.lv.snapshot_size",
+     "'1X' is not a snapshot size (e.g. 512M, 1G, or 20%ORIGIN)"),
+    ("lvm percent of what", GOOD + LVM.format(lv='"vg0/data"') + 'snapshot_size = "20%VG"\n',
+     "volumes.lv.snapshot_size", "is not a snapshot size"),
+    ("thin threshold", GOOD + LVM.format(lv='"vg0/data"') + "thin_pool_threshold = 100\n",
+     "volumes.lv.thin_pool_threshold", "between 1 and 99"),
+    ("zfs dataset", GOOD + ZFS.format(ds='"tank//x"'), "volumes.z.datasets", "item 2: 'tank//x' is not a ZFS dataset"),
+    ("zfs no datasets", GOOD + ZFS.format(ds="").replace('"tank/a", ', ""), "volumes.z.datasets", "must not be empty"),
 ]
 
 

@@ -1,5 +1,6 @@
 """Retention: worked examples of borg's semantics, then properties checked by hypothesis."""
 
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -178,3 +179,13 @@ def test_snapshots_with_unreadable_metadata_are_protected():
     damaged = Snapshot(snap(NOW - timedelta(days=9)).id, Path("/x"), meta_readable=False)
     r = reasons([snap(NOW), damaged], Policy("p", keep_last=1))
     assert r == {"v@20261121T120000Z": "keep_last #1", "v@20261112T120000Z": "protected (metadata unreadable)"}
+
+
+def test_invalid_snapshots_are_pruned_and_take_no_period():
+    good = [snap(NOW - timedelta(days=d)) for d in (2, 3)]
+    broken = replace(snap(NOW - timedelta(days=1)), invalid="overflowed")
+    broken_manual = replace(snap(NOW - timedelta(hours=1), "manual"), invalid="overflowed")
+    decisions = {d.snapshot.id: d for d in decide(good + [broken, broken_manual], Policy("p", daily=2), NOW, UTC)}
+    assert (decisions[broken.id].keep, decisions[broken.id].reason) == (False, "invalid (overflowed)")
+    assert decisions[broken_manual.id].keep          # protected wins: the user decides
+    assert all(decisions[s.id].keep for s in good)   # the broken one took no day from them

@@ -1,0 +1,230 @@
+"""LVM: copy-on-write snapshots of one logical volume.
+
+A thick origin gets a classic snapshot with an exception store of its own
+(`lvcreate -s -L`); when writes to the origin fill that store, LVM drops the snapshot and
+marks it invalid, so list() reports it as such and retention prunes it. A thin origin gets
+a thin snapshot in its pool, which shares the pool's space with every volume in it: a
+full pool stops them all, so a snapshot is refused above a fill threshold.
+
+snapmgr's metadata is a set of LV tags written by the same lvcreate that makes the
+snapshot, so an LV is never listed without them. Tags may hold only [A-Za-z0-9_+.-];
+volume names and tags are restricted to that alphabet already (model.NAME_RE), and the
+id is stored without its volume (SnapshotId.label), dropping the one character LVM refuses, '@'."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from snapmgr import schema, sh
+from snapmgr.backends.base import Backend, Progress
+from snapmgr.errors import SnapmgrError
+from snapmgr.model import Snapshot, SnapshotId
+
+TAG_OWNER = "snapmgr"
+TAG_VOLUME = "snapmgr.volume."
+TAG_LABEL = "snapmgr.id."
+TAG_TAG = "snapmgr.tag."
+REPORT = "lv_name,vg_name,lv_attr,lv_tags,origin,pool_lv,segtype,lv_size,snap_percent,data_percent,metadata_percent"
+# lv_attr character 5 is the state: I = invalid snapshot, S = invalid suspended snapshot.
+INVALID_STATES = "IS"
+# A snapshot of a mounted filesystem looks like a crashed one: its journal must not be
+# replayed (the device is read-only), and XFS refuses a second copy of a mounted UUID.
+MOUNT_OPTIONS = {"ext4": "ro,noload", "ext3": "ro,noload", "xfs": "ro,norecovery,nouuid"}
+LVM_NAME_RE = re.compile(r"[A-Za-z0-9+_.][A-Za-z0-9+_.-]*")
+_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)([kmgtp]?)", re.I)
+_UNIT_POWERS = {"k": 1, "m": 2, "g": 3, "t": 4, "p": 5}  # LVM's units are binary
+_PERCENT_RE = re.compile(r"(\d{1,3})%ORIGIN")
+
+
+@dataclass(frozen=True)
+class SnapshotSize:
+    """`snapshot_size`: a size in LVM's units ("512M", "1G"; a bare number is MiB, as for
+    lvcreate) or a share of the origin ("20%ORIGIN")."""
+
+    text: str
+    size: int | None = None      # bytes
+    percent: int | None = None   # of the origin
+
+    def bytes_for(self, origin_size: int) -> int:
+        return self.size if self.size is not None else origin_size * self.percent // 100
+
+    def lvcreate_args(self) -> list[str]:
+        return ["--size", self.text] if self.size is not None else ["--extents", self.text]
+
+
+def snapshot_size(value: Any) -> SnapshotSize:
+    text = schema.string(value)
+    if m := _SIZE_RE.fullmatch(text):
+        return SnapshotSize(text, size=int(float(m[1]) * 1024 ** _UNIT_POWERS[(m[2] or "m").lower()]))
+    if (m := _PERCENT_RE.fullmatch(text)) and 0 < int(m[1]) <= 100:
+        return SnapshotSize(text, percent=int(m[1]))
+    raise ValueError(f"'{text}' is not a snapshot size (e.g. 512M, 1G, or 20%ORIGIN)")
+
+
+def logical_volume(value: Any) -> tuple[str, str]:
+    text = schema.string(value)
+    parts = text.split("/")
+    if len(parts) != 2 or not all(LVM_NAME_RE.fullmatch(p) for p in parts):
+        raise ValueError(f"'{text}' is not VG/LV (e.g. vg0/data)")
+    return parts[0], parts[1]
+
+
+def percent(value: Any) -> int:
+    number = schema.count(value)
+    if not 0 < number < 100:
+        raise ValueError(f"must be a percentage between 1 and 99, got {number}")
+    return number
+
+
+def lvs(*selection: str) -> list[dict]:
+    """LVM's own JSON report of the selected LVs; sizes in bytes."""
+    out = sh.run(["lvs", "--reportformat", "json", "--units", "b", "--nosuffix", "-o", REPORT, *selection],
+                 timeout=60).stdout
+    return json.loads(out)["report"][0]["lv"]
+
+
+class LvmBackend(Backend):
+    name = "lvm"
+    options = {
+        "lv": schema.Field(logical_volume, required=True),
+        "snapshot_size": schema.Field(snapshot_size),
+        "thin_pool_threshold": schema.Field(percent, default=80),
+    }
+
+    @property
+    def vg(self) -> str:
+        return self.opts["lv"][0]
+
+    @property
+    def origin_name(self) -> str:
+        return f"{self.vg}/{self.opts['lv'][1]}"
+
+    # The protocol ------------------------------------------------------------------
+
+    def plan_create(self, snapshot_id: SnapshotId) -> str:
+        origin = self._origin()
+        self._check_space(origin)
+        return shlex.join(self._create_argv(snapshot_id, origin))
+
+    def create(self, snapshot_id: SnapshotId, tags: frozenset[str], progress: Progress | None = None) -> Snapshot:
+        origin = self._origin()
+        self._check_space(origin)
+        sh.run(self._create_argv(snapshot_id, origin, tags), timeout=300)
+        return self._snapshot(lvs(f"{self.vg}/{self._lv_name(snapshot_id)}")[0])
+
+    def list(self) -> list[Snapshot]:
+        rows = [r for r in lvs(f"@{TAG_VOLUME}{self.volume}") if r["vg_name"] == self.vg]
+        return [s for s in map(self._snapshot, rows) if s is not None]
+
+    def delete(self, snapshot: Snapshot) -> None:
+        sh.run(["lvremove", "--yes", snapshot.meta["lv"]], timeout=300)
+
+    @contextmanager
+    def browse_root(self, snapshot: Snapshot) -> Iterator[Path]:
+        if snapshot.invalid:
+            raise SnapmgrError(f"{snapshot.id} is invalid ({snapshot.invalid}); it has no data to show")
+        lv, device = snapshot.meta["lv"], snapshot.path
+        mountpoint = self.run_dir / "mounts" / str(snapshot.id)
+        # Thin snapshots are created with the activation-skip flag: -K overrides it.
+        activate = not snapshot.meta["active"]
+        if activate:
+            sh.run(["lvchange", "--activate", "y", "--ignoreactivationskip", lv], timeout=120)
+        try:
+            fstype = sh.run(["blkid", "-o", "value", "-s", "TYPE", device], timeout=60).stdout.strip()
+            mountpoint.mkdir(parents=True, exist_ok=True)
+            sh.run(["mount", "-t", fstype, "-o", MOUNT_OPTIONS.get(fstype, "ro"), device, mountpoint], timeout=120)
+            try:
+                yield mountpoint
+            finally:
+                sh.run(["umount", mountpoint], timeout=120)
+                mountpoint.rmdir()
+        finally:
+            if activate:
+                sh.run(["lvchange", "--activate", "n", lv], timeout=120)
+
+    # Helpers ------------------------------------------------------------------------
+
+    def _origin(self) -> dict:
+        try:
+            rows = lvs(self.origin_name)
+        except sh.CommandError as e:
+            raise SnapmgrError(f"volume {self.volume}: cannot find logical volume {self.origin_name}: {e}") from None
+        return rows[0]
+
+    def _lv_name(self, snapshot_id: SnapshotId) -> str:
+        return f"{self.opts['lv'][1]}-{snapshot_id.label}"
+
+    def _create_argv(self, snapshot_id: SnapshotId, origin: dict, tags: frozenset[str] = frozenset()) -> list[str]:
+        labels = [TAG_OWNER, TAG_VOLUME + self.volume, TAG_LABEL + snapshot_id.label,
+                  *(TAG_TAG + t for t in sorted(tags))]
+        argv = ["lvcreate", "--snapshot", "--name", self._lv_name(snapshot_id)]
+        if not _is_thin(origin):
+            argv += self._size().lvcreate_args()
+        for label in labels:
+            argv += ["--addtag", label]
+        return argv + [self.origin_name]
+
+    def _size(self) -> SnapshotSize:
+        size = self.opts["snapshot_size"]
+        if size is None:
+            raise SnapmgrError(f"volume {self.volume}: {self.origin_name} is a thick LV, so its snapshots need "
+                               f"space of their own: set snapshot_size (e.g. \"1G\" or \"20%ORIGIN\")")
+        return size
+
+    def _check_space(self, origin: dict) -> None:
+        if _is_thin(origin):
+            self._check_pool(origin["pool_lv"])
+            return
+        size = self._size()
+        needed = size.bytes_for(int(origin["lv_size"]))
+        out = sh.run(["vgs", "--reportformat", "json", "--units", "b", "--nosuffix", "-o", "vg_free", self.vg],
+                     timeout=60).stdout
+        free = int(json.loads(out)["report"][0]["vg"][0]["vg_free"])
+        if needed > free:
+            raise SnapmgrError(f"refusing to snapshot {self.origin_name}: the snapshot needs {_human(needed)} "
+                               f"(snapshot_size {size.text}) but volume group {self.vg} has {_human(free)} free")
+
+    def _check_pool(self, pool: str) -> None:
+        row = lvs(f"{self.vg}/{pool}")[0]
+        limit = self.opts["thin_pool_threshold"]
+        for what, key in (("data", "data_percent"), ("metadata", "metadata_percent")):
+            used = float(row[key])
+            if used > limit:
+                raise SnapmgrError(
+                    f"refusing to snapshot {self.origin_name}: thin pool {self.vg}/{pool} is {used:.1f}% full "
+                    f"({what}), above thin_pool_threshold {limit}%; a full pool stops every volume in it, "
+                    f"so extend the pool or delete snapshots first")
+
+    def _snapshot(self, row: dict) -> Snapshot | None:
+        labels = row["lv_tags"].split(",")
+        label = next((t[len(TAG_LABEL):] for t in labels if t.startswith(TAG_LABEL)), "")
+        sid = SnapshotId.try_parse(f"{self.volume}@{label}")
+        if sid is None:
+            return None
+        attr = row["lv_attr"]
+        thin = row["segtype"] == "thin"
+        invalid = None
+        if attr[4] in INVALID_STATES:
+            invalid = f"overflowed: writes to {self.origin_name} filled its {_human(int(row['lv_size']))} of snapshot space"
+        meta = {"lv": f"{row['vg_name']}/{row['lv_name']}", "kind": "thin" if thin else "thick",
+                "active": attr[4] == "a", "origin": row["origin"],
+                "use_percent": row["data_percent" if thin else "snap_percent"] or None}
+        tags = frozenset(t[len(TAG_TAG):] for t in labels if t.startswith(TAG_TAG))
+        return Snapshot(sid, Path("/dev", row["vg_name"], row["lv_name"]), tags, meta, invalid=invalid)
+
+
+def _is_thin(origin: dict) -> bool:
+    return origin["segtype"] == "thin"
+
+
+def _human(size: int) -> str:
+    for unit, power in (("T", 40), ("G", 30), ("M", 20), ("K", 10)):
+        if size >= 1 << power:
+            return f"{size / (1 << power):.1f}{unit}iB"
+    return f"{size}B"
