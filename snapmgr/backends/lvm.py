@@ -30,7 +30,8 @@ TAG_OWNER = "snapmgr"
 TAG_VOLUME = "snapmgr.volume."
 TAG_LABEL = "snapmgr.id."
 TAG_TAG = "snapmgr.tag."
-REPORT = "lv_name,vg_name,lv_attr,lv_tags,origin,pool_lv,segtype,lv_size,snap_percent,data_percent,metadata_percent"
+REPORT = ("lv_name,vg_name,lv_attr,lv_tags,origin,pool_lv,segtype,lv_size,snap_percent,data_percent,"
+          "metadata_percent,vg_free")
 # lv_attr character 5 is the state: I = invalid snapshot, S = invalid suspended snapshot.
 INVALID_STATES = "IS"
 # A snapshot of a mounted filesystem looks like a crashed one: its journal must not be
@@ -108,14 +109,10 @@ class LvmBackend(Backend):
     # The protocol ------------------------------------------------------------------
 
     def plan_create(self, snapshot_id: SnapshotId) -> str:
-        origin = self._origin()
-        self._check_space(origin)
-        return shlex.join(self._create_argv(snapshot_id, origin))
+        return shlex.join(self._create_argv(snapshot_id, self._checked_origin()))
 
     def create(self, snapshot_id: SnapshotId, tags: frozenset[str], progress: Progress | None = None) -> Snapshot:
-        origin = self._origin()
-        self._check_space(origin)
-        sh.run(self._create_argv(snapshot_id, origin, tags), timeout=300)
+        sh.run(self._create_argv(snapshot_id, self._checked_origin(), tags), timeout=300)
         return self._snapshot(lvs(f"{self.vg}/{self._lv_name(snapshot_id)}")[0])
 
     def list(self) -> list[Snapshot]:
@@ -150,12 +147,21 @@ class LvmBackend(Backend):
 
     # Helpers ------------------------------------------------------------------------
 
-    def _origin(self) -> dict:
+    def _checked_origin(self) -> dict:
+        """The origin's report row, once the space guard has passed. One report of the
+        whole VG has all it needs: the origin, its thin pool, the VG's free space."""
         try:
-            rows = lvs(self.origin_name)
+            rows = {r["lv_name"]: r for r in lvs(self.vg)}
         except sh.CommandError as e:
-            raise SnapmgrError(f"volume {self.volume}: cannot find logical volume {self.origin_name}: {e}") from None
-        return rows[0]
+            raise SnapmgrError(f"volume {self.volume}: cannot read volume group {self.vg}: {e}") from None
+        origin = rows.get(self.opts["lv"][1])
+        if origin is None:
+            raise SnapmgrError(f"volume {self.volume}: logical volume {self.origin_name} does not exist")
+        if _is_thin(origin):
+            self._check_pool(rows[origin["pool_lv"]])
+        else:
+            self._check_free(origin)
+        return origin
 
     def _lv_name(self, snapshot_id: SnapshotId) -> str:
         return f"{self.opts['lv'][1]}-{snapshot_id.label}"
@@ -177,28 +183,21 @@ class LvmBackend(Backend):
                                f"space of their own: set snapshot_size (e.g. \"1G\" or \"20%ORIGIN\")")
         return size
 
-    def _check_space(self, origin: dict) -> None:
-        if _is_thin(origin):
-            self._check_pool(origin["pool_lv"])
-            return
+    def _check_free(self, origin: dict) -> None:
         size = self._size()
-        needed = size.bytes_for(int(origin["lv_size"]))
-        out = sh.run(["vgs", "--reportformat", "json", "--units", "b", "--nosuffix", "-o", "vg_free", self.vg],
-                     timeout=60).stdout
-        free = int(json.loads(out)["report"][0]["vg"][0]["vg_free"])
+        needed, free = size.bytes_for(int(origin["lv_size"])), int(origin["vg_free"])
         if needed > free:
             raise SnapmgrError(f"refusing to snapshot {self.origin_name}: the snapshot needs {_human(needed)} "
                                f"(snapshot_size {size.text}) but volume group {self.vg} has {_human(free)} free")
 
-    def _check_pool(self, pool: str) -> None:
-        row = lvs(f"{self.vg}/{pool}")[0]
+    def _check_pool(self, pool: dict) -> None:
         limit = self.opts["thin_pool_threshold"]
         for what, key in (("data", "data_percent"), ("metadata", "metadata_percent")):
-            used = float(row[key])
+            used = float(pool[key])
             if used > limit:
                 raise SnapmgrError(
-                    f"refusing to snapshot {self.origin_name}: thin pool {self.vg}/{pool} is {used:.1f}% full "
-                    f"({what}), above thin_pool_threshold {limit}%; a full pool stops every volume in it, "
+                    f"refusing to snapshot {self.origin_name}: thin pool {self.vg}/{pool['lv_name']} is "
+                    f"{used:.1f}% full ({what}), above thin_pool_threshold {limit}%; a full pool stops every volume in it, "
                     f"so extend the pool or delete snapshots first")
 
     def _snapshot(self, row: dict) -> Snapshot | None:
@@ -211,7 +210,8 @@ class LvmBackend(Backend):
         thin = row["segtype"] == "thin"
         invalid = None
         if attr[4] in INVALID_STATES:
-            invalid = f"overflowed: writes to {self.origin_name} filled its {_human(int(row['lv_size']))} of snapshot space"
+            size = _human(int(row["lv_size"]))
+            invalid = f"overflowed: writes to {self.origin_name} filled its {size} of snapshot space"
         meta = {"lv": f"{row['vg_name']}/{row['lv_name']}", "kind": "thin" if thin else "thick",
                 "active": attr[4] == "a", "origin": row["origin"],
                 "use_percent": row["data_percent" if thin else "snap_percent"] or None}

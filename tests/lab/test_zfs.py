@@ -22,7 +22,8 @@ def zfs_snapshots(host, *datasets: str) -> dict[str, dict[str, str]]:
 
 def test_recursive_snapshot_is_one_transaction_with_properties(host, ws, dataset):
     ws.write_config({"data": zfs_volume(dataset, recursive=True)})
-    sid = ws.ok("--json", "snapshot", "--tag", "daily", "--tag", "pre-upgrade", "data").json()["results"][0]["created"]["id"]
+    result = ws.ok("--json", "snapshot", "--tag", "daily", "--tag", "pre-upgrade", "data").json()["results"][0]
+    sid = result["created"]["id"]
 
     snaps = zfs_snapshots(host, dataset)
     label = sid.split("@")[1]
