@@ -10,6 +10,7 @@ from provision.sh; this is what CI uses.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import os
 import shutil
@@ -71,22 +72,38 @@ class Image:
         return self.dir / "rootfs.img"
 
     def ensure(self, rebuild: bool, timeout: float) -> float:
-        """Build unless cached; return the seconds spent building."""
+        """Build unless cached; return the seconds spent building. Runs that start
+        together wait for one build instead of racing in the same directory."""
+        self.cache.mkdir(parents=True, exist_ok=True)
+        with open(self.cache / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return self._build_unless_cached(rebuild, timeout)
+
+    def _build_unless_cached(self, rebuild: bool, timeout: float) -> float:
         if self.rootfs.exists() and not rebuild:
             say(f"image {self.dir} (cached)")
             return 0.0
         say(f"building the image into {self.dir} (about 6 minutes; later runs reuse it)")
         started = time.monotonic()
         partial = self.dir.with_suffix(".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        self.cache.mkdir(parents=True, exist_ok=True)
+        remove_tree(partial)
         sh.run(["bash", HERE / "build-image.sh", partial], capture=False, timeout=timeout)
         # Only a complete image is ever published under its name; older images go.
         for old in self.cache.iterdir():
             if old.is_dir() and old != partial:
-                shutil.rmtree(old)
+                remove_tree(old)
         partial.rename(self.dir)
         return time.monotonic() - started
+
+
+def remove_tree(path: Path) -> None:
+    """rmtree, after unmounting what a killed build left mounted in its chroot: with the
+    host's /dev bound inside, rmtree would delete the host's device nodes."""
+    with open("/proc/self/mounts") as table:
+        mounted = [Path(line.split()[1]) for line in table]
+    for mountpoint in sorted((m for m in mounted if m.is_relative_to(path)), key=lambda m: -len(m.parts)):
+        sh.run(["umount", "--lazy", mountpoint], timeout=60)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def qemu_argv(image: Image, accel: str, scratch: Path, results: Path) -> list[str]:
@@ -135,11 +152,17 @@ def boot(image: Image, accel: str, results: Path, timeout: float) -> None:
         for serial, size in SCRATCH_DISKS.items():
             with open(Path(scratch) / f"{serial}.img", "wb") as disk:
                 disk.truncate(parse_size(size))
-        with open(results / "console.log", "w") as console:
-            def show(line: str) -> None:
-                console.write(line + "\n")
-                print(f"  {line}", flush=True)
-            sh.run(qemu_argv(image, accel, Path(scratch), results), timeout=timeout, on_stdout=show)
+        run_guest(qemu_argv(image, accel, Path(scratch), results), results / "console.log", timeout)
+
+
+def run_guest(argv: list[str], console_log: Path, timeout: float) -> None:
+    """Run qemu, echoing the guest's console and keeping a copy; past the timeout qemu is
+    killed (sh.run kills its whole process group) and CommandTimeout raised."""
+    with open(console_log, "w") as console:
+        def show(line: str) -> None:
+            console.write(line + "\n")
+            print(f"  {line}", flush=True)
+        sh.run(argv, timeout=timeout, on_stdout=show)
 
 
 def parse_size(size: str) -> int:
