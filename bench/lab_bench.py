@@ -64,7 +64,7 @@ def set_up(work: Path) -> Path:
     run("vgcreate", VG, LVM_DISK)
     run("lvcreate", "-q", "-y", "-L", "256M", "-n", "thick", VG)
     run("lvcreate", "-q", "-y", "--type", "thin-pool", "-L", "1G", "-n", "pool", VG)
-    run("lvcreate", "-q", "-y", "--type", "thin", "-V", "200M", "--thinpool", "pool", "-n", "thin", VG)
+    run("lvcreate", "-q", "-y", "--type", "thin", "-V", "300M", "--thinpool", "pool", "-n", "thin", VG)
     for lv, fs in (("thick", "ext4"), ("thin", "xfs")):
         run(f"mkfs.{fs}", "-q", f"/dev/{VG}/{lv}")
         (work / lv).mkdir()
