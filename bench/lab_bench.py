@@ -32,6 +32,7 @@ os.environ["PYTHONPATH"] = str(REPO)   # for the snapmgr command, too
 
 from snapmgr import config  # noqa: E402
 from snapmgr.engine import Engine  # noqa: E402
+from tests.integration.helpers import toml  # noqa: E402
 
 LVM_DISK = "/dev/disk/by-id/virtio-snapmgr-lvm"
 ZFS_DISK = "/dev/disk/by-id/virtio-snapmgr-zfs"
@@ -76,9 +77,8 @@ def set_up(work: Path) -> Path:
         for i in range(200):
             (place / f"f{i}").write_bytes(random.randbytes(8192))
     path = work / "snapmgr.toml"
-    path.write_text(f'[settings]\nstate_dir = "{work}/state"\nrun_dir = "{work}/run"\n\n' + "\n".join(
-        f"[volumes.{name}]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in table.items())
-        for name, table in VOLUMES.items()))
+    path.write_text(toml({"settings": {"state_dir": work / "state", "run_dir": work / "run"},
+                          **{f"volumes.{name}": table for name, table in VOLUMES.items()}}))
     path.chmod(0o644)
     return path
 
@@ -89,10 +89,6 @@ def tear_down(work: Path) -> None:
         subprocess.run(["umount", str(work / lv)])
     subprocess.run(["vgremove", "-ff", "-y", VG])
     subprocess.run(["pvremove", "-ff", "-y", LVM_DISK])
-
-
-def _toml(value) -> str:
-    return "[" + ", ".join(f'"{v}"' for v in value) + "]" if isinstance(value, list) else f'"{value}"'
 
 
 def timed(action: Callable[[], None]) -> float:

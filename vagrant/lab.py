@@ -27,7 +27,7 @@ RESULTS = REPO / "build" / "lab"
 # Everything the image is built from: a change to any of them builds a new image.
 IMAGE_INPUTS = ("provision.sh", "build-image.sh", "snapmgr-lab.service")
 # Scratch disks the guest sees as /dev/disk/by-id/virtio-<serial>, fresh on every run.
-SCRATCH_DISKS = {"snapmgr-lvm": "4G", "snapmgr-zfs": "2G"}
+SCRATCH_DISKS = {"snapmgr-lvm": 4 << 30, "snapmgr-zfs": 2 << 30}
 # By label: qemu numbers virtio disks in an order of its own. panic=1 with -no-reboot
 # ends qemu when the guest cannot boot, instead of waiting at a rescue shell.
 KERNEL_ARGS = "root=LABEL=snapmgr-lab rw console=ttyS0 panic=1 quiet loglevel=3 systemd.show_status=0 snapmgr.lab"
@@ -151,7 +151,7 @@ def boot(image: Image, accel: str, results: Path, timeout: float) -> None:
     with tempfile.TemporaryDirectory(prefix="snapmgr-lab-") as scratch:
         for serial, size in SCRATCH_DISKS.items():
             with open(Path(scratch) / f"{serial}.img", "wb") as disk:
-                disk.truncate(parse_size(size))
+                disk.truncate(size)
         run_guest(qemu_argv(image, accel, Path(scratch), results), results / "console.log", timeout)
 
 
@@ -163,10 +163,6 @@ def run_guest(argv: list[str], console_log: Path, timeout: float) -> None:
             console.write(line + "\n")
             print(f"  {line}", flush=True)
         sh.run(argv, timeout=timeout, on_stdout=show)
-
-
-def parse_size(size: str) -> int:
-    return int(size[:-1]) << {"M": 20, "G": 30}[size[-1]]
 
 
 def main(argv: list[str] | None = None) -> int:

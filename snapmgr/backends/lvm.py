@@ -197,8 +197,8 @@ class LvmBackend(Backend):
             if used > limit:
                 raise SnapmgrError(
                     f"refusing to snapshot {self.origin_name}: thin pool {self.vg}/{pool['lv_name']} is "
-                    f"{used:.1f}% full ({what}), above thin_pool_threshold {limit}%; a full pool stops every volume in it, "
-                    f"so extend the pool or delete snapshots first")
+                    f"{used:.1f}% full ({what}), above thin_pool_threshold {limit}%; a full pool stops "
+                    f"every volume in it, so extend the pool or delete snapshots first")
 
     def _snapshot(self, row: dict) -> Snapshot | None:
         labels = row["lv_tags"].split(",")
@@ -207,7 +207,7 @@ class LvmBackend(Backend):
         if sid is None:
             return None
         attr = row["lv_attr"]
-        thin = row["segtype"] == "thin"
+        thin = _is_thin(row)
         invalid = None
         if attr[4] in INVALID_STATES:
             size = _human(int(row["lv_size"]))
@@ -219,8 +219,8 @@ class LvmBackend(Backend):
         return Snapshot(sid, Path("/dev", row["vg_name"], row["lv_name"]), tags, meta, invalid=invalid)
 
 
-def _is_thin(origin: dict) -> bool:
-    return origin["segtype"] == "thin"
+def _is_thin(row: dict) -> bool:
+    return row["segtype"] == "thin"
 
 
 def _human(size: int) -> str:
