@@ -17,7 +17,8 @@ import click
 from snapmgr import config as configuration
 from snapmgr import render
 from snapmgr.engine import Engine, Outcome
-from snapmgr.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, Interrupted, SnapmgrError, UsageError
+from snapmgr.errors import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_SOFTWARE, EXIT_USAGE, Interrupted, SnapmgrError,
+                            UsageError, as_error, one_line, quote)
 from snapmgr.model import NAME_RULE, is_valid_name
 
 
@@ -26,9 +27,12 @@ class Context:
     config_option: str | None
     json: bool
     quiet: bool
+    _engine: Engine | None = None
 
     def engine(self) -> Engine:
-        return Engine(configuration.load(configuration.locate(self.config_option)))
+        if self._engine is None:
+            self._engine = Engine(configuration.load(configuration.locate(self.config_option)))
+        return self._engine
 
     def emit(self, data: dict, human: str | None) -> None:
         if self.json:
@@ -51,10 +55,11 @@ pass_ctx = click.make_pass_decorator(Context)
 @click.pass_context
 def cli(ctx: click.Context, config_option, as_json, verbose, quiet, debug):
     """Consistent filesystem snapshots: take, list, prune and check them."""
-    level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
-    logging.basicConfig(level=level, format="snapmgr: %(levelname)s: %(message)s", stream=sys.stderr)
+    level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose + 2 * debug, 2)]
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LogFormatter(debug))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
     ctx.obj = Context(config_option, as_json, quiet)
-    ctx.meta["debug"] = debug
 
 
 @cli.command()
@@ -69,9 +74,7 @@ def snapshot(c: Context, volumes, tags, prune, dry_run):
     for tag in tags:
         _check_tag(tag)
     outcomes = c.engine().snapshot(volumes, tags, prune, dry_run, _progress(c))
-    c.emit({"results": [render.outcome_json(o) for o in outcomes]},
-           "\n".join(filter(None, (_describe(o) for o in outcomes))))
-    _exit_for(outcomes)
+    _finish(c, outcomes, {}, "\n".join(filter(None, (_describe(o) for o in outcomes))))
 
 
 @cli.command("list")
@@ -93,9 +96,7 @@ def list_(c: Context, volumes):
 def delete(c: Context, snapshots, dry_run):
     """Delete the named snapshots (protected ones too: naming them is the decision)."""
     outcomes = c.engine().delete(snapshots, dry_run)
-    c.emit({"results": [render.outcome_json(o) for o in outcomes]},
-           "\n".join(filter(None, (_describe(o) for o in outcomes))))
-    _exit_for(outcomes)
+    _finish(c, outcomes, {}, "\n".join(filter(None, (_describe(o) for o in outcomes))))
 
 
 @cli.command()
@@ -105,9 +106,7 @@ def delete(c: Context, snapshots, dry_run):
 def prune(c: Context, volumes, dry_run):
     """Delete the snapshots that no retention rule keeps."""
     outcomes = c.engine().prune(volumes, dry_run)
-    c.emit({"dry_run": dry_run, "results": [render.outcome_json(o) for o in outcomes]},
-           "\n\n".join(_describe_prune(o, dry_run) for o in outcomes))
-    _exit_for(outcomes)
+    _finish(c, outcomes, {"dry_run": dry_run}, "\n\n".join(_describe_prune(o, dry_run) for o in outcomes))
 
 
 @cli.command()
@@ -168,7 +167,7 @@ def demo(workdir):
 
 def _check_tag(tag: str) -> None:
     if not is_valid_name(tag):
-        raise UsageError(f"--tag '{tag}': {NAME_RULE}")
+        raise UsageError(f"--tag {quote(tag)}: {NAME_RULE}")
 
 
 def _progress(c: Context):
@@ -197,14 +196,40 @@ def _describe_prune(o: Outcome, dry_run: bool) -> str:
     return f"{head}\n{render.decisions_table(o) if o.decisions else 'no snapshots'}"
 
 
-def _exit_for(outcomes: Sequence[Outcome]) -> None:
-    failed = [o for o in outcomes if o.error]
+def _finish(c: Context, outcomes: Sequence[Outcome], data: dict, human: str) -> None:
+    """Show what a job did, then report its failures: each volume's, and the journal's
+    when what was done could not all be recorded."""
+    unrecorded = c.engine().journal_failure
+    c.emit(data | {"results": [render.outcome_json(o) for o in outcomes],
+                   "journal_error": str(unrecorded) if unrecorded else None}, human)
     if sys.stderr.isatty():
         click.echo("\r\033[K", nl=False, err=True)
-    for o in failed:
-        click.echo(f"snapmgr: error: volume {o.volume}: {o.error}", err=True)
-    if failed:
-        sys.exit(failed[0].error.exit_code)
+    failures = [(f"volume {o.volume}: {o.error}", o.error) for o in outcomes if o.error]
+    if unrecorded:
+        failures.append((f"done, but not recorded: {unrecorded}", unrecorded))
+    for message, _ in failures:
+        _error(message)
+    if failures:
+        sys.exit(failures[0][1].exit_code)
+
+
+def _error(message: str) -> None:
+    """Every error leaves through here: one line, whatever it quotes."""
+    click.echo(f"snapmgr: error: {one_line(message)}", err=True)
+
+
+class _LogFormatter(logging.Formatter):
+    """One line per record; the traceback of an exception only with --debug."""
+
+    def __init__(self, debug: bool):
+        super().__init__()
+        self.debug = debug
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = one_line(f"snapmgr: {record.levelname}: {record.getMessage()}")
+        if self.debug and record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
 
 
 def _terminate(signum, frame):
@@ -214,24 +239,28 @@ def _terminate(signum, frame):
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the CLI: errors are one line on stderr and a documented exit code."""
     signal.signal(signal.SIGTERM, _terminate)
-    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    debug = False
     try:
-        cli.main(args=argv, prog_name="snapmgr", standalone_mode=False)
+        with cli.make_context("snapmgr", list(sys.argv[1:] if argv is None else argv)) as ctx:
+            # As click parsed it: an argument spelt '--debug' (a volume after '--') is not the option.
+            debug = ctx.params["debug"]
+            cli.invoke(ctx)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except click.ClickException as e:
-        click.echo(f"snapmgr: error: {e.format_message()} (see 'snapmgr --help')", err=True)
+        _error(f"{e.format_message()} (see 'snapmgr --help')")
         sys.exit(EXIT_USAGE if isinstance(e, click.UsageError) else EXIT_FAILED)
-    except click.Abort:
-        click.echo("snapmgr: interrupted", err=True)
+    except (click.Abort, KeyboardInterrupt):
+        _error("interrupted")
         sys.exit(EXIT_INTERRUPTED)
-    except SnapmgrError as e:
+    except (SnapmgrError, OSError) as e:
         if debug:
             raise
-        click.echo(f"snapmgr: error: {e}", err=True)
-        sys.exit(e.exit_code)
-    except OSError as e:
+        error = as_error(e)
+        _error(str(error))
+        sys.exit(error.exit_code)
+    except Exception as e:  # a bug: still one line, and the exit code says so
         if debug:
             raise
-        click.echo(f"snapmgr: error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), err=True)
-        sys.exit(EXIT_FAILED)
+        _error(f"internal error: {type(e).__name__}: {e} (a bug in snapmgr; --debug shows where)")
+        sys.exit(EXIT_SOFTWARE)

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any, Mapping
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from snapmgr import schema
+from snapmgr import schema, trust
 from snapmgr.backends import BACKENDS
-from snapmgr.errors import ConfigError
+from snapmgr.errors import ConfigError, quote
 from snapmgr.model import Policy
 from snapmgr.schema import Field, check_table, dotted
 
@@ -85,7 +85,7 @@ def _timezone(value: Any) -> tzinfo | None:
     try:
         return ZoneInfo(text)
     except (ZoneInfoNotFoundError, ValueError):
-        raise ValueError(f"unknown time zone '{text}' (use 'local', 'UTC' or a name like 'Europe/Paris')") from None
+        raise ValueError(f"unknown time zone {quote(text)} (use 'local', 'UTC' or a name like 'Europe/Paris')") from None
 
 
 SETTINGS = {
@@ -147,29 +147,28 @@ def load(path: Path) -> Config:
 
 def _read(path: Path) -> dict:
     try:
-        with open(path, "rb") as f:
-            _check_ownership(path, os.fstat(f.fileno()))
-            return tomllib.load(f)
+        if os.geteuid() == 0:
+            trust.check_root_only(path)
+        # O_NONBLOCK: opening a FIFO must not hang; it is refused below as not a file.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ConfigError(path, None, "is not a regular file")
+            return tomllib.loads(f.read().decode())
+    except trust.Untrusted as e:
+        raise ConfigError(path, None, str(e)) from None
     except FileNotFoundError:
         raise ConfigError(path, None, "does not exist (write an example with 'snapmgr init')") from None
     except IsADirectoryError:
         raise ConfigError(path, None, "is a directory, not a config file") from None
-    except PermissionError:
-        raise ConfigError(path, None, "cannot be read: permission denied") from None
+    except OSError as e:
+        raise ConfigError(path, None, f"cannot be read: {e.strerror}" + (f": {e.filename}" if e.filename else "")) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(path, None, f"is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(path, None, f"TOML syntax error: {e}") from None
-
-
-def _check_ownership(path: Path, st: os.stat_result) -> None:
-    """As sudo does with sudoers: root runs commands named in this file, so only root
-    may be able to change it."""
-    if os.geteuid() != 0:
-        return
-    if st.st_uid != 0:
-        raise ConfigError(path, None, f"is owned by uid {st.st_uid}, not root; refusing to use it (chown root {path})")
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise ConfigError(path, None, f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
-                                      f"refusing to use it (chmod go-w {path})")
+    except RecursionError:
+        raise ConfigError(path, None, "arrays or tables are nested too deeply") from None
 
 
 def parse(path: Path, doc: dict) -> Config:
@@ -216,6 +215,10 @@ def _volume(path: Path, name: str, table: Any, policies: dict, quiescers: dict) 
     where = ("volumes", name)
     backend = _discriminator(path, where, table, "backend", BACKENDS)
     values = check_table(path, where, table, VOLUME | BACKENDS[backend].options)
+    try:
+        BACKENDS[backend].check_options(values)
+    except schema.InvalidKey as e:
+        raise ConfigError(path, dotted(*where, e.key), e.reason) from None
     _check_refs(path, where + ("retention",), [values["retention"]] if values["retention"] else [], policies, "retention")
     _check_refs(path, where + ("quiesce",), values["quiesce"], quiescers, "quiesce")
     common = {k: values.pop(k) for k in VOLUME}
@@ -250,7 +253,7 @@ def _discriminator(path: Path, where: tuple[str, ...], table: Any, key: str, kno
     except ValueError as e:
         raise ConfigError(path, dotted(*where, key), str(e)) from None
     if value not in known:
-        raise ConfigError(path, dotted(*where, key), f"unknown {key} '{value}' (known: {', '.join(known)})"
+        raise ConfigError(path, dotted(*where, key), f"unknown {key} {quote(value)} (known: {', '.join(known)})"
                           + schema.did_you_mean(value, known))
     return value
 

@@ -8,16 +8,17 @@ from __future__ import annotations
 import logging
 import os
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable, Iterable
 
-from snapmgr import retention
+from snapmgr import retention, sh
 from snapmgr.backends import BACKENDS
 from snapmgr.backends.base import Backend, Progress
 from snapmgr.config import Config, Volume
-from snapmgr.errors import SnapmgrError, UsageError
-from snapmgr.journal import Journal, VolumeHistory
+from snapmgr.errors import SnapmgrError, UsageError, as_error, quote
+from snapmgr.journal import Journal, JournalError, VolumeHistory
 from snapmgr.lock import volume_lock
 from snapmgr.model import ForeignSnapshot, Snapshot, SnapshotId
 from snapmgr.schema import did_you_mean
@@ -62,6 +63,11 @@ class Engine:
             self._journal = Journal(self.config.settings.state_dir / "journal.db")
         return self._journal
 
+    @property
+    def journal_failure(self) -> JournalError | None:
+        """Why what was done could not all be recorded, if it could not."""
+        return self._journal.failure if self._journal else None
+
     def backend(self, volume: Volume) -> Backend:
         return BACKENDS[volume.backend](volume.name, volume.options, self.config.settings.run_dir)
 
@@ -71,7 +77,7 @@ class Engine:
         names = list(dict.fromkeys(names)) or list(self.config.volumes)
         for name in names:
             if name not in self.config.volumes:
-                raise UsageError(f"unknown volume '{name}'" + did_you_mean(name, self.config.volumes)
+                raise UsageError(f"unknown volume {quote(name)}" + did_you_mean(name, self.config.volumes)
                                  + f" (configured in {self.config.path}: {', '.join(self.config.volumes) or 'none'})")
         return [self.config.volumes[n] for n in names]
 
@@ -111,7 +117,7 @@ class Engine:
             try:
                 snapshots = self.backend(volume).list()
             except (SnapmgrError, OSError) as e:
-                statuses.append(VolumeStatus(volume.name, volume.backend, None, None, history, str(_as_error(e))))
+                statuses.append(VolumeStatus(volume.name, volume.backend, None, None, history, str(as_error(e))))
                 continue
             invalid = sorted((s for s in snapshots if s.invalid), key=lambda s: s.id)
             problem = "; ".join(f"{s.id} is invalid ({s.invalid})" for s in invalid) or None
@@ -128,12 +134,16 @@ class Engine:
             job(outcome)
         except (SnapmgrError, OSError) as e:
             log.debug("volume %s failed", volume.name, exc_info=True)
-            outcome.error = _as_error(e)
+            outcome.error = as_error(e)
         return outcome
 
+    @contextmanager
     def _locked(self, volume: Volume):
+        """The volume's lock, held also by every program run meanwhile, so that no
+        program left running by a killed run can race the next one."""
         settings = self.config.settings
-        return volume_lock(settings.run_dir, volume.name, settings.lock_wait.total_seconds())
+        with volume_lock(settings.run_dir, volume.name, settings.lock_wait.total_seconds()) as fd, sh.holding(fd):
+            yield
 
     def _snapshot(self, volume: Volume, tags: frozenset[str], prune: bool, dry_run: bool,
                   progress: Progress | None, outcome: Outcome) -> None:
@@ -186,9 +196,3 @@ class Engine:
                     run.deleted(str(sid))
                     outcome.deleted.append(str(sid))
 
-
-def _as_error(e: SnapmgrError | OSError) -> SnapmgrError:
-    """An OSError (disk full, permission denied) as a one-line snapmgr error."""
-    if isinstance(e, SnapmgrError):
-        return e
-    return SnapmgrError(f"{e.strerror}: {e.filename}" if e.filename else str(e))

@@ -1,7 +1,12 @@
 """The history of runs and of snapshots created and deleted, in SQLite.
 
 History only: the snapshot storage is the truth of what exists. WAL and a busy timeout let
-a timer's run and a manual run write at once without corrupting or failing each other."""
+a timer's run and a manual run write at once without corrupting or failing each other.
+
+Recording is best effort: a snapshot matters more than its history, so a journal that
+cannot be written (damaged, disk full, read-only) never stops a snapshot, a prune or a
+delete. The first failure is kept in `failure` for the caller to report once the work is
+done. Reading the history raises it."""
 
 from __future__ import annotations
 
@@ -40,6 +45,20 @@ MIGRATIONS = (
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
+# SQLite's primary result codes that mean "not now" or "not here" rather than damage.
+_BUSY = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}
+_UNUSABLE = {sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_FULL,
+             sqlite3.SQLITE_PERM, sqlite3.SQLITE_AUTH, sqlite3.SQLITE_NOMEM}
+
+
+class JournalError(SnapmgrError):
+    """The journal cannot be read or written; the snapshots themselves are not affected."""
+
+
+class JournalDamaged(JournalError):
+    def __init__(self, path: Path, detail: str):
+        super().__init__(f"journal {path} is damaged ({detail}); move it aside with its -wal and -shm files "
+                         f"and snapmgr starts a new one (the snapshots themselves are not affected)")
 
 
 @dataclass(frozen=True)
@@ -52,7 +71,7 @@ class VolumeHistory:
 class Run:
     """One running action; records the snapshots it creates and deletes."""
 
-    def __init__(self, journal: Journal, run_id: int):
+    def __init__(self, journal: Journal, run_id: int | None):
         self._journal, self.id = journal, run_id
 
     def created(self, snapshot: str) -> None:
@@ -65,51 +84,40 @@ class Run:
 class Journal:
     def __init__(self, path: Path):
         self.path = path
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        try:
-            self._db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            # In WAL mode NORMAL cannot corrupt the database; a power cut may lose the last
-            # commits, which is acceptable for history and saves an fsync per commit.
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-            self._migrate()
-        except sqlite3.DatabaseError as e:
-            raise SnapmgrError(f"journal {path}: {e}") from None
+        self.failure: JournalError | None = None   # the first write that failed
+        self._db: sqlite3.Connection | None = None
 
     def close(self) -> None:
-        self._db.close()
+        if self._db is not None:
+            self._db.close()
 
-    def _migrate(self) -> None:
-        with self._transaction():
-            version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise SnapmgrError(f"journal {self.path} has schema version {version}, newer than this "
-                                   f"snapmgr understands ({SCHEMA_VERSION}); upgrade snapmgr")
-            for script in MIGRATIONS[version:]:
-                for statement in filter(str.strip, script.split(";")):
-                    self._db.execute(statement)
-            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+    # Reading: raises JournalError ---------------------------------------------------
 
-    @contextmanager
-    def _transaction(self) -> Iterator[None]:
-        # BEGIN IMMEDIATE takes the write lock up front, so a concurrent writer waits on the
-        # busy timeout instead of failing half-way through.
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+    def history(self, volume: str) -> VolumeHistory:
+        """The volume's last successful snapshot run and its last failed run of any kind."""
+        with self._guard():
+            db = self._connection()
+            success = db.execute(
+                "SELECT max(ended) FROM runs WHERE volume = ? AND action = 'snapshot' AND status = 'ok'",
+                (volume,)).fetchone()[0]
+            failure = db.execute(
+                "SELECT ended, error FROM runs WHERE volume = ? AND status = 'failed' ORDER BY ended DESC LIMIT 1",
+                (volume,)).fetchone()
+            return VolumeHistory(_parse(success), _parse(failure and failure[0]), failure and failure[1])
+
+    def events(self, snapshot: str) -> list[tuple[str, datetime]]:
+        with self._guard():
+            rows = self._connection().execute(
+                "SELECT event, at FROM snapshot_events WHERE snapshot = ? ORDER BY id", (snapshot,)).fetchall()
+            return [(event, _parse(at)) for event, at in rows]
+
+    # Recording: best effort ---------------------------------------------------------
 
     @contextmanager
     def run(self, volume: str, action: str, pid: int) -> Iterator[Run]:
         """Record the action; a failure is recorded with its message and re-raised."""
-        with self._transaction():
-            run_id = self._db.execute(
-                "INSERT INTO runs (volume, action, pid, started, status) VALUES (?, ?, ?, ?, 'running')",
-                (volume, action, pid, _now())).lastrowid
+        run_id = self._write("INSERT INTO runs (volume, action, pid, started, status) VALUES (?, ?, ?, ?, 'running')",
+                             (volume, action, pid, _now()))
         try:
             yield Run(self, run_id)
         except BaseException as e:
@@ -117,30 +125,108 @@ class Journal:
             raise
         self._finish(run_id, "ok", None)
 
-    def _finish(self, run_id: int, status: str, error: str | None) -> None:
-        with self._transaction():
-            self._db.execute("UPDATE runs SET ended = ?, status = ?, error = ? WHERE id = ?",
-                             (_now(), status, error, run_id))
+    def _finish(self, run_id: int | None, status: str, error: str | None) -> None:
+        if run_id is not None:
+            self._write("UPDATE runs SET ended = ?, status = ?, error = ? WHERE id = ?", (_now(), status, error, run_id))
 
-    def _event(self, run_id: int, snapshot: str, event: str) -> None:
-        with self._transaction():
-            self._db.execute("INSERT INTO snapshot_events (run_id, snapshot, event, at) VALUES (?, ?, ?, ?)",
-                             (run_id, snapshot, event, _now()))
+    def _event(self, run_id: int | None, snapshot: str, event: str) -> None:
+        if run_id is not None:
+            self._write("INSERT INTO snapshot_events (run_id, snapshot, event, at) VALUES (?, ?, ?, ?)",
+                        (run_id, snapshot, event, _now()))
 
-    def history(self, volume: str) -> VolumeHistory:
-        """The volume's last successful snapshot run and its last failed run of any kind."""
-        success = self._db.execute(
-            "SELECT max(ended) FROM runs WHERE volume = ? AND action = 'snapshot' AND status = 'ok'",
-            (volume,)).fetchone()[0]
-        failure = self._db.execute(
-            "SELECT ended, error FROM runs WHERE volume = ? AND status = 'failed' ORDER BY ended DESC LIMIT 1",
-            (volume,)).fetchone()
-        return VolumeHistory(_parse(success), _parse(failure and failure[0]), failure and failure[1])
+    def _write(self, sql: str, params: tuple) -> int | None:
+        """Run one statement in its own transaction; the new row's id, or None when the
+        journal could not be written (then `failure` says why)."""
+        if self.failure is not None:
+            return None
+        try:
+            with self._guard(), self._transaction(self._connection()) as db:
+                return db.execute(sql, params).lastrowid
+        except JournalError as e:
+            self.failure = e
+            return None
 
-    def events(self, snapshot: str) -> list[tuple[str, datetime]]:
-        rows = self._db.execute("SELECT event, at FROM snapshot_events WHERE snapshot = ? ORDER BY id",
-                                (snapshot,)).fetchall()
-        return [(event, _parse(at)) for event, at in rows]
+    # The database -----------------------------------------------------------------
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._db is None:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+            try:
+                db.execute("PRAGMA journal_mode=WAL")
+                # In WAL mode NORMAL cannot corrupt the database; a power cut may lose the
+                # last commits, which is acceptable for history and saves an fsync per commit.
+                db.execute("PRAGMA synchronous=NORMAL")
+                db.execute("PRAGMA foreign_keys=ON")
+                self._migrate(db)
+                self._check_schema(db)
+            except BaseException:
+                db.close()
+                raise
+            self._db = db
+        return self._db
+
+    def _migrate(self, db: sqlite3.Connection) -> None:
+        with self._transaction(db):
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise JournalError(f"journal {self.path} has schema version {version}, newer than this "
+                                   f"snapmgr understands ({SCHEMA_VERSION}); upgrade snapmgr")
+            for script in MIGRATIONS[version:]:
+                for statement in filter(str.strip, script.split(";")):
+                    db.execute(statement)
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def _check_schema(self, db: sqlite3.Connection) -> None:
+        """Every table and column the migrations make must be there: a journal copied from
+        elsewhere or edited by hand can carry the right version and the wrong tables."""
+        missing = _columns(_reference_schema()) - _columns(db)
+        if missing:
+            table, column = min(missing)  # a missing table sorts before its columns
+            raise JournalDamaged(self.path, f"no table {table}" if column == "*"
+                                 else f"table {table} has no column {column}")
+
+    @contextmanager
+    def _transaction(self, db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+        # BEGIN IMMEDIATE takes the write lock up front, so a concurrent writer waits on the
+        # busy timeout instead of failing half-way through.
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    @contextmanager
+    def _guard(self) -> Iterator[None]:
+        """SQLite's and the filesystem's errors as one-line journal errors."""
+        try:
+            yield
+        except sqlite3.Error as e:
+            code = (getattr(e, "sqlite_errorcode", None) or sqlite3.SQLITE_ERROR) & 0xFF
+            if code in _BUSY:
+                raise JournalError(f"journal {self.path} is busy: another process held it for over "
+                                   f"{BUSY_TIMEOUT_S}s") from None
+            if code in _UNUSABLE:
+                raise JournalError(f"journal {self.path} cannot be used: {e}") from None
+            raise JournalDamaged(self.path, str(e)) from None
+        except OSError as e:
+            raise JournalError(f"journal {self.path} cannot be used: {e.strerror}: {e.filename}") from None
+
+
+def _reference_schema() -> sqlite3.Connection:
+    db = sqlite3.connect(":memory:")
+    for script in MIGRATIONS:
+        db.executescript(script)
+    return db
+
+
+def _columns(db: sqlite3.Connection) -> set[tuple[str, str]]:
+    """(table, column) of every column, and (table, '*') of every table."""
+    tables = [row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+    return {(t, "*") for t in tables} | {
+        (t, row[0]) for t in tables for row in db.execute("SELECT name FROM pragma_table_info(?)", (t,))}
 
 
 def _now() -> str:

@@ -1,7 +1,12 @@
 """Per-volume run locks: flock(2) on `<run_dir>/locks/<volume>.lock`.
 
-The kernel drops a flock when its holder dies, however it dies, so a crash never leaves
-a stale lock. The holder writes its pid into the file so a waiter can name it."""
+The kernel drops a flock when the last descriptor of it is closed, however its holders
+die, so a crash never leaves a stale lock. The engine lets the programs it runs on a
+volume inherit the descriptor (sh.holding): a killed run's rsync, and the helpers rsync
+forked, keep the lock until the last of them has exited, so the next run cannot start
+cleaning up a copy that is still being written.
+
+The holder writes its pid into the file so that a waiter can name it."""
 
 from __future__ import annotations
 
@@ -18,19 +23,46 @@ POLL_S = 0.1
 
 
 @contextmanager
-def volume_lock(run_dir: Path, volume: str, wait: float) -> Iterator[None]:
-    """Hold the volume's lock for the duration; wait at most `wait` seconds for it."""
+def volume_lock(run_dir: Path, volume: str, wait: float) -> Iterator[int]:
+    """Hold the volume's lock for the duration; wait at most `wait` seconds for it.
+    Yields the lock's descriptor."""
     lock_dir = run_dir / "locks"
     lock_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = lock_dir / f"{volume}.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = _open(path)
     try:
         _acquire(fd, path, wait)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
+        _write_pid(fd)
+        yield fd
     finally:
-        os.close(fd)  # closing the descriptor releases the flock
+        os.close(fd)  # the flock goes when its last descriptor closes
+
+
+def _open(path: Path) -> int:
+    """The lock file, created already holding a pid, so that it is never seen empty."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        pass
+    draft = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(draft, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    _write_pid(fd)
+    try:
+        os.link(draft, path)
+    except FileExistsError:  # another run created it first: use theirs
+        os.close(fd)
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    finally:
+        os.unlink(draft)
+    return fd
+
+
+def _write_pid(fd: int) -> None:
+    # Written over the old pid, then cut to length: a reader sees one pid or the other,
+    # never an empty file.
+    data = f"{os.getpid()}\n".encode()
+    os.pwrite(fd, data, 0)
+    os.ftruncate(fd, len(data))
 
 
 def _acquire(fd: int, path: Path, wait: float) -> None:
@@ -41,13 +73,20 @@ def _acquire(fd: int, path: Path, wait: float) -> None:
             return
         except BlockingIOError:
             if time.monotonic() >= deadline:
-                raise LockBusy(f"busy: another snapmgr run (pid {_holder(path)}) holds {path}; "
+                raise LockBusy(f"busy: another snapmgr run ({_holder(path)}) holds {path}; "
                                f"gave up after waiting {wait:g}s") from None
             time.sleep(POLL_S)
 
 
 def _holder(path: Path) -> str:
     try:
-        return path.read_text().strip() or "unknown"
-    except OSError:
-        return "unknown"
+        pid = int(path.read_text().split("\n", 1)[0])
+    except (OSError, ValueError):
+        return "pid unknown"
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return f"pid {pid}, which has exited: a program it started is still finishing"
+    except PermissionError:
+        pass
+    return f"pid {pid}"

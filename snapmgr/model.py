@@ -8,6 +8,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Iterable
 
+from snapmgr.errors import quote
+
 # A name may become a file name, an LVM tag or a ZFS snapshot name, and must never be
 # read as an option or a path: no leading '-' or '.', no '/', '@', whitespace or control
 # characters (so no '..' either). LVM tags allow exactly [A-Za-z0-9_+.-].
@@ -15,7 +17,7 @@ NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_+.-]{0,63}")
 NAME_RULE = "letters, digits and _+.- only, not starting with '-' or '.', at most 64 characters"
 
 STAMP_FORMAT = "%Y%m%dT%H%M%SZ"
-ID_RE = re.compile(r"(?P<volume>[^@]+)@(?P<stamp>\d{8}T\d{6}Z)(?:-(?P<seq>[1-9]\d*))?")
+ID_RE = re.compile(r"(?P<volume>[^@]+)@(?P<stamp>[0-9]{8}T[0-9]{6}Z)(?:-(?P<seq>[1-9][0-9]{0,5}))?")
 
 PROTECTED_TAGS = frozenset({"manual", "pre-rollback"})
 
@@ -51,11 +53,11 @@ class SnapshotId:
     def parse(cls, text: str) -> SnapshotId:
         m = ID_RE.fullmatch(text)
         if not m or not is_valid_name(m["volume"]):
-            raise ValueError(f"'{text}' is not a snapshot id (expected VOLUME@YYYYmmddTHHMMSSZ)")
+            raise ValueError(f"{quote(text)} is not a snapshot id (expected VOLUME@YYYYmmddTHHMMSSZ)")
         try:
             datetime.strptime(m["stamp"], STAMP_FORMAT)
         except ValueError:
-            raise ValueError(f"'{text}' has an impossible timestamp") from None
+            raise ValueError(f"{quote(text)} has an impossible timestamp") from None
         return cls(m["volume"], m["stamp"], int(m["seq"] or 0))
 
     @classmethod
@@ -114,19 +116,28 @@ class ForeignSnapshot:
     created: datetime
 
 
-_DURATION_RE = re.compile(r"(\d+)(s|min|h|d|w|y)")
+_DURATION_RE = re.compile(r"([0-9]+)(s|min|h|d|w|y)")
 _DURATION_UNITS = {"s": 1, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
+# Longer than any retention anyone needs, and short enough that `now - duration` stays a
+# valid date for every use of it (datetime ends at year 9999).
+MAX_DURATION_YEARS = 100
+MAX_DURATION = timedelta(days=365 * MAX_DURATION_YEARS)
 
 
 def parse_duration(text: str) -> timedelta:
-    """'90s', '15min', '36h', '14d', '2w', '1y' (a year is 365 days). A plain 'm' is refused:
-    borg reads it as months and most people read it as minutes."""
+    """'90s', '15min', '36h', '14d', '2w', '1y' (a year is 365 days), at most 100y. A plain
+    'm' is refused: borg reads it as months and most people read it as minutes."""
     m = _DURATION_RE.fullmatch(text.strip())
     if not m:
-        if re.fullmatch(r"\d+m", text.strip()):
-            raise ValueError(f"'{text}' is ambiguous: write 'min' for minutes or use days")
-        raise ValueError(f"'{text}' is not a duration (e.g. 90s, 15min, 36h, 14d, 2w, 1y)")
-    return timedelta(seconds=int(m[1]) * _DURATION_UNITS[m[2]])
+        if re.fullmatch(r"[0-9]+m", text.strip()):
+            raise ValueError(f"{quote(text)} is ambiguous: write 'min' for minutes or use days")
+        raise ValueError(f"{quote(text)} is not a duration (e.g. 90s, 15min, 36h, 14d, 2w, 1y)")
+    digits = m[1].lstrip("0") or "0"
+    # The length first: int() refuses numbers of thousands of digits with a ValueError of its own.
+    seconds = int(digits) * _DURATION_UNITS[m[2]] if len(digits) <= 15 else None
+    if seconds is None or seconds > MAX_DURATION.total_seconds():
+        raise ValueError(f"{quote(text)} is too long: at most {MAX_DURATION_YEARS}y")
+    return timedelta(seconds=seconds)
 
 
 @dataclass(frozen=True)

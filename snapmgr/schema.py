@@ -5,17 +5,25 @@ file and the dotted key. Backends declare their own fields with these."""
 from __future__ import annotations
 
 import difflib
+import os
 import re
+import stat
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from snapmgr.errors import ConfigError
+from snapmgr.errors import ConfigError, one_line, quote
 from snapmgr.model import NAME_RULE, is_valid_name, parse_duration
 
 Converter = Callable[[Any], Any]
 _MISSING = object()
+MAX_COUNT = 1_000_000
+# The kernel refuses longer paths (PATH_MAX, 4096 with its NUL) and longer names
+# (NAME_MAX on ext4, xfs, btrfs and ZFS). A configured directory must leave room for the
+# names snapmgr creates in it: `<volume>@<id>.json.tmp` and the like, under 100 bytes.
+NAME_MAX = 255
+PATH_MAX = 4095 - NAME_MAX - 1
 _TOML_TYPES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
                list: "an array", dict: "a table"}
 
@@ -27,9 +35,19 @@ class Field:
     default: Any = None
 
 
+class InvalidKey(ValueError):
+    """A check across several keys of a table failed; `key` is the one to change."""
+
+    def __init__(self, key: str, reason: str):
+        self.key, self.reason = key, reason
+        super().__init__(reason)
+
+
 def dotted(*parts: str) -> str:
-    """Join key parts as TOML writes them, quoting any part that is not a bare key."""
-    return ".".join(p if re.fullmatch(r"[A-Za-z0-9_-]+", p) else f'"{p}"' for p in parts)
+    """Join key parts as TOML writes them, quoting any part that is not a bare key, with
+    whatever cannot be printed in it escaped."""
+    return ".".join(p if re.fullmatch(r"[A-Za-z0-9_-]+", p)
+                    else '"' + one_line(p.replace("\\", "\\\\").replace('"', '\\"')) + '"' for p in parts)
 
 
 def check_table(file: Path, where: tuple[str, ...], table: Any, fields: Mapping[str, Field]) -> dict:
@@ -75,6 +93,9 @@ def string(value: Any) -> str:
     text = _expect(value, str)
     if not text:
         raise ValueError("must not be empty")
+    if "\0" in text:
+        # Nothing handed to the system (a path, an argument) can hold a NUL.
+        raise ValueError(f"{quote(text)} contains a NUL character")
     return text
 
 
@@ -84,8 +105,8 @@ def boolean(value: Any) -> bool:
 
 def count(value: Any) -> int:
     number = _expect(value, int)
-    if number < 0:
-        raise ValueError(f"must be 0 or more, got {number}")
+    if not 0 <= number <= MAX_COUNT:
+        raise ValueError(f"must be between 0 and {MAX_COUNT:,}, got {number}")
     return number
 
 
@@ -103,7 +124,7 @@ def duration(value: Any) -> timedelta:
 def name(value: Any) -> str:
     text = string(value)
     if not is_valid_name(text):
-        raise ValueError(f"bad name '{text}': {NAME_RULE}")
+        raise ValueError(f"bad name {quote(text)}: {NAME_RULE}")
     return text
 
 
@@ -126,7 +147,7 @@ def choice(*options: str) -> Converter:
     def convert(value: Any) -> str:
         text = string(value)
         if text not in options:
-            raise ValueError(f"'{text}' is not one of {', '.join(options)}" + did_you_mean(text, options))
+            raise ValueError(f"{quote(text)} is not one of {', '.join(options)}" + did_you_mean(text, options))
         return text
     return convert
 
@@ -136,13 +157,33 @@ def path(must_exist: bool = False, directory: bool = False) -> Converter:
     def convert(value: Any) -> Path:
         p = Path(string(value))
         if not p.is_absolute():
-            raise ValueError(f"'{p}' is not an absolute path")
-        if must_exist and not p.exists():
-            raise ValueError(f"path {p} does not exist")
-        if must_exist and directory and not p.is_dir():
-            raise ValueError(f"path {p} is not a directory")
+            raise ValueError(f"{quote(p)} is not an absolute path")
+        _check_length(p)
+        if must_exist:
+            _check_exists(p, directory)
         return p
     return convert
+
+
+def _check_length(p: Path) -> None:
+    encoded = os.fsencode(p)
+    if len(encoded) > PATH_MAX:
+        raise ValueError(f"path {quote(p)} is {len(encoded)} bytes long; at most {PATH_MAX} leave room "
+                         f"for what snapmgr creates in it (the system's limit is 4096)")
+    longest = max(encoded.split(b"/"), key=len)
+    if len(longest) > NAME_MAX:
+        raise ValueError(f"path {quote(p)} has a name of {len(longest)} bytes; the system's limit is {NAME_MAX}")
+
+
+def _check_exists(p: Path, directory: bool) -> None:
+    try:
+        st = os.stat(p)
+    except (FileNotFoundError, NotADirectoryError):
+        raise ValueError(f"path {quote(p)} does not exist") from None
+    except OSError as e:  # a symlink loop, a permission denied on the way
+        raise ValueError(f"path {quote(p)} cannot be reached: {e.strerror}") from None
+    if directory and not stat.S_ISDIR(st.st_mode):
+        raise ValueError(f"path {quote(p)} is not a directory")
 
 
 argv = list_of(string, non_empty=True)

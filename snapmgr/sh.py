@@ -11,17 +11,20 @@ import shlex
 import signal
 import subprocess
 import time
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
-from snapmgr.errors import SnapmgrError
+from snapmgr.errors import SnapmgrError, quote
 
 log = logging.getLogger(__name__)
 
 STDERR_EXCERPT_LINES = 5
 _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
+_held: ContextVar[tuple[int, ...]] = ContextVar("held", default=())
 
 
 @dataclass(frozen=True)
@@ -64,13 +67,24 @@ class CommandTimeout(CommandError):
 
 class CommandNotFound(SnapmgrError):
     def __init__(self, program: str):
-        super().__init__(f"program '{program}' is not installed (not found on PATH)")
+        super().__init__(f"program {quote(program)} is not installed (not found on PATH)")
 
 
 def _die_with_parent() -> None:
     # A child must not outlive snapmgr: an orphaned rsync would keep writing into a
     # snapshot the next run is about to reuse or delete.
     _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@contextmanager
+def holding(fd: int) -> Iterator[None]:
+    """Every program started inside keeps `fd` open until it exits, and so do the
+    processes it forks: a flock on it lasts until the last of them is gone."""
+    token = _held.set(_held.get() + (fd,))
+    try:
+        yield
+    finally:
+        _held.reset(token)
 
 
 def run(
@@ -80,11 +94,13 @@ def run(
     check: bool = True,
     capture: bool = True,
     on_stdout: Callable[[str], None] | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> Completed:
     """Run argv and wait for it.
 
     capture=False lets the child write straight to our stdout/stderr (used by the demo).
     on_stdout receives each stdout chunk as it arrives (split on CR and LF, for progress).
+    env adds to (or overrides) snapmgr's own environment.
     """
     argv = tuple(os.fspath(a) for a in argv)
     log.debug("run: %s", shlex.join(argv))
@@ -92,7 +108,8 @@ def run(
     try:
         proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=pipe, stderr=pipe,
-            start_new_session=True, preexec_fn=_die_with_parent,
+            start_new_session=True, preexec_fn=_die_with_parent, pass_fds=_held.get(),
+            env=None if env is None else {**os.environ, **env},
         )
     except FileNotFoundError:
         raise CommandNotFound(argv[0]) from None

@@ -22,6 +22,11 @@ class Backend(abc.ABC):
     # The backend's own keys of a `[volumes.NAME]` table, checked by the config loader.
     options: ClassVar[Mapping[str, Field]]
 
+    @classmethod
+    def check_options(cls, options: Mapping) -> None:
+        """Check what no single field can: how the volume's keys fit together. Raise
+        schema.InvalidKey naming the key to change."""
+
     def __init__(self, volume: str, options: Mapping, run_dir: Path):
         self.volume = volume
         self.opts = options

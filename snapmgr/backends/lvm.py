@@ -23,7 +23,7 @@ from typing import Any, Iterator
 
 from snapmgr import schema, sh
 from snapmgr.backends.base import Backend, Progress
-from snapmgr.errors import SnapmgrError
+from snapmgr.errors import SnapmgrError, quote
 from snapmgr.model import Snapshot, SnapshotId
 
 TAG_OWNER = "snapmgr"
@@ -38,9 +38,10 @@ INVALID_STATES = "IS"
 # replayed (the device is read-only), and XFS refuses a second copy of a mounted UUID.
 MOUNT_OPTIONS = {"ext4": "ro,noload", "ext3": "ro,noload", "xfs": "ro,norecovery,nouuid"}
 LVM_NAME_RE = re.compile(r"[A-Za-z0-9+_.][A-Za-z0-9+_.-]*")
-_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)([kmgtp]?)", re.I)
+_SIZE_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)([kmgtp]?)", re.I)
 _UNIT_POWERS = {"k": 1, "m": 2, "g": 3, "t": 4, "p": 5}  # LVM's units are binary
-_PERCENT_RE = re.compile(r"(\d{1,3})%ORIGIN")
+_PERCENT_RE = re.compile(r"([0-9]{1,3})%ORIGIN")
+MAX_LV_SIZE = 8 << 60
 
 
 @dataclass(frozen=True)
@@ -62,17 +63,20 @@ class SnapshotSize:
 def snapshot_size(value: Any) -> SnapshotSize:
     text = schema.string(value)
     if m := _SIZE_RE.fullmatch(text):
-        return SnapshotSize(text, size=int(float(m[1]) * 1024 ** _UNIT_POWERS[(m[2] or "m").lower()]))
+        size = float(m[1]) * 1024 ** _UNIT_POWERS[(m[2] or "m").lower()]  # inf for absurd lengths
+        if size > MAX_LV_SIZE:
+            raise ValueError(f"{quote(text)} is larger than LVM allows (8 EiB)")
+        return SnapshotSize(text, size=int(size))
     if (m := _PERCENT_RE.fullmatch(text)) and 0 < int(m[1]) <= 100:
         return SnapshotSize(text, percent=int(m[1]))
-    raise ValueError(f"'{text}' is not a snapshot size (e.g. 512M, 1G, or 20%ORIGIN)")
+    raise ValueError(f"{quote(text)} is not a snapshot size (e.g. 512M, 1G, or 20%ORIGIN)")
 
 
 def logical_volume(value: Any) -> tuple[str, str]:
     text = schema.string(value)
     parts = text.split("/")
     if len(parts) != 2 or not all(LVM_NAME_RE.fullmatch(p) for p in parts):
-        raise ValueError(f"'{text}' is not VG/LV (e.g. vg0/data)")
+        raise ValueError(f"{quote(text)} is not VG/LV (e.g. vg0/data)")
     return parts[0], parts[1]
 
 
@@ -83,10 +87,16 @@ def percent(value: Any) -> int:
     return number
 
 
+def lvm(argv: list, timeout: float) -> sh.Completed:
+    # LVM warns on stderr about every descriptor it inherits; the volume lock's is
+    # inherited on purpose (see lock.py).
+    return sh.run(argv, timeout=timeout, env={"LVM_SUPPRESS_FD_WARNINGS": "1"})
+
+
 def lvs(*selection: str) -> list[dict]:
     """LVM's own JSON report of the selected LVs; sizes in bytes."""
-    out = sh.run(["lvs", "--reportformat", "json", "--units", "b", "--nosuffix", "-o", REPORT, *selection],
-                 timeout=60).stdout
+    out = lvm(["lvs", "--reportformat", "json", "--units", "b", "--nosuffix", "-o", REPORT, *selection],
+              timeout=60).stdout
     return json.loads(out)["report"][0]["lv"]
 
 
@@ -112,7 +122,7 @@ class LvmBackend(Backend):
         return shlex.join(self._create_argv(snapshot_id, self._checked_origin()))
 
     def create(self, snapshot_id: SnapshotId, tags: frozenset[str], progress: Progress | None = None) -> Snapshot:
-        sh.run(self._create_argv(snapshot_id, self._checked_origin(), tags), timeout=300)
+        lvm(self._create_argv(snapshot_id, self._checked_origin(), tags), timeout=300)
         return self._snapshot(lvs(f"{self.vg}/{self._lv_name(snapshot_id)}")[0])
 
     def list(self) -> list[Snapshot]:
@@ -120,7 +130,7 @@ class LvmBackend(Backend):
         return [s for s in map(self._snapshot, rows) if s is not None]
 
     def delete(self, snapshot: Snapshot) -> None:
-        sh.run(["lvremove", "--yes", snapshot.meta["lv"]], timeout=300)
+        lvm(["lvremove", "--yes", snapshot.meta["lv"]], timeout=300)
 
     @contextmanager
     def browse_root(self, snapshot: Snapshot) -> Iterator[Path]:
@@ -131,7 +141,7 @@ class LvmBackend(Backend):
         # Thin snapshots are created with the activation-skip flag: -K overrides it.
         activate = not snapshot.meta["active"]
         if activate:
-            sh.run(["lvchange", "--activate", "y", "--ignoreactivationskip", lv], timeout=120)
+            lvm(["lvchange", "--activate", "y", "--ignoreactivationskip", lv], timeout=120)
         try:
             fstype = sh.run(["blkid", "-o", "value", "-s", "TYPE", device], timeout=60).stdout.strip()
             mountpoint.mkdir(parents=True, exist_ok=True)
@@ -143,7 +153,7 @@ class LvmBackend(Backend):
                 mountpoint.rmdir()
         finally:
             if activate:
-                sh.run(["lvchange", "--activate", "n", lv], timeout=120)
+                lvm(["lvchange", "--activate", "n", lv], timeout=120)
 
     # Helpers ------------------------------------------------------------------------
 

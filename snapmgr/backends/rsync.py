@@ -3,15 +3,19 @@ hardlinks into the previous one (`--link-dest`), as rsnapshot makes them."""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import re
 import shlex
 import shutil
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import Mapping
 
 from snapmgr import schema, sh
 from snapmgr.backends.base import Progress
 from snapmgr.backends.directory import DirectoryBackend, syncfs
+from snapmgr.errors import SnapmgrError, quote
 from snapmgr.model import SnapshotId
 
 log = logging.getLogger(__name__)
@@ -20,6 +24,9 @@ PARTIAL = ".partial"
 DELETING = ".deleting"
 RSYNC_VANISHED = 24  # "some files vanished before they could be transferred": normal on a live system
 _STAT_RE = re.compile(r"^(Number of [a-z ]+|Total [a-z ]+size): ([\d,]+)", re.M)
+# rsync's own limit on a path below the source (MAXPATHLEN); it names the directory.
+_TOO_LONG_RE = re.compile(r"^filename overflows max-path len by \d+: (.+)/[^/\n]*$", re.M)
+_WILDCARDS = set("*?[\\")
 
 
 class RsyncBackend(DirectoryBackend):
@@ -29,7 +36,23 @@ class RsyncBackend(DirectoryBackend):
         "repository": schema.Field(schema.path(), required=True),
         "exclude": schema.Field(schema.list_of(schema.string), default=()),
         "one_file_system": schema.Field(schema.boolean, default=False),
+        "checksum": schema.Field(schema.boolean, default=False),
     }
+
+    @classmethod
+    def check_options(cls, options: Mapping) -> None:
+        source = Path(os.path.realpath(options["source"]))
+        repository = Path(os.path.realpath(options["repository"]))
+        if repository == source:
+            raise schema.InvalidKey("repository", f"{quote(repository)} is the source itself")
+        if not repository.is_relative_to(source):
+            return
+        inside = PurePosixPath(repository.relative_to(source))
+        if not any(_excludes(pattern, inside) for pattern in options["exclude"]):
+            raise schema.InvalidKey(
+                "repository", f"{quote(repository)} is inside the source {quote(source)}, so every snapshot would copy all "
+                              f"earlier ones into itself; exclude it (exclude = [{json.dumps(f'/{inside}/')}]) "
+                              f"or move it out of the source")
 
     @property
     def snapshot_dir(self) -> Path:
@@ -49,7 +72,7 @@ class RsyncBackend(DirectoryBackend):
         result = sh.run(self._argv(partial, latest, progress is not None), check=False,
                         on_stdout=progress and _progress_lines_only(progress))
         if result.returncode not in (0, RSYNC_VANISHED):
-            raise sh.CommandError(result.argv, result.returncode, result.stderr)
+            raise _failure(result)
         syncfs(partial)
         meta = {"source": str(self.opts["source"]), "link_dest": latest.name if latest else None,
                 "rsync_stats": _parse_stats(result.stdout)}
@@ -81,11 +104,15 @@ class RsyncBackend(DirectoryBackend):
         return max(self._snapshot_dirs(), default=(None, None))[1]
 
     def _argv(self, partial: Path, latest: Path | None, progress: bool) -> list[str]:
-        argv = ["rsync", "-aHAX", "--numeric-ids", "--delete", "--stats"]
+        # --delete-excluded: a reused interrupted copy must end up as a fresh one would, also
+        # when the excludes changed since it was made.
+        argv = ["rsync", "-aHAX", "--numeric-ids", "--delete", "--delete-excluded", "--sparse", "--stats"]
         if progress:
             argv.append("--info=progress2")
         if self.opts["one_file_system"]:
             argv.append("--one-file-system")
+        if self.opts["checksum"]:
+            argv.append("--checksum")
         argv += [f"--exclude={pattern}" for pattern in self.opts["exclude"]]
         if latest:
             argv.append(f"--link-dest={latest}")
@@ -102,6 +129,25 @@ class RsyncBackend(DirectoryBackend):
         for leftover in leftovers:
             log.info("removing an interrupted copy: %s", leftover.name)
             shutil.rmtree(leftover)
+
+
+def _excludes(pattern: str, inside: PurePosixPath) -> bool:
+    """Whether the exclude pattern surely keeps `inside` (relative to the source) out of
+    a snapshot: an anchored pattern naming it or a directory above it, or a bare name of
+    one of them. A pattern with wildcards might match, or might not: it does not count."""
+    name = pattern.rstrip("/")
+    if _WILDCARDS & set(name):
+        return False
+    return any(name in (f"/{d}", d.name) for d in (inside, *inside.parents) if d.name)
+
+
+def _failure(result: sh.Completed) -> SnapmgrError:
+    """rsync's failure as an error. A path too long for rsync fails every snapshot until
+    it is excluded, so that error says how."""
+    if m := _TOO_LONG_RE.search(result.stderr):
+        return SnapmgrError(f"a path in the source is longer than rsync can copy (4096 bytes); exclude its "
+                            f"directory (exclude = [{json.dumps(f'/{m[1]}/', ensure_ascii=False)}]) or shorten it")
+    return sh.CommandError(result.argv, result.returncode, result.stderr)
 
 
 def _progress_lines_only(progress: Progress) -> Progress:

@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 from snapmgr import schema, sh
 from snapmgr.backends.base import Backend, Progress
-from snapmgr.errors import SnapmgrError
+from snapmgr.errors import SnapmgrError, quote
 from snapmgr.model import ForeignSnapshot, Snapshot, SnapshotId
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ INSTALL_HINT = "install Debian's python3-pyzfs (contrib): apt install python3-py
 def dataset(value: Any) -> str:
     text = schema.string(value)
     if not DATASET_RE.fullmatch(text):
-        raise ValueError(f"'{text}' is not a ZFS dataset name (e.g. tank/data)")
+        raise ValueError(f"{quote(text)} is not a ZFS dataset name (e.g. tank/data)")
     return text
 
 

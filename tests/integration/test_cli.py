@@ -7,6 +7,9 @@ import subprocess
 
 import pytest
 
+from snapmgr.cli import main
+from snapmgr.engine import Engine
+from tests import journal_damage
 from tests.integration.helpers import make_tree
 
 
@@ -22,7 +25,7 @@ def one_line_error(r, code: int) -> str:
 @pytest.mark.parametrize("text,expected", [
     ("[volumes.x]\nbackend = 'zfz'\n", "volumes.x.backend: unknown backend 'zfz'"),
     ("[volumes.x]\nbackend = 'rsync'\nsource = '/nonexistent'\nrepository = '/r'\n",
-     "volumes.x.source: path /nonexistent does not exist"),
+     "volumes.x.source: path '/nonexistent' does not exist"),
     ("[volumes.x\n", "TOML syntax error"),
     ("[retention.r]\nkeep_lst = 3\n", "retention.r.keep_lst: unknown key (did you mean 'keep_last'?)"),
 ])
@@ -113,7 +116,7 @@ def test_prune_dry_run_explains_and_changes_nothing(ws):
 def test_every_command_run_is_logged_with_vv(ws):
     make_tree(ws.source, files=3)
     r = ws.ok("-vv", "snapshot")
-    assert f"snapmgr: DEBUG: run: rsync -aHAX --numeric-ids --delete --stats {ws.source}/ {ws.repo}/data@" in r.stderr
+    assert f"snapmgr: DEBUG: run: rsync -aHAX --numeric-ids --delete --delete-excluded --sparse --stats {ws.source}/ {ws.repo}/data@" in r.stderr
 
 
 def test_snapshot_with_prune_and_dry_runs(ws):
@@ -185,3 +188,42 @@ def test_demo_runs_the_main_job(tmp_path, ws):
                      "keep_last #1", "no rule keeps it", "deleted", "STATE", "project-1/src/file-0.txt has 4 links"):
         assert expected in r.stdout, expected
     assert len(list((tmp_path / "demo" / "snapshots").glob("sample@*[0-9Z]"))) == 3
+
+
+@pytest.mark.parametrize("damage,detail", journal_damage.KINDS)
+def test_a_damaged_journal_is_one_line_and_never_stops_a_snapshot(ws, damage, detail):
+    make_tree(ws.source, files=3)
+    path = ws.root / "state" / "journal.db"
+    journal_damage.fill(path)
+    damage(path)
+    damaged = (f"journal {path} is damaged ({detail}); move it aside with its -wal and -shm files and snapmgr "
+               f"starts a new one (the snapshots themselves are not affected)")
+    for args in (["status"], ["--json", "status"]):
+        r = ws.run(*args)
+        assert one_line_error(r, 1) == f"snapmgr: error: {damaged}" and r.stdout == ""
+    # The snapshot is the data that matters: it is taken, and the run says it went unrecorded.
+    r = ws.run("--json", "snapshot", "--tag", "hourly", "--prune")
+    assert one_line_error(r, 1) == f"snapmgr: error: done, but not recorded: {damaged}"
+    [result] = r.json()["results"]
+    assert result["ok"] and r.json()["journal_error"] == damaged
+    assert ws.snapshots() == [result["created"]["id"]]
+    for f in path.parent.glob("journal.db*"):
+        f.rename(f.with_name(f.name + ".damaged"))
+    ws.ok("snapshot", "--tag", "hourly")
+    status = ws.ok("--json", "status").json()["volumes"][0]
+    assert status["state"] == "ok" and status["snapshots"] == 2
+
+
+def test_a_bug_is_still_one_line_with_its_own_exit_code(ws, monkeypatch, capsys):
+    # No input makes snapmgr fail this way (that is the point of the property tests), so a
+    # bug is planted: the only way to show what the last-resort handler does with one.
+    def planted_bug(self, names=()):
+        return 1 / 0
+    monkeypatch.setattr(Engine, "list", planted_bug)
+    with pytest.raises(SystemExit) as e:
+        main(["--config", str(ws.config), "list"])
+    assert e.value.code == 70
+    assert capsys.readouterr().err == ("snapmgr: error: internal error: ZeroDivisionError: division by zero "
+                                       "(a bug in snapmgr; --debug shows where)\n")
+    with pytest.raises(ZeroDivisionError):
+        main(["--config", str(ws.config), "--debug", "list"])

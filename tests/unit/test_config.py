@@ -3,6 +3,7 @@ and the reason."""
 
 import os
 import textwrap
+import threading
 from importlib import resources
 from datetime import timedelta
 from pathlib import Path
@@ -109,7 +110,8 @@ BAD = [
     ("missing field", replace('source = "{src}"\n', ""), "volumes.home.source", "missing required key"),
     ("wrong type", replace("daily = 7", 'daily = "7"'), "retention.default.daily",
      "wrong type: expected an integer, got a string"),
-    ("negative count", replace("daily = 7", "daily = -1"), "retention.default.daily", "must be 0 or more"),
+    ("negative count", replace("daily = 7", "daily = -1"), "retention.default.daily",
+     "must be between 0 and 1,000,000, got -1"),
     ("bad duration", replace('keep_within = "36h"', 'keep_within = "36 hours"'),
      "retention.default.keep_within", "is not a duration"),
     ("ambiguous duration", replace('keep_within = "36h"', 'keep_within = "3m"'),
@@ -121,7 +123,7 @@ BAD = [
     ("name with at", replace("[volumes.home]", '[volumes."a@b"]'), 'volumes."a@b"', "bad name"),
     ("name with space", replace("[volumes.home]", '[volumes."a b"]'), 'volumes."a b"', "bad name"),
     ("path does not exist", replace('source = "{src}"', 'source = "/nonexistent/x"'), "volumes.home.source",
-     "path /nonexistent/x does not exist"),
+     "path '/nonexistent/x' does not exist"),
     ("relative path", replace('repository = "{repo}"', 'repository = "snaps"'), "volumes.home.repository",
      "'snaps' is not an absolute path"),
     ("unknown backend", replace('backend = "rsync"', 'backend = "rsnc"'), "volumes.home.backend",
@@ -160,17 +162,58 @@ BAD = [
      "volumes.lv.thin_pool_threshold", "between 1 and 99"),
     ("zfs dataset", GOOD + ZFS.format(ds='"tank//x"'), "volumes.z.datasets", "item 2: 'tank//x' is not a ZFS dataset"),
     ("zfs no datasets", GOOD + ZFS.format(ds="").replace('"tank/a", ', ""), "volumes.z.datasets", "must not be empty"),
+    # Numbers are bounded where they enter, before anything is computed from them.
+    *[(f"duration {d}", replace('keep_within = "36h"', f'keep_within = "{d}"'), "retention.default.keep_within",
+       f"'{d}' is too long: at most 100y") for d in ("99999999999999999999d", "1000000000d", "86400000000000s",
+                                                    "3000y", "101y", "36501d")],
+    ("lock_wait too long", replace('lock_wait = "5s"', 'lock_wait = "1' + "0" * 5000 + 's"'), "settings.lock_wait",
+     "is too long: at most 100y"),
+    ("count too large", replace("daily = 7", "daily = 99999999999999999999"), "retention.default.daily",
+     "must be between 0 and 1,000,000, got 99999999999999999999"),
+    ("lvm size too large", GOOD + LVM.format(lv='"vg0/data"') + f'snapshot_size = "{"9" * 400}M"\n',
+     "volumes.lv.snapshot_size", "is larger than"),
+    # Nothing the system is handed may hold a NUL, or exceed its path limits.
+    ("NUL in a path", replace('repository = "{repo}"', 'repository = "/srv/r\\u0000x"'), "volumes.home.repository",
+     "'/srv/r\\x00x' contains a NUL character"),
+    ("NUL in state_dir", replace('lock_wait = "5s"', 'state_dir = "/var/\\u0000"'), "settings.state_dir",
+     "contains a NUL character"),
+    ("NUL in an argument", replace('pre = ["true"]', 'pre = ["true", "a\\u0000b"]'), "quiesce.app.pre",
+     "item 2: 'a\\x00b' contains a NUL character"),
+    ("name too long", replace('repository = "{repo}"', f'repository = "/srv/{"n" * 256}"'), "volumes.home.repository",
+     "has a name of 256 bytes; the system's limit is 255"),
+    ("path too long", replace('repository = "{repo}"', f'repository = "{"/abcdefgh" * 430}"'),
+     "volumes.home.repository", "is 3870 bytes long; at most 3839 leave room for what snapmgr creates in it"),
+    ("path too long, multibyte", replace('source = "{src}"', f'source = "{"/é" * 1300}"'), "volumes.home.source",
+     "is 3900 bytes long"),
+    # Control characters in values and keys are shown escaped, never raw.
+    ("newline in timezone", replace('timezone = "UTC"', 'timezone = "Europe/Paris\\n"'), "settings.timezone",
+     "unknown time zone 'Europe/Paris\\n'"),
+    ("newline in backend", replace('backend = "rsync"', 'backend = "rsync\\n"'), "volumes.home.backend",
+     "unknown backend 'rsync\\n'"),
+    ("newline in a key", replace("[volumes.home]", '[volumes."home\\n"]'), 'volumes."home\\n"',
+     "bad name 'home\\n'"),
+    ("escape sequence in a key", replace("lock_wait =", '"\\u001b[31m" = 1\nlock_wait ='), 'settings."\\x1b[31m"',
+     "unknown key"),
+    # An rsync repository inside its source would copy every snapshot into the next.
+    ("repository inside the source", replace('repository = "{repo}"', 'repository = "{src}/.snaps"'),
+     "volumes.home.repository", "is inside the source '{src}', so every snapshot would copy all earlier ones into "
+                                'itself; exclude it (exclude = ["/.snaps/"]) or move it out of the source'),
+    ("repository is the source", replace('repository = "{repo}"', 'repository = "{src}/"'),
+     "volumes.home.repository", "is the source itself"),
+    ("repository excluded by a wildcard only", replace('repository = "{repo}"', 'repository = "{src}/.snaps"')
+     .replace('exclude = ["*.tmp"]', 'exclude = ["/.snap*"]'), "volumes.home.repository", 'exclude = ["/.snaps/"]'),
 ]
 
 
 @pytest.mark.parametrize("text,key,reason", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
-def test_bad_config(write, text, key, reason):
+def test_bad_config(write, tmp_path, text, key, reason):
     path = write(text)
     with pytest.raises(ConfigError) as e:
         config.load(path)
     message = str(e.value)
     assert message.startswith(f"{path}: {key}: "), message
-    assert reason in message
+    assert reason.format(src=tmp_path / "src") in message
+    assert message.isprintable(), message
     assert "\n" not in message
 
 
@@ -206,3 +249,114 @@ def test_root_refuses_config_others_can_change(write, owner, mode, reason):
     with pytest.raises(ConfigError) as e:
         config.load(path)
     assert str(e.value).startswith(f"{path}: {reason}")
+
+
+def test_a_file_that_is_not_utf8_names_the_byte(write):
+    path = write(GOOD)
+    path.write_bytes(b'[settings]\nstate_dir = "/var/\xff"\n')
+    with pytest.raises(ConfigError, match=rf"^{path}: is not UTF-8 text \(byte 0xff at offset 29\)$"):
+        config.load(path)
+
+
+@pytest.mark.parametrize("nested", ["[" * 5000 + "]" * 5000, "{a = " * 5000 + "1" + "}" * 5000])
+def test_deep_nesting_is_a_config_error(write, nested):
+    path = write(GOOD)
+    path.write_text(f"[volumes.x]\nbackend = {nested}\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: arrays or tables are nested too deeply$"):
+        config.load(path)
+
+
+def test_a_fifo_is_refused_without_waiting_for_a_writer(tmp_path):
+    fifo = tmp_path / "snapmgr.toml"
+    os.mkfifo(fifo, 0o644)
+    outcome = []
+    reader = threading.Thread(target=lambda: outcome.append(pytest.raises(ConfigError, config.load, fifo)),
+                              daemon=True)
+    reader.start()
+    reader.join(10)
+    assert outcome, "config.load blocked on a FIFO"
+    assert str(outcome[0].value) == f"{fifo}: is not a regular file"
+
+
+root_only = pytest.mark.skipif(os.geteuid() != 0, reason="the ownership rules apply only when running as root")
+NOBODY = 65534
+
+
+@root_only
+@pytest.mark.parametrize("mode", [0o777, 0o775, 0o757])
+def test_root_refuses_a_config_in_a_directory_others_can_write(write, tmp_path, mode):
+    path = write(GOOD)
+    moved = tmp_path / "etc" / "snapmgr.toml"
+    moved.parent.mkdir()
+    path.rename(moved)
+    moved.parent.chmod(mode)
+    with pytest.raises(ConfigError) as e:
+        config.load(moved)
+    assert str(e.value) == (f"{moved}: directory {moved.parent} on the way to it is writable by group or others "
+                            f"(mode {mode:04o}); refusing to use it (chmod go-w {moved.parent})")
+
+
+@root_only
+def test_root_refuses_a_config_in_a_directory_owned_by_another_user(write, tmp_path):
+    path = write(GOOD)
+    (tmp_path / "home").mkdir()
+    moved = tmp_path / "home" / "snapmgr.toml"
+    path.rename(moved)
+    os.chown(moved.parent, NOBODY, NOBODY)
+    with pytest.raises(ConfigError, match=rf"^{moved}: directory {moved.parent} on the way to it is owned by uid "
+                                          rf"{NOBODY}, not root; refusing to use it \(chown root {moved.parent}\)$"):
+        config.load(moved)
+
+
+@root_only
+def test_root_refuses_a_config_reached_through_a_symlink_another_user_owns(write, tmp_path):
+    path = write(GOOD)
+    link = tmp_path / "link.toml"
+    link.symlink_to(path)
+    config.load(link)  # root's symlink to root's file: fine
+    os.lchown(link, NOBODY, NOBODY)
+    with pytest.raises(ConfigError, match=rf"^{link}: symlink {link} on the way to it is owned by uid {NOBODY}"):
+        config.load(link)
+
+
+@root_only
+def test_symlinks_are_followed_and_their_targets_checked(write, tmp_path):
+    path = write(GOOD)
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    path.rename(shared / "snapmgr.toml")
+    (tmp_path / "etc").mkdir()
+    link = tmp_path / "etc" / "snapmgr.toml"
+    link.symlink_to("../shared/snapmgr.toml")
+    with pytest.raises(ConfigError, match=rf"^{link}: directory {shared} on the way to it is writable"):
+        config.load(link)
+    with pytest.raises(ConfigError, match="is writable"):  # and through '..' after a symlink
+        config.load(tmp_path / "etc" / ".." / "shared" / "snapmgr.toml")
+
+
+@root_only
+def test_a_sticky_directory_is_fine_only_for_roots_file(write, tmp_path):
+    path = write(GOOD)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    tmp.chmod(0o1777)
+    moved = tmp / "snapmgr.toml"
+    path.rename(moved)
+    assert "home" in config.load(moved).volumes
+    os.chown(moved, NOBODY, NOBODY)
+    with pytest.raises(ConfigError, match=rf"^{moved}: is owned by uid {NOBODY}, not root"):
+        config.load(moved)
+
+
+@root_only
+def test_relative_config_paths_are_checked_from_the_working_directory(write, tmp_path, monkeypatch):
+    write(GOOD)
+    monkeypatch.chdir(tmp_path)
+    assert "home" in config.load(Path("snapmgr.toml")).volumes
+    tmp_path.chmod(0o777)
+    try:
+        with pytest.raises(ConfigError, match=f"directory {tmp_path} on the way to it is writable"):
+            config.load(Path("snapmgr.toml"))
+    finally:
+        tmp_path.chmod(0o700)

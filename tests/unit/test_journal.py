@@ -3,8 +3,10 @@ import sqlite3
 
 import pytest
 
+from snapmgr import journal
 from snapmgr.errors import SnapmgrError
-from snapmgr.journal import SCHEMA_VERSION, Journal
+from snapmgr.journal import SCHEMA_VERSION, Journal, JournalDamaged, JournalError
+from tests import journal_damage
 
 
 def test_runs_and_events_are_recorded(tmp_path):
@@ -19,26 +21,74 @@ def test_runs_and_events_are_recorded(tmp_path):
     assert h.last_error == "disk on fire"
     assert [e for e, _ in j.events("home@20261121T140501Z")] == ["created"]
     assert j.history("other").last_success is None
+    assert j.failure is None
 
 
 def test_schema_is_versioned(tmp_path):
     path = tmp_path / "journal.db"
-    Journal(path).close()
+    Journal(path).history("x")
     db = sqlite3.connect(path)
     assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    Journal(path).close()  # reopening an up-to-date journal migrates nothing
+    Journal(path).history("x")  # reopening an up-to-date journal migrates nothing
     db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
     db.commit()
-    with pytest.raises(SnapmgrError, match="newer than this snapmgr understands"):
-        Journal(path)
+    with pytest.raises(JournalError, match="newer than this snapmgr understands"):
+        Journal(path).history("x")
 
 
-def test_a_corrupt_journal_is_a_clear_error(tmp_path):
+@pytest.mark.parametrize("damage,detail", journal_damage.KINDS)
+def test_damage_is_named_with_what_to_do_and_recording_never_raises(tmp_path, damage, detail):
     path = tmp_path / "journal.db"
-    path.write_bytes(b"this is not a database" * 100)
-    with pytest.raises(SnapmgrError, match=f"journal {path}: file is not a database"):
-        Journal(path)
+    journal_damage.fill(path)
+    damage(path)
+    expected = (f"journal {path} is damaged ({detail}); move it aside with its -wal and -shm files and "
+                f"snapmgr starts a new one (the snapshots themselves are not affected)")
+    with pytest.raises(JournalDamaged) as e:
+        Journal(path).history("volume-1")
+    assert str(e.value) == expected
+    # What the journal records is history: the work it records goes on without it.
+    j = Journal(path)
+    with j.run("volume-1", "snapshot", 1) as run:
+        run.created("volume-1@20261122T000000Z")
+    with pytest.raises(RuntimeError, match="the job's own failure"):
+        with j.run("volume-1", "prune", 1):
+            raise RuntimeError("the job's own failure")
+    assert str(j.failure) == expected
+
+
+def test_moving_the_damaged_journal_aside_starts_a_new_one(tmp_path):
+    path = tmp_path / "journal.db"
+    journal_damage.fill(path, runs=10)
+    journal_damage.damaged_pages(path)
+    path.rename(tmp_path / "journal.db.damaged")
+    j = Journal(path)
+    with j.run("home", "snapshot", 1):
+        pass
+    assert j.history("home").last_success is not None and j.failure is None
+
+
+def test_a_busy_journal_is_not_called_damaged(tmp_path, monkeypatch):
+    monkeypatch.setattr(journal, "BUSY_TIMEOUT_S", 0.2)
+    path = tmp_path / "journal.db"
+    Journal(path).history("x")
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    j = Journal(path)
+    with j.run("home", "snapshot", 1):
+        pass
+    assert isinstance(j.failure, JournalError) and not isinstance(j.failure, JournalDamaged)
+    assert str(j.failure) == f"journal {path} is busy: another process held it for over 0.2s"
+    holder.execute("ROLLBACK")
+
+
+def test_a_journal_that_cannot_be_created_says_why(tmp_path):
+    (tmp_path / "state").write_text("a file where the state directory should be")
+    j = Journal(tmp_path / "state" / "journal.db")
+    with pytest.raises(JournalError) as e:
+        j.history("x")
+    assert not isinstance(e.value, JournalDamaged)
+    assert str(e.value) == f"journal {tmp_path}/state/journal.db cannot be used: File exists: {tmp_path}/state"
 
 
 def _writer(path, volume, n):
@@ -46,12 +96,13 @@ def _writer(path, volume, n):
     for i in range(n):
         with j.run(volume, "snapshot", i) as run:
             run.created(f"{volume}@2026112{i % 10}T000000Z")
+    assert j.failure is None
     j.close()
 
 
 def test_concurrent_writers_do_not_corrupt_or_fail(tmp_path):
     path = tmp_path / "journal.db"
-    Journal(path).close()
+    Journal(path).history("x")
     procs = [multiprocessing.Process(target=_writer, args=(path, f"v{p}", 50)) for p in range(4)]
     for p in procs:
         p.start()
