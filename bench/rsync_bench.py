@@ -1,6 +1,10 @@
 #!/usr/bin/env python3
 """snapmgr's rsync backend against rsnapshot and bare rsync, side by side in one run.
 
+Contenders: snapmgr, snapmgr with `checksum = true`, rsnapshot, bare `rsync -a`, bare
+rsync with snapmgr's flags, and bare rsync with the flags snapmgr used before it added
+--sparse and --delete-excluded (so the cost of those two is measured, not assumed).
+
 A generated tree of FILES small files; before each round 1% of them change; then every
 contender takes one hardlink snapshot against its own previous one, in an order shuffled
 each round (a fixed rotation gave each contender the same predecessor every time, and
@@ -10,6 +14,7 @@ ratios of the medians.
 
     ./run bench                      # 100,000 files, 9 timed rounds
     ./run bench --files 20000 --rounds 3
+    ./run bench --cold               # each run starts with an empty page cache
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# What snapmgr's rsync backend runs (rsync.py), for the bare rsync to match.
+SNAPMGR_FLAGS = ["-aHAX", "--numeric-ids", "--delete", "--delete-excluded", "--sparse", "--stats"]
 
 
 def make_tree(root: Path, files: int, rng: random.Random) -> list[Path]:
@@ -47,6 +54,8 @@ def change(paths: list[Path], fraction: float, rng: random.Random) -> None:
 
 
 class Contender:
+    cold = False  # drop the page cache before each run, as after a reboot or a big job
+
     def __init__(self, name: str, work: Path):
         self.name, self.work = name, work
         self.times: list[float] = []
@@ -60,6 +69,8 @@ class Contender:
         # (syncfs) before naming a snapshot, and must pay for its own writes only, not
         # for the previous contender's.
         os.sync()
+        if self.cold:
+            Path("/proc/sys/vm/drop_caches").write_text("3\n")
         started = time.perf_counter()
         subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         elapsed = time.perf_counter() - started
@@ -80,12 +91,14 @@ class BareRsync(Contender):
 
 
 class Snapmgr(Contender):
-    def __init__(self, work: Path, source: Path):
-        super().__init__("snapmgr", work)
-        self.config = work / "snapmgr.toml"
+    def __init__(self, work: Path, source: Path, checksum: bool = False):
+        super().__init__("snapmgr checksum" if checksum else "snapmgr", work)
+        slug = self.name.replace(" ", "-")
+        self.config = work / f"{slug}.toml"
         self.config.write_text(
             f'[settings]\nstate_dir = "{work}/state"\nrun_dir = "{work}/run"\n\n'
-            f'[volumes.bench]\nbackend = "rsync"\nsource = "{source}"\nrepository = "{work}/snapmgr"\n')
+            f'[volumes.bench]\nbackend = "rsync"\nsource = "{source}"\nrepository = "{work}/{slug}"\n'
+            f'checksum = {"true" if checksum else "false"}\n')
         self.config.chmod(0o644)
 
     def argv(self, round_: int) -> list[str]:
@@ -117,7 +130,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=9, help="timed rounds after the warm-up")
     parser.add_argument("--changed", type=float, default=0.01, help="fraction of files changed per round")
     parser.add_argument("--dir", type=Path, help="work directory [default: a temporary one, removed after]")
+    parser.add_argument("--cold", action="store_true", help="drop the page cache before each run (needs root)")
     args = parser.parse_args()
+    Contender.cold = args.cold
     for program in ("rsync", "rsnapshot"):
         if not shutil.which(program):
             parser.error(f"{program} is not installed (./run bench installs it)")
@@ -137,8 +152,10 @@ def bench(work: Path, args) -> int:
     paths = make_tree(source, args.files, rng)
     contenders = [
         Snapmgr(work, source),
+        Snapmgr(work, source, checksum=True),
         BareRsync("rsync -a", work, source, ["-a"]),
-        BareRsync("rsync -aHAX", work, source, ["-aHAX", "--numeric-ids", "--delete", "--stats"]),
+        BareRsync("rsync same", work, source, SNAPMGR_FLAGS),
+        BareRsync("rsync before", work, source, [f for f in SNAPMGR_FLAGS if f not in ("--sparse", "--delete-excluded")]),
         Rsnapshot(work, source, args.rounds),
     ]
     for round_ in range(args.rounds + 1):
@@ -155,15 +172,15 @@ def bench(work: Path, args) -> int:
 
 def report(contenders: list[Contender], args) -> None:
     medians = {c.name: statistics.median(c.times) for c in contenders}
-    print(f"\n{args.files:,} files, {args.changed:.0%} changed per round, {args.rounds} rounds; "
-          f"wall seconds per snapshot")
-    print(f"{'contender':<14}{'median':>8}{'min':>8}{'max':>8}")
+    print(f"\n{args.files:,} files, {args.changed:.0%} changed per round, {args.rounds} rounds, "
+          f"{'cold' if args.cold else 'warm'} page cache; wall seconds per snapshot")
+    print(f"{'contender':<18}{'median':>8}{'min':>8}{'max':>8}")
     for c in contenders:
-        print(f"{c.name:<14}{medians[c.name]:>8.3f}{min(c.times):>8.3f}{max(c.times):>8.3f}")
-    print()
-    for base in ("rsync -a", "rsync -aHAX", "rsnapshot"):
-        print(f"snapmgr / {base:<12} = {medians['snapmgr'] / medians[base]:.3f}x")
-    print(f"rsnapshot / {'rsync -a':<10} = {medians['rsnapshot'] / medians['rsync -a']:.3f}x")
+        print(f"{c.name:<18}{medians[c.name]:>8.3f}{min(c.times):>8.3f}{max(c.times):>8.3f}")
+    print("\nrsync same: snapmgr's flags; rsync before: without --sparse --delete-excluded\n")
+    for a, b in (("snapmgr", "rsync same"), ("snapmgr", "rsync -a"), ("snapmgr", "rsnapshot"),
+                 ("snapmgr checksum", "snapmgr"), ("rsync same", "rsync before"), ("rsnapshot", "rsync -a")):
+        print(f"{a:>16} / {b:<12} = {medians[a] / medians[b]:.3f}x")
 
 
 if __name__ == "__main__":

@@ -179,7 +179,7 @@ def _progress(c: Context):
 
 def _describe(o: Outcome) -> str | None:
     if o.error:
-        return None  # reported on stderr by _exit_for
+        return None  # reported on stderr by _finish
     lines = [o.planned] if o.planned else []
     if o.created:
         lines.append(f"created {o.created.id}")
@@ -198,7 +198,7 @@ def _describe_prune(o: Outcome, dry_run: bool) -> str:
 
 def _finish(c: Context, outcomes: Sequence[Outcome], data: dict, human: str) -> None:
     """Show what a job did, then report its failures: each volume's, and the journal's
-    when what was done could not all be recorded."""
+    when the run could not all be recorded."""
     unrecorded = c.engine().journal_failure
     c.emit(data | {"results": [render.outcome_json(o) for o in outcomes],
                    "journal_error": str(unrecorded) if unrecorded else None}, human)
@@ -206,7 +206,7 @@ def _finish(c: Context, outcomes: Sequence[Outcome], data: dict, human: str) -> 
         click.echo("\r\033[K", nl=False, err=True)
     failures = [(f"volume {o.volume}: {o.error}", o.error) for o in outcomes if o.error]
     if unrecorded:
-        failures.append((f"done, but not recorded: {unrecorded}", unrecorded))
+        failures.append((f"this run was not recorded: {unrecorded}", unrecorded))
     for message, _ in failures:
         _error(message)
     if failures:

@@ -14,7 +14,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from snapmgr import schema, trust
 from snapmgr.backends import BACKENDS
-from snapmgr.errors import ConfigError, quote
+from snapmgr.errors import ConfigError, UsageError, quote
 from snapmgr.model import Policy
 from snapmgr.schema import Field, check_table, dotted
 
@@ -137,8 +137,12 @@ TOP = ("settings", "volumes", "retention", "quiesce", "groups", "schedules")
 
 
 def locate(option: str | None) -> Path:
-    """--config wins over $SNAPMGR_CONFIG, which wins over the default path."""
-    return Path(option or os.environ.get(ENV_VAR) or DEFAULT_PATH)
+    """--config wins over $SNAPMGR_CONFIG (unless empty), which wins over the default path."""
+    if option is None:
+        return Path(os.environ.get(ENV_VAR) or DEFAULT_PATH)
+    if not option or "\0" in option:
+        raise UsageError(f"--config {quote(option)} is not a path")
+    return Path(option)
 
 
 def load(path: Path) -> Config:
@@ -147,8 +151,7 @@ def load(path: Path) -> Config:
 
 def _read(path: Path) -> dict:
     try:
-        if os.geteuid() == 0:
-            trust.check_root_only(path)
+        trust.check(path)
         # O_NONBLOCK: opening a FIFO must not hang; it is refused below as not a file.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         with open(fd, "rb") as f:
@@ -167,6 +170,8 @@ def _read(path: Path) -> dict:
         raise ConfigError(path, None, f"is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(path, None, f"TOML syntax error: {e}") from None
+    except ValueError as e:  # tomllib's own limits, such as an integer of over 4300 digits
+        raise ConfigError(path, None, f"cannot be read as TOML: {str(e).split(';')[0]}") from None
     except RecursionError:
         raise ConfigError(path, None, "arrays or tables are nested too deeply") from None
 

@@ -51,7 +51,7 @@ def as_error(e: SnapmgrError | OSError) -> SnapmgrError:
     """An OSError (disk full, permission denied) as a snapmgr error naming its file."""
     if isinstance(e, SnapmgrError):
         return e
-    return SnapmgrError(f"{e.strerror or e}: {e.filename}" if e.filename else str(e.strerror or e))
+    return SnapmgrError(f"{e.strerror or e}: {quote(e.filename)}" if e.filename else str(e.strerror or e))
 
 
 class Interrupted(SnapmgrError):

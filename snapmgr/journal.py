@@ -6,10 +6,13 @@ a timer's run and a manual run write at once without corrupting or failing each 
 Recording is best effort: a snapshot matters more than its history, so a journal that
 cannot be written (damaged, disk full, read-only) never stops a snapshot, a prune or a
 delete. The first failure is kept in `failure` for the caller to report once the work is
-done. Reading the history raises it."""
+done; a damaged journal is not written again, other failures (busy, disk full) are
+retried at the next write. Reading the history raises it."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sqlite3
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,7 +20,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
-from snapmgr.errors import SnapmgrError
+from snapmgr import trust
+from snapmgr.errors import SnapmgrError, as_error
 
 BUSY_TIMEOUT_S = 30
 # Each entry upgrades the schema from version i to i + 1.
@@ -45,6 +49,7 @@ MIGRATIONS = (
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
+FULL_BELOW = 1 << 20  # free bytes under which a write error is most likely the full disk
 # SQLite's primary result codes that mean "not now" or "not here" rather than damage.
 _BUSY = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}
 _UNUSABLE = {sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_FULL,
@@ -137,13 +142,13 @@ class Journal:
     def _write(self, sql: str, params: tuple) -> int | None:
         """Run one statement in its own transaction; the new row's id, or None when the
         journal could not be written (then `failure` says why)."""
-        if self.failure is not None:
+        if isinstance(self.failure, JournalDamaged):
             return None
         try:
             with self._guard(), self._transaction(self._connection()) as db:
                 return db.execute(sql, params).lastrowid
         except JournalError as e:
-            self.failure = e
+            self.failure = self.failure or e
             return None
 
     # The database -----------------------------------------------------------------
@@ -151,6 +156,10 @@ class Journal:
     def _connection(self) -> sqlite3.Connection:
         if self._db is None:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            try:
+                trust.check(self.path.parent)  # root writes here, through whatever is on the way
+            except trust.Untrusted as e:
+                raise JournalError(f"journal {self.path} cannot be used: {self.path.parent}: {e}") from None
             db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
             try:
                 db.execute("PRAGMA journal_mode=WAL")
@@ -193,10 +202,14 @@ class Journal:
         db.execute("BEGIN IMMEDIATE")
         try:
             yield db
+            db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            # SQLite rolls back by itself on some errors (a full disk): a ROLLBACK then
+            # fails, and its error would hide the one that matters.
+            if db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
             raise
-        db.execute("COMMIT")
 
     @contextmanager
     def _guard(self) -> Iterator[None]:
@@ -209,10 +222,18 @@ class Journal:
                 raise JournalError(f"journal {self.path} is busy: another process held it for over "
                                    f"{BUSY_TIMEOUT_S}s") from None
             if code in _UNUSABLE:
-                raise JournalError(f"journal {self.path} cannot be used: {e}") from None
+                raise JournalError(f"journal {self.path} cannot be used: {e}{self._full()}") from None
             raise JournalDamaged(self.path, str(e)) from None
         except OSError as e:
-            raise JournalError(f"journal {self.path} cannot be used: {e.strerror}: {e.filename}") from None
+            raise JournalError(f"journal {self.path} cannot be used: {as_error(e)}") from None
+
+    def _full(self) -> str:
+        # SQLite reports a full filesystem as "disk I/O error" as often as "disk is full".
+        with contextlib.suppress(OSError):
+            fs = os.statvfs(self.path.parent)
+            if fs.f_bavail * fs.f_frsize < FULL_BELOW:
+                return f" ({self.path.parent} is on a full filesystem)"
+        return ""
 
 
 def _reference_schema() -> sqlite3.Connection:

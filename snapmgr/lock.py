@@ -17,9 +17,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from snapmgr.errors import LockBusy
+from snapmgr import trust
+from snapmgr.errors import LockBusy, SnapmgrError
 
 POLL_S = 0.1
+_OPEN = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW
 
 
 @contextmanager
@@ -28,6 +30,10 @@ def volume_lock(run_dir: Path, volume: str, wait: float) -> Iterator[int]:
     Yields the lock's descriptor."""
     lock_dir = run_dir / "locks"
     lock_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        trust.check(lock_dir)  # root creates and writes files here
+    except trust.Untrusted as e:
+        raise SnapmgrError(f"{lock_dir}: {e}") from None
     path = lock_dir / f"{volume}.lock"
     fd = _open(path)
     try:
@@ -41,19 +47,23 @@ def volume_lock(run_dir: Path, volume: str, wait: float) -> Iterator[int]:
 def _open(path: Path) -> int:
     """The lock file, created already holding a pid, so that it is never seen empty."""
     try:
-        return os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        return os.open(path, _OPEN)
     except FileNotFoundError:
         pass
     draft = path.with_name(f".{path.name}.{os.getpid()}")
-    fd = os.open(draft, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    _write_pid(fd)
+    draft.unlink(missing_ok=True)  # left by a killed run whose pid this one reuses
+    fd = os.open(draft, _OPEN | os.O_CREAT | os.O_EXCL, 0o600)
     try:
+        _write_pid(fd)
         os.link(draft, path)
     except FileExistsError:  # another run created it first: use theirs
         os.close(fd)
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        fd = os.open(path, _OPEN)
+    except BaseException:
+        os.close(fd)
+        raise
     finally:
-        os.unlink(draft)
+        draft.unlink()
     return fd
 
 
@@ -79,14 +89,37 @@ def _acquire(fd: int, path: Path, wait: float) -> None:
 
 
 def _holder(path: Path) -> str:
+    """The run that took the lock, by the pid it wrote; when that run has died, the
+    programs it started that still hold the lock."""
     try:
         pid = int(path.read_text().split("\n", 1)[0])
     except (OSError, ValueError):
-        return "pid unknown"
+        pid = None
+    holders = _holders(path)
+    if not holders or pid in holders:
+        return f"pid {pid or 'unknown'}"
+    return (f"pid {pid or 'unknown'}, which has exited; still held by "
+            + ", ".join(f"{name} (pid {p})" for p, name in sorted(holders.items())))
+
+
+def _holders(path: Path) -> dict[int, str]:
+    """pid -> command name of every process holding the flock on `path`. A descriptor
+    shares the lock when /proc/PID/fdinfo shows it; a waiter's own descriptor does not."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return f"pid {pid}, which has exited: a program it started is still finishing"
-    except PermissionError:
-        pass
-    return f"pid {pid}"
+        st = os.stat(path)
+    except OSError:
+        return {}
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            for fd in (proc / "fd").iterdir():
+                linked = os.stat(fd)
+                if (linked.st_dev, linked.st_ino) == (st.st_dev, st.st_ino) and \
+                        "FLOCK" in (proc / "fdinfo" / fd.name).read_text():
+                    found[int(proc.name)] = (proc / "comm").read_text().strip()
+                    break
+        except OSError:  # the process ended, or closed the descriptor, meanwhile
+            continue
+    return found

@@ -10,10 +10,13 @@ from typing import Sequence
 import click
 
 from snapmgr.engine import Outcome, VolumeStatus
+from snapmgr.errors import one_line
 from snapmgr.model import ForeignSnapshot, Snapshot
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Aligned columns, one line per row whatever a cell holds (an error quoting a path)."""
+    rows = [[one_line(str(c)) for c in row] for row in rows]
     widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows)]
 
     def line(cells: Sequence[str]) -> str:

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Sequence
 
 from snapmgr.errors import SnapmgrError, quote
 
@@ -94,13 +94,15 @@ def run(
     check: bool = True,
     capture: bool = True,
     on_stdout: Callable[[str], None] | None = None,
-    env: Mapping[str, str] | None = None,
+    holds_locks: bool = True,
 ) -> Completed:
     """Run argv and wait for it.
 
     capture=False lets the child write straight to our stdout/stderr (used by the demo).
     on_stdout receives each stdout chunk as it arrives (split on CR and LF, for progress).
-    env adds to (or overrides) snapmgr's own environment.
+    holds_locks=False keeps the descriptors of `holding` from the program: for programs
+    that close what they inherit anyway (LVM, with a warning), or that may rightly leave
+    a process running (one that starts a service).
     """
     argv = tuple(os.fspath(a) for a in argv)
     log.debug("run: %s", shlex.join(argv))
@@ -108,8 +110,7 @@ def run(
     try:
         proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=pipe, stderr=pipe,
-            start_new_session=True, preexec_fn=_die_with_parent, pass_fds=_held.get(),
-            env=None if env is None else {**os.environ, **env},
+            start_new_session=True, preexec_fn=_die_with_parent, pass_fds=_held.get() if holds_locks else (),
         )
     except FileNotFoundError:
         raise CommandNotFound(argv[0]) from None

@@ -88,9 +88,9 @@ def percent(value: Any) -> int:
 
 
 def lvm(argv: list, timeout: float) -> sh.Completed:
-    # LVM warns on stderr about every descriptor it inherits; the volume lock's is
-    # inherited on purpose (see lock.py).
-    return sh.run(argv, timeout=timeout, env={"LVM_SUPPRESS_FD_WARNINGS": "1"})
+    # LVM closes every descriptor it inherits, with a warning on stderr: the volume lock
+    # is of no use to it (its own VG lock orders its commands).
+    return sh.run(argv, timeout=timeout, holds_locks=False)
 
 
 def lvs(*selection: str) -> list[dict]:

@@ -13,6 +13,7 @@ from pathlib import Path, PurePosixPath
 from typing import Mapping
 
 from snapmgr import schema, sh
+from snapmgr.backends import rsync_filters
 from snapmgr.backends.base import Progress
 from snapmgr.backends.directory import DirectoryBackend, syncfs
 from snapmgr.errors import SnapmgrError, quote
@@ -26,7 +27,6 @@ RSYNC_VANISHED = 24  # "some files vanished before they could be transferred": n
 _STAT_RE = re.compile(r"^(Number of [a-z ]+|Total [a-z ]+size): ([\d,]+)", re.M)
 # rsync's own limit on a path below the source (MAXPATHLEN); it names the directory.
 _TOO_LONG_RE = re.compile(r"^filename overflows max-path len by \d+: (.+)/[^/\n]*$", re.M)
-_WILDCARDS = set("*?[\\")
 
 
 class RsyncBackend(DirectoryBackend):
@@ -48,11 +48,12 @@ class RsyncBackend(DirectoryBackend):
         if not repository.is_relative_to(source):
             return
         inside = PurePosixPath(repository.relative_to(source))
-        if not any(_excludes(pattern, inside) for pattern in options["exclude"]):
+        if not rsync_filters.surely_excluded(options["exclude"], inside):
+            rule = json.dumps(rsync_filters.anchored(inside), ensure_ascii=False)
             raise schema.InvalidKey(
-                "repository", f"{quote(repository)} is inside the source {quote(source)}, so every snapshot would copy all "
-                              f"earlier ones into itself; exclude it (exclude = [{json.dumps(f'/{inside}/')}]) "
-                              f"or move it out of the source")
+                "repository", f"{quote(repository)} is inside the source {quote(source)}, so every snapshot would "
+                              f"copy all earlier ones into itself; exclude it (exclude = [{rule}]) or move it out "
+                              f"of the source")
 
     @property
     def snapshot_dir(self) -> Path:
@@ -129,16 +130,6 @@ class RsyncBackend(DirectoryBackend):
         for leftover in leftovers:
             log.info("removing an interrupted copy: %s", leftover.name)
             shutil.rmtree(leftover)
-
-
-def _excludes(pattern: str, inside: PurePosixPath) -> bool:
-    """Whether the exclude pattern surely keeps `inside` (relative to the source) out of
-    a snapshot: an anchored pattern naming it or a directory above it, or a bare name of
-    one of them. A pattern with wildcards might match, or might not: it does not count."""
-    name = pattern.rstrip("/")
-    if _WILDCARDS & set(name):
-        return False
-    return any(name in (f"/{d}", d.name) for d in (inside, *inside.parents) if d.name)
 
 
 def _failure(result: sh.Completed) -> SnapmgrError:

@@ -1,5 +1,6 @@
 """The CLI as users and scripts meet it: exit codes, one-line errors, --json, dry runs."""
 
+import contextlib
 import os
 import pty
 import sqlite3
@@ -10,7 +11,7 @@ import pytest
 from snapmgr.cli import main
 from snapmgr.engine import Engine
 from tests import journal_damage
-from tests.integration.helpers import make_tree
+from tests.integration.helpers import make_tree, needs_root
 
 
 def one_line_error(r, code: int) -> str:
@@ -141,11 +142,11 @@ def test_one_failing_volume_does_not_stop_the_others(ws, tmp_path):
     ws.write_config({"bad": {"backend": "rsync", "source": ws.source, "repository": bad},
                      "good": {"backend": "rsync", "source": ws.source, "repository": good}})
     r = ws.run("snapshot")
-    assert f"volume bad: Not a directory: {bad}" in one_line_error(r, 1)
+    assert f"volume bad: Not a directory: '{bad}'" in one_line_error(r, 1)
     assert r.stdout.startswith("created good@")
     status = {v["volume"]: v for v in ws.ok("--json", "status").json()["volumes"]}
     assert (status["bad"]["state"], status["good"]["state"]) == ("failing", "ok")
-    assert status["bad"]["snapshots"] is None and status["bad"]["last_error"] == f"Not a directory: {bad}"
+    assert status["bad"]["snapshots"] is None and status["bad"]["last_error"] == f"Not a directory: '{bad}'"
     human = ws.ok("status").stdout.splitlines()
     assert human[1].split()[:4] == ["bad", "rsync", "failing", "?"]
 
@@ -203,7 +204,7 @@ def test_a_damaged_journal_is_one_line_and_never_stops_a_snapshot(ws, damage, de
         assert one_line_error(r, 1) == f"snapmgr: error: {damaged}" and r.stdout == ""
     # The snapshot is the data that matters: it is taken, and the run says it went unrecorded.
     r = ws.run("--json", "snapshot", "--tag", "hourly", "--prune")
-    assert one_line_error(r, 1) == f"snapmgr: error: done, but not recorded: {damaged}"
+    assert one_line_error(r, 1) == f"snapmgr: error: this run was not recorded: {damaged}"
     [result] = r.json()["results"]
     assert result["ok"] and r.json()["journal_error"] == damaged
     assert ws.snapshots() == [result["created"]["id"]]
@@ -227,3 +228,38 @@ def test_a_bug_is_still_one_line_with_its_own_exit_code(ws, monkeypatch, capsys)
                                        "(a bug in snapmgr; --debug shows where)\n")
     with pytest.raises(ZeroDivisionError):
         main(["--config", str(ws.config), "--debug", "list"])
+
+
+@needs_root
+def test_a_full_disk_under_the_journal_is_called_full_not_damaged(ws):
+    make_tree(ws.source, files=3)
+    state = ws.root / "state"
+    state.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k,mode=0700", "tmpfs", state], check=True)
+    try:
+        ws.ok("snapshot")
+        with contextlib.suppress(OSError), open(state / "filler", "wb") as f:
+            while True:
+                f.write(b"\0" * 4096)
+                f.flush()
+        r = ws.run("--json", "snapshot")
+        line = one_line_error(r, 1)
+        assert line.startswith(f"snapmgr: error: this run was not recorded: journal {state}/journal.db cannot be "
+                               f"used: ") and line.endswith(f" ({state} is on a full filesystem)"), line
+        assert r.json()["results"][0]["ok"] and len(ws.snapshots()) == 2
+        (state / "filler").unlink()
+        ws.ok("snapshot")  # recording works again once there is room: nothing was called damaged
+        assert ws.ok("--json", "status").json()["volumes"][0]["snapshots"] == 3
+    finally:
+        subprocess.run(["umount", state], check=True)
+
+
+def test_the_status_table_keeps_one_line_per_volume(ws):
+    odd = ws.root / "odd\nname"
+    odd.write_text("a file where the repository's parent should be")
+    ws.write_config({"odd": {"backend": "rsync", "source": ws.source, "repository": odd / "repo"},
+                     "data": {"backend": "rsync", "source": ws.source, "repository": ws.repo}})
+    r = ws.ok("status")
+    rows = r.stdout.splitlines()
+    assert len(rows) == 3 and rows[1].split()[:3] == ["odd", "rsync", "failing"], r.stdout
+    assert "odd\\nname" in rows[1]

@@ -202,6 +202,11 @@ BAD = [
      "volumes.home.repository", "is the source itself"),
     ("repository excluded by a wildcard only", replace('repository = "{repo}"', 'repository = "{src}/.snaps"')
      .replace('exclude = ["*.tmp"]', 'exclude = ["/.snap*"]'), "volumes.home.repository", 'exclude = ["/.snaps/"]'),
+    *[(f"repository exclude undone by {how}", replace('repository = "{repo}"', 'repository = "{src}/.snaps"')
+       .replace('exclude = ["*.tmp"]', f"exclude = {rules}"), "volumes.home.repository", 'exclude = ["/.snaps/"]')
+      for how, rules in (("a clear", '["/.snaps/", "!"]'), ("an include", '["+ /.snaps/", "/.snaps/"]'))],
+    ("repository with a wildcard in its name", replace('repository = "{repo}"', 'repository = "{src}/snap[1]"'),
+     "volumes.home.repository", 'exclude = ["/snap\\\\[1]/"]'),
 ]
 
 
@@ -236,7 +241,7 @@ def test_locate_prefers_option_then_env(monkeypatch):
     assert config.locate("/opt.toml") == Path("/opt.toml")
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="the ownership rule applies only when running as root")
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give files to another user")
 @pytest.mark.parametrize("owner,mode,reason", [
     (65534, 0o644, "is owned by uid 65534, not root"),
     (0, 0o664, "is writable by group or others (mode 0664)"),
@@ -278,7 +283,7 @@ def test_a_fifo_is_refused_without_waiting_for_a_writer(tmp_path):
     assert str(outcome[0].value) == f"{fifo}: is not a regular file"
 
 
-root_only = pytest.mark.skipif(os.geteuid() != 0, reason="the ownership rules apply only when running as root")
+root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give files to another user")
 NOBODY = 65534
 
 

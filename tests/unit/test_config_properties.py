@@ -102,9 +102,14 @@ retention = "default"
 """
 
 
+# Fragments that reach the limits of the parser itself, beside arbitrary bytes.
+FRAGMENTS = [b"\nx = " + b"1" * 5000 + b"\n", b"\nx = " + b"[" * 3000, b"\xff\xfe", b"\x00", b"\n[[volumes]]\n",
+             b'\n"\\uD800" = 1\n', b"\nx = 1979-05-27T07:32:00Z\n"]
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(at=st.integers(0, len(GOOD)), junk=st.binary(max_size=12) | st.text(max_size=12).map(str.encode),
-       cut=st.booleans())
+@given(at=st.integers(0, len(GOOD)), cut=st.booleans(),
+       junk=st.binary(max_size=12) | st.text(max_size=12).map(str.encode) | st.sampled_from(FRAGMENTS))
 def test_any_bytes_load_or_are_one_config_error(place, at, junk, cut):
     good = GOOD.format(src=place / "src").encode()
     check(place, good[:at] + junk + (b"" if cut else good[at:]))

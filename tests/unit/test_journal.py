@@ -88,7 +88,7 @@ def test_a_journal_that_cannot_be_created_says_why(tmp_path):
     with pytest.raises(JournalError) as e:
         j.history("x")
     assert not isinstance(e.value, JournalDamaged)
-    assert str(e.value) == f"journal {tmp_path}/state/journal.db cannot be used: File exists: {tmp_path}/state"
+    assert str(e.value) == f"journal {tmp_path}/state/journal.db cannot be used: File exists: '{tmp_path}/state'"
 
 
 def _writer(path, volume, n):
@@ -96,13 +96,15 @@ def _writer(path, volume, n):
     for i in range(n):
         with j.run(volume, "snapshot", i) as run:
             run.created(f"{volume}@2026112{i % 10}T000000Z")
-    assert j.failure is None
+    assert j.failure is None, repr(j.failure)
     j.close()
 
 
 def test_concurrent_writers_do_not_corrupt_or_fail(tmp_path):
     path = tmp_path / "journal.db"
-    Journal(path).history("x")
+    first = Journal(path)
+    first.history("x")
+    first.close()  # an SQLite connection must not be open across fork(): the writers fork from here
     procs = [multiprocessing.Process(target=_writer, args=(path, f"v{p}", 50)) for p in range(4)]
     for p in procs:
         p.start()
@@ -113,3 +115,18 @@ def test_concurrent_writers_do_not_corrupt_or_fail(tmp_path):
     assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     assert db.execute("SELECT count(*) FROM runs WHERE status = 'ok'").fetchone()[0] == 200
     assert db.execute("SELECT count(*) FROM snapshot_events").fetchone()[0] == 200
+
+
+def test_a_full_database_is_reported_full_not_damaged(tmp_path):
+    # SQLite rolls back by itself when it runs out of room; the ROLLBACK that followed
+    # failed ("no transaction is active") and was reported as damage.
+    j = Journal(tmp_path / "journal.db")
+    j.history("x")
+    pages = j._db.execute("PRAGMA page_count").fetchone()[0]
+    j._db.execute(f"PRAGMA max_page_count = {pages + 1}")
+    for i in range(300):
+        with j.run("home", "snapshot", i) as run:
+            run.created(f"home@20261121T{i % 24:02d}0000Z")
+    assert isinstance(j.failure, JournalError) and not isinstance(j.failure, JournalDamaged)
+    assert "database or disk is full" in str(j.failure)
+    assert j.history("home").last_success is not None  # what fitted is there, and readable

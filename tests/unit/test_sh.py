@@ -84,3 +84,19 @@ def test_children_die_with_their_parent(tmp_path):
     else:
         os.kill(child, 9)
         pytest.fail("the child outlived its parent")
+
+
+def test_programs_inherit_the_held_descriptors_unless_told_not_to(tmp_path):
+    fd = os.open(tmp_path / "held", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC)
+    try:
+        def inherited(**kwargs) -> set[str]:
+            listing = sh.run(["ls", "-l", "/proc/self/fd"], **kwargs).stdout
+            return {line.rsplit(" ", 1)[-1] for line in listing.splitlines()}
+        held = str(tmp_path / "held")
+        assert held not in inherited()
+        with sh.holding(fd):
+            assert held in inherited()
+            assert held not in inherited(holds_locks=False)
+        assert held not in inherited()
+    finally:
+        os.close(fd)
