@@ -189,7 +189,8 @@ class Journal:
     def _check_schema(self, db: sqlite3.Connection) -> None:
         """Every table and column the migrations make must be there: a journal copied from
         elsewhere or edited by hand can carry the right version and the wrong tables."""
-        missing = _columns(_reference_schema()) - _columns(db)
+        with contextlib.closing(_reference_schema()) as reference:
+            missing = _columns(reference) - _columns(db)
         if missing:
             table, column = min(missing)  # a missing table sorts before its columns
             raise JournalDamaged(self.path, f"no table {table}" if column == "*"
