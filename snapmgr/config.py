@@ -14,7 +14,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from snapmgr import schema, trust
 from snapmgr.backends import BACKENDS
-from snapmgr.errors import ConfigError, UsageError, quote
+from snapmgr.errors import ConfigError, UsageError, as_error, quote
 from snapmgr.model import Policy
 from snapmgr.schema import Field, check_table, dotted
 
@@ -165,7 +165,7 @@ def _read(path: Path) -> dict:
     except IsADirectoryError:
         raise ConfigError(path, None, "is a directory, not a config file") from None
     except OSError as e:
-        raise ConfigError(path, None, f"cannot be read: {e.strerror}" + (f": {e.filename}" if e.filename else "")) from None
+        raise ConfigError(path, None, f"cannot be read: {as_error(e)}") from None
     except UnicodeDecodeError as e:
         raise ConfigError(path, None, f"is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
     except tomllib.TOMLDecodeError as e:

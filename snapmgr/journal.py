@@ -12,6 +12,7 @@ retried at the next write. Reading the history raises it."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sqlite3
 from contextlib import contextmanager
@@ -189,8 +190,7 @@ class Journal:
     def _check_schema(self, db: sqlite3.Connection) -> None:
         """Every table and column the migrations make must be there: a journal copied from
         elsewhere or edited by hand can carry the right version and the wrong tables."""
-        with contextlib.closing(_reference_schema()) as reference:
-            missing = _columns(reference) - _columns(db)
+        missing = _expected_columns() - _columns(db)
         if missing:
             table, column = min(missing)  # a missing table sorts before its columns
             raise JournalDamaged(self.path, f"no table {table}" if column == "*"
@@ -237,11 +237,13 @@ class Journal:
         return ""
 
 
-def _reference_schema() -> sqlite3.Connection:
-    db = sqlite3.connect(":memory:")
-    for script in MIGRATIONS:
-        db.executescript(script)
-    return db
+@functools.cache
+def _expected_columns() -> frozenset[tuple[str, str]]:
+    """What the migrations make, read from a database they built in memory."""
+    with contextlib.closing(sqlite3.connect(":memory:")) as db:
+        for script in MIGRATIONS:
+            db.executescript(script)
+        return frozenset(_columns(db))
 
 
 def _columns(db: sqlite3.Connection) -> set[tuple[str, str]]:

@@ -49,11 +49,10 @@ class RsyncBackend(DirectoryBackend):
             return
         inside = PurePosixPath(repository.relative_to(source))
         if not rsync_filters.surely_excluded(options["exclude"], inside):
-            rule = json.dumps(rsync_filters.anchored(inside), ensure_ascii=False)
             raise schema.InvalidKey(
                 "repository", f"{quote(repository)} is inside the source {quote(source)}, so every snapshot would "
-                              f"copy all earlier ones into itself; exclude it (exclude = [{rule}]) or move it out "
-                              f"of the source")
+                              f"copy all earlier ones into itself; exclude it ({_exclude_advice(inside)}) or move "
+                              f"it out of the source")
 
     @property
     def snapshot_dir(self) -> Path:
@@ -137,8 +136,13 @@ def _failure(result: sh.Completed) -> SnapmgrError:
     it is excluded, so that error says how."""
     if m := _TOO_LONG_RE.search(result.stderr):
         return SnapmgrError(f"a path in the source is longer than rsync can copy (4096 bytes); exclude its "
-                            f"directory (exclude = [{json.dumps(f'/{m[1]}/', ensure_ascii=False)}]) or shorten it")
+                            f"directory ({_exclude_advice(PurePosixPath(m[1]))}) or shorten it")
     return sh.CommandError(result.argv, result.returncode, result.stderr)
+
+
+def _exclude_advice(inside: PurePosixPath) -> str:
+    """The config line that leaves `inside` (relative to the source) out, as TOML."""
+    return f"exclude = [{json.dumps(rsync_filters.anchored(inside), ensure_ascii=False)}]"
 
 
 def _progress_lines_only(progress: Progress) -> Progress:
