@@ -17,9 +17,12 @@ import click
 from snapmgr import config as configuration
 from snapmgr import render
 from snapmgr.engine import Engine, Outcome
+from snapmgr.journal import JournalError
 from snapmgr.errors import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_SOFTWARE, EXIT_USAGE, Interrupted, SnapmgrError,
                             UsageError, as_error, one_line, quote)
 from snapmgr.model import NAME_RULE, is_valid_name
+
+log = logging.getLogger("snapmgr")
 
 
 @dataclass
@@ -29,9 +32,17 @@ class Context:
     quiet: bool
     _engine: Engine | None = None
 
-    def engine(self) -> Engine:
+    def engine(self, recover: bool = True) -> Engine:
+        """The engine; first, whatever an interrupted quiesce window left paused is
+        resumed (every command does it, so nothing waits for an explicit recover)."""
         if self._engine is None:
             self._engine = Engine(configuration.load(configuration.locate(self.config_option)))
+            if recover:
+                try:
+                    for line in self._engine.recover():
+                        log.warning("%s", line)
+                except JournalError as e:
+                    log.debug("no recovery of interrupted windows: %s", e)
         return self._engine
 
     def emit(self, data: dict, human: str | None) -> None:
@@ -64,16 +75,20 @@ def cli(ctx: click.Context, config_option, as_json, verbose, quiet, debug):
 
 @cli.command()
 @click.argument("volumes", nargs=-1)
+@click.option("--group", "-g", metavar="GROUP", help="Snapshot every volume of GROUP inside one quiesce window.")
 @click.option("--tag", "-t", "tags", multiple=True, metavar="TAG",
               help="Tag the snapshot (repeatable) [default: manual, which prune never removes].")
 @click.option("--prune", is_flag=True, help="Apply the volume's retention policy afterwards.")
 @click.option("--dry-run", "-n", is_flag=True, help="Say what would be done; change nothing.")
 @pass_ctx
-def snapshot(c: Context, volumes, tags, prune, dry_run):
-    """Take a snapshot of VOLUMES (all volumes when none are named)."""
+def snapshot(c: Context, volumes, group, tags, prune, dry_run):
+    """Take a snapshot of VOLUMES (all volumes when none are named), quiescing their
+    services around it."""
     for tag in tags:
         _check_tag(tag)
-    outcomes = c.engine().snapshot(volumes, tags, prune, dry_run, _progress(c))
+    if group is not None and volumes:
+        raise UsageError("name volumes or --group, not both")
+    outcomes = c.engine().snapshot(volumes, tags, prune, dry_run, _progress(c), group)
     _finish(c, outcomes, {}, "\n".join(filter(None, (_describe(o) for o in outcomes))))
 
 
@@ -117,6 +132,15 @@ def status(c: Context, volumes):
     statuses = c.engine().status(volumes)
     now = datetime.now(timezone.utc)
     c.emit({"volumes": [render.status_json(s, now) for s in statuses]}, render.status_table(statuses, now))
+
+
+@cli.command()
+@pass_ctx
+def recover(c: Context):
+    """Resume whatever an interrupted quiesce window left paused (also done by every
+    other command, and at boot)."""
+    told = c.engine(recover=False).recover()
+    c.emit({"recovered": told}, "\n".join(told) or "nothing to recover")
 
 
 @cli.group("config")

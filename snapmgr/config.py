@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from snapmgr import schema, trust
+from snapmgr import quiesce, schema, trust
 from snapmgr.backends import BACKENDS
 from snapmgr.errors import ConfigError, UsageError, as_error, quote
 from snapmgr.model import Policy
@@ -41,18 +41,11 @@ class Volume:
 
 
 @dataclass(frozen=True)
-class Quiescer:
-    name: str
-    kind: str
-    timeout: timedelta
-    options: Mapping[str, Any]
-
-
-@dataclass(frozen=True)
 class Group:
     name: str
     volumes: tuple[str, ...]
     quiesce: tuple[str, ...]
+    max_window: timedelta
 
 
 @dataclass(frozen=True)
@@ -73,7 +66,7 @@ class Config:
     settings: Settings
     volumes: dict[str, Volume]
     policies: dict[str, Policy]
-    quiescers: dict[str, Quiescer] = field(default_factory=dict)
+    quiescers: dict[str, quiesce.Spec] = field(default_factory=dict)
     groups: dict[str, Group] = field(default_factory=dict)
     schedules: dict[str, Schedule] = field(default_factory=dict)
 
@@ -105,25 +98,15 @@ VOLUME = {
     "tags": Field(schema.names, default=()),
     "quiesce": Field(schema.names, default=()),
 }
-# Quiescers arrive in a later release; their tables are checked now so that a config
-# written today keeps working, and a typo is caught today.
+DEFAULT_MAX_WINDOW = timedelta(seconds=60)
+# The keys of every [quiesce.NAME] table; each kind adds its own (quiesce.KINDS).
 QUIESCE_COMMON = {"kind": Field(schema.string, required=True),
-                  "timeout": Field(schema.duration, default=timedelta(seconds=60))}
-QUIESCE_KINDS = {
-    "command": {"pre": Field(schema.argv, required=True), "post": Field(schema.argv)},
-    "systemd": {"units": Field(schema.list_of(schema.string, non_empty=True), required=True),
-                "mode": Field(schema.choice("stop", "freeze"), default="stop")},
-    "fsfreeze": {"mountpoints": Field(schema.list_of(schema.existing_dir, non_empty=True), required=True)},
-    "sqlite": {"databases": Field(schema.list_of(schema.path(must_exist=True), non_empty=True), required=True)},
-    "postgres": {"host": Field(schema.string, default="/var/run/postgresql"), "port": Field(schema.port, default=5432),
-                 "user": Field(schema.string, default="postgres"), "dbname": Field(schema.string, default="postgres")},
-    "mysql": {"socket": Field(schema.path(), default=Path("/run/mysqld/mysqld.sock")),
-              "user": Field(schema.string, default="root")},
-    "redis": {"host": Field(schema.string, default="127.0.0.1"), "port": Field(schema.port, default=6379),
-              "password_file": Field(schema.path(must_exist=True))},
-}
+                  "timeout": Field(schema.duration, default=timedelta(seconds=60)),
+                  "required": Field(schema.boolean, default=True),
+                  "max_window": Field(schema.duration, default=DEFAULT_MAX_WINDOW)}
 GROUP = {"volumes": Field(schema.list_of(schema.name, non_empty=True), required=True),
-         "quiesce": Field(schema.names, default=())}
+         "quiesce": Field(schema.names, default=()),
+         "max_window": Field(schema.duration, default=DEFAULT_MAX_WINDOW)}
 SCHEDULE = {
     "on_calendar": Field(schema.string, required=True),
     "volumes": Field(schema.names, default=()),
@@ -209,11 +192,12 @@ def _policy(path: Path, name: str, table: Any) -> dict:
     return values
 
 
-def _quiescer(path: Path, name: str, table: Any) -> Quiescer:
+def _quiescer(path: Path, name: str, table: Any) -> quiesce.Spec:
     where = ("quiesce", name)
-    kind = _discriminator(path, where, table, "kind", QUIESCE_KINDS)
-    values = check_table(path, where, table, QUIESCE_COMMON | QUIESCE_KINDS[kind])
-    return Quiescer(name, kind, values.pop("timeout"), {k: v for k, v in values.items() if k != "kind"})
+    kind = _discriminator(path, where, table, "kind", quiesce.KINDS)
+    values = check_table(path, where, table, QUIESCE_COMMON | quiesce.KINDS[kind].options)
+    common = {k: values.pop(k) for k in QUIESCE_COMMON}
+    return quiesce.Spec(name, kind, common["timeout"], common["required"], common["max_window"], values)
 
 
 def _volume(path: Path, name: str, table: Any, policies: dict, quiescers: dict) -> Volume:

@@ -7,20 +7,25 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections import defaultdict
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Callable, Iterable
 
-from snapmgr import retention, sh
+from snapmgr import quiesce, retention, sh
 from snapmgr.backends import BACKENDS
 from snapmgr.backends.base import Backend, Progress
-from snapmgr.config import Config, Volume
-from snapmgr.errors import SnapmgrError, UsageError, as_error, quote
-from snapmgr.journal import Journal, JournalError, VolumeHistory
+from snapmgr.config import Config, Group, Volume
+from snapmgr.errors import Interrupted, LockBusy, SnapmgrError, UsageError, as_error, quote
+from snapmgr.journal import Journal, JournalError, Run, VolumeHistory
 from snapmgr.lock import volume_lock
 from snapmgr.model import ForeignSnapshot, Snapshot, SnapshotId
+from snapmgr.quiesce.watchdog import Watchdog, perform_all
+from snapmgr.quiesce.window import Window, WindowOverrun
+from snapmgr.records import Records
 from snapmgr.schema import did_you_mean
 
 log = logging.getLogger(__name__)
@@ -84,10 +89,21 @@ class Engine:
     # Jobs ----------------------------------------------------------------------------
 
     def snapshot(self, names: Iterable[str], tags: Iterable[str] = (), prune: bool = False,
-                 dry_run: bool = False, progress: Progress | None = None) -> list[Outcome]:
+                 dry_run: bool = False, progress: Progress | None = None, group: str | None = None) -> list[Outcome]:
+        """Snapshot each named volume in a window of its own, or every member of `group`
+        inside one window."""
         tags = frozenset(tags) or frozenset({DEFAULT_TAG})
-        return [self._each(v, lambda o, v=v: self._snapshot(v, tags, prune, dry_run, progress, o))
-                for v in self.volumes(names)]
+        if group is not None:
+            g = self.group(group)
+            return self._snapshot_together(self.volumes(g.volumes), g, tags, prune, dry_run, progress)
+        return [o for v in self.volumes(names)
+                for o in self._snapshot_together([v], None, tags, prune, dry_run, progress)]
+
+    def group(self, name: str) -> Group:
+        if name not in self.config.groups:
+            raise UsageError(f"unknown group {quote(name)}" + did_you_mean(name, self.config.groups)
+                             + f" (configured in {self.config.path}: {', '.join(self.config.groups) or 'none'})")
+        return self.config.groups[name]
 
     def prune(self, names: Iterable[str], dry_run: bool = False) -> list[Outcome]:
         return [self._each(v, lambda o, v=v: self._prune(v, dry_run, o)) for v in self.volumes(names)]
@@ -104,7 +120,16 @@ class Engine:
         return [self._each(v, lambda o, v=v: self._delete(v, wanted[v.name], dry_run, o)) for v in volumes]
 
     def list(self, names: Iterable[str] = ()) -> list[Snapshot]:
-        return sorted((s for v in self.volumes(names) for s in self.backend(v).list()), key=lambda s: s.id)
+        return sorted((s for v in self.volumes(names) for s in self._listed(v)), key=lambda s: s.id)
+
+    def _listed(self, volume: Volume) -> list[Snapshot]:
+        """The backend's snapshots, with their records."""
+        backend = self.backend(volume)
+        records = self._records(backend)
+        return [replace(s, record=records.read(s.id)) for s in backend.list()]
+
+    def _records(self, backend: Backend) -> Records:
+        return Records(backend.records_dir(self.config.settings.state_dir))
 
     def foreign(self, names: Iterable[str] = ()) -> list[ForeignSnapshot]:
         return sorted((f for v in self.volumes(names) for f in self.backend(v).foreign()),
@@ -115,7 +140,7 @@ class Engine:
         for volume in self.volumes(names):
             history = self.journal.history(volume.name)
             try:
-                snapshots = self.backend(volume).list()
+                snapshots = self._listed(volume)
             except (SnapmgrError, OSError) as e:
                 statuses.append(VolumeStatus(volume.name, volume.backend, None, None, history, str(as_error(e))))
                 continue
@@ -126,14 +151,39 @@ class Engine:
                                          problem, tuple(str(s.id) for s in invalid)))
         return statuses
 
+    def recover(self) -> list[str]:
+        """Resume what interrupted quiesce windows left paused, and tell, once, of each
+        window that its snapmgr did not close itself: one line per window."""
+        told = []
+        for w in self.journal.unsettled_windows():
+            if w.status == "open":
+                try:
+                    with ExitStack() as locks:
+                        for volume in sorted(w.volumes):
+                            locks.enter_context(volume_lock(self.config.settings.run_dir, volume, 0))
+                        done = perform_all(list(reversed(w.plan)), inherited_fds=False)
+                except LockBusy:
+                    continue  # its snapmgr, or its watchdog, is still at work
+                detail = "recovered now: " + ("; ".join(done) or "nothing was left to resume")
+                self.journal.window_ended(w.id, "recovered", detail)
+            else:
+                detail = w.detail or w.status
+            told.append(f"the quiesce window of {', '.join(w.volumes)} opened by pid {w.pid} at "
+                        f"{w.started:%Y-%m-%d %H:%M:%S} UTC was not closed by its run; {detail}")
+            self.journal.window_reported(w.id)
+        return told
+
     # One volume -------------------------------------------------------------------------
 
     def _each(self, volume: Volume, job: Callable[[Outcome], None]) -> Outcome:
-        outcome = Outcome(volume.name)
+        return self._each_into(Outcome(volume.name), job)
+
+    @staticmethod
+    def _each_into(outcome: Outcome, job: Callable[[Outcome], None]) -> Outcome:
         try:
             job(outcome)
         except (SnapmgrError, OSError) as e:
-            log.debug("volume %s failed", volume.name, exc_info=True)
+            log.debug("volume %s failed", outcome.volume, exc_info=True)
             outcome.error = as_error(e)
         return outcome
 
@@ -145,21 +195,106 @@ class Engine:
         with volume_lock(settings.run_dir, volume.name, settings.lock_wait.total_seconds()) as fd, sh.holding(fd):
             yield
 
-    def _snapshot(self, volume: Volume, tags: frozenset[str], prune: bool, dry_run: bool,
-                  progress: Progress | None, outcome: Outcome) -> None:
-        backend = self.backend(volume)
-        with self._locked(volume):
-            sid = SnapshotId.next_free(volume.name, self.clock(), (s.id for s in backend.list()))
-            if dry_run:
-                outcome.planned = f"would create {sid}: {backend.plan_create(sid)}"
-            else:
-                with self.journal.run(volume.name, "snapshot", os.getpid()) as run:
-                    # Quiescers (a later release) wrap exactly this call: services are
-                    # paused for the create alone, never for recording or pruning.
-                    outcome.created = backend.create(sid, tags | volume.tags, progress)
-                    run.created(str(sid))
-            if prune:
-                self._prune_locked(volume, backend, dry_run, outcome)
+    def _snapshot_together(self, volumes: list[Volume], group: Group | None, tags: frozenset[str], prune: bool,
+                           dry_run: bool, progress: Progress | None) -> list[Outcome]:
+        outcomes = [Outcome(v.name) for v in volumes]
+        try:
+            with ExitStack() as locks:
+                # One fixed order: two overlapping groups never wait for each other.
+                for volume in sorted(volumes, key=lambda v: v.name):
+                    locks.enter_context(self._locked(volume))
+                self._take(volumes, group, tags, dry_run, progress, outcomes)
+                if prune:
+                    for volume, outcome in zip(volumes, outcomes):
+                        if outcome.error is None:
+                            self._each_into(outcome, lambda o, v=volume: self._prune_locked(
+                                v, self.backend(v), dry_run, o))
+        except (SnapmgrError, OSError) as e:
+            log.debug("snapshot of %s failed", ", ".join(v.name for v in volumes), exc_info=True)
+            for outcome in outcomes:
+                outcome.error = outcome.error or as_error(e)
+        return outcomes
+
+    def _take(self, volumes: list[Volume], group: Group | None, tags: frozenset[str], dry_run: bool,
+              progress: Progress | None, outcomes: list[Outcome]) -> None:
+        """Stage every volume, then take them all inside one quiesce window, then record."""
+        backends = [self.backend(v) for v in volumes]
+        now = self.clock()
+        ids = [SnapshotId.next_free(v.name, now, (s.id for s in b.list())) for v, b in zip(volumes, backends)]
+        window = self._window(volumes, backends, ids, group, dry_run)
+        if dry_run:
+            quiesce_plan = "; ".join(f"{q.name}: {q.describe()}" for q in window.quiescers) or "none"
+            for outcome, backend, sid in zip(outcomes, backends, ids):
+                outcome.planned = f"would create {sid}: {backend.plan_create(sid)} (quiesce: {quiesce_plan})"
+            return
+        pid = os.getpid()
+        runs = [self.journal.begin(v.name, "snapshot", pid) for v in volumes]
+        try:
+            takes = [b.stage(sid, tags | v.tags, progress, prepass=bool(window.quiescers))
+                     for v, b, sid in zip(volumes, backends, ids)]
+            results = self._hold(window, volumes, group, takes)
+        except BaseException as e:
+            for run in runs:
+                run.finish(e)
+            raise
+        meta = window.report.as_meta() | {"group": group.name if group else None}
+        for outcome, run, backend, result in zip(outcomes, runs, backends, results):
+            outcome.error = self._record(run, backend, result, meta, window.report.resume_failures)
+            if isinstance(result, Snapshot):
+                outcome.created = replace(result, record=meta)
+
+    def _window(self, volumes: list[Volume], backends: list[Backend], ids: list[SnapshotId], group: Group | None,
+                dry_run: bool) -> Window:
+        """The quiescers of the group, then each volume's own, each once."""
+        names = list(dict.fromkeys([*(group.quiesce if group else ()), *(q for v in volumes for q in v.quiesce)]))
+        specs = [self.config.quiescers[n] for n in names]
+        settings = self.config.settings
+        busy = {f"state_dir {settings.state_dir}": settings.state_dir, f"run_dir {settings.run_dir}": settings.run_dir,
+                f"snapmgr's Python {sys.prefix}": Path(sys.prefix), "snapmgr itself": Path(__file__).parent}
+        busy |= {f"{b.volume}'s snapshots, at {p}": p for b in backends for p in b.written_paths()}
+        context = quiesce.Context(self.config.path, tuple(v.name for v in volumes), tuple(map(str, ids)), dry_run, busy)
+        limits = [s.max_window for s in specs] + ([group.max_window] if group else [])
+        return Window([quiesce.KINDS[s.kind](s, context) for s in specs],
+                      min(limits, default=timedelta(0)).total_seconds())
+
+    def _hold(self, window: Window, volumes: list[Volume], group: Group | None,
+              takes: list[Callable[[], Snapshot]]) -> list[Snapshot | SnapmgrError]:
+        """Each take() inside the window: a snapshot, or the error that stopped it."""
+        def take_all():
+            return [_attempt(take) for take in takes]
+        if not window.quiescers:
+            return take_all()
+        try:
+            window.open()
+            plan = window.plan()
+            window_id = self.journal.window_opened([v.name for v in volumes], group and group.name, os.getpid(), plan)
+            watchdog = Watchdog({"main": os.getpid(), "max_window": window.max_window, "steps": plan,
+                                 "journal": str(self.journal.path), "window": window_id}, window.descriptors())
+            try:
+                return window.hold(take_all, watchdog)
+            finally:
+                r = window.report
+                self.journal.window_ended(window_id, "closed", "; ".join(r.degraded + r.resume_failures) or None,
+                                          r.grade, r.quiesce_s, r.freeze_s)
+        finally:
+            window.close()
+
+    def _record(self, run: Run, backend: Backend, result: Snapshot | SnapmgrError, meta: dict,
+                resume_failures: list[str]) -> SnapmgrError | None:
+        """Record the snapshot taken (or the error); the error the volume reports."""
+        if isinstance(result, SnapmgrError):
+            run.finish(result)
+            return result
+        error = None
+        try:
+            self._records(backend).write(result.id, meta)
+        except OSError as e:
+            error = SnapmgrError(f"{result.id} was taken, but its record could not be written: {as_error(e)}")
+        if resume_failures:
+            error = SnapmgrError(f"{result.id} was taken, but resuming failed: {'; '.join(resume_failures)}")
+        run.created(str(result.id))
+        run.finish(error)
+        return error
 
     def _prune(self, volume: Volume, dry_run: bool, outcome: Outcome) -> None:
         with self._locked(volume):
@@ -176,7 +311,7 @@ class Engine:
             return
         with self.journal.run(volume.name, "prune", os.getpid()) as run:
             for snapshot in doomed:
-                backend.delete(snapshot)
+                self._delete_one(backend, snapshot)
                 run.deleted(str(snapshot.id))
                 outcome.deleted.append(str(snapshot.id))
 
@@ -192,7 +327,22 @@ class Engine:
                 return
             with self.journal.run(volume.name, "delete", os.getpid()) as run:
                 for sid in ids:
-                    backend.delete(existing[sid])
+                    self._delete_one(backend, existing[sid])
                     run.deleted(str(sid))
                     outcome.deleted.append(str(sid))
 
+
+    def _delete_one(self, backend: Backend, snapshot: Snapshot) -> None:
+        backend.delete(snapshot)
+        self._records(backend).delete(snapshot.id)
+
+
+def _attempt(take: Callable[[], Snapshot]) -> Snapshot | SnapmgrError:
+    """One volume's snapshot, or why it failed; what ends the whole window is raised."""
+    try:
+        return take()
+    except (Interrupted, WindowOverrun):
+        raise
+    except (SnapmgrError, OSError) as e:
+        log.debug("taking the snapshot failed", exc_info=True)
+        return as_error(e)

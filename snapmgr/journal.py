@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import sqlite3
 from contextlib import contextmanager
@@ -48,6 +49,24 @@ MIGRATIONS = (
     );
     CREATE INDEX events_by_snapshot ON snapshot_events (snapshot);
     """,
+    """
+    CREATE TABLE windows (
+        id        INTEGER PRIMARY KEY,
+        volumes   TEXT NOT NULL,         -- JSON list of the volumes snapshotted inside
+        grp       TEXT,                  -- the group, if the window served one
+        pid       INTEGER NOT NULL,
+        started   TEXT NOT NULL,
+        ended     TEXT,
+        status    TEXT NOT NULL,         -- open, closed, undone (by the watchdog), recovered
+        plan      TEXT NOT NULL,         -- JSON: each quiescer's undo actions
+        grade     TEXT,
+        quiesce_s REAL,
+        freeze_s  REAL,
+        detail    TEXT,
+        reported  INTEGER NOT NULL DEFAULT 0  -- whether a later run has told of its end
+    );
+    CREATE INDEX windows_by_status ON windows (status, reported);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 FULL_BELOW = 1 << 20  # free bytes under which a write error is most likely the full disk
@@ -74,11 +93,30 @@ class VolumeHistory:
     last_error: str | None
 
 
+@dataclass(frozen=True)
+class Window:
+    """A quiesce window that its snapmgr did not close itself."""
+
+    id: int
+    volumes: tuple[str, ...]
+    pid: int
+    started: datetime
+    status: str
+    plan: list
+    detail: str | None
+
+
 class Run:
     """One running action; records the snapshots it creates and deletes."""
 
     def __init__(self, journal: Journal, run_id: int | None):
         self._journal, self.id = journal, run_id
+
+    def finish(self, error: BaseException | None = None) -> None:
+        if error is None:
+            self._journal._finish(self.id, "ok", None)
+        else:
+            self._journal._finish(self.id, "failed", str(error) or type(error).__name__)
 
     def created(self, snapshot: str) -> None:
         self._journal._event(self.id, snapshot, "created")
@@ -122,14 +160,44 @@ class Journal:
     @contextmanager
     def run(self, volume: str, action: str, pid: int) -> Iterator[Run]:
         """Record the action; a failure is recorded with its message and re-raised."""
-        run_id = self._write("INSERT INTO runs (volume, action, pid, started, status) VALUES (?, ?, ?, ?, 'running')",
-                             (volume, action, pid, _now()))
+        run = self.begin(volume, action, pid)
         try:
-            yield Run(self, run_id)
+            yield run
         except BaseException as e:
-            self._finish(run_id, "failed", str(e) or type(e).__name__)
+            run.finish(e)
             raise
-        self._finish(run_id, "ok", None)
+        run.finish()
+
+    def begin(self, volume: str, action: str, pid: int) -> Run:
+        return Run(self, self._write("INSERT INTO runs (volume, action, pid, started, status) "
+                                     "VALUES (?, ?, ?, ?, 'running')", (volume, action, pid, _now())))
+
+    def window_opened(self, volumes: list[str], group: str | None, pid: int, plan: list) -> int | None:
+        """Recorded before the first prepare, so that a run finding it still open later
+        can resume what it paused."""
+        return self._write("INSERT INTO windows (volumes, grp, pid, started, status, plan) VALUES (?, ?, ?, ?, 'open', ?)",
+                           (json.dumps(volumes), group, pid, _now(), json.dumps(plan)))
+
+    def window_ended(self, window_id: int | None, status: str, detail: str | None, grade: str | None = None,
+                     quiesce_s: float | None = None, freeze_s: float | None = None) -> None:
+        if window_id is not None:
+            # Whoever ends it first says how: the watchdog's account is not overwritten.
+            self._write("UPDATE windows SET ended = ?, status = ?, detail = ?, grade = ?, quiesce_s = ?, freeze_s = ?, "
+                        "reported = ? WHERE id = ? AND status = 'open'",
+                        (_now(), status, detail, grade, quiesce_s, freeze_s, int(status == "closed"), window_id))
+
+    def window_reported(self, window_id: int) -> None:
+        self._write("UPDATE windows SET reported = 1 WHERE id = ?", (window_id,))
+
+    def unsettled_windows(self) -> list[Window]:
+        """Windows left open, and those the watchdog or a recovery ended that no run has
+        told of yet."""
+        with self._guard():
+            rows = self._connection().execute(
+                "SELECT id, volumes, pid, started, status, plan, detail FROM windows "
+                "WHERE status = 'open' OR reported = 0 ORDER BY id").fetchall()
+        return [Window(i, tuple(json.loads(v)), pid, _parse(started), status, json.loads(plan), detail)
+                for i, v, pid, started, status, plan, detail in rows]
 
     def _finish(self, run_id: int | None, status: str, error: str | None) -> None:
         if run_id is not None:

@@ -89,6 +89,12 @@ class Snapshot:
     meta_readable: bool = True
     # Why its data cannot be trusted, if it cannot (an overflowed LVM snapshot).
     invalid: str | None = None
+    # How it was taken (snapmgr.records): grade, windows, group; None when unknown.
+    record: dict | None = field(default=None, compare=False, hash=False)
+
+    @property
+    def grade(self) -> str:
+        return (self.record or {}).get("grade") or "unknown"
 
     @property
     def volume(self) -> str:

@@ -42,7 +42,8 @@ def age(moment: datetime | None, now: datetime) -> str:
 
 def snapshot_json(s: Snapshot) -> dict:
     return {"id": str(s.id), "volume": s.volume, "created": when(s.created),
-            "tags": sorted(s.tags), "path": str(s.path), "invalid": s.invalid}
+            "tags": sorted(s.tags), "path": str(s.path), "invalid": s.invalid,
+            "grade": s.grade, "consistency": s.record}
 
 
 def foreign_json(f: ForeignSnapshot) -> dict:
@@ -75,6 +76,9 @@ def status_json(s: VolumeStatus, now: datetime) -> dict:
         "last_failure": when(h.last_failure),
         "last_error": s.problem or h.last_error,
         "invalid": list(s.invalid),
+        "newest_grade": s.newest.grade if s.newest else None,
+        "quiesce_window_s": (s.newest.record or {}).get("quiesce_window_s") if s.newest else None,
+        "freeze_window_s": (s.newest.record or {}).get("freeze_window_s") if s.newest else None,
     }
 
 
@@ -92,11 +96,11 @@ def state(s: VolumeStatus) -> str:
 # Human forms -----------------------------------------------------------------------
 
 def snapshots_table(snapshots: Sequence[Snapshot], foreign: Sequence[ForeignSnapshot]) -> str:
-    rows = [(str(s.id), when(s.created), ",".join(sorted(s.tags)) or "-",
+    rows = [(str(s.id), when(s.created), ",".join(sorted(s.tags)) or "-", s.grade,
              f"INVALID: {s.invalid}" if s.invalid else "ok") for s in snapshots]
-    rows += [(f.name, when(f.created), "-", f"foreign to {f.volume}: not snapmgr's, never pruned")
+    rows += [(f.name, when(f.created), "-", "-", f"foreign to {f.volume}: not snapmgr's, never pruned")
              for f in foreign]
-    return table(("SNAPSHOT", "CREATED", "TAGS", "STATE"), rows)
+    return table(("SNAPSHOT", "CREATED", "TAGS", "GRADE", "STATE"), rows)
 
 
 def decisions_table(outcome: Outcome) -> str:
@@ -116,5 +120,19 @@ def status_table(statuses: Sequence[VolumeStatus], now: datetime) -> str:
         h = s.history
         now_state = state(s)
         rows.append((s.volume, s.backend, now_state, "?" if s.snapshots is None else str(s.snapshots),
-                     age(h.last_success, now), (s.problem or h.last_error) if now_state == "failing" else "-"))
-    return table(("VOLUME", "BACKEND", "STATE", "SNAPSHOTS", "LAST SUCCESS", "LAST ERROR"), rows)
+                     age(h.last_success, now), _window(s.newest),
+                     (s.problem or h.last_error) if now_state == "failing" else "-"))
+    return table(("VOLUME", "BACKEND", "STATE", "SNAPSHOTS", "LAST SUCCESS", "NEWEST (GRADE, WINDOWS)", "LAST ERROR"),
+                 rows)
+
+
+def _window(newest: Snapshot | None) -> str:
+    """The newest snapshot's grade, and how long services were paused for it."""
+    if newest is None:
+        return "-"
+    record = newest.record or {}
+    if record.get("quiesce_window_s") is None:
+        return newest.grade
+    freeze = record.get("freeze_window_s")
+    return (f"{newest.grade}, quiesced {record['quiesce_window_s']:.3f}s"
+            + (f", frozen {freeze:.3f}s" if freeze is not None else ""))

@@ -186,6 +186,15 @@ def _check_exists(p: Path, directory: bool) -> None:
         raise ValueError(f"path {quote(p)} is not a directory")
 
 
+existing_dir = path(must_exist=True, directory=True)
+
+
+def mountpoint(value: Any) -> Path:
+    p = existing_dir(value)
+    if not os.path.ismount(p):
+        raise ValueError(f"{quote(p)} is not a mountpoint (see findmnt)")
+    return p
+
+
 argv = list_of(string, non_empty=True)
 names = list_of(name)
-existing_dir = path(must_exist=True, directory=True)

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 from snapmgr.errors import SnapmgrError, quote
 
@@ -95,6 +95,7 @@ def run(
     capture: bool = True,
     on_stdout: Callable[[str], None] | None = None,
     holds_locks: bool = True,
+    env: Mapping[str, str] | None = None,
 ) -> Completed:
     """Run argv and wait for it.
 
@@ -103,6 +104,7 @@ def run(
     holds_locks=False keeps the descriptors of `holding` from the program: for programs
     that close what they inherit anyway (LVM, with a warning), or that may rightly leave
     a process running (one that starts a service).
+    env adds variables to the environment snapmgr was started with.
     """
     argv = tuple(os.fspath(a) for a in argv)
     log.debug("run: %s", shlex.join(argv))
@@ -111,6 +113,7 @@ def run(
         proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=pipe, stderr=pipe,
             start_new_session=True, preexec_fn=_die_with_parent, pass_fds=_held.get() if holds_locks else (),
+            env=None if env is None else {**os.environ, **env},
         )
     except FileNotFoundError:
         raise CommandNotFound(argv[0]) from None
@@ -182,3 +185,14 @@ def _kill(proc: subprocess.Popen) -> None:
     except ProcessLookupError:
         pass
     proc.wait()
+
+
+def spawn(argv: Sequence[str | os.PathLike], *, stdin: int, stdout: int | None = None,
+          pass_fds: Sequence[int] = ()) -> subprocess.Popen:
+    """Start a helper that must outlive snapmgr (the quiesce watchdog): its own session,
+    so a Ctrl-C at the terminal does not reach it, and no death signal from its parent.
+    It inherits the locks being held, so the next run waits until it is done."""
+    argv = tuple(os.fspath(a) for a in argv)
+    log.debug("spawn: %s", shlex.join(argv))
+    return subprocess.Popen(argv, stdin=stdin, stdout=stdout, start_new_session=True,
+                            pass_fds=tuple(dict.fromkeys((*_held.get(), *pass_fds))))

@@ -36,6 +36,21 @@ class Backend(abc.ABC):
     def create(self, snapshot_id: SnapshotId, tags: frozenset[str], progress: Progress | None = None) -> Snapshot:
         """Take the snapshot. It must not be listed until it is complete."""
 
+    def stage(self, snapshot_id: SnapshotId, tags: frozenset[str], progress: Progress | None,
+              prepass: bool) -> Callable[[], Snapshot]:
+        """Do what can be done before the services are paused; return the step that
+        takes the snapshot, which runs inside the quiesce window. `prepass`: services
+        will be paused, so copying most of the data beforehand shortens the pause."""
+        return lambda: self.create(snapshot_id, tags, progress)
+
+    def written_paths(self) -> tuple[Path, ...]:
+        """Where create() writes: never to be frozen while it runs."""
+        return ()
+
+    def records_dir(self, state_dir: Path) -> Path:
+        """Where the snapshots' records live (snapmgr.records)."""
+        return state_dir / "records" / self.volume
+
     @abc.abstractmethod
     def list(self) -> list[Snapshot]:
         """Complete snapshots of this volume, in any order."""

@@ -15,7 +15,7 @@ import os
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from snapmgr.backends.base import Backend, Progress
 from snapmgr.model import Snapshot, SnapshotId
@@ -54,9 +54,22 @@ class DirectoryBackend(Backend):
     # The protocol ---------------------------------------------------------------
 
     def create(self, snapshot_id: SnapshotId, tags: frozenset[str], progress: Progress | None = None) -> Snapshot:
+        return self.stage(snapshot_id, tags, progress, prepass=False)()
+
+    def stage(self, snapshot_id: SnapshotId, tags: frozenset[str], progress: Progress | None,
+              prepass: bool) -> Callable[[], Snapshot]:
         self.snapshot_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._clean_leftovers()
         self._remove_orphan_sidecars()
+        if prepass:
+            self._prebuild(snapshot_id, progress)
+        return lambda: self._take(snapshot_id, tags, progress)
+
+    def _prebuild(self, snapshot_id: SnapshotId, progress: Progress | None) -> None:
+        """Copy what can be copied before the services are paused; _build then only
+        brings it up to date. Nothing to do where a snapshot copies nothing."""
+
+    def _take(self, snapshot_id: SnapshotId, tags: frozenset[str], progress: Progress | None) -> Snapshot:
         meta = {
             "id": str(snapshot_id),
             "volume": self.volume,
@@ -73,6 +86,12 @@ class DirectoryBackend(Backend):
             raise
         _fsync_dir(self.snapshot_dir)
         return Snapshot(snapshot_id, self.snapshot_dir / str(snapshot_id), frozenset(tags), meta)
+
+    def written_paths(self) -> tuple[Path, ...]:
+        return (self.snapshot_dir,)
+
+    def records_dir(self, state_dir: Path) -> Path:
+        return self.snapshot_dir
 
     def list(self) -> list[Snapshot]:
         snapshots = []

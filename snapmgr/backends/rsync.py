@@ -23,7 +23,11 @@ log = logging.getLogger(__name__)
 
 PARTIAL = ".partial"
 DELETING = ".deleting"
+RSYNC_PARTIAL = 23   # "some files/attrs were not transferred"
 RSYNC_VANISHED = 24  # "some files vanished before they could be transferred": normal on a live system
+# A file deleted between rsync's listing and its reading of the file's ACLs or xattrs is
+# reported as a partial transfer (23), not as vanished; these lines say it was that.
+_VANISHED_ATTR_RE = re.compile(r"^rsync: \[sender\] (get_acl|get_xattr|[a-z_]+xattr)\b.*No such file or directory \(2\)$")
 _STAT_RE = re.compile(r"^(Number of [a-z ]+|Total [a-z ]+size): ([\d,]+)", re.M)
 # rsync's own limit on a path below the source (MAXPATHLEN); it names the directory.
 _TOO_LONG_RE = re.compile(r"^filename overflows max-path len by \d+: (.+)/[^/\n]*$", re.M)
@@ -54,6 +58,10 @@ class RsyncBackend(DirectoryBackend):
                               f"copy all earlier ones into itself; exclude it ({_exclude_advice(inside)}) or move "
                               f"it out of the source")
 
+    def __init__(self, *args):
+        super().__init__(*args)
+        self._prebuilt: set[SnapshotId] = set()
+
     @property
     def snapshot_dir(self) -> Path:
         return self.opts["repository"]
@@ -65,20 +73,31 @@ class RsyncBackend(DirectoryBackend):
         argv = self._argv(self._partial(snapshot_id), self._latest(), progress=False)
         return f"{shlex.join(argv)}, then rename to {snapshot_id}"
 
+    def _prebuild(self, snapshot_id: SnapshotId, progress: Progress | None) -> None:
+        self._take_over_partials(self._partial(snapshot_id), seeding=self._latest() is None)
+        # Files changing meanwhile are expected: the pass in the window copies them again.
+        self._copy(snapshot_id, progress, accept=(0, RSYNC_VANISHED, RSYNC_PARTIAL))
+        self._prebuilt.add(snapshot_id)
+
     def _build(self, snapshot_id: SnapshotId, progress: Progress | None) -> dict:
+        """The copy, or after _prebuild the short pass that brings it up to date."""
+        if snapshot_id not in self._prebuilt:
+            self._take_over_partials(self._partial(snapshot_id), seeding=self._latest() is None)
+        return self._copy(snapshot_id, progress, accept=(0, RSYNC_VANISHED))
+
+    def _copy(self, snapshot_id: SnapshotId, progress: Progress | None, accept: tuple[int, ...]) -> dict:
         latest = self._latest()
         partial = self._partial(snapshot_id)
-        self._take_over_partials(partial, seeding=latest is None)
         result = sh.run(self._argv(partial, latest, progress is not None), check=False,
                         on_stdout=progress and _progress_lines_only(progress))
-        if result.returncode not in (0, RSYNC_VANISHED):
+        if result.returncode not in accept and not _vanished_only(result):
             raise _failure(result)
         syncfs(partial)
         meta = {"source": str(self.opts["source"]), "link_dest": latest.name if latest else None,
                 "rsync_stats": _parse_stats(result.stdout)}
-        if result.returncode == RSYNC_VANISHED:
+        if result.returncode != 0:
             log.warning("%s: some files vanished while rsync copied them", snapshot_id)
-            meta["warnings"] = ["some files vanished during the copy (rsync exit 24)"]
+            meta["warnings"] = [f"some files vanished during the copy (rsync exit {result.returncode})"]
         return meta
 
     def _publish(self, snapshot_id: SnapshotId) -> None:
@@ -105,8 +124,11 @@ class RsyncBackend(DirectoryBackend):
 
     def _argv(self, partial: Path, latest: Path | None, progress: bool) -> list[str]:
         # --delete-excluded: a reused interrupted copy must end up as a fresh one would, also
-        # when the excludes changed since it was made.
-        argv = ["rsync", "-aHAX", "--numeric-ids", "--delete", "--delete-excluded", "--sparse", "--stats"]
+        # when the excludes changed since it was made. --modify-window=-1: mtimes compared
+        # to the nanosecond, so the pass after a prepass misses no file changed within the
+        # same second. --open-noatime: reading a frozen source must not try to write atimes.
+        argv = ["rsync", "-aHAX", "--numeric-ids", "--delete", "--delete-excluded", "--sparse", "--stats",
+                "--modify-window=-1", "--open-noatime"]
         if progress:
             argv.append("--info=progress2")
         if self.opts["one_file_system"]:
@@ -138,6 +160,12 @@ def _failure(result: sh.Completed) -> SnapmgrError:
         return SnapmgrError(f"a path in the source is longer than rsync can copy (4096 bytes); exclude its "
                             f"directory ({_exclude_advice(PurePosixPath(m[1]))}) or shorten it")
     return sh.CommandError(result.argv, result.returncode, result.stderr)
+
+
+def _vanished_only(result: sh.Completed) -> bool:
+    """A partial transfer whose every error is a file that vanished while being read."""
+    errors = [line for line in result.stderr.splitlines() if line.startswith("rsync: ")]
+    return result.returncode == RSYNC_PARTIAL and bool(errors) and all(map(_VANISHED_ATTR_RE.match, errors))
 
 
 def _exclude_advice(inside: PurePosixPath) -> str:

@@ -8,8 +8,10 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -53,13 +55,16 @@ class Workspace:
         self.source.mkdir()
         self.write_config()
 
-    def write_config(self, volumes: dict | None = None, policies: dict | None = None, **settings) -> Path:
+    def write_config(self, volumes: dict | None = None, policies: dict | None = None, quiesce: dict | None = None,
+                     groups: dict | None = None, **settings) -> Path:
         tables = {"settings": {"state_dir": self.root / "state", "run_dir": self.root / "run",
                                "lock_wait": "2s", "timezone": "UTC", **settings}}
         tables |= {f"retention.{n}": p for n, p in (policies or {"default": {"keep_last": 3}}).items()}
         volumes = volumes if volumes is not None else {
             "data": {"backend": "rsync", "source": self.source, "repository": self.repo, "retention": "default"}}
         tables |= {f"volumes.{n}": v for n, v in volumes.items()}
+        tables |= {f"quiesce.{n}": q for n, q in (quiesce or {}).items()}
+        tables |= {f"groups.{n}": g for n, g in (groups or {}).items()}
         self.config.write_text(toml(tables))
         self.config.chmod(0o644)
         return self.config
@@ -136,6 +141,35 @@ def pids_of(program: str, needle: str) -> list[int]:
                 any(needle.encode() in a for a in argv):
             pids.append(int(entry.name))
     return pids
+
+
+@contextmanager
+def loop_mount(root: Path, fstype: str, size_mib: int = 300) -> Iterator[Path]:
+    """A fresh filesystem of `fstype` on a loop device, mounted at root/mnt-<fstype>;
+    thawed, unmounted and released afterwards whatever the test did to it."""
+    image, mnt = root / f"{fstype}.img", root / f"mnt-{fstype}"
+    mnt.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(size_mib << 20)
+    subprocess.run([f"mkfs.{fstype}", "-q", *(["-F"] if fstype == "ext4" else []), image], check=True,
+                   capture_output=True)
+    subprocess.run(["mount", "-o", "loop", image, mnt], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["fsfreeze", "--unfreeze", mnt], capture_output=True)  # never leave it frozen
+        subprocess.run(["umount", mnt], check=True)  # the loop device detaches with it
+
+
+def writable_within(path: Path, seconds: float) -> bool:
+    """Whether a file can be written under `path` within `seconds`. While the filesystem
+    is frozen the writer blocks, even SIGKILL waits for the thaw, so it is left to die then."""
+    writer = subprocess.Popen([sys.executable, "-c", f"open({str(path / '.probe')!r}, 'w').write('x')"])
+    try:
+        return writer.wait(seconds) == 0
+    except subprocess.TimeoutExpired:
+        writer.kill()
+        return False
 
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mounts, loop devices)")

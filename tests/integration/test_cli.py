@@ -72,12 +72,15 @@ def test_json_shapes_are_stable(ws):
     snap = ws.ok("--json", "snapshot", "--tag", "daily").json()
     [result] = snap["results"]
     assert set(result) == {"volume", "ok", "error", "created", "planned", "policy", "decisions", "deleted"}
-    assert result["ok"] and set(result["created"]) == {"id", "volume", "created", "tags", "path", "invalid"}
+    assert result["ok"] and set(result["created"]) == {"id", "volume", "created", "tags", "path", "invalid",
+                                                       "grade", "consistency"}
+    assert result["created"]["grade"] == "crash" and result["created"]["consistency"]["quiesce_window_s"] is None
     listing = ws.ok("--json", "list").json()
     assert listing == {"snapshots": [result["created"]], "foreign": []}
     status = ws.ok("--json", "status").json()["volumes"][0]
     assert set(status) == {"volume", "backend", "state", "snapshots", "newest", "last_success",
-                           "last_success_age_seconds", "last_failure", "last_error", "invalid"}
+                           "last_success_age_seconds", "last_failure", "last_error", "invalid",
+                           "newest_grade", "quiesce_window_s", "freeze_window_s"}
     assert status["state"] == "ok" and status["snapshots"] == 1 and status["newest"] == result["created"]["id"]
     assert 0 <= status["last_success_age_seconds"] < 60
     check = ws.ok("--json", "config", "check").json()
@@ -117,7 +120,7 @@ def test_prune_dry_run_explains_and_changes_nothing(ws):
 def test_every_command_run_is_logged_with_vv(ws):
     make_tree(ws.source, files=3)
     r = ws.ok("-vv", "snapshot")
-    assert f"snapmgr: DEBUG: run: rsync -aHAX --numeric-ids --delete --delete-excluded --sparse --stats {ws.source}/ {ws.repo}/data@" in r.stderr
+    assert f"snapmgr: DEBUG: run: rsync -aHAX --numeric-ids --delete --delete-excluded --sparse --stats --modify-window=-1 --open-noatime {ws.source}/ {ws.repo}/data@" in r.stderr
 
 
 def test_snapshot_with_prune_and_dry_runs(ws):

@@ -15,7 +15,7 @@ import tomli_w
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from snapmgr import config
+from snapmgr import config, quiesce
 from snapmgr.backends import BACKENDS
 from snapmgr.config import Config
 from snapmgr.errors import ConfigError
@@ -37,13 +37,13 @@ values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.di
                       max_leaves=12)
 
 KEYS = sorted({*config.SETTINGS, *config.POLICY, *config.VOLUME, *config.QUIESCE_COMMON, *config.GROUP,
-               *config.SCHEDULE, *(k for kind in config.QUIESCE_KINDS.values() for k in kind),
+               *config.SCHEDULE, *(k for kind in quiesce.KINDS.values() for k in kind.options),
                *(k for b in BACKENDS.values() for k in b.options)})
 
 
 def _table(keys=KEYS):
     chosen = {"backend": st.sampled_from([*BACKENDS, "rsnc", "rsync\n"]),
-              "kind": st.sampled_from([*config.QUIESCE_KINDS, "sqlit"])}
+              "kind": st.sampled_from([*quiesce.KINDS, "sqlit"])}
     return st.dictionaries(st.sampled_from(keys) | text, values, max_size=8).flatmap(
         lambda t: st.fixed_dictionaries({k: chosen[k] for k in t if k in chosen}).map(lambda c: t | c))
 

@@ -1,0 +1,103 @@
+"""The quiescer protocol: what the window may ask of any way of pausing a service.
+
+A quiescer serves one `[quiesce.NAME]` table for one window. Everything it needs while
+services are paused (modules, connections, descriptors) it gets in open(), before the
+window starts; prepare() pauses, resume() undoes it. What undo() returns is handed to
+the watchdog, a separate process, so that it can resume by itself when snapmgr dies
+mid-window: quiescers whose pause ends with snapmgr's own process (a database session)
+return nothing. Quiescers never import the engine, the CLI or each other."""
+
+from __future__ import annotations
+
+import abc
+import importlib
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, ClassVar, Mapping
+
+from snapmgr.errors import SnapmgrError
+from snapmgr.schema import Field
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One `[quiesce.NAME]` table, checked."""
+
+    name: str
+    kind: str
+    timeout: timedelta          # for prepare() and for resume(), each
+    required: bool
+    max_window: timedelta
+    options: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a quiescer may know of the window it serves."""
+
+    config: Path
+    volumes: tuple[str, ...]
+    snapshots: tuple[str, ...]
+    dry_run: bool
+    # Paths snapmgr writes or runs from while the window is open (state_dir, run_dir, its
+    # Python, the repositories being written), by what they are: never to be frozen.
+    busy_paths: Mapping[str, Path]
+
+
+class Quiescer(abc.ABC):
+    kind: ClassVar[str]
+    # The kind's own keys of a `[quiesce.NAME]` table, checked by the config loader.
+    options: ClassVar[Mapping[str, Field]]
+    # What prepare() holds still: the application's own state, or only a filesystem
+    # (which decides the snapshot's grade: application or frozen).
+    holds: ClassVar[str] = "application"
+
+    def __init__(self, spec: Spec, context: Context):
+        self.spec = spec
+        self.context = context
+        self.opts = spec.options
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def timeout(self) -> float:
+        return self.spec.timeout.total_seconds()
+
+    def open(self) -> None:
+        """Load, connect and open what the window needs; nothing is paused yet."""
+
+    def undo(self) -> list[dict]:
+        """Actions that undo prepare() without this process (see quiesce.undo), for the
+        watchdog and for the recovery of a window nobody closed."""
+        return []
+
+    @abc.abstractmethod
+    def prepare(self) -> None:
+        """Pause, within `timeout` seconds; raise SnapmgrError (or OSError) on failure."""
+
+    @abc.abstractmethod
+    def resume(self) -> None:
+        """Undo prepare(), also after it failed half-way, within `timeout` seconds."""
+
+    def close(self) -> None:
+        """Release what open() took."""
+
+    def record(self) -> dict:
+        """What to keep with the snapshot (a backup label, a binlog position)."""
+        return {}
+
+    @abc.abstractmethod
+    def describe(self) -> str:
+        """One line saying what prepare() and resume() do, for --dry-run."""
+
+
+def driver(quiescer: Quiescer, module: str, what: str, extra: str):
+    """A database driver, imported only when a quiescer of its kind is used."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise SnapmgrError(f"quiesce {quiescer.name} (kind {quiescer.kind}) needs {what}, which is not "
+                           f"installed: pip install 'snapmgr[{extra}]'") from None

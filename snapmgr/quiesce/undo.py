@@ -1,0 +1,42 @@
+"""Undo actions: how a prepared quiescer is resumed without the process that prepared it.
+
+They are plain data (JSON), so they cross the pipe to the watchdog and sit in the
+journal for a later run to replay. Every action is idempotent: thawing a filesystem that
+is not frozen does nothing, starting a running unit does nothing, and a `post` command
+is documented to be safe to run twice."""
+
+from __future__ import annotations
+
+import os
+import shlex
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from snapmgr import sh
+from snapmgr.quiesce.freezing import thaw
+
+
+def thaw_action(mountpoint: Path, fd: int | None) -> dict:
+    return {"thaw": str(mountpoint), "fd": fd}
+
+
+def run_action(argv: Sequence[str], env: Mapping[str, str], timeout: float) -> dict:
+    return {"run": list(argv), "env": dict(env), "timeout": timeout}
+
+
+def perform(action: dict, inherited_fds: bool) -> str:
+    """Carry the action out; say what was done. `inherited_fds`: the descriptors the
+    action names are open in this process (the watchdog), else paths are opened anew."""
+    if "thaw" in action:
+        fd = action["fd"] if inherited_fds and action["fd"] is not None else None
+        if fd is None:
+            fd = os.open(action["thaw"], os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                was_frozen = thaw(fd)
+            finally:
+                os.close(fd)
+        else:
+            was_frozen = thaw(fd)
+        return f"thawed {action['thaw']}" if was_frozen else f"{action['thaw']} was not frozen"
+    sh.run(action["run"], timeout=action["timeout"], env=action["env"], holds_locks=False)
+    return f"ran {shlex.join(action['run'])}"
