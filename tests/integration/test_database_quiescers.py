@@ -1,0 +1,135 @@
+"""The database quiescers against real servers: a writer keeps moving money between
+accounts while snapshots are taken; each snapshot, started as a server of its own, must
+come up cleanly with the ledger's total unchanged."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.integration.helpers import needs_root
+from tests.integration.servers import initdb, make_postgres_dir, postgres_server, redis_server
+
+ACCOUNTS, TOTAL = 20, 20_000
+
+
+def created(r) -> dict:
+    return r.json()["results"][0]["created"]
+
+
+def password_file(ws, secret: str):
+    path = ws.root / "password"
+    path.write_text(secret + "\n")
+    path.chmod(0o600)
+    return path
+
+
+# Redis ---------------------------------------------------------------------------------
+
+REDIS_WRITER = r"""
+import random, sys, redis
+r = redis.Redis(port=int(sys.argv[1]), password=sys.argv[2])
+while True:
+    a, b = random.sample(range(%d), 2)
+    amount = random.randint(1, 50)
+    pipe = r.pipeline(transaction=True)  # MULTI/EXEC: a dump sees both or neither
+    pipe.decrby(f"account:{a}", amount).incrby(f"account:{b}", amount).incr("transfers").execute()
+""" % ACCOUNTS
+
+
+def test_redis_snapshots_hold_a_fresh_complete_dump(ws, tmp_path):
+    with redis_server(tmp_path / "redis") as server:
+        r = server.client()
+        r.mset({f"account:{i}": TOTAL // ACCOUNTS for i in range(ACCOUNTS)})
+        ws.write_config({"cache": {"backend": "rsync", "source": server.dir, "repository": ws.repo,
+                                   "quiesce": ["redis"]}},
+                        quiesce={"redis": {"kind": "redis", "port": server.port,
+                                           "password_file": password_file(ws, server.password)}})
+        writer = subprocess.Popen([sys.executable, "-c", REDIS_WRITER, str(server.port), server.password])
+        try:
+            snapshots = []
+            for _ in range(3):
+                time.sleep(0.2)
+                before = int(r.get("transfers") or 0)
+                snapshots.append((created(ws.ok("--json", "snapshot", "cache")), before))
+        finally:
+            writer.kill()
+            writer.wait()
+    for snap, transfers_before in snapshots:
+        assert snap["grade"] == "application"
+        assert snap["consistency"]["quiescers"]["redis"]["rdb_last_save_time"] > 0
+        restored = tmp_path / f"restored-{snap['id'].replace('@', '-')}"
+        restored.mkdir()
+        (restored / "dump.rdb").write_bytes((ws.repo / snap["id"] / "dump.rdb").read_bytes())
+        with redis_server(restored) as copy:
+            c = copy.client()
+            assert sum(int(c.get(f"account:{i}")) for i in range(ACCOUNTS)) == TOTAL
+            assert int(c.get("transfers")) >= transfers_before  # the dump was taken after prepare began
+
+
+def test_a_redis_password_file_readable_by_others_is_refused(ws, tmp_path):
+    secret = password_file(ws, "x")
+    secret.chmod(0o644)
+    ws.write_config({"cache": {"backend": "rsync", "source": ws.source, "repository": ws.repo, "quiesce": ["redis"]}},
+                    quiesce={"redis": {"kind": "redis", "password_file": secret}})
+    r = ws.run("snapshot")
+    assert r.returncode == 78 and f"quiesce.redis.password_file: {secret}: is readable by group or others" in r.stderr
+
+
+def test_a_missing_password_file_is_a_config_error(ws):
+    ws.write_config({"cache": {"backend": "rsync", "source": ws.source, "repository": ws.repo, "quiesce": ["redis"]}},
+                    quiesce={"redis": {"kind": "redis", "password_file": ws.root / "nope"}})
+    r = ws.run("config", "check")
+    assert r.returncode == 78 and "quiesce.redis.password_file:" in r.stderr and "does not exist" in r.stderr
+
+
+# PostgreSQL ----------------------------------------------------------------------------
+
+PG_WRITER = r"""
+import random, sys, psycopg
+db = psycopg.connect(host=sys.argv[1], port=int(sys.argv[2]), user="postgres", dbname="postgres", autocommit=True)
+while True:
+    a, b = random.sample(range(%d), 2)
+    amount = random.randint(1, 50)
+    with db.transaction():
+        db.execute("UPDATE ledger SET balance = balance - %%s WHERE id = %%s", (amount, a))
+        db.execute("UPDATE ledger SET balance = balance + %%s WHERE id = %%s", (amount, b))
+""" % ACCOUNTS
+
+
+@needs_root
+def test_postgres_backup_mode_snapshots_of_a_live_cluster_recover_with_the_ledger_balanced(ws, tmp_path):
+    """An rsync volume is no atomic snapshot: its copy is only consistent through the
+    backup label pg_backup_stop() returned, replayed with the archived WAL."""
+    data, archive = tmp_path / "pg" / "data", make_postgres_dir(tmp_path / "archive")
+    initdb(data, {"archive_mode": "on", "archive_command": f"cp %p {archive}/%f", "wal_level": "replica"})
+    with postgres_server(data, tmp_path / "sock") as server:
+        with server.connect() as db:
+            db.execute("CREATE TABLE ledger (id int PRIMARY KEY, balance int NOT NULL)")
+            db.execute("INSERT INTO ledger SELECT i, %s FROM generate_series(0, %s) i", (TOTAL // ACCOUNTS, ACCOUNTS - 1))
+        ws.write_config({"db": {"backend": "rsync", "source": data, "repository": ws.repo, "quiesce": ["pg"]}},
+                        quiesce={"pg": {"kind": "postgres", "host": str(server.socket_dir), "port": server.port}})
+        writer = subprocess.Popen([sys.executable, "-c", PG_WRITER, str(server.socket_dir), str(server.port)])
+        try:
+            time.sleep(0.5)
+            snapshots = [created(ws.ok("--json", "snapshot", "db")) for _ in range(2)]
+        finally:
+            writer.kill()
+            writer.wait()
+    for snap in snapshots:
+        kept = snap["consistency"]["quiescers"]["pg"]
+        assert snap["grade"] == "application" and kept["mode"] == "backup" and kept["wal_archived"]
+        assert kept["backup_label"].startswith("START WAL LOCATION") and f"LABEL: snapmgr {snap['id']}" in kept["backup_label"]
+        restored = tmp_path / f"restored-{snap['id'].replace('@', '-')}"
+        subprocess.run(["cp", "-a", ws.repo / snap["id"], restored], check=True)
+        (restored / "postmaster.pid").unlink(missing_ok=True)
+        (restored / "backup_label").write_text(kept["backup_label"])
+        (restored / "recovery.signal").touch()
+        with open(restored / "postgresql.conf", "a") as f:
+            f.write(f"restore_command = 'cp {archive}/%f %p'\nrecovery_target = 'immediate'\n"
+                    f"recovery_target_action = 'promote'\narchive_mode = 'off'\n")
+        subprocess.run(["chown", "-R", "postgres:postgres", restored], check=True)
+        with postgres_server(restored, tmp_path / f"sock-{restored.name[-8:]}") as copy, copy.connect() as db:
+            assert db.execute("SELECT sum(balance), count(*) FROM ledger").fetchone() == (TOTAL, ACCOUNTS)
+            assert not db.execute("SELECT pg_is_in_recovery()").fetchone()[0]
