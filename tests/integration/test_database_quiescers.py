@@ -9,7 +9,7 @@ import time
 import pytest
 
 from tests.integration.helpers import needs_root
-from tests.integration.servers import initdb, make_postgres_dir, postgres_server, redis_server
+from tests.integration.servers import initdb, make_postgres_dir, postgres_server, redis_server, wait_until
 
 ACCOUNTS, TOTAL = 20, 20_000
 
@@ -131,5 +131,6 @@ def test_postgres_backup_mode_snapshots_of_a_live_cluster_recover_with_the_ledge
                     f"recovery_target_action = 'promote'\narchive_mode = 'off'\n")
         subprocess.run(["chown", "-R", "postgres:postgres", restored], check=True)
         with postgres_server(restored, tmp_path / f"sock-{restored.name[-8:]}") as copy, copy.connect() as db:
+            # Connections open once recovery reached a consistent state; the promotion follows.
+            wait_until(lambda: not db.execute("SELECT pg_is_in_recovery()").fetchone()[0], 30, "the promotion")
             assert db.execute("SELECT sum(balance), count(*) FROM ledger").fetchone() == (TOTAL, ACCOUNTS)
-            assert not db.execute("SELECT pg_is_in_recovery()").fetchone()[0]
