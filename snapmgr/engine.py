@@ -274,8 +274,11 @@ class Engine:
                 return window.hold(take_all, watchdog)
             finally:
                 r = window.report
-                self.journal.window_ended(window_id, "closed", "; ".join(r.degraded + r.resume_failures) or None,
-                                          r.grade, r.quiesce_s, r.freeze_s)
+                # Without its watchdog, a window whose resumes failed stays open for the
+                # next run to replay.
+                if not (watchdog.lost and r.resume_failures):
+                    self.journal.window_ended(window_id, "closed", "; ".join(r.degraded + r.resume_failures) or None,
+                                              r.grade, r.quiesce_s, r.freeze_s)
         finally:
             window.close()
 

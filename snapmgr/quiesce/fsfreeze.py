@@ -49,8 +49,10 @@ class FsfreezeQuiescer(Quiescer):
 
     def prepare(self) -> None:
         for mountpoint, fd in self.fds.items():
-            freeze(fd)
+            # Noted first: a signal handled as FIFREEZE returns must not hide a freeze from
+            # resume(), and thawing what is not frozen is harmless.
             self.frozen.append(mountpoint)
+            freeze(fd)
 
     def resume(self) -> None:
         while self.frozen:

@@ -8,6 +8,7 @@ keep working. The lock ends with snapmgr's process, so the watchdog has nothing 
 from __future__ import annotations
 
 import sqlite3
+import urllib.parse
 from pathlib import Path
 
 from snapmgr import schema
@@ -28,7 +29,8 @@ class SqliteQuiescer(Quiescer):
     def open(self) -> None:
         for path in self.opts["databases"]:
             # isolation_level=None: transactions are exactly the statements sent here.
-            db = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=self.timeout, isolation_level=None)
+            db = sqlite3.connect(f"file:{urllib.parse.quote(str(path))}?mode=rw", uri=True, timeout=self.timeout,
+                                 isolation_level=None)
             self.connections[path] = db
             try:
                 self.modes[str(path)] = db.execute("PRAGMA journal_mode").fetchone()[0]

@@ -37,6 +37,7 @@ class Watchdog:
     """snapmgr's end of the pipe."""
 
     def __init__(self, plan: dict, fds: list[int]):
+        self.lost = False
         read_end, self._pipe = os.pipe()
         try:
             self.process = sh.spawn([sys.executable, "-m", "snapmgr.quiesce.watchdog"], stdin=read_end,
@@ -56,7 +57,14 @@ class Watchdog:
             raise SnapmgrError(f"the quiesce watchdog did not start within {READY_TIMEOUT_S:g}s; nothing was paused")
 
     def tell(self, **message) -> None:
-        os.write(self._pipe, json.dumps(message).encode() + b"\n")
+        """Best effort: a watchdog that died (killed by hand, by the OOM killer) must not
+        stop this process from resuming; `lost` says it happened."""
+        if self.lost:
+            return
+        try:
+            os.write(self._pipe, json.dumps(message).encode() + b"\n")
+        except OSError:
+            self.lost = True
 
     def close(self) -> None:
         """All resumed: the watchdog exits without doing anything."""
@@ -180,8 +188,8 @@ class _Lines:
 
 
 if __name__ == "__main__":
-    # Signals meant for snapmgr's process group (Ctrl-C, a service stop) are not for us:
-    # the watchdog ends when its work is done.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Signals meant for snapmgr (Ctrl-C, a service stop) are not for us: the watchdog ends
+    # when its work is done. Handlers, not SIG_IGN, which the programs it runs would inherit.
+    signal.signal(signal.SIGINT, lambda signum, frame: None)
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     sys.exit(main())

@@ -328,3 +328,26 @@ def test_a_window_whose_watchdog_died_too_is_recovered_by_the_next_run(ws, tmp_p
         assert writable_within(mnt, 5)
         assert [p for _, p, *_ in logged(ws)] == ["pre", "post"]
         assert ws.ok("recover").stdout.strip() == "nothing to recover"
+
+
+@needs_root
+def test_a_watchdog_killed_mid_window_does_not_stop_snapmgr_resuming(ws, tmp_path):
+    with loop_mount(tmp_path, "ext4") as mnt:
+        make_tree(mnt, files=10)
+        ws.throttle_rsync(500)
+        ws.write_config({"data": {"backend": "rsync", "source": mnt, "repository": ws.repo,
+                                  "quiesce": ["app", "change", "fs", "marker"]}},
+                        quiesce={"app": {"kind": "command", "pre": logger(ws, "app"), "post": logger(ws, "app")},
+                                 "change": {"kind": "command", "pre": [
+                                     "dd", "if=/dev/urandom", f"of={mnt}/d0/f0000", "bs=500k", "count=1"]},
+                                 "fs": {"kind": "fsfreeze", "mountpoints": [mnt]},
+                                 "marker": {"kind": "command", "pre": ["touch", ws.root / "frozen"]}})
+        run = ws.start("--json", "snapshot")
+        wait_for(lambda: (ws.root / "frozen").exists(), what="the freeze")
+        [watchdog] = pids_of(os.path.basename(sys.executable), "snapmgr.quiesce.watchdog")
+        os.kill(watchdog, signal.SIGKILL)
+        out, err = run.communicate(timeout=60)
+        assert run.returncode == 0, err
+        assert json.loads(out)["results"][0]["created"]["grade"] == "application"
+        assert writable_within(mnt, 5)
+        assert [p for _, p, *_ in logged(ws)] == ["pre", "post"]
