@@ -269,7 +269,7 @@ class Engine:
             plan = window.plan()
             window_id = self.journal.window_opened([v.name for v in volumes], group and group.name, os.getpid(), plan)
             watchdog = Watchdog({"main": os.getpid(), "max_window": window.max_window, "steps": plan,
-                                 "journal": str(self.journal.path), "window": window_id}, window.descriptors())
+                                 "journal": str(self.journal.path), "window": window_id}, window.descriptors(plan))
             try:
                 return window.hold(take_all, watchdog)
             finally:

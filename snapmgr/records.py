@@ -21,6 +21,16 @@ log = logging.getLogger(__name__)
 SUFFIX = ".record.json"
 
 
+def write_json(path: Path, data: dict) -> None:
+    """Write `data` to `path` whole or not at all: a temporary file, synced, then renamed."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.rename(path)
+
+
 class Records:
     def __init__(self, directory: Path):
         self.directory = directory
@@ -30,13 +40,7 @@ class Records:
 
     def write(self, snapshot_id: SnapshotId, record: dict) -> None:
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        final = self.path(snapshot_id)
-        tmp = final.with_name(final.name + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(record, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.rename(final)
+        write_json(self.path(snapshot_id), record)
 
     def read(self, snapshot_id: SnapshotId) -> dict | None:
         try:

@@ -19,6 +19,7 @@ from typing import Callable, Iterator
 
 from snapmgr.backends.base import Backend, Progress
 from snapmgr.model import Snapshot, SnapshotId
+from snapmgr.records import write_json
 
 log = logging.getLogger(__name__)
 SIDECAR_SUFFIX = ".json"
@@ -78,7 +79,7 @@ class DirectoryBackend(Backend):
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         meta |= self._build(snapshot_id, progress)
-        self._write_sidecar(snapshot_id, meta)
+        write_json(self._sidecar(snapshot_id), meta)
         try:
             self._publish(snapshot_id)
         except BaseException:
@@ -129,15 +130,6 @@ class DirectoryBackend(Backend):
 
     def _sidecar(self, snapshot_id: SnapshotId) -> Path:
         return self.snapshot_dir / f"{snapshot_id}{SIDECAR_SUFFIX}"
-
-    def _write_sidecar(self, snapshot_id: SnapshotId, meta: dict) -> None:
-        final = self._sidecar(snapshot_id)
-        tmp = final.with_name(final.name + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(meta, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.rename(final)
 
     def _read_sidecar(self, snapshot_id: SnapshotId) -> dict | None:
         """The metadata, or None when it is missing or damaged."""

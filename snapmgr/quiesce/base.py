@@ -14,7 +14,8 @@ import importlib
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
+from contextlib import contextmanager
+from typing import Any, Callable, ClassVar, Iterator, Mapping
 
 from snapmgr.errors import SnapmgrError
 from snapmgr.schema import Field
@@ -101,3 +102,15 @@ def driver(quiescer: Quiescer, module: str, what: str, extra: str):
     except ImportError:
         raise SnapmgrError(f"quiesce {quiescer.name} (kind {quiescer.kind}) needs {what}, which is not "
                            f"installed: pip install 'snapmgr[{extra}]'") from None
+
+
+@contextmanager
+def driver_errors(package: str, describe: Callable[[Exception], str]) -> Iterator[None]:
+    """The errors of a driver imported lazily (so its exception classes are not at hand
+    here) as one-line SnapmgrErrors; anything else passes through."""
+    try:
+        yield
+    except Exception as e:
+        if not type(e).__module__.startswith(package):
+            raise
+        raise SnapmgrError(describe(e)) from None

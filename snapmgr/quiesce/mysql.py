@@ -14,7 +14,7 @@ from pathlib import Path
 
 from snapmgr import schema
 from snapmgr.errors import SnapmgrError
-from snapmgr.quiesce.base import Quiescer, driver
+from snapmgr.quiesce.base import Quiescer, driver, driver_errors
 from snapmgr.quiesce.secrets import read_password
 
 BACKUP_STAGES = ("START", "FLUSH", "BLOCK_DDL", "BLOCK_COMMIT")
@@ -76,14 +76,9 @@ class MysqlQuiescer(Quiescer):
             self._sql("BACKUP STAGE END" if self.mariadb_stages else "UNLOCK TABLES")
 
     def _sql(self, statement: str) -> tuple:
-        try:
-            with self.db.cursor() as cursor:
-                cursor.execute(statement)
-                return cursor.fetchall()
-        except Exception as e:  # pymysql.Error, imported lazily
-            if not type(e).__module__.startswith("pymysql"):
-                raise
-            raise SnapmgrError(f"{statement}: {e.args[-1]}") from None
+        with driver_errors("pymysql", lambda e: f"{statement}: {e.args[-1]}"), self.db.cursor() as cursor:
+            cursor.execute(statement)
+            return cursor.fetchall()
 
     def close(self) -> None:
         if self.db is not None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from snapmgr import schema
 from snapmgr.errors import SnapmgrError
-from snapmgr.quiesce.base import Quiescer, driver
+from snapmgr.quiesce.base import Quiescer, driver, driver_errors
 from snapmgr.quiesce.secrets import read_password
 
 NON_EXCLUSIVE_SINCE = 90600   # pg_start_backup(label, fast, exclusive => false)
@@ -77,12 +77,8 @@ class PostgresQuiescer(Quiescer):
                         "wal_archived": archiving}
 
     def _sql(self, statement: str, params: tuple = ()) -> tuple:
-        try:
+        with driver_errors("psycopg", lambda e: f"{statement.split('(')[0]}: {_first_line(e)}"):
             return self.db.execute(statement, params).fetchone()
-        except Exception as e:  # psycopg.Error, imported lazily
-            if not type(e).__module__.startswith("psycopg"):
-                raise
-            raise SnapmgrError(f"{statement.split('(')[0]}: {_first_line(e)}") from None
 
     def close(self) -> None:
         if self.db is not None:

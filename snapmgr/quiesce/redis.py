@@ -12,7 +12,7 @@ import time
 
 from snapmgr import schema
 from snapmgr.errors import SnapmgrError
-from snapmgr.quiesce.base import Quiescer, driver
+from snapmgr.quiesce.base import Quiescer, driver, driver_errors
 from snapmgr.quiesce.secrets import read_password
 
 POLL_S = 0.05
@@ -62,12 +62,8 @@ class RedisQuiescer(Quiescer):
         return self._call(self.client.info, "persistence")
 
     def _call(self, method, *args, **kwargs):
-        try:
+        with driver_errors("redis", lambda e: f"Redis at {self.opts['host']}:{self.opts['port']}: {e}"):
             return method(*args, **kwargs)
-        except Exception as e:  # redis.RedisError, imported lazily
-            if not type(e).__module__.startswith("redis"):
-                raise
-            raise SnapmgrError(f"Redis at {self.opts['host']}:{self.opts['port']}: {e}") from None
 
     def close(self) -> None:
         if self.client is not None:

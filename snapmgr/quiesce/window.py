@@ -70,9 +70,10 @@ class Window:
         """What the watchdog, or a later run, does to resume each quiescer without us."""
         return [{"name": q.name, "undo": q.undo(), "timeout": q.timeout} for q in self.quiescers]
 
-    def descriptors(self) -> list[int]:
+    @staticmethod
+    def descriptors(plan: list[dict]) -> list[int]:
         """The descriptors the plan's undo actions use, for the watchdog to inherit."""
-        return [a["fd"] for step in self.plan() for a in step["undo"] if a.get("fd") is not None]
+        return [a["fd"] for step in plan for a in step["undo"] if a.get("fd") is not None]
 
     def close(self) -> None:
         for q in reversed(self._opened):
