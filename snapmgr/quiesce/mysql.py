@@ -2,10 +2,11 @@
 
 MariaDB 10.4 and later: `BACKUP STAGE START ... BLOCK_COMMIT`, which flushes what can
 be flushed while writes go on and blocks only commits at the end. Other servers:
-`FLUSH TABLES`, then `FLUSH TABLES WITH READ LOCK`. Either way the binary log position
-(and GTID) is read while commits are blocked and kept with the snapshot, so a restored
-copy can become a replica. The locks end with the session, so a dead snapmgr releases
-them: nothing is left for the watchdog."""
+`FLUSH TABLES`, then `FLUSH TABLES WITH READ LOCK`, on MySQL 8.0 and later inside
+`LOCK INSTANCE FOR BACKUP`. Either way the binary log position (and GTID) is read while
+commits are blocked and kept with the snapshot, so a restored copy can become a replica.
+The locks end with the session, so a dead snapmgr releases them: nothing is left for
+the watchdog."""
 
 from __future__ import annotations
 
@@ -18,7 +19,14 @@ from snapmgr.quiesce.base import Quiescer, driver, driver_errors
 from snapmgr.quiesce.secrets import read_password
 
 BACKUP_STAGES = ("START", "FLUSH", "BLOCK_DDL", "BLOCK_COMMIT")
-BACKUP_STAGE_SINCE = (10, 4)
+BACKUP_STAGE_SINCE = (10, 4)         # MariaDB
+BACKUP_LOCK_SINCE = (8, 0)           # MySQL: LOCK INSTANCE FOR BACKUP
+BINARY_LOG_STATUS_SINCE = (8, 2)     # MySQL: SHOW MASTER STATUS renamed, and gone in 8.4
+
+
+def release(version: str) -> tuple[int, int]:
+    m = re.match(r"(\d+)\.(\d+)", version)
+    return (int(m[1]), int(m[2])) if m else (0, 0)
 
 
 class MysqlQuiescer(Quiescer):
@@ -31,13 +39,10 @@ class MysqlQuiescer(Quiescer):
         super().__init__(*args)
         self.db = None
         self.version = ""
+        self.lock: tuple[str, ...] = ()
+        self.unlock: tuple[str, ...] = ()
         self.position: dict = {}
-        self.staged = False
-
-    @property
-    def mariadb_stages(self) -> bool:
-        m = re.match(r"(\d+)\.(\d+)", self.version)
-        return "mariadb" in self.version.lower() and bool(m) and (int(m[1]), int(m[2])) >= BACKUP_STAGE_SINCE
+        self.locked = False
 
     def open(self) -> None:
         pymysql = driver(self, "pymysql", "PyMySQL", "mysql")
@@ -52,28 +57,40 @@ class MysqlQuiescer(Quiescer):
         self.version = self._sql("SELECT VERSION()")[0][0]
         # Waits for a lock (a long query holding a table) end at the timeout, not never.
         self._sql(f"SET SESSION lock_wait_timeout = {timeout}")
+        mariadb, since = "mariadb" in self.version.lower(), release(self.version)
+        if mariadb and since >= BACKUP_STAGE_SINCE:
+            self.lock, self.unlock = tuple(f"BACKUP STAGE {stage}" for stage in BACKUP_STAGES), ("BACKUP STAGE END",)
+        elif not mariadb and since >= BACKUP_LOCK_SINCE:
+            # The backup lock alone lets DML go on (it serves tools that copy the redo log
+            # as it grows), so the read lock is still what holds the files still; the backup
+            # lock adds what the read lock lets through: files created, renamed or removed
+            # (PURGE BINARY LOGS) and InnoDB changes written without redo. It needs BACKUP_ADMIN.
+            self.lock = ("LOCK INSTANCE FOR BACKUP", "FLUSH TABLES", "FLUSH TABLES WITH READ LOCK")
+            self.unlock = ("UNLOCK TABLES", "UNLOCK INSTANCE")
+        else:
+            self.lock, self.unlock = ("FLUSH TABLES", "FLUSH TABLES WITH READ LOCK"), ("UNLOCK TABLES",)
 
     def prepare(self) -> None:
-        self.staged = True
-        if self.mariadb_stages:
-            for stage in BACKUP_STAGES:
-                self._sql(f"BACKUP STAGE {stage}")
-        else:
-            self._sql("FLUSH TABLES")
-            self._sql("FLUSH TABLES WITH READ LOCK")
+        for statement in self.lock:
+            self._sql(statement)
+            self.locked = True
         self.position = self._binlog_position()
 
     def _binlog_position(self) -> dict:
-        status = self._sql("SHOW MASTER STATUS")
-        gtid_variable = "gtid_binlog_pos" if "mariadb" in self.version.lower() else "gtid_executed"
-        gtid = self._sql(f"SELECT @@GLOBAL.{gtid_variable}")[0][0]
+        mariadb = "mariadb" in self.version.lower()
+        # MariaDB keeps SHOW MASTER STATUS (SHOW BINLOG STATUS is only its alias, since 10.5.2).
+        renamed = not mariadb and release(self.version) >= BINARY_LOG_STATUS_SINCE
+        status = self._sql("SHOW BINARY LOG STATUS" if renamed else "SHOW MASTER STATUS")
+        gtid = self._sql(f"SELECT @@GLOBAL.{'gtid_binlog_pos' if mariadb else 'gtid_executed'}")[0][0]
         return {"binlog_file": status[0][0] if status else None, "binlog_position": status[0][1] if status else None,
                 "gtid": gtid or None}
 
     def resume(self) -> None:
-        if self.staged:
-            self.staged = False
-            self._sql("BACKUP STAGE END" if self.mariadb_stages else "UNLOCK TABLES")
+        locked, self.locked = self.locked, False
+        # A lost connection (a statement timed out) took its locks with it.
+        if locked and self.db.open:
+            for statement in self.unlock:
+                self._sql(statement)
 
     def _sql(self, statement: str) -> tuple:
         with driver_errors("pymysql", lambda e: f"{statement}: {e.args[-1]}"), self.db.cursor() as cursor:

@@ -80,16 +80,20 @@ def as_postgres(*argv) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *map(str, argv)]
 
 
-def make_postgres_dir(path: Path) -> Path:
+def make_server_dir(path: Path, user: str) -> Path:
     path.mkdir(parents=True, exist_ok=True)
-    # The tests' temporary directories are under /tmp/pytest-of-root: let postgres through.
+    # The tests' temporary directories are under /tmp/pytest-of-root: let the server through.
     for parent in path.parents:
         if parent == Path("/tmp"):
             break
         parent.chmod(parent.stat().st_mode | 0o711)
-    shutil.chown(path, "postgres", "postgres")
+    shutil.chown(path, user, user)
     path.chmod(0o700)
     return path
+
+
+def make_postgres_dir(path: Path) -> Path:
+    return make_server_dir(path, "postgres")
 
 
 def initdb(data: Path, settings: dict[str, str]) -> None:
@@ -114,3 +118,71 @@ def postgres_server(data: Path, socket_dir: Path, port: int | None = None) -> It
     finally:
         subprocess.run(as_postgres(PG_BIN / "pg_ctl", "-D", data, "-m", "immediate", "-w", "stop"),
                        capture_output=True)
+
+
+@dataclass
+class MariaDB:
+    data: Path
+    run_dir: Path
+
+    @property
+    def socket(self) -> Path:
+        return self.run_dir / "mysqld.sock"
+
+    @property
+    def log(self) -> Path:
+        return self.run_dir / "server.log"
+
+    def connect(self, user: str = "root", password: str = "", **kwargs):
+        import pymysql
+        return pymysql.connect(unix_socket=str(self.socket), user=user, password=password, autocommit=True,
+                               **kwargs)
+
+
+# Small InnoDB files: every snapshot of an rsync volume copies the redo log again.
+MARIADB_OPTIONS = ["--innodb-log-file-size=8M", "--innodb-buffer-pool-size=32M"]
+
+
+def install_mariadb(data: Path) -> None:
+    """A new data directory whose root@localhost has no password (PyMySQL cannot speak
+    the unix_socket plugin the package's default would give it)."""
+    make_server_dir(data, "mysql")
+    subprocess.run(["mariadb-install-db", "--no-defaults", f"--datadir={data}", "--user=mysql",
+                    "--auth-root-authentication-method=normal", "--skip-test-db", *MARIADB_OPTIONS],
+                   check=True, capture_output=True)
+
+
+@contextmanager
+def mariadb_server(data: Path, run_dir: Path) -> Iterator[MariaDB]:
+    """Run the data directory at `data` (already made, owned by mysql) until the context
+    ends, without networking, with the binary log beside the data so that a copy of the
+    directory has it too."""
+    make_server_dir(run_dir, "mysql")
+    server = MariaDB(data, run_dir)
+    # --no-defaults first: nothing of the system's /etc/mysql applies.
+    proc = subprocess.Popen(["mariadbd", "--no-defaults", f"--datadir={data}", f"--socket={server.socket}",
+                             f"--pid-file={run_dir / 'mysqld.pid'}", f"--log-error={server.log}",
+                             "--skip-networking", "--log-bin=mariadb-bin", "--server-id=1", *MARIADB_OPTIONS],
+                            user="mysql", group="mysql", extra_groups=[], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"mariadbd exited ({proc.returncode}): {server.log.read_text()[-2000:]}")
+            try:
+                server.connect().close()
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+            time.sleep(0.1)
+        yield server
+    finally:
+        if proc.poll() is None:
+            proc.terminate()  # SIGTERM: a clean shutdown
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

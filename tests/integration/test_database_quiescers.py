@@ -5,11 +5,15 @@ come up cleanly with the ledger's total unchanged."""
 import subprocess
 import sys
 import time
+from datetime import timedelta
 
 import pytest
 
+from snapmgr.quiesce.base import Context, Spec
+from snapmgr.quiesce.mysql import MysqlQuiescer
 from tests.integration.helpers import needs_root
-from tests.integration.servers import initdb, make_postgres_dir, postgres_server, redis_server, wait_until
+from tests.integration.servers import (initdb, install_mariadb, make_postgres_dir, mariadb_server, postgres_server,
+                                       redis_server, wait_until)
 
 ACCOUNTS, TOTAL = 20, 20_000
 
@@ -134,3 +138,126 @@ def test_postgres_backup_mode_snapshots_of_a_live_cluster_recover_with_the_ledge
             # Connections open once recovery reached a consistent state; the promotion follows.
             wait_until(lambda: not db.execute("SELECT pg_is_in_recovery()").fetchone()[0], 30, "the promotion")
             assert db.execute("SELECT sum(balance), count(*) FROM ledger").fetchone() == (TOTAL, ACCOUNTS)
+
+
+# MariaDB -------------------------------------------------------------------------------
+
+MARIADB_WRITER = r"""
+import random, sys, pymysql
+db = pymysql.connect(unix_socket=sys.argv[1], user="root", database="bank")
+with db.cursor() as c:
+    while True:
+        a, b = random.sample(range(%d), 2)
+        amount = random.randint(1, 50)
+        c.execute("UPDATE ledger SET balance = balance - %%s WHERE id = %%s", (amount, a))
+        c.execute("UPDATE ledger SET balance = balance + %%s WHERE id = %%s", (amount, b))
+        c.execute("UPDATE transfers SET n = n + 1")
+        db.commit()
+""" % ACCOUNTS
+
+
+def make_bank(server, password: str) -> None:
+    """The ledger, and a user with only what the quiescer needs: RELOAD for BACKUP STAGE,
+    BINLOG MONITOR for the binlog position."""
+    with server.connect() as db, db.cursor() as c:
+        c.execute("CREATE DATABASE bank")
+        c.execute("CREATE TABLE bank.ledger (id int PRIMARY KEY, balance int NOT NULL) ENGINE=InnoDB")
+        c.executemany("INSERT INTO bank.ledger VALUES (%s, %s)", [(i, TOTAL // ACCOUNTS) for i in range(ACCOUNTS)])
+        c.execute("CREATE TABLE bank.transfers (n int NOT NULL) ENGINE=InnoDB")
+        c.execute("INSERT INTO bank.transfers VALUES (0)")
+        c.execute("CREATE USER snapmgr@localhost IDENTIFIED BY %s", (password,))
+        c.execute("GRANT RELOAD, BINLOG MONITOR ON *.* TO snapmgr@localhost")
+
+
+def query(server, statement: str) -> tuple:
+    with server.connect() as db, db.cursor() as c:
+        c.execute(statement)
+        return c.fetchone()
+
+
+@needs_root
+def test_mariadb_snapshots_of_a_live_server_start_with_the_ledger_balanced(ws, tmp_path):
+    """Commits wait while the in-window rsync pass brings the copy up to date; the copy
+    then starts as after a crash, at the binlog position and GTID its record names."""
+    data, secret = tmp_path / "mariadb", "s3cret"
+    install_mariadb(data)
+    with mariadb_server(data, tmp_path / "mysqld") as server:
+        make_bank(server, secret)
+        ws.write_config({"db": {"backend": "rsync", "source": data, "repository": ws.repo, "quiesce": ["mysql"]}},
+                        quiesce={"mysql": {"kind": "mysql", "socket": server.socket, "user": "snapmgr",
+                                           "password_file": password_file(ws, secret)}})
+        writer = subprocess.Popen([sys.executable, "-c", MARIADB_WRITER, str(server.socket)])
+        try:
+            transfers_before = {}
+            for _ in range(3):
+                time.sleep(0.3)
+                before = query(server, "SELECT n FROM bank.transfers")[0]
+                transfers_before[created(ws.ok("--json", "snapshot", "db"))["id"]] = before
+            assert writer.poll() is None, "the writer died"
+        finally:
+            writer.kill()
+            writer.wait()
+    listed = {s["id"]: s for s in ws.ok("--json", "list", "db").json()["snapshots"]}
+    assert set(listed) == set(transfers_before)
+    for sid, before in transfers_before.items():
+        kept = listed[sid]["consistency"]["quiescers"]["mysql"]
+        assert listed[sid]["grade"] == "application" and "MariaDB" in kept["server_version"]
+        assert kept["binlog_file"].startswith("mariadb-bin.") and kept["gtid"].startswith("0-1-")
+        # Commits were held while the binary log was copied: it ends where the record says.
+        assert (ws.repo / sid / kept["binlog_file"]).stat().st_size == kept["binlog_position"]
+        restored = tmp_path / f"restored-{sid.replace('@', '-')}"
+        subprocess.run(["cp", "-a", ws.repo / sid, restored], check=True)
+        subprocess.run(["chown", "-R", "mysql:mysql", restored], check=True)
+        with mariadb_server(restored, tmp_path / f"mysqld-{restored.name[-8:]}") as copy:
+            assert query(copy, "SELECT SUM(balance), COUNT(*) FROM bank.ledger") == (TOTAL, ACCOUNTS)
+            assert query(copy, "SELECT n FROM bank.transfers")[0] >= before  # taken after the snapshot began
+            assert query(copy, "SELECT @@GLOBAL.gtid_binlog_pos") == (kept["gtid"],)
+            assert query(copy, "CHECK TABLE bank.ledger")[2:] == ("status", "OK")
+        errors = [line for line in copy.log.read_text().splitlines() if "[ERROR]" in line]
+        assert not errors, errors
+
+
+@needs_root
+def test_mariadb_backup_stages_hold_commits_only_while_prepared(tmp_path):
+    import pymysql
+    data = tmp_path / "mariadb"
+    install_mariadb(data)
+    with mariadb_server(data, tmp_path / "mysqld") as server, server.connect() as db, db.cursor() as c:
+        make_bank(server, "unused")
+        c.execute("SET SESSION lock_wait_timeout = 1")
+        quiescer = MysqlQuiescer(Spec("mysql", "mysql", timedelta(seconds=10), True, timedelta(seconds=60),
+                                      {"socket": server.socket, "user": "root", "password_file": None}),
+                                 Context(tmp_path / "snapmgr.toml", ("db",), ("db@x",), False, {}))
+        quiescer.open()
+        try:
+            quiescer.prepare()
+            c.execute("BEGIN")
+            c.execute("UPDATE bank.transfers SET n = n + 1")
+            with pytest.raises(pymysql.err.OperationalError, match="Lock wait timeout"):
+                c.execute("COMMIT")
+            c.execute("ROLLBACK")
+            assert query(server, "SELECT n FROM bank.transfers") == (0,)  # reads go on
+        finally:
+            quiescer.resume()
+            quiescer.close()
+        c.execute("UPDATE bank.transfers SET n = n + 1")
+        assert query(server, "SELECT n FROM bank.transfers") == (1,)
+        assert quiescer.record()["binlog_file"] == "mariadb-bin.000001"
+
+
+@needs_root
+def test_a_mariadb_prepare_failing_half_way_is_resumed_and_refused_in_one_line(ws, tmp_path):
+    data = tmp_path / "mariadb"
+    install_mariadb(data)
+    with mariadb_server(data, tmp_path / "mysqld") as server:
+        make_bank(server, "unused")
+        with server.connect() as db, db.cursor() as c:  # BACKUP STAGE works, SHOW MASTER STATUS does not
+            c.execute("CREATE USER halfway@localhost IDENTIFIED BY 'pw'")
+            c.execute("GRANT RELOAD ON *.* TO halfway@localhost")
+        ws.write_config({"db": {"backend": "rsync", "source": data, "repository": ws.repo, "quiesce": ["mysql"]}},
+                        quiesce={"mysql": {"kind": "mysql", "socket": server.socket, "user": "halfway",
+                                           "password_file": password_file(ws, "pw")}})
+        r = ws.run("snapshot", "db")
+        assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+        assert "SHOW MASTER STATUS: Access denied" in r.stderr and "everything was resumed" in r.stderr
+        assert ws.snapshots("db") == []
