@@ -260,23 +260,33 @@ class Engine:
     def _hold(self, window: Window, volumes: list[Volume], group: Group | None,
               takes: list[Callable[[], Snapshot]]) -> list[Snapshot | SnapmgrError]:
         """Each take() inside the window: a snapshot, or the error that stopped it."""
+        results: list[Snapshot | SnapmgrError] = []
+
         def take_all():
-            return [_attempt(take) for take in takes]
+            for take in takes:
+                results.append(_attempt(take))
+            return results
         if not window.quiescers:
             return take_all()
         try:
             window.open()
             plan = window.plan()
-            window_id = self.journal.window_opened([v.name for v in volumes], group and group.name, os.getpid(), plan)
             watchdog = Watchdog({"main": os.getpid(), "max_window": window.max_window, "steps": plan,
-                                 "journal": str(self.journal.path), "window": window_id}, window.descriptors(plan))
+                                 "journal": str(self.journal.path)}, window.descriptors(plan))
+            # Journaled once the watchdog runs: a window in the journal always has a
+            # watchdog or a closing account, so a later run replays only what may be paused.
+            window_id = self.journal.window_opened([v.name for v in volumes], group and group.name, os.getpid(), plan)
+            watchdog.tell(window=window_id)
             try:
                 return window.hold(take_all, watchdog)
+            except WindowOverrun as overrun:
+                # Snapshots published before the cut were taken with everything paused: kept.
+                return results + [overrun] * (len(takes) - len(results))
             finally:
                 r = window.report
-                # Without its watchdog, a window whose resumes failed stays open for the
-                # next run to replay.
-                if not (watchdog.lost and r.resume_failures):
+                # The watchdog that was handed the window records how it ended; without a
+                # watchdog, a window whose resumes failed stays open for the next run to replay.
+                if not (watchdog.abandoned or (watchdog.lost and r.resume_failures)):
                     self.journal.window_ended(window_id, "closed", "; ".join(r.degraded + r.resume_failures) or None,
                                               r.grade, r.quiesce_s, r.freeze_s)
         finally:

@@ -38,6 +38,7 @@ class Watchdog:
 
     def __init__(self, plan: dict, fds: list[int]):
         self.lost = False
+        self.abandoned = False
         read_end, self._pipe = os.pipe()
         try:
             self.process = sh.spawn([sys.executable, "-m", "snapmgr.quiesce.watchdog"], stdin=read_end,
@@ -74,6 +75,7 @@ class Watchdog:
     def abandon(self, reason: str) -> None:
         """Hand over: the watchdog undoes at once what was not resumed, and this process
         goes on without waiting for it."""
+        self.abandoned = True
         try:
             self.tell(abandon=reason)
         finally:
@@ -114,6 +116,8 @@ def main() -> int:
             deadline = max(deadline or now, now + steps[message["resuming"]]["timeout"] + GRACE_S)
         elif "resumed" in message:
             resumed.add(message["resumed"])
+        elif "window" in message:
+            plan["window"] = message["window"]
         elif "abandon" in message:
             reason = message["abandon"]
             break

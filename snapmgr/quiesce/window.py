@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence, TypeVar
 
-from snapmgr.errors import Interrupted, SnapmgrError, as_error
+from snapmgr.errors import ConfigError, Interrupted, SnapmgrError, as_error
 from snapmgr.quiesce.base import Quiescer
 from snapmgr.quiesce.watchdog import Watchdog
 
@@ -34,7 +34,7 @@ class QuiesceFailed(SnapmgrError):
 
 
 class WindowOverrun(SnapmgrError):
-    """The window lasted longer than max_window: no snapshot was taken."""
+    """The window lasted longer than max_window: the snapshots not yet taken are not taken."""
 
 
 @dataclass
@@ -61,10 +61,20 @@ class Window:
         self._opened: list[Quiescer] = []
 
     def open(self) -> None:
-        """Connect, load and open everything, before anything is paused."""
-        for q in self.quiescers:
+        """Connect, load and open everything, before anything is paused. An optional
+        quiescer that cannot open (its server is down) is left out, and the snapshot
+        marked degraded; a configuration it refuses is an error all the same."""
+        for q in list(self.quiescers):
             self._opened.append(q)  # close() also releases what a failed open() got
-            q.open()
+            try:
+                q.open()
+            except ConfigError:
+                raise
+            except (SnapmgrError, OSError) as e:
+                if q.spec.required:
+                    raise
+                self._degrade(q, e)
+                self.quiescers.remove(q)
 
     def plan(self) -> list[dict]:
         """What the watchdog, or a later run, does to resume each quiescer without us."""
@@ -112,11 +122,15 @@ class Window:
         except (Interrupted, WindowOverrun):
             raise
         except (SnapmgrError, OSError) as e:
-            why = f"{q.name} ({q.kind}): {as_error(e)}"
             if q.spec.required:
-                raise QuiesceFailed(f"quiescer {why}; everything was resumed and no snapshot was taken") from None
-            log.warning("optional quiescer %s; the snapshot is marked degraded", why)
-            self.report.degraded.append(why)
+                raise QuiesceFailed(f"quiescer {q.name} ({q.kind}): {as_error(e)}; everything was resumed "
+                                    f"and no snapshot was taken") from None
+            self._degrade(q, e)
+
+    def _degrade(self, q: Quiescer, e: SnapmgrError | OSError) -> None:
+        why = f"{q.name} ({q.kind}): {as_error(e)}"
+        log.warning("optional quiescer %s; the snapshot is marked degraded", why)
+        self.report.degraded.append(why)
 
     def _resume_all(self, started: list[int], watchdog: Watchdog) -> None:
         try:
@@ -138,18 +152,18 @@ class Window:
         watchdog.close()
 
     def _grade(self) -> str:
-        if not self.quiescers:
-            return "crash"
         if self.report.degraded:
             return "degraded"
+        if not self.quiescers:
+            return "crash"
         return "frozen" if all(q.holds == "filesystem" for q in self.quiescers) else "application"
 
 
 @contextmanager
 def _overrun_alarm(seconds: float) -> Iterator[None]:
     def overrun(signum, frame):
-        raise WindowOverrun(f"the quiesce window passed max_window ({seconds:g}s); everything was resumed "
-                            f"and no snapshot was taken")
+        raise WindowOverrun(f"the quiesce window passed max_window ({seconds:g}s) before this snapshot was "
+                            f"taken; everything was resumed")
     previous = signal.signal(signal.SIGALRM, overrun)
     signal.setitimer(signal.ITIMER_REAL, seconds)
     try:

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from tests.integration.servers import free_port
 from tests.integration.helpers import loop_mount, make_tree, needs_root, pids_of, wait_for, writable_within
 
 LOG = "log"  # each command quiescer appends "<name> <phase> <volumes> <snapshot> <dry run>" here
@@ -114,6 +115,24 @@ def test_an_optional_failure_takes_a_degraded_snapshot(ws):
     assert [(n, p) for n, p, *_ in logged(ws)] == [("app", "pre"), ("app", "post")]
 
 
+def test_an_optional_quiescer_whose_server_is_down_degrades_and_a_required_one_aborts(ws):
+    make_tree(ws.source, files=2)
+    nobody = {"kind": "redis", "port": free_port()}  # connection refused, at open()
+    ws.write_config(rsync_volume(ws, ["cache", "app"]), quiesce={
+        "cache": {**nobody, "required": False},
+        "app": {"kind": "command", "pre": logger(ws, "app"), "post": logger(ws, "app")}})
+    snap = created(ws.ok("--json", "snapshot"))
+    [why] = snap["consistency"]["degraded"]
+    assert snap["grade"] == "degraded" and why.startswith("cache (redis): Redis at 127.0.0.1:")
+    assert [(n, p) for n, p, *_ in logged(ws)] == [("app", "pre"), ("app", "post")]
+
+    ws.write_config(rsync_volume(ws, ["cache", "app"]), quiesce={
+        "cache": nobody, "app": {"kind": "command", "pre": logger(ws, "app"), "post": logger(ws, "app")}})
+    r = ws.run("snapshot")
+    assert r.returncode == 1 and "Redis at 127.0.0.1:" in r.stderr and len(r.stderr.splitlines()) == 1
+    assert len(logged(ws)) == 2 and len(ws.snapshots()) == 1  # nothing was paused
+
+
 def test_a_failing_resume_is_reported_and_the_others_still_resume(ws):
     make_tree(ws.source, files=2)
     ws.write_config(rsync_volume(ws, ["app", "bad"]), quiesce={
@@ -138,6 +157,46 @@ def test_a_window_past_max_window_is_cut_and_no_snapshot_is_kept(ws):
     assert r.returncode == 1 and "passed max_window (1s)" in r.stderr
     assert [p for _, p, *_ in logged(ws)] == ["post"]
     assert ws.snapshots() == []
+
+
+# Groups --------------------------------------------------------------------------------
+
+def two_volumes(ws, members: list[str], big_files: int = 2, **group) -> dict:
+    """Volumes a and b, and group `stack` of both with quiescer `app` (which logs)."""
+    make_tree(ws.root / "src-a", files=2)
+    make_tree(ws.root / "src-b", files=big_files, size=100_000)
+    volumes = {v: {"backend": "rsync", "source": ws.root / f"src-{v}", "repository": ws.root / f"repo-{v}"}
+               for v in "ab"}
+    return {"volumes": volumes, "groups": {"stack": {"volumes": members, "quiesce": ["app"], **group}}}
+
+
+def test_a_group_is_taken_inside_one_window_and_each_snapshot_records_it(ws):
+    layout = two_volumes(ws, ["b", "a"])
+    ws.write_config(layout["volumes"], groups=layout["groups"],
+                    quiesce={"app": {"kind": "command", "pre": logger(ws, "app"), "post": logger(ws, "app")}})
+    results = ws.ok("--json", "snapshot", "--group", "stack").json()["results"]
+    assert [r["volume"] for r in results] == ["b", "a"]
+    a, b = (r["created"] for r in sorted(results, key=lambda r: r["volume"]))
+    [pre, post] = logged(ws)
+    assert pre == ["app", "pre", "b", "a", b["id"], a["id"], "0"] and post[:2] == ["app", "post"]  # once for both
+    assert a["consistency"] == b["consistency"] and a["consistency"]["group"] == "stack"
+    assert a["grade"] == "application" and a["id"].split("@")[1] == b["id"].split("@")[1]
+
+
+def test_a_group_cut_by_max_window_keeps_the_members_taken_before_the_cut(ws):
+    layout = two_volumes(ws, ["a", "b"], big_files=30, max_window="1s")
+    ws.throttle_rsync(200)
+    # pre throws b's first pass away: its pass in the window copies 3 MB at 200 kB/s, far past 1s.
+    forget = f"import glob, shutil; [shutil.rmtree(p) for p in glob.glob({str(ws.root / 'repo-b')!r} + '/*.partial')]"
+    ws.write_config(layout["volumes"], groups=layout["groups"], quiesce={
+        "app": {"kind": "command", "pre": [sys.executable, "-c", forget], "post": logger(ws, "app")}})
+    r = ws.run("--json", "snapshot", "--group", "stack")
+    assert r.returncode == 1
+    by_volume = {o["volume"]: o for o in r.json()["results"]}
+    assert "passed max_window (1s)" in by_volume["b"]["error"] and by_volume["b"]["created"] is None
+    assert by_volume["a"]["error"] is None and by_volume["a"]["created"]["grade"] == "application"
+    assert [s["volume"] for s in ws.ok("--json", "list").json()["snapshots"]] == ["a"]
+    assert [p for _, p, *_ in logged(ws)] == ["post"]
 
 
 # sqlite --------------------------------------------------------------------------------
