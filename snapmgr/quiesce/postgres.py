@@ -16,8 +16,11 @@ from snapmgr.errors import SnapmgrError
 from snapmgr.quiesce.base import Quiescer, driver, driver_errors
 from snapmgr.quiesce.secrets import read_password
 
-NON_EXCLUSIVE_SINCE = 90600   # pg_start_backup(label, fast, exclusive => false)
+# pg_stop_backup(exclusive => false, wait_for_archive): a non-exclusive backup whose stop
+# says whether to wait for the WAL to be archived. 9.6 lacks the second argument.
+NON_EXCLUSIVE_SINCE = 100000
 RENAMED_SINCE = 150000        # pg_backup_start / pg_backup_stop
+NOT_IN_PROGRESS = "55000"     # object_not_in_prerequisite_state: no backup to stop
 
 
 class PostgresQuiescer(Quiescer):
@@ -50,7 +53,7 @@ class PostgresQuiescer(Quiescer):
                                f"{self.opts['port']}: {_first_line(e)}") from None
         if self.opts["mode"] == "backup" and self.version < NON_EXCLUSIVE_SINCE:
             raise SnapmgrError(f"quiesce {self.name}: PostgreSQL {self.db.info.server_version} is too old for "
-                               f"mode = \"backup\" (9.6 or later); use mode = \"checkpoint\"")
+                               f"mode = \"backup\" (10 or later); use mode = \"checkpoint\"")
 
     def prepare(self) -> None:
         if self.opts["mode"] == "checkpoint":
@@ -67,18 +70,23 @@ class PostgresQuiescer(Quiescer):
         self.backing_up = False
         archiving = self._sql("SELECT current_setting('archive_mode') <> 'off'")[0]
         stop = "pg_backup_stop(%s)" if self.version >= RENAMED_SINCE else "pg_stop_backup(false, %s)"
-        try:
-            lsn, label, spcmap = self._sql(f"SELECT lsn::text, labelfile, spcmapfile FROM {stop}", (archiving,))
-        except SnapmgrError as e:
-            if "is not in progress" in str(e):  # the start itself failed: nothing to stop
-                return
-            raise
+        stopped = self._sql(f"SELECT lsn::text, labelfile, spcmapfile FROM {stop}", (archiving,),
+                            unless=NOT_IN_PROGRESS)
+        if stopped is None:  # the start itself failed: nothing to stop
+            return
+        lsn, label, spcmap = stopped
         self.stopped = {"stop_lsn": lsn, "backup_label": label, "tablespace_map": spcmap or None,
                         "wal_archived": archiving}
 
-    def _sql(self, statement: str, params: tuple = ()) -> tuple:
+    def _sql(self, statement: str, params: tuple = (), unless: str | None = None) -> tuple | None:
+        """The first row; None when the statement failed with SQLSTATE `unless`."""
         with driver_errors("psycopg", lambda e: f"{statement.split('(')[0]}: {_first_line(e)}"):
-            return self.db.execute(statement, params).fetchone()
+            try:
+                return self.db.execute(statement, params).fetchone()
+            except Exception as e:
+                if unless is None or getattr(e, "sqlstate", None) != unless:
+                    raise
+                return None
 
     def close(self) -> None:
         if self.db is not None:

@@ -1,10 +1,11 @@
 """redis: a fresh RDB dump, finished before the snapshot.
 
-`BGSAVE` (`BGSAVE SCHEDULE` when a save or an AOF rewrite is running), then INFO
-persistence is polled until a save that started after prepare() has finished with
-`rdb_last_bgsave_status:ok`, and no AOF rewrite is in progress. Redis writes its dump
-to a temporary file and renames it, so the snapshot holds a complete dump whatever Redis
-does afterwards: there is nothing to resume."""
+A save already running began before the window and may miss the latest writes, so it is
+waited for first; then `BGSAVE SCHEDULE` (which waits for an AOF rewrite in progress),
+and INFO persistence is polled until a save that started after that point has ended,
+with `rdb_last_bgsave_status:ok`. Redis writes its dump to a temporary file and renames
+it, so the snapshot holds a complete dump whatever Redis does afterwards: there is
+nothing to resume."""
 
 from __future__ import annotations
 
@@ -38,22 +39,27 @@ class RedisQuiescer(Quiescer):
 
     def prepare(self) -> None:
         deadline = time.monotonic() + self.timeout
-        before = self._persistence()
-        # A save already running started before us and may miss the latest writes.
-        self._call(self.client.bgsave, schedule=bool(before["rdb_bgsave_in_progress"]
-                                                     or before["aof_rewrite_in_progress"]))
-        while True:
-            now = self._persistence()
-            if not now["rdb_bgsave_in_progress"]:
-                if _newer(now, before) and not now["aof_rewrite_in_progress"]:
-                    self.saved = {"rdb_last_save_time": now["rdb_last_save_time"]}
-                    return
-                if now["rdb_last_bgsave_status"] != before["rdb_last_bgsave_status"]:
-                    raise SnapmgrError("BGSAVE failed (rdb_last_bgsave_status:err); the Redis log says why")
+        before = self._until(deadline, lambda now: not now["rdb_bgsave_in_progress"], "the save already running")
+        try:
+            self._call(self.client.bgsave, schedule=True)
+        except SnapmgrError as e:
+            # Someone else's save started since `before`: it serves as well as ours.
+            if "already in progress" not in str(e):
+                raise
+        after = self._until(deadline, lambda now: _save_ended(now, before) and not now["aof_rewrite_in_progress"],
+                            "BGSAVE")
+        if after["rdb_last_bgsave_status"] != "ok":
+            raise SnapmgrError("BGSAVE failed (rdb_last_bgsave_status:err); the Redis log says why")
+        self.saved = {"rdb_last_save_time": after["rdb_last_save_time"]}
+
+    def _until(self, deadline: float, done, what: str) -> dict:
+        """INFO persistence once `done` holds; an error past the deadline."""
+        while not done(now := self._persistence()):
             if time.monotonic() > deadline:
-                raise SnapmgrError(f"BGSAVE did not finish within {self.timeout:g}s "
+                raise SnapmgrError(f"{what} did not finish within {self.timeout:g}s "
                                    f"(rdb_last_bgsave_status:{now['rdb_last_bgsave_status']})")
             time.sleep(POLL_S)
+        return now
 
     def resume(self) -> None:
         """Nothing to undo: a dump pauses nobody."""
@@ -76,7 +82,13 @@ class RedisQuiescer(Quiescer):
         return f"BGSAVE on {self.opts['host']}:{self.opts['port']} and wait for it"
 
 
-def _newer(now: dict, before: dict) -> bool:
-    """Whether a save succeeded since `before`: Redis 7 counts them; older ones only show
-    the time of the last, to the second."""
-    return now.get("rdb_saves", 0) > before.get("rdb_saves", 0) or now["rdb_last_save_time"] > before["rdb_last_save_time"]
+def _save_ended(now: dict, before: dict) -> bool:
+    """Whether a save that started after `before` has ended, well or not. Redis 7 counts
+    saves as they start; older ones show only the time of the last success (to the
+    second) and whether the last save failed."""
+    if now["rdb_bgsave_in_progress"]:
+        return False
+    if "rdb_saves" in now:
+        return now["rdb_saves"] > before["rdb_saves"]
+    return now["rdb_last_save_time"] > before["rdb_last_save_time"] or \
+        now["rdb_last_bgsave_status"] != before["rdb_last_bgsave_status"]

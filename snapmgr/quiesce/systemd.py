@@ -1,7 +1,7 @@
 """systemd: stop units and start them again, or freeze and thaw them (cgroup v2).
 
-`stop` starts again only the units that were active, so a unit the administrator had
-stopped stays stopped. `freeze` pauses every process of the units where they stand
+Only the units that were active are paused and brought back, so a unit the
+administrator had stopped stays stopped. `freeze` pauses every process of the units where they stand
 (`systemctl freeze`, systemd >= 246 on the unified cgroup hierarchy): faster than a
 stop, but a frozen database has not flushed anything, so its snapshot is only as good
 as a crash; use it for services whose files are consistent between writes."""
@@ -50,9 +50,22 @@ class SystemdQuiescer(Quiescer):
                                f"{_pid1()}), so its units cannot be stopped or frozen")
         if self.freezing:
             self._check_freeze_support()
-        states = sh.run(["systemctl", "is-active", "--", *self.units], check=False, timeout=self.timeout,
-                        holds_locks=False).stdout.split()
-        self.active = [u for u, state in zip(self.units, states) if state in ("active", "activating", "reloading")]
+        states = self._states()
+        unknown = [u for u in self.units if states[u]["LoadState"] == "not-found"]
+        if unknown:
+            raise SnapmgrError(f"quiesce {self.name}: no such unit: {', '.join(map(quote, unknown))}")
+        self.active = [u for u in self.units if states[u]["ActiveState"] in ("active", "activating", "reloading")]
+
+    def _states(self) -> dict[str, dict[str, str]]:
+        """LoadState and ActiveState of each unit, from one `systemctl show`, whose
+        blocks come in the order the units were named."""
+        out = sh.run(["systemctl", "show", "--property=LoadState,ActiveState", "--", *self.units],
+                     timeout=self.timeout, holds_locks=False).stdout
+        blocks = [dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
+                  for block in out.strip().split("\n\n")]
+        if len(blocks) != len(self.units) or not all({"LoadState", "ActiveState"} <= b.keys() for b in blocks):
+            raise SnapmgrError(f"quiesce {self.name}: systemctl show gave no state for each unit: {quote(out)}")
+        return dict(zip(self.units, blocks))
 
     def _check_freeze_support(self) -> None:
         if not Path("/sys/fs/cgroup/cgroup.controllers").exists():
@@ -68,13 +81,8 @@ class SystemdQuiescer(Quiescer):
     def verbs(self) -> tuple[str, str]:
         return ("freeze", "thaw") if self.freezing else ("stop", "start")
 
-    @property
-    def touched(self) -> list[str]:
-        """The units prepare() pauses and resume() brings back."""
-        return list(self.units) if self.freezing else self.active
-
     def undo(self) -> list[dict]:
-        return [undo.run_action(self._argv(self.verbs[1]), {}, self.timeout)] if self.touched else []
+        return [undo.run_action(self._argv(self.verbs[1]), {}, self.timeout)] if self.active else []
 
     def prepare(self) -> None:
         self._systemctl(self.verbs[0])
@@ -83,17 +91,16 @@ class SystemdQuiescer(Quiescer):
         self._systemctl(self.verbs[1])
 
     def _systemctl(self, verb: str) -> None:
-        if self.touched:
+        if self.active:
             # holds_locks=False: a started service must not hold the volume lock.
             sh.run(self._argv(verb), timeout=self.timeout, holds_locks=False)
 
     def _argv(self, verb: str) -> list[str]:
-        return ["systemctl", verb, "--", *self.touched]
+        return ["systemctl", verb, "--", *self.active]
 
     def describe(self) -> str:
         pause, back = self.verbs
-        return f"systemctl {pause} {' '.join(self.units)}, then {back}" + (
-            "" if self.freezing else " (only the units that were active)")
+        return f"systemctl {pause} {' '.join(self.units)}, then {back} (only the units that were active)"
 
 
 def _pid1() -> str:

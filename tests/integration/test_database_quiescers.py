@@ -46,10 +46,7 @@ def test_redis_snapshots_hold_a_fresh_complete_dump(ws, tmp_path):
     with redis_server(tmp_path / "redis") as server:
         r = server.client()
         r.mset({f"account:{i}": TOTAL // ACCOUNTS for i in range(ACCOUNTS)})
-        ws.write_config({"cache": {"backend": "rsync", "source": server.dir, "repository": ws.repo,
-                                   "quiesce": ["redis"]}},
-                        quiesce={"redis": {"kind": "redis", "port": server.port,
-                                           "password_file": password_file(ws, server.password)}})
+        redis_volume(ws, server)
         writer = subprocess.Popen([sys.executable, "-c", REDIS_WRITER, str(server.port), server.password])
         try:
             snapshots = []
@@ -70,6 +67,46 @@ def test_redis_snapshots_hold_a_fresh_complete_dump(ws, tmp_path):
             c = copy.client()
             assert sum(int(c.get(f"account:{i}")) for i in range(ACCOUNTS)) == TOTAL
             assert int(c.get("transfers")) >= transfers_before  # the dump was taken after prepare began
+
+
+def redis_volume(ws, server) -> None:
+    ws.write_config({"cache": {"backend": "rsync", "source": server.dir, "repository": ws.repo, "quiesce": ["redis"]}},
+                    quiesce={"redis": {"kind": "redis", "port": server.port,
+                                       "password_file": password_file(ws, server.password)}})
+
+
+def test_a_redis_save_already_running_is_waited_for_and_followed_by_a_fresh_one(ws, tmp_path):
+    with redis_server(tmp_path / "redis") as server:
+        r = server.client()
+        r.mset({f"k{i}": i for i in range(20)})
+        r.config_set("rdb-key-save-delay", 100_000)  # 0.1 s a key: a save of 2 s
+        redis_volume(ws, server)
+        saves = r.info("persistence")["rdb_saves"]
+        r.bgsave(schedule=False)
+        r.set("late", "written after that save began")
+        snap = created(ws.ok("--json", "snapshot", "cache"))
+        assert snap["grade"] == "application" and r.info("persistence")["rdb_saves"] == saves + 2
+    restored = tmp_path / "restored"
+    restored.mkdir()
+    (restored / "dump.rdb").write_bytes((ws.repo / snap["id"] / "dump.rdb").read_bytes())
+    with redis_server(restored) as copy:
+        assert copy.client().get("late") == b"written after that save began"
+
+
+@needs_root
+def test_a_failing_redis_save_is_reported_also_when_the_last_one_failed_too(ws, tmp_path):
+    with redis_server(tmp_path / "redis") as server:
+        r = server.client()
+        redis_volume(ws, server)
+        subprocess.run(["chattr", "+i", server.dir], check=True)  # no dump can be written, even by root
+        try:
+            r.bgsave(schedule=False)
+            wait_until(lambda: r.info("persistence")["rdb_last_bgsave_status"] == "err", 20, "the failed save")
+            result = ws.run("snapshot", "cache")
+        finally:
+            subprocess.run(["chattr", "-i", server.dir], check=True)
+    assert result.returncode == 1 and "BGSAVE failed (rdb_last_bgsave_status:err)" in result.stderr
+    assert ws.snapshots() == []
 
 
 def test_a_redis_password_file_readable_by_others_is_refused(ws, tmp_path):
@@ -154,6 +191,20 @@ with db.cursor() as c:
         c.execute("UPDATE transfers SET n = n + 1")
         db.commit()
 """ % ACCOUNTS
+
+
+@needs_root
+def test_a_postgres_backup_that_cannot_start_is_refused_in_one_line_with_nothing_to_stop(ws, tmp_path):
+    data = tmp_path / "pg" / "data"
+    initdb(data, {"wal_level": "minimal", "max_wal_senders": "0"})  # no online backup possible
+    with postgres_server(data, tmp_path / "sock") as server:
+        ws.write_config({"db": {"backend": "rsync", "source": data, "repository": ws.repo, "quiesce": ["pg"]}},
+                        quiesce={"pg": {"kind": "postgres", "host": str(server.socket_dir), "port": server.port}})
+        r = ws.run("snapshot", "db")
+    assert r.returncode == 1 and len(r.stderr.splitlines()) == 1
+    assert "quiescer pg (postgres): SELECT pg_backup_start: WAL level not sufficient" in r.stderr
+    assert "resum" not in r.stderr.replace("everything was resumed", "")  # no stop of a backup never started
+    assert ws.snapshots() == []
 
 
 def make_bank(server, password: str) -> None:
