@@ -75,6 +75,8 @@ def test_good_config_loads_typed(write):
     assert cfg.groups["all"].volumes == ("home", "data")
     assert cfg.schedules["hourly"].tag == "hourly" and cfg.schedules["hourly"].prune is True
     assert cfg.quiescers["app"].options == {"pre": ("true",), "post": None}
+    assert cfg.quiescers["app"].required is True and cfg.quiescers["app"].max_window == timedelta(seconds=60)
+    assert cfg.groups["all"].max_window == timedelta(seconds=60)
 
 
 def test_example_config_is_valid(tmp_path):
@@ -144,6 +146,17 @@ BAD = [
     ("quiesce key of another kind", replace('pre = ["true"]', 'units = ["a.service"]'), "quiesce.app.units",
      "unknown key"),
     ("empty argv", replace('pre = ["true"]', "pre = []"), "quiesce.app.pre", "must not be empty"),
+    ("required not a boolean", replace('pre = ["true"]', 'pre = ["true"]\nrequired = "no"'), "quiesce.app.required",
+     "expected a boolean, got a string"),
+    ("max_window not a duration", replace('pre = ["true"]', 'pre = ["true"]\nmax_window = "soon"'),
+     "quiesce.app.max_window", "'soon'"),
+    ("group max_window not a duration", replace('quiesce = ["app"]', 'quiesce = ["app"]\nmax_window = 5'),
+     "groups.all.max_window", "expected"),
+    ("quiesce kind missing", replace('kind = "command"\n', ""), "quiesce.app.kind", "required"),
+    ("systemd mode", GOOD + '[quiesce.units]\nkind = "systemd"\nunits = ["a.service"]\nmode = "pause"\n',
+     "quiesce.units.mode", "'pause'"),
+    ("systemd unit name", GOOD + '[quiesce.units]\nkind = "systemd"\nunits = ["a service"]\n',
+     "quiesce.units.units", "is not a systemd unit name"),
     ("group names unknown volume", replace('volumes = ["home", "data"]', 'volumes = ["home", "dta"]'),
      "groups.all.volumes", "no [volumes.dta] table is defined (did you mean 'data'?)"),
     ("group names unknown quiescer", replace('quiesce = ["app"]', 'quiesce = ["ap"]'), "groups.all.quiesce",
