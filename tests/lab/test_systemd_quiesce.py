@@ -1,0 +1,115 @@
+"""The systemd quiescer on real units, with systemd as PID 1 in the lab guest: stop and
+start, freeze and thaw, units that were not active left alone, and the watchdog bringing
+units back after kill -9."""
+
+from __future__ import annotations
+
+import itertools
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.integration.helpers import wait_for
+from tests.lab.conftest import sh
+
+UNIT_DIR = Path("/run/systemd/system")
+_units = itertools.count(1)
+
+# Appends a line to its file every 20 ms: a service writing to the volume.
+WRITER = "import sys, time\nwhile True:\n    open(sys.argv[1], 'a').write('x\\n'); time.sleep(0.02)\n"
+
+
+@pytest.fixture
+def make_unit(host, ws):
+    """A factory of running writer services, each writing into the workspace's source;
+    every unit made is stopped and removed afterwards."""
+    made = []
+
+    def make(start: bool = True) -> str:
+        name = f"snapmgr-lab-writer{next(_units)}.service"
+        (ws.root / "writer.py").write_text(WRITER)
+        (UNIT_DIR / name).write_text(f"[Service]\nExecStart={sys.executable} {ws.root / 'writer.py'} "
+                                     f"{ws.source / name}.log\n")
+        made.append(name)
+        sh(host, "systemctl", "daemon-reload")
+        if start:
+            sh(host, "systemctl", "start", name)
+        return name
+    yield make
+    for name in made:
+        host.run(f"systemctl stop {name}")
+        (UNIT_DIR / name).unlink()
+    sh(host, "systemctl", "daemon-reload")
+
+
+def state(host, unit: str, prop: str) -> str:
+    return sh(host, "systemctl", "show", f"--property={prop}", "--value", unit).strip()
+
+
+def probe(ws, *units: str) -> list[str]:
+    """argv of a command quiescer that records, inside the window, what systemd says of
+    the units: ActiveState and FreezerState."""
+    script = ("import subprocess, sys; out = subprocess.run(['systemctl', 'show', '--property=ActiveState,FreezerState', "
+              "'--value', *sys.argv[2:]], capture_output=True, text=True).stdout; open(sys.argv[1], 'w').write(out)")
+    return [sys.executable, "-c", script, str(ws.root / "inside"), *units]
+
+
+def volume(ws, quiesce: list[str]) -> dict:
+    return {"data": {"backend": "rsync", "source": ws.source, "repository": ws.repo, "quiesce": quiesce}}
+
+
+def test_stop_mode_stops_the_active_units_for_the_snapshot_and_starts_them_again(host, ws, make_unit):
+    running, stopped = make_unit(), make_unit(start=False)
+    wait_for(lambda: (ws.source / f"{running}.log").exists(), what="the writer")
+    ws.write_config(volume(ws, ["app", "probe"]), quiesce={
+        "app": {"kind": "systemd", "units": [running, stopped]},
+        "probe": {"kind": "command", "pre": probe(ws, running, stopped)}})
+    pid_before = state(host, running, "MainPID")
+    snap = ws.ok("--json", "snapshot").json()["results"][0]["created"]
+    assert (ws.root / "inside").read_text().split() == ["inactive", "running", "inactive", "running"]
+    assert snap["grade"] == "application"
+    assert state(host, running, "ActiveState") == "active" and state(host, running, "MainPID") != pid_before
+    assert state(host, stopped, "ActiveState") == "inactive"   # the administrator's stop is kept
+    # The snapshot holds what the stopped service had written, all of it, not a line half written.
+    log = (ws.repo / snap["id"] / f"{running}.log").read_text()
+    assert log and set(log.splitlines()) == {"x"}
+
+
+def test_freeze_mode_freezes_the_units_and_thaws_them_with_the_same_processes(host, ws, make_unit):
+    unit = make_unit()
+    ws.write_config(volume(ws, ["app", "probe"]), quiesce={
+        "app": {"kind": "systemd", "units": [unit], "mode": "freeze"},
+        "probe": {"kind": "command", "pre": probe(ws, unit)}})
+    pid_before = state(host, unit, "MainPID")
+    ws.ok("snapshot")
+    assert (ws.root / "inside").read_text().split() == ["active", "frozen"]
+    assert state(host, unit, "FreezerState") == "running" and state(host, unit, "MainPID") == pid_before
+
+
+def test_a_unit_that_does_not_exist_is_refused_in_one_line(host, ws):
+    ws.write_config(volume(ws, ["app"]), quiesce={"app": {"kind": "systemd", "units": ["no-such-thing.service"]}})
+    r = ws.run("snapshot")
+    assert r.returncode == 1 and "no such unit: 'no-such-thing.service'" in r.stderr
+    assert len(r.stderr.splitlines()) == 1 and ws.snapshots() == []
+
+
+@pytest.mark.parametrize("mode", ["stop", "freeze"])
+def test_kill_9_in_the_window_brings_the_units_back_within_5s(host, ws, make_unit, mode):
+    unit = make_unit()
+    hold = [sys.executable, "-c", f"open({str(ws.root / 'held')!r}, 'w'); import time; time.sleep(60)"]
+    ws.write_config(volume(ws, ["app", "hold"]), quiesce={
+        "app": {"kind": "systemd", "units": [unit], "mode": mode}, "hold": {"kind": "command", "pre": hold}})
+    run = ws.start("snapshot")
+    wait_for(lambda: (ws.root / "held").exists() or run.poll() is not None, what="the window")
+    assert run.poll() is None, run.communicate()
+    assert state(host, unit, "ActiveState" if mode == "stop" else "FreezerState") in ("inactive", "frozen")
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    killed = time.monotonic()
+    wait_for(lambda: state(host, unit, "ActiveState") == "active" and state(host, unit, "FreezerState") == "running",
+             timeout=5, what=f"{unit} back")
+    assert time.monotonic() - killed < 5
+    assert "was not closed by its run" in ws.ok("list").stderr
