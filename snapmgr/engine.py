@@ -232,6 +232,8 @@ class Engine:
         try:
             takes = [b.stage(sid, tags | v.tags, progress, prepass=bool(window.quiescers))
                      for v, b, sid in zip(volumes, backends, ids)]
+            for kind in {type(b) for b in backends}:
+                kind.join([t for b, t in zip(backends, takes) if type(b) is kind])
             results = self._hold(window, volumes, group, takes)
         except BaseException as e:
             for run in runs:

@@ -43,6 +43,12 @@ class Backend(abc.ABC):
         will be paused, so copying most of the data beforehand shortens the pause."""
         return lambda: self.create(snapshot_id, tags, progress)
 
+    @classmethod
+    def join(cls, takes: list[Callable[[], Snapshot]]) -> None:
+        """Given the steps stage() returned for one window, all from backends of this
+        class, make those that can be taken as one (ZFS: in one transaction group) be
+        taken together. By default each is taken on its own."""
+
     def written_paths(self) -> tuple[Path, ...]:
         """Where create() writes: never to be frozen while it runs."""
         return ()

@@ -3,7 +3,10 @@
 One snapmgr snapshot is one `lzc_snapshot` call over every dataset of the volume (and,
 with `recursive`, every dataset below them): ZFS takes them all in one transaction group
 or none. snapmgr's metadata goes into user properties of the same call, so no snapshot is
-ever seen without them. libzfs_core cannot list, so listing reads `zfs list`.
+ever seen without them. The volumes of a group that live in one pool are taken together,
+in one channel program (lzc_snapshot gives every snapshot the same properties, and each
+volume needs its own): one transaction group for all of them, or none. libzfs_core
+cannot list, so listing reads `zfs list`.
 
 A snapshot without snapmgr's properties was made by someone else (sanoid, an admin): it
 is listed as foreign and never touched."""
@@ -11,11 +14,13 @@ is listed as foreign and never touched."""
 from __future__ import annotations
 
 import logging
+import os
 import re
+from collections import defaultdict
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from snapmgr import schema, sh
 from snapmgr.backends.base import Backend, Progress
@@ -51,6 +56,8 @@ def _lzc():
 
 def _zfs_error(action: str, e: Exception) -> SnapmgrError:
     details = [str(err) for err in getattr(e, "errors", ())] or [str(e)]
+    if getattr(e, "details", None):  # a channel program's Lua error: its first line says it
+        details.append(e.details.decode(errors="replace").splitlines()[0])
     return SnapmgrError(f"{action}: {'; '.join(details)}")
 
 
@@ -72,14 +79,20 @@ class ZfsBackend(Backend):
         return f"lzc_snapshot of {len(names)} dataset(s) in one transaction: {', '.join(names)}"
 
     def create(self, snapshot_id: SnapshotId, tags: frozenset[str], progress: Progress | None = None) -> Snapshot:
-        lzc = _lzc()
-        names = self._snapshot_names(snapshot_id)
-        props = {PROP_VOLUME: self.volume, PROP_ID: str(snapshot_id), PROP_TAGS: ",".join(sorted(tags))}
-        try:
-            lzc.lzc_snapshot([n.encode() for n in names], {k.encode(): v.encode() for k, v in props.items()})
-        except lzc.exceptions.ZFSError as e:
-            raise _zfs_error(f"zfs snapshot of {', '.join(names)} failed", e) from None
-        return Snapshot(snapshot_id, Path(names[0]), tags, {"snapshots": names})
+        return self.stage(snapshot_id, tags, progress, prepass=False)()
+
+    def stage(self, snapshot_id: SnapshotId, tags: frozenset[str], progress: Progress | None,
+              prepass: bool) -> Callable[[], Snapshot]:
+        return _Pending(self, snapshot_id, tags)
+
+    @classmethod
+    def join(cls, takes: list[Callable[[], Snapshot]]) -> None:
+        by_pool: dict[str, list[_Pending]] = defaultdict(list)
+        for take in takes:
+            by_pool[take.pool].append(take)
+        for batch in by_pool.values():
+            for take in batch:
+                take.batch = batch
 
     def list(self) -> list[Snapshot]:
         ours: dict[str, list[str]] = {}
@@ -140,6 +153,74 @@ class ZfsBackend(Backend):
                       f"name,creation,{PROP_VOLUME},{PROP_ID},{PROP_TAGS}", "-r", *depth, *self.datasets],
                      timeout=120).stdout
         return [tuple(line.split("\t")) for line in out.splitlines() if line]
+
+
+class _Pending:
+    """A snapshot staged for the window. The first of a batch to be called takes the
+    whole batch; the others then only tell how it went."""
+
+    def __init__(self, backend: ZfsBackend, snapshot_id: SnapshotId, tags: frozenset[str]):
+        self.snapshot_id, self.tags = snapshot_id, tags
+        self.names = backend._snapshot_names(snapshot_id)
+        self.props = {PROP_VOLUME: backend.volume, PROP_ID: str(snapshot_id), PROP_TAGS: ",".join(sorted(tags))}
+        self.batch = [self]
+        self.outcome: Snapshot | SnapmgrError | None = None
+
+    @property
+    def pool(self) -> str:
+        return self.names[0].split("@")[0].split("/")[0]
+
+    def __call__(self) -> Snapshot:
+        if self.outcome is None:
+            _take(self.batch)
+        if isinstance(self.outcome, SnapmgrError):
+            raise self.outcome
+        return self.outcome
+
+
+# Every name is checked before any is taken; the program runs atomically, so nothing can
+# take a name between the check and the snapshot.
+SNAPSHOT_PROGRAM = b"""
+local snapshots = (...)["argv"]
+for name, _ in pairs(snapshots) do
+    local err = zfs.check.snapshot(name)
+    if err ~= 0 then return {[name] = err} end
+end
+for name, props in pairs(snapshots) do
+    assert(zfs.sync.snapshot(name) == 0)
+    for key, value in pairs(props) do
+        assert(zfs.sync.set_prop(name, key, value) == 0)
+    end
+end
+return {}
+"""
+
+
+def _take(batch: list[_Pending]) -> None:
+    lzc = _lzc()
+    names = [n for take in batch for n in take.names]
+    try:
+        if len(batch) == 1:
+            lzc.lzc_snapshot([n.encode() for n in names], _encoded(batch[0].props))
+        else:
+            program = {n.encode(): _encoded(take.props) for take in batch for n in take.names}
+            # pyzfs hands back what the program returned: the name refused and why, if any.
+            refused = lzc.lzc_channel_program(batch[0].pool.encode(), SNAPSHOT_PROGRAM, params=program)
+            if refused:
+                [(name, errno)] = refused.items()
+                raise SnapmgrError(f"zfs snapshot of {', '.join(names)} failed: {name.decode()}: {os.strerror(errno)}")
+    except lzc.exceptions.ZFSError as e:
+        failure = _zfs_error(f"zfs snapshot of {', '.join(names)} failed", e)
+    except SnapmgrError as e:
+        failure = e
+    else:
+        failure = None
+    for take in batch:
+        take.outcome = failure or Snapshot(take.snapshot_id, Path(take.names[0]), take.tags, {"snapshots": take.names})
+
+
+def _encoded(props: dict[str, str]) -> dict[bytes, bytes]:
+    return {k.encode(): v.encode() for k, v in props.items()}
 
 
 def _from_epoch(seconds: str) -> datetime:
