@@ -17,7 +17,7 @@ from typing import Callable, Iterable
 
 from snapmgr import quiesce, retention, sh
 from snapmgr.backends import BACKENDS
-from snapmgr.backends.base import Backend, Progress
+from snapmgr.backends.base import Backend, Progress, taken_with_another
 from snapmgr.config import Config, Group, Volume
 from snapmgr.errors import Interrupted, LockBusy, SnapmgrError, UsageError, as_error, quote
 from snapmgr.journal import Journal, JournalError, Run, VolumeHistory
@@ -182,6 +182,8 @@ class Engine:
     def _each_into(outcome: Outcome, job: Callable[[Outcome], None]) -> Outcome:
         try:
             job(outcome)
+        except Interrupted:
+            raise  # SIGTERM stops the whole command, as Ctrl-C does
         except (SnapmgrError, OSError) as e:
             log.debug("volume %s failed", outcome.volume, exc_info=True)
             outcome.error = as_error(e)
@@ -209,6 +211,8 @@ class Engine:
                         if outcome.error is None:
                             self._each_into(outcome, lambda o, v=volume: self._prune_locked(
                                 v, self.backend(v), dry_run, o))
+        except Interrupted:
+            raise
         except (SnapmgrError, OSError) as e:
             log.debug("snapshot of %s failed", ", ".join(v.name for v in volumes), exc_info=True)
             for outcome in outcomes:
@@ -229,21 +233,30 @@ class Engine:
             return
         pid = os.getpid()
         runs = [self.journal.begin(v.name, "snapshot", pid) for v in volumes]
+        takes: list[Callable[[], Snapshot]] = []
+        results: list[Snapshot | SnapmgrError] = []
+        failure: BaseException | None = None
         try:
             takes = [b.stage(sid, tags | v.tags, progress, prepass=bool(window.quiescers))
                      for v, b, sid in zip(volumes, backends, ids)]
             for kind in {type(b) for b in backends}:
                 kind.join([t for b, t in zip(backends, takes) if type(b) is kind])
-            results = self._hold(window, volumes, group, takes)
+            self._hold(window, volumes, group, takes, results)
         except BaseException as e:
-            for run in runs:
-                run.finish(e)
-            raise
+            failure = e
+        # What was taken is recorded whatever stopped the rest: without its record a
+        # snapshot loses what its quiescers kept (a backup label, a binlog position).
+        stopped = as_error(failure) if isinstance(failure, (SnapmgrError, OSError)) else \
+            SnapmgrError(f"stopped by {failure!r}")
+        results += [taken_with_another(t) or stopped for t in takes[len(results):]]
+        results += [stopped] * (len(volumes) - len(results))
         meta = window.report.as_meta() | {"group": group.name if group else None}
         for outcome, run, backend, result in zip(outcomes, runs, backends, results):
             outcome.error = self._record(run, backend, result, meta, window.report.resume_failures)
             if isinstance(result, Snapshot):
                 outcome.created = replace(result, record=meta)
+        if failure is not None:
+            raise failure
 
     def _window(self, volumes: list[Volume], backends: list[Backend], ids: list[SnapshotId], group: Group | None,
                 dry_run: bool) -> Window:
@@ -254,20 +267,19 @@ class Engine:
         busy = {f"state_dir {settings.state_dir}": settings.state_dir, f"run_dir {settings.run_dir}": settings.run_dir,
                 f"snapmgr's Python {sys.prefix}": Path(sys.prefix), "snapmgr itself": Path(__file__).parent}
         busy |= {f"{b.volume}'s snapshots, at {p}": p for b in backends for p in b.written_paths()}
-        context = quiesce.Context(self.config.path, tuple(v.name for v in volumes), tuple(map(str, ids)), dry_run, busy)
+        context = quiesce.Context(self.config.path, tuple(v.name for v in volumes), tuple(map(str, ids)), dry_run, busy,
+                                  tuple(b.volume for b in backends if not b.atomic))
         limits = [s.max_window for s in specs] + ([group.max_window] if group else [])
         return Window([quiesce.KINDS[s.kind](s, context) for s in specs],
                       min(limits, default=timedelta(0)).total_seconds())
 
     def _hold(self, window: Window, volumes: list[Volume], group: Group | None,
-              takes: list[Callable[[], Snapshot]]) -> list[Snapshot | SnapmgrError]:
-        """Each take() inside the window: a snapshot, or the error that stopped it."""
-        results: list[Snapshot | SnapmgrError] = []
-
+              takes: list[Callable[[], Snapshot]], results: list[Snapshot | SnapmgrError]) -> None:
+        """Each take() inside the window; `results` gets a snapshot, or the error that
+        stopped it, for each take that ran, also when something ends the window early."""
         def take_all():
             for take in takes:
                 results.append(_attempt(take))
-            return results
         if not window.quiescers:
             return take_all()
         try:
@@ -275,15 +287,21 @@ class Engine:
             plan = window.plan()
             watchdog = Watchdog({"main": os.getpid(), "max_window": window.max_window, "steps": plan,
                                  "journal": str(self.journal.path)}, window.descriptors(plan))
-            # Journaled once the watchdog runs: a window in the journal always has a
-            # watchdog or a closing account, so a later run replays only what may be paused.
-            window_id = self.journal.window_opened([v.name for v in volumes], group and group.name, os.getpid(), plan)
-            watchdog.tell(window=window_id)
+            window_id = None
             try:
-                return window.hold(take_all, watchdog)
+                # Journaled once the watchdog runs, so that a journaled window always has a
+                # watchdog or an account of how it ended.
+                window_id = self.journal.window_opened([v.name for v in volumes], group and group.name,
+                                                       os.getpid(), plan)
+                watchdog.tell(window=window_id)
+            except BaseException:
+                watchdog.close()
+                raise
+            try:
+                window.hold(take_all, watchdog)
             except WindowOverrun as overrun:
                 # Snapshots published before the cut were taken with everything paused: kept.
-                return results + [overrun] * (len(takes) - len(results))
+                results += [taken_with_another(t) or overrun for t in takes[len(results):]]
             finally:
                 r = window.report
                 # The watchdog that was handed the window records how it ended; without a

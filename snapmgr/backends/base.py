@@ -21,6 +21,8 @@ class Backend(abc.ABC):
     name: ClassVar[str]
     # The backend's own keys of a `[volumes.NAME]` table, checked by the config loader.
     options: ClassVar[Mapping[str, Field]]
+    # Whether a snapshot captures the whole volume at one instant, as a crash would.
+    atomic: ClassVar[bool] = True
 
     @classmethod
     def check_options(cls, options: Mapping) -> None:
@@ -76,3 +78,10 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def plan_create(self, snapshot_id: SnapshotId) -> str:
         """One line saying what create() would do, for --dry-run."""
+
+
+def taken_with_another(step: Callable[[], Snapshot]) -> Snapshot | None:
+    """The snapshot a staged step's backend already took as part of another step's batch
+    (see Backend.join), if it did: a step that never ran may still have its snapshot."""
+    outcome = getattr(step, "outcome", None)
+    return outcome if isinstance(outcome, Snapshot) else None

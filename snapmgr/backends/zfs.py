@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from snapmgr import schema, sh
+from snapmgr.signals import signals_held
 from snapmgr.backends.base import Backend, Progress
 from snapmgr.errors import SnapmgrError, quote
 from snapmgr.model import ForeignSnapshot, Snapshot, SnapshotId
@@ -160,15 +161,14 @@ class _Pending:
     whole batch; the others then only tell how it went."""
 
     def __init__(self, backend: ZfsBackend, snapshot_id: SnapshotId, tags: frozenset[str]):
-        self.snapshot_id, self.tags = snapshot_id, tags
-        self.names = backend._snapshot_names(snapshot_id)
+        self.backend, self.snapshot_id, self.tags = backend, snapshot_id, tags
         self.props = {PROP_VOLUME: backend.volume, PROP_ID: str(snapshot_id), PROP_TAGS: ",".join(sorted(tags))}
         self.batch = [self]
         self.outcome: Snapshot | SnapmgrError | None = None
 
     @property
     def pool(self) -> str:
-        return self.names[0].split("@")[0].split("/")[0]
+        return self.backend.datasets[0].split("/")[0]
 
     def __call__(self) -> Snapshot:
         if self.outcome is None:
@@ -178,18 +178,29 @@ class _Pending:
         return self.outcome
 
 
-# Every name is checked before any is taken; the program runs atomically, so nothing can
-# take a name between the check and the snapshot.
+# Every name is checked before any is taken, and the program runs with nothing else
+# between its steps; should a step still fail, what it took is destroyed again, so the
+# batch is taken whole or not at all. set_prop came with OpenZFS 2.0.
 SNAPSHOT_PROGRAM = b"""
+if zfs.sync.set_prop == nil then error("this ZFS cannot set properties from a channel program (OpenZFS 2.0 or later can)") end
 local snapshots = (...)["argv"]
 for name, _ in pairs(snapshots) do
     local err = zfs.check.snapshot(name)
     if err ~= 0 then return {[name] = err} end
 end
+local taken = {}
 for name, props in pairs(snapshots) do
-    assert(zfs.sync.snapshot(name) == 0)
-    for key, value in pairs(props) do
-        assert(zfs.sync.set_prop(name, key, value) == 0)
+    local err = zfs.sync.snapshot(name)
+    if err == 0 then
+        taken[#taken + 1] = name
+        for key, value in pairs(props) do
+            err = zfs.sync.set_prop(name, key, value)
+            if err ~= 0 then break end
+        end
+    end
+    if err ~= 0 then
+        for _, done in ipairs(taken) do zfs.sync.destroy(done) end
+        return {[name] = err}
     end
 end
 return {}
@@ -197,26 +208,41 @@ return {}
 
 
 def _take(batch: list[_Pending]) -> None:
+    """Take the batch, and set every member's outcome: what it took, or why not."""
+    names = {take: take.backend._snapshot_names(take.snapshot_id) for take in batch}
+    # A cut of the window or a signal must not come between the snapshots and their outcomes.
+    with signals_held():
+        try:
+            _snapshot(batch, names)
+        except SnapmgrError as e:
+            for take in batch:
+                take.outcome = e
+        else:
+            for take in batch:
+                take.outcome = Snapshot(take.snapshot_id, Path(names[take][0]), take.tags, {"snapshots": names[take]})
+
+
+def _snapshot(batch: list[_Pending], names: dict[_Pending, list[str]]) -> None:
     lzc = _lzc()
-    names = [n for take in batch for n in take.names]
+    every = [n for take_names in names.values() for n in take_names]
+    what = f"zfs snapshot of {', '.join(every)} failed"
+    datasets = [n.split("@")[0] for n in every]
+    twice = sorted({d for d in datasets if datasets.count(d) > 1})
+    if twice:
+        raise SnapmgrError(f"{what}: {', '.join(twice)} belong(s) to more than one volume of the group, and ZFS "
+                           f"takes one snapshot of a dataset per transaction")
     try:
         if len(batch) == 1:
-            lzc.lzc_snapshot([n.encode() for n in names], _encoded(batch[0].props))
-        else:
-            program = {n.encode(): _encoded(take.props) for take in batch for n in take.names}
-            # pyzfs hands back what the program returned: the name refused and why, if any.
-            refused = lzc.lzc_channel_program(batch[0].pool.encode(), SNAPSHOT_PROGRAM, params=program)
-            if refused:
-                [(name, errno)] = refused.items()
-                raise SnapmgrError(f"zfs snapshot of {', '.join(names)} failed: {name.decode()}: {os.strerror(errno)}")
+            lzc.lzc_snapshot([n.encode() for n in every], _encoded(batch[0].props))
+            return
+        program = {n.encode(): _encoded(take.props) for take, take_names in names.items() for n in take_names}
+        # pyzfs hands back what the program returned: the name refused and why, if any.
+        refused = lzc.lzc_channel_program(batch[0].pool.encode(), SNAPSHOT_PROGRAM, params=program)
     except lzc.exceptions.ZFSError as e:
-        failure = _zfs_error(f"zfs snapshot of {', '.join(names)} failed", e)
-    except SnapmgrError as e:
-        failure = e
-    else:
-        failure = None
-    for take in batch:
-        take.outcome = failure or Snapshot(take.snapshot_id, Path(take.names[0]), take.tags, {"snapshots": take.names})
+        raise _zfs_error(what, e) from None
+    if refused:
+        [(name, errno)] = refused.items()
+        raise SnapmgrError(f"{what}: {name.decode()}: {os.strerror(errno)}")
 
 
 def _encoded(props: dict[str, str]) -> dict[bytes, bytes]:

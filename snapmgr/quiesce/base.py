@@ -17,7 +17,7 @@ from pathlib import Path
 from contextlib import contextmanager
 from typing import Any, Callable, ClassVar, Iterator, Mapping
 
-from snapmgr.errors import SnapmgrError
+from snapmgr.errors import ConfigError, SnapmgrError
 from snapmgr.schema import Field
 
 
@@ -44,6 +44,8 @@ class Context:
     # Paths snapmgr writes or runs from while the window is open (state_dir, run_dir, its
     # Python, the repositories being written), by what they are: never to be frozen.
     busy_paths: Mapping[str, Path]
+    # The volumes whose snapshots are copies made file by file (rsync), not one instant.
+    copied: tuple[str, ...] = ()
 
 
 class Quiescer(abc.ABC):
@@ -66,6 +68,12 @@ class Quiescer(abc.ABC):
     @property
     def timeout(self) -> float:
         return self.spec.timeout.total_seconds()
+
+    def _unfit(self, key: str, reason: str) -> ConfigError:
+        """The quiescer's configuration does not fit this system (a unit that does not
+        exist, a server too old): a configuration error, never merely a degraded
+        snapshot, however optional the quiescer."""
+        return ConfigError(self.context.config, f"quiesce.{self.name}.{key}", reason)
 
     def open(self) -> None:
         """Load, connect and open what the window needs; nothing is paused yet."""
@@ -100,8 +108,8 @@ def driver(quiescer: Quiescer, module: str, what: str, extra: str):
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise SnapmgrError(f"quiesce {quiescer.name} (kind {quiescer.kind}) needs {what}, which is not "
-                           f"installed: pip install 'snapmgr[{extra}]'") from None
+        raise quiescer._unfit("kind", f"{quiescer.kind} needs {what}, which is not installed: "
+                                      f"pip install 'snapmgr[{extra}]'") from None
 
 
 @contextmanager

@@ -6,7 +6,11 @@ be flushed while writes go on and blocks only commits at the end. Other servers:
 `LOCK INSTANCE FOR BACKUP`. Either way the binary log position (and GTID) is read while
 commits are blocked and kept with the snapshot, so a restored copy can become a replica.
 The locks end with the session, so a dead snapmgr releases them: nothing is left for
-the watchdog."""
+the watchdog.
+
+None of these stops InnoDB flushing pages in the background: only an atomic snapshot
+(btrfs, LVM, ZFS) of a server held so is consistent, and a copy made file by file (rsync)
+is refused."""
 
 from __future__ import annotations
 
@@ -45,6 +49,12 @@ class MysqlQuiescer(Quiescer):
         self.locked = False
 
     def open(self) -> None:
+        if self.context.copied:
+            # Blocking commits does not stop InnoDB flushing pages and writing redo, so a
+            # copy made file by file over some seconds may not recover.
+            raise self._unfit("kind", f"{', '.join(self.context.copied)} is copied file by file (rsync) while "
+                                      f"InnoDB goes on writing pages, so the copy might not recover: snapshot the "
+                                      f"data with btrfs, LVM or ZFS, or stop the server with a systemd quiescer")
         pymysql = driver(self, "pymysql", "PyMySQL", "mysql")
         password = read_password(self.context.config, f"quiesce.{self.name}.password_file", self.opts["password_file"])
         timeout = max(1, int(self.timeout))
@@ -62,8 +72,8 @@ class MysqlQuiescer(Quiescer):
             self.lock, self.unlock = tuple(f"BACKUP STAGE {stage}" for stage in BACKUP_STAGES), ("BACKUP STAGE END",)
         elif not mariadb and since >= BACKUP_LOCK_SINCE:
             # The backup lock alone lets DML go on (it serves tools that copy the redo log
-            # as it grows), so the read lock is still what holds the files still; the backup
-            # lock adds what the read lock lets through: files created, renamed or removed
+            # as it grows), so the read lock is still what stops commits; the backup lock
+            # adds what the read lock lets through: files created, renamed or removed
             # (PURGE BINARY LOGS) and InnoDB changes written without redo. It needs BACKUP_ADMIN.
             self.lock = ("LOCK INSTANCE FOR BACKUP", "FLUSH TABLES", "FLUSH TABLES WITH READ LOCK")
             self.unlock = ("UNLOCK TABLES", "UNLOCK INSTANCE")

@@ -16,9 +16,9 @@ from snapmgr.errors import SnapmgrError
 from snapmgr.quiesce.base import Quiescer, driver, driver_errors
 from snapmgr.quiesce.secrets import read_password
 
-# pg_stop_backup(exclusive => false, wait_for_archive): a non-exclusive backup whose stop
-# says whether to wait for the WAL to be archived. 9.6 lacks the second argument.
-NON_EXCLUSIVE_SINCE = 100000
+# pg_stop_backup(exclusive => false, wait_for_archive): its stop says whether to wait for
+# the WAL to be archived. 9.6 lacks the second argument.
+WAIT_FOR_ARCHIVE_SINCE = 100000
 RENAMED_SINCE = 150000        # pg_backup_start / pg_backup_stop
 NOT_IN_PROGRESS = "55000"     # object_not_in_prerequisite_state: no backup to stop
 
@@ -36,10 +36,14 @@ class PostgresQuiescer(Quiescer):
         super().__init__(*args)
         self.db = None
         self.version = 0
-        self.backing_up = False
+        self.backing_up: str | None = None   # "maybe" while the start runs, "yes" once it returned
         self.stopped: dict = {}
 
     def open(self) -> None:
+        if self.opts["mode"] == "checkpoint" and self.context.copied:
+            raise self._unfit("mode", f"\"checkpoint\" is only as good as a crash, and {', '.join(self.context.copied)} "
+                                      f"is copied file by file (rsync), which no crash ever left: use mode = "
+                                      f"\"backup\", or an atomic backend (btrfs, LVM, ZFS)")
         psycopg = driver(self, "psycopg", "psycopg 3", "postgres")
         password = read_password(self.context.config, f"quiesce.{self.name}.password_file", self.opts["password_file"])
         try:
@@ -51,9 +55,9 @@ class PostgresQuiescer(Quiescer):
         except psycopg.Error as e:
             raise SnapmgrError(f"quiesce {self.name}: cannot connect to PostgreSQL at {self.opts['host']}:"
                                f"{self.opts['port']}: {_first_line(e)}") from None
-        if self.opts["mode"] == "backup" and self.version < NON_EXCLUSIVE_SINCE:
-            raise SnapmgrError(f"quiesce {self.name}: PostgreSQL {self.db.info.server_version} is too old for "
-                               f"mode = \"backup\" (10 or later); use mode = \"checkpoint\"")
+        if self.opts["mode"] == "backup" and self.version < WAIT_FOR_ARCHIVE_SINCE:
+            raise self._unfit("mode", f"PostgreSQL {self.db.info.server_version} is too old for \"backup\" "
+                                      f"(10 or later can); use mode = \"checkpoint\"")
 
     def prepare(self) -> None:
         if self.opts["mode"] == "checkpoint":
@@ -61,18 +65,22 @@ class PostgresQuiescer(Quiescer):
             return
         label = "snapmgr " + " ".join(self.context.snapshots)
         start = "pg_backup_start(%s, true)" if self.version >= RENAMED_SINCE else "pg_start_backup(%s, true, false)"
-        self.backing_up = True  # a start cut short by the timeout may still have begun
+        self.backing_up = "maybe"  # a start cut short by the timeout may still have begun
         self._sql(f"SELECT {start}", (label,))
+        self.backing_up = "yes"
 
     def resume(self) -> None:
         if not self.backing_up:
             return
-        self.backing_up = False
+        began, self.backing_up = self.backing_up, None
         archiving = self._sql("SELECT current_setting('archive_mode') <> 'off'")[0]
         stop = "pg_backup_stop(%s)" if self.version >= RENAMED_SINCE else "pg_stop_backup(false, %s)"
+        # "Not in progress" is expected only of a start that failed. After a start that
+        # returned, the same SQLSTATE means the backup is unusable (the server was
+        # promoted meanwhile): an error, not a snapshot graded as application-consistent.
         stopped = self._sql(f"SELECT lsn::text, labelfile, spcmapfile FROM {stop}", (archiving,),
-                            unless=NOT_IN_PROGRESS)
-        if stopped is None:  # the start itself failed: nothing to stop
+                            unless=NOT_IN_PROGRESS if began == "maybe" else None)
+        if stopped is None:
             return
         lsn, label, spcmap = stopped
         self.stopped = {"stop_lsn": lsn, "backup_label": label, "tablespace_map": spcmap or None,

@@ -40,6 +40,11 @@ class RedisQuiescer(Quiescer):
     def prepare(self) -> None:
         deadline = time.monotonic() + self.timeout
         before = self._until(deadline, lambda now: not now["rdb_bgsave_in_progress"], "the save already running")
+        if "rdb_saves" not in before:
+            # Before Redis 7 a new save shows only as a later second of rdb_last_save_time:
+            # ours must not end in the same second as the last one.
+            before = self._until(deadline, lambda now: self._call(self.client.time)[0] > now["rdb_last_save_time"],
+                                 "the second of the last save")
         try:
             self._call(self.client.bgsave, schedule=True)
         except SnapmgrError as e:

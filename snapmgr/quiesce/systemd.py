@@ -1,10 +1,10 @@
 """systemd: stop units and start them again, or freeze and thaw them (cgroup v2).
 
-Only the units that were active are paused and brought back, so a unit the
-administrator had stopped stays stopped. `freeze` pauses every process of the units where they stand
-(`systemctl freeze`, systemd >= 246 on the unified cgroup hierarchy): faster than a
-stop, but a frozen database has not flushed anything, so its snapshot is only as good
-as a crash; use it for services whose files are consistent between writes."""
+Only the units that were active are paused and brought back, so a unit the administrator
+had stopped stays stopped. `freeze` pauses every process of the units where they stand
+(`systemctl freeze`, systemd >= 246 on the unified cgroup hierarchy): faster than a stop,
+but a frozen database has not flushed anything, so its snapshot is only as good as a
+crash; use it for services whose files are consistent between writes."""
 
 from __future__ import annotations
 
@@ -46,14 +46,14 @@ class SystemdQuiescer(Quiescer):
 
     def open(self) -> None:
         if not Path("/run/systemd/system").is_dir():
-            raise SnapmgrError(f"quiesce {self.name}: systemd is not running on this system (PID 1 is "
-                               f"{_pid1()}), so its units cannot be stopped or frozen")
+            raise self._unfit("kind", f"systemd is not running on this system (PID 1 is {_pid1()}), so its "
+                                      f"units cannot be stopped or frozen")
         if self.freezing:
             self._check_freeze_support()
         states = self._states()
         unknown = [u for u in self.units if states[u]["LoadState"] == "not-found"]
         if unknown:
-            raise SnapmgrError(f"quiesce {self.name}: no such unit: {', '.join(map(quote, unknown))}")
+            raise self._unfit("units", f"no such unit: {', '.join(map(quote, unknown))}")
         self.active = [u for u in self.units if states[u]["ActiveState"] in ("active", "activating", "reloading")]
 
     def _states(self) -> dict[str, dict[str, str]]:
@@ -69,13 +69,13 @@ class SystemdQuiescer(Quiescer):
 
     def _check_freeze_support(self) -> None:
         if not Path("/sys/fs/cgroup/cgroup.controllers").exists():
-            raise SnapmgrError(f"quiesce {self.name}: mode = \"freeze\" needs the unified cgroup hierarchy "
-                               f"(cgroup v2), which this system does not use; use mode = \"stop\"")
+            raise self._unfit("mode", "\"freeze\" needs the unified cgroup hierarchy (cgroup v2), which this "
+                                      "system does not use; use mode = \"stop\"")
         first = sh.run(["systemctl", "--version"], timeout=self.timeout, holds_locks=False).stdout.split("\n")[0]
         version = int(m[1]) if (m := re.match(r"systemd (\d+)", first)) else 0
         if version < FREEZE_SINCE:
-            raise SnapmgrError(f"quiesce {self.name}: mode = \"freeze\" needs systemd {FREEZE_SINCE} or later, "
-                               f"this is {quote(first)}; use mode = \"stop\"")
+            raise self._unfit("mode", f"\"freeze\" needs systemd {FREEZE_SINCE} or later, this is {quote(first)}; "
+                                      f"use mode = \"stop\"")
 
     @property
     def verbs(self) -> tuple[str, str]:

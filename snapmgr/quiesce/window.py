@@ -6,8 +6,8 @@ The promises, in the order the code keeps them:
 - resume() runs for every quiescer whose prepare() started, whatever failed in between,
   and a failing resume does not stop the others; Ctrl-C and SIGTERM wait until all
   resumes are done;
-- past max_window the snapshot is abandoned and everything resumes (SIGALRM here; the
-  watchdog if this process cannot);
+- past max_window everything resumes and the snapshots not yet taken are abandoned
+  (SIGALRM here; the watchdog if this process cannot);
 - nothing is written while the window is open: log records are held in memory and
   emitted after the last resume, and the caller records the rest afterwards."""
 
@@ -68,7 +68,7 @@ class Window:
             self._opened.append(q)  # close() also releases what a failed open() got
             try:
                 q.open()
-            except ConfigError:
+            except (ConfigError, Interrupted):
                 raise
             except (SnapmgrError, OSError) as e:
                 if q.spec.required:

@@ -3,6 +3,7 @@
 import contextlib
 import os
 import pty
+import signal
 import sqlite3
 import subprocess
 
@@ -11,7 +12,7 @@ import pytest
 from snapmgr.cli import main
 from snapmgr.engine import Engine
 from tests import journal_damage
-from tests.integration.helpers import make_tree, needs_root
+from tests.integration.helpers import make_tree, needs_root, wait_for
 
 
 def one_line_error(r, code: int) -> str:
@@ -266,3 +267,18 @@ def test_the_status_table_keeps_one_line_per_volume(ws):
     rows = r.stdout.splitlines()
     assert len(rows) == 3 and rows[1].split()[:3] == ["odd", "rsync", "failing"], r.stdout
     assert "odd\\nname" in rows[1]
+
+
+def test_sigterm_stops_a_run_over_several_volumes_at_the_volume_it_is_on(ws):
+    volumes = {}
+    for name, files in (("a", 30), ("b", 2)):
+        make_tree(ws.root / f"src-{name}", files=files, size=100_000)
+        volumes[name] = {"backend": "rsync", "source": ws.root / f"src-{name}", "repository": ws.root / f"repo-{name}"}
+    ws.write_config(volumes)
+    ws.throttle_rsync(200)
+    run = ws.start("snapshot", "a", "b")
+    wait_for(lambda: next((ws.root / "repo-a").glob("*.partial"), None), what="a's copy")
+    run.send_signal(signal.SIGTERM)
+    out, err = run.communicate(timeout=30)
+    assert run.returncode == 130 and "stopped by SIGTERM" in err
+    assert ws.snapshots("a", "b") == [] and not (ws.root / "repo-b").exists()  # b was never begun

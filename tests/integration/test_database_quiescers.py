@@ -11,7 +11,7 @@ import pytest
 
 from snapmgr.quiesce.base import Context, Spec
 from snapmgr.quiesce.mysql import MysqlQuiescer
-from tests.integration.helpers import needs_root
+from tests.integration.helpers import loop_mount, needs_root
 from tests.integration.servers import (initdb, install_mariadb, make_postgres_dir, mariadb_server, postgres_server,
                                        redis_server, wait_until)
 
@@ -228,44 +228,69 @@ def query(server, statement: str) -> tuple:
 
 @needs_root
 def test_mariadb_snapshots_of_a_live_server_start_with_the_ledger_balanced(ws, tmp_path):
-    """Commits wait while the in-window rsync pass brings the copy up to date; the copy
-    then starts as after a crash, at the binlog position and GTID its record names."""
-    data, secret = tmp_path / "mariadb", "s3cret"
-    install_mariadb(data)
-    with mariadb_server(data, tmp_path / "mysqld") as server:
-        make_bank(server, secret)
-        ws.write_config({"db": {"backend": "rsync", "source": data, "repository": ws.repo, "quiesce": ["mysql"]}},
-                        quiesce={"mysql": {"kind": "mysql", "socket": server.socket, "user": "snapmgr",
-                                           "password_file": password_file(ws, secret)}})
-        writer = subprocess.Popen([sys.executable, "-c", MARIADB_WRITER, str(server.socket)])
-        try:
-            transfers_before = {}
-            for _ in range(3):
-                time.sleep(0.3)
-                before = query(server, "SELECT n FROM bank.transfers")[0]
-                transfers_before[created(ws.ok("--json", "snapshot", "db"))["id"]] = before
-            assert writer.poll() is None, "the writer died"
-        finally:
-            writer.kill()
-            writer.wait()
-    listed = {s["id"]: s for s in ws.ok("--json", "list", "db").json()["snapshots"]}
-    assert set(listed) == set(transfers_before)
-    for sid, before in transfers_before.items():
-        kept = listed[sid]["consistency"]["quiescers"]["mysql"]
-        assert listed[sid]["grade"] == "application" and "MariaDB" in kept["server_version"]
-        assert kept["binlog_file"].startswith("mariadb-bin.") and kept["gtid"].startswith("0-1-")
-        # Commits were held while the binary log was copied: it ends where the record says.
-        assert (ws.repo / sid / kept["binlog_file"]).stat().st_size == kept["binlog_position"]
-        restored = tmp_path / f"restored-{sid.replace('@', '-')}"
-        subprocess.run(["cp", "-a", ws.repo / sid, restored], check=True)
-        subprocess.run(["chown", "-R", "mysql:mysql", restored], check=True)
-        with mariadb_server(restored, tmp_path / f"mysqld-{restored.name[-8:]}") as copy:
-            assert query(copy, "SELECT SUM(balance), COUNT(*) FROM bank.ledger") == (TOTAL, ACCOUNTS)
-            assert query(copy, "SELECT n FROM bank.transfers")[0] >= before  # taken after the snapshot began
-            assert query(copy, "SELECT @@GLOBAL.gtid_binlog_pos") == (kept["gtid"],)
-            assert query(copy, "CHECK TABLE bank.ledger")[2:] == ("status", "OK")
-        errors = [line for line in copy.log.read_text().splitlines() if "[ERROR]" in line]
-        assert not errors, errors
+    """Commits wait while btrfs takes the snapshot; a copy of it then starts as after a
+    crash, at the binlog position and GTID its record names."""
+    secret = "s3cret"
+    with loop_mount(tmp_path, "btrfs", size_mib=600) as mnt:
+        data, snapshots = mnt / "mariadb", mnt / ".snapshots"
+        subprocess.run(["btrfs", "subvolume", "create", data], check=True, capture_output=True)
+        install_mariadb(data)
+        with mariadb_server(data, tmp_path / "mysqld") as server:
+            make_bank(server, secret)
+            ws.write_config({"db": {"backend": "btrfs", "subvolume": data, "snapshot_dir": snapshots,
+                                    "quiesce": ["mysql"]}},
+                            quiesce={"mysql": {"kind": "mysql", "socket": server.socket, "user": "snapmgr",
+                                               "password_file": password_file(ws, secret)}})
+            writer = subprocess.Popen([sys.executable, "-c", MARIADB_WRITER, str(server.socket)])
+            try:
+                transfers_before = {}
+                for _ in range(3):
+                    time.sleep(0.3)
+                    before = query(server, "SELECT n FROM bank.transfers")[0]
+                    transfers_before[created(ws.ok("--json", "snapshot", "db"))["id"]] = before
+                assert writer.poll() is None, "the writer died"
+            finally:
+                writer.kill()
+                writer.wait()
+        listed = {s["id"]: s for s in ws.ok("--json", "list", "db").json()["snapshots"]}
+        assert set(listed) == set(transfers_before)
+        for sid, before in transfers_before.items():
+            kept = listed[sid]["consistency"]["quiescers"]["mysql"]
+            assert listed[sid]["grade"] == "application" and "MariaDB" in kept["server_version"]
+            assert kept["binlog_file"].startswith("mariadb-bin.") and kept["gtid"].startswith("0-1-")
+            # Commits were held while the snapshot was taken: its binary log ends where the record says.
+            assert (snapshots / sid / kept["binlog_file"]).stat().st_size == kept["binlog_position"]
+            restored = tmp_path / f"restored-{sid.replace('@', '-')}"
+            subprocess.run(["cp", "-a", snapshots / sid, restored], check=True)
+            subprocess.run(["chown", "-R", "mysql:mysql", restored], check=True)
+            with mariadb_server(restored, tmp_path / f"mysqld-{restored.name[-8:]}") as copy:
+                assert query(copy, "SELECT SUM(balance), COUNT(*) FROM bank.ledger") == (TOTAL, ACCOUNTS)
+                assert query(copy, "SELECT n FROM bank.transfers")[0] >= before  # taken after the snapshot began
+                assert query(copy, "SELECT @@GLOBAL.gtid_binlog_pos") == (kept["gtid"],)
+                assert query(copy, "CHECK TABLE bank.ledger")[2:] == ("status", "OK")
+            errors = [line for line in copy.log.read_text().splitlines() if "[ERROR]" in line]
+            assert not errors, errors
+
+
+def test_mysql_on_a_volume_copied_by_rsync_is_refused_before_anything_is_paused(ws):
+    ws.write_config({"db": {"backend": "rsync", "source": ws.source, "repository": ws.repo, "quiesce": ["mysql"]}},
+                    quiesce={"mysql": {"kind": "mysql", "required": False}})
+    r = ws.run("snapshot", "db")
+    assert r.returncode == 78 and len(r.stderr.splitlines()) == 1
+    assert "quiesce.mysql.kind: db is copied file by file (rsync)" in r.stderr and ws.snapshots() == []
+
+
+def test_a_missing_driver_is_one_line_naming_the_extra_to_install(ws, tmp_path):
+    shadow = tmp_path / "shadow" / "psycopg"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('not installed here')\n")
+    ws.env["PYTHONPATH"] = f"{shadow.parent}:{ws.env['PYTHONPATH']}"
+    ws.write_config({"db": {"backend": "rsync", "source": ws.source, "repository": ws.repo, "quiesce": ["pg"]}},
+                    quiesce={"pg": {"kind": "postgres", "required": False}})  # optional, and still an error
+    r = ws.run("snapshot", "db")
+    assert r.returncode == 78 and len(r.stderr.splitlines()) == 1
+    assert "quiesce.pg.kind: postgres needs psycopg 3, which is not installed: pip install 'snapmgr[postgres]'" \
+        in r.stderr
 
 
 @needs_root
@@ -288,11 +313,13 @@ def test_mariadb_backup_stages_hold_commits_only_while_prepared(tmp_path):
                 c.execute("COMMIT")
             c.execute("ROLLBACK")
             assert query(server, "SELECT n FROM bank.transfers") == (0,)  # reads go on
+            quiescer.resume()
+            # Committed while the quiescer's session is still open: resume() released the stage.
+            c.execute("UPDATE bank.transfers SET n = n + 1")
+            assert query(server, "SELECT n FROM bank.transfers") == (1,)
         finally:
             quiescer.resume()
             quiescer.close()
-        c.execute("UPDATE bank.transfers SET n = n + 1")
-        assert query(server, "SELECT n FROM bank.transfers") == (1,)
         assert quiescer.record()["binlog_file"] == "mariadb-bin.000001"
 
 
@@ -305,10 +332,13 @@ def test_a_mariadb_prepare_failing_half_way_is_resumed_and_refused_in_one_line(w
         with server.connect() as db, db.cursor() as c:  # BACKUP STAGE works, SHOW MASTER STATUS does not
             c.execute("CREATE USER halfway@localhost IDENTIFIED BY 'pw'")
             c.execute("GRANT RELOAD ON *.* TO halfway@localhost")
-        ws.write_config({"db": {"backend": "rsync", "source": data, "repository": ws.repo, "quiesce": ["mysql"]}},
-                        quiesce={"mysql": {"kind": "mysql", "socket": server.socket, "user": "halfway",
-                                           "password_file": password_file(ws, "pw")}})
-        r = ws.run("snapshot", "db")
-        assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
-        assert "SHOW MASTER STATUS: Access denied" in r.stderr and "everything was resumed" in r.stderr
-        assert ws.snapshots("db") == []
+        with loop_mount(tmp_path, "btrfs") as mnt:  # an atomic volume: mysql refuses rsync copies
+            subprocess.run(["btrfs", "subvolume", "create", mnt / "data"], check=True, capture_output=True)
+            ws.write_config({"db": {"backend": "btrfs", "subvolume": mnt / "data", "snapshot_dir": mnt / ".snapshots",
+                                    "quiesce": ["mysql"]}},
+                            quiesce={"mysql": {"kind": "mysql", "socket": server.socket, "user": "halfway",
+                                               "password_file": password_file(ws, "pw")}})
+            r = ws.run("snapshot", "db")
+            assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+            assert "SHOW MASTER STATUS: Access denied" in r.stderr and "everything was resumed" in r.stderr
+            assert ws.snapshots("db") == []
