@@ -35,6 +35,7 @@ _TOO_LONG_RE = re.compile(r"^filename overflows max-path len by \d+: (.+)/[^/\n]
 
 class RsyncBackend(DirectoryBackend):
     name = "rsync"
+    atomic = False   # a copy made file by file, while the source may change
     options = {
         "source": schema.Field(schema.existing_dir, required=True),
         "repository": schema.Field(schema.path(), required=True),
