@@ -72,7 +72,8 @@ class Window:
                 raise
             except (SnapmgrError, OSError) as e:
                 if q.spec.required:
-                    raise
+                    raise QuiesceFailed(f"quiescer {q.name} ({q.kind}): {as_error(e)}; nothing was paused and no "
+                                        f"snapshot was taken") from None
                 self._degrade(q, e)
                 self.quiescers.remove(q)
 
