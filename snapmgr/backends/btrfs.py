@@ -1,10 +1,13 @@
 """btrfs: read-only snapshots of a subvolume, side by side in a snapshot directory on the
-same filesystem. A snapshot appears whole or not at all (one btrfs transaction)."""
+same filesystem. A snapshot appears whole or not at all (one btrfs transaction).
+
+Snapshots are made in this process through libbtrfsutil (Debian's python3-btrfsutil):
+inside a quiesce window no program has to be started while the services wait."""
 
 from __future__ import annotations
 
+import errno
 import os
-import shlex
 from pathlib import Path
 
 from snapmgr import schema, sh
@@ -32,7 +35,7 @@ class BtrfsBackend(DirectoryBackend):
         return os.stat(path).st_ino == SUBVOLUME_ROOT_INODE
 
     def plan_create(self, snapshot_id: SnapshotId) -> str:
-        return shlex.join(self._snapshot_argv(snapshot_id))
+        return f"read-only snapshot of {self.opts['subvolume']} as {self.snapshot_dir / str(snapshot_id)}"
 
     def _build(self, snapshot_id: SnapshotId, progress: Progress | None) -> dict:
         subvolume = self.opts["subvolume"]
@@ -41,7 +44,13 @@ class BtrfsBackend(DirectoryBackend):
         return {"source": str(subvolume)}
 
     def _publish(self, snapshot_id: SnapshotId) -> None:
-        sh.run(self._snapshot_argv(snapshot_id), timeout=300)
+        btrfsutil = _btrfsutil()
+        try:
+            btrfsutil.create_snapshot(self.opts["subvolume"], self.snapshot_dir / str(snapshot_id), read_only=True)
+        except btrfsutil.BtrfsUtilError as e:
+            hint = " (it must be on the subvolume's btrfs filesystem)" if e.errno in (errno.EXDEV, errno.ENOTTY) else ""
+            raise SnapmgrError(f"cannot snapshot {self.opts['subvolume']} into {self.snapshot_dir}{hint}: "
+                               f"{os.strerror(e.errno)}") from None
 
     def _discard(self, path: Path) -> None:
         sh.run(["btrfs", "subvolume", "delete", path], timeout=300)
@@ -49,5 +58,12 @@ class BtrfsBackend(DirectoryBackend):
     def _clean_leftovers(self) -> None:
         """Nothing to do: creating and deleting a subvolume are each one transaction."""
 
-    def _snapshot_argv(self, snapshot_id: SnapshotId) -> list:
-        return ["btrfs", "subvolume", "snapshot", "-r", self.opts["subvolume"], self.snapshot_dir / str(snapshot_id)]
+
+def _btrfsutil():
+    """libbtrfsutil, imported when first needed so that the other backends work without it."""
+    try:
+        import btrfsutil
+    except ImportError:
+        raise SnapmgrError("the btrfs backend needs the libbtrfsutil Python bindings: "
+                           "apt install python3-btrfsutil") from None
+    return btrfsutil

@@ -88,6 +88,7 @@ def test_a_snapshot_dir_on_another_filesystem_fails_cleanly(bws, btrfs, tmp_path
                                "snapshot_dir": tmp_path / "elsewhere"}})
     r = bws.run("snapshot")
     assert r.returncode == 1
-    assert r.stderr.startswith("snapmgr: error: volume data: btrfs exited with status 1:")
+    assert r.stderr.startswith(f"snapmgr: error: volume data: cannot snapshot {btrfs / 'data'} into "
+                               f"{tmp_path / 'elsewhere'} (it must be on the subvolume's btrfs filesystem): ")
     assert r.stderr.count("\n") == 1
     assert list((tmp_path / "elsewhere").iterdir()) == []  # no orphan metadata left behind
