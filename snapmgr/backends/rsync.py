@@ -9,11 +9,12 @@ import os
 import re
 import shlex
 import shutil
+from collections import Counter
 from pathlib import Path, PurePosixPath
-from typing import Mapping
+from typing import Iterable, Mapping, Sequence
 
 from snapmgr import schema, sh
-from snapmgr.backends import rsync_filters
+from snapmgr.backends import changes, rsync_filters
 from snapmgr.backends.base import Progress
 from snapmgr.backends.directory import DirectoryBackend, syncfs
 from snapmgr.errors import SnapmgrError, quote
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 
 PARTIAL = ".partial"
 DELETING = ".deleting"
+NAMES = ".names"  # the names the pass in the window copies, while it runs
 RSYNC_PARTIAL = 23   # "some files/attrs were not transferred"
 RSYNC_VANISHED = 24  # "some files vanished before they could be transferred": normal on a live system
 # A file deleted between rsync's listing and its reading of the file's ACLs or xattrs is
@@ -61,7 +63,8 @@ class RsyncBackend(DirectoryBackend):
 
     def __init__(self, *args):
         super().__init__(*args)
-        self._prebuilt: set[SnapshotId] = set()
+        # Each prebuilt snapshot's mark, or None when the pass in the window compares the whole tree.
+        self._prebuilt: dict[SnapshotId, changes.Mark | None] = {}
 
     @property
     def snapshot_dir(self) -> Path:
@@ -75,31 +78,83 @@ class RsyncBackend(DirectoryBackend):
         return f"{shlex.join(argv)}, then rename to {snapshot_id}"
 
     def _prebuild(self, snapshot_id: SnapshotId, progress: Progress | None) -> None:
-        self._take_over_partials(self._partial(snapshot_id), seeding=self._latest() is None)
+        partial, latest = self._partial(snapshot_id), self._latest()
+        self._take_over_partials(partial, seeding=latest is None)
+        mark = self._mark(snapshot_id)
         # Files changing meanwhile are expected: the pass in the window copies them again.
-        self._copy(snapshot_id, progress, accept=(0, RSYNC_VANISHED, RSYNC_PARTIAL))
-        self._prebuilt.add(snapshot_id)
+        result = self._rsync(self._argv(partial, latest, progress is not None), progress,
+                             accept=(0, RSYNC_VANISHED, RSYNC_PARTIAL))
+        syncfs(partial)
+        if mark and result.returncode == RSYNC_PARTIAL:
+            log.debug("%s: the prepass left files out (rsync exit 23); the pass in the window compares the "
+                      "whole tree", snapshot_id)
+            mark = None
+        self._prebuilt[snapshot_id] = mark
 
     def _build(self, snapshot_id: SnapshotId, progress: Progress | None) -> dict:
         """The copy, or after _prebuild the short pass that brings it up to date."""
-        if snapshot_id not in self._prebuilt:
-            self._take_over_partials(self._partial(snapshot_id), seeding=self._latest() is None)
-        return self._copy(snapshot_id, progress, accept=(0, RSYNC_VANISHED))
-
-    def _copy(self, snapshot_id: SnapshotId, progress: Progress | None, accept: tuple[int, ...]) -> dict:
-        latest = self._latest()
-        partial = self._partial(snapshot_id)
-        result = sh.run(self._argv(partial, latest, progress is not None), check=False,
-                        on_stdout=progress and _progress_lines_only(progress))
-        if result.returncode not in accept and not _vanished_only(result):
-            raise _failure(result)
+        partial, latest = self._partial(snapshot_id), self._latest()
+        if snapshot_id in self._prebuilt:
+            results = self._update(snapshot_id, partial, latest, progress, self._prebuilt.pop(snapshot_id))
+        else:
+            self._take_over_partials(partial, seeding=latest is None)
+            results = [self._rsync(self._argv(partial, latest, progress is not None), progress)]
         syncfs(partial)
         meta = {"source": str(self.opts["source"]), "link_dest": latest.name if latest else None,
-                "rsync_stats": _parse_stats(result.stdout)}
-        if result.returncode != 0:
+                "rsync_stats": _summed(_parse_stats(r.stdout) for r in results)}
+        if failed := [r.returncode for r in results if r.returncode]:
             log.warning("%s: some files vanished while rsync copied them", snapshot_id)
-            meta["warnings"] = [f"some files vanished during the copy (rsync exit {result.returncode})"]
+            meta["warnings"] = [f"some files vanished during the copy (rsync exit {failed[0]})"]
         return meta
+
+    def _mark(self, snapshot_id: SnapshotId) -> changes.Mark | None:
+        """What the pass in the window needs to copy only what changes from now on."""
+        if self.opts["checksum"]:
+            log.debug("%s: checksum = true, so the pass in the window compares every file", snapshot_id)
+            return None
+        try:
+            return changes.take_mark(self._scope())
+        except changes.WholeTree as why:
+            log.debug("%s: the pass in the window compares the whole tree: %s", snapshot_id, why)
+            return None
+
+    def _update(self, snapshot_id: SnapshotId, partial: Path, latest: Path | None, progress: Progress | None,
+                mark: changes.Mark | None) -> list[sh.Completed]:
+        """The pass in the window: over what changed since the mark, else the whole tree."""
+        try:
+            passes = mark and changes.prepare(mark, self._scope(), partial)
+        except changes.WholeTree as why:
+            log.debug("%s: the pass in the window compares the whole tree: %s", snapshot_id, why)
+            passes = None
+        if not passes:
+            return [self._rsync(self._argv(partial, latest, progress is not None), progress)]
+        log.debug("%s: the pass in the window lists %d names and copies %d directories whole", snapshot_id,
+                  len(passes.names), len(passes.trees))
+        return [self._rsync_listed(partial, latest, progress, names, recursive)
+                for names, recursive in ((passes.names, False), (passes.trees, True)) if names]
+
+    def _rsync_listed(self, partial: Path, latest: Path | None, progress: Progress | None, names: Sequence[str],
+                      recursive: bool) -> sh.Completed:
+        # The list is written next to the copy: the repository is never frozen, and rsync
+        # refuses a list behind a symlink (/dev/fd/N). --delete-missing-args: a name gone
+        # since it was listed is deleted from the copy, as a pass over the whole tree would.
+        # -a does not recurse through a list by itself. --link-dest stays: it costs per
+        # listed name only, and links what is as the previous snapshot has it (an entry
+        # unshared, changed back, or in a directory copied whole), as one pass would.
+        path = partial.with_suffix(NAMES)
+        path.write_bytes(b"".join(os.fsencode(name) + b"\0" for name in names))
+        try:
+            listing = [f"--files-from={path}", "--from0", "--delete-missing-args", *(["-r"] if recursive else [])]
+            return self._rsync(self._argv(partial, latest, progress is not None, listing), progress)
+        finally:
+            path.unlink()
+
+    def _rsync(self, argv: list[str], progress: Progress | None,
+               accept: tuple[int, ...] = (0, RSYNC_VANISHED)) -> sh.Completed:
+        result = sh.run(argv, check=False, on_stdout=progress and _progress_lines_only(progress))
+        if result.returncode not in accept and not _vanished_only(result):
+            raise _failure(result)
+        return result
 
     def _publish(self, snapshot_id: SnapshotId) -> None:
         self._partial(snapshot_id).rename(self.snapshot_dir / str(snapshot_id))
@@ -114,6 +169,8 @@ class RsyncBackend(DirectoryBackend):
         for doomed in self._suffixed(DELETING):
             log.info("finishing an interrupted delete: %s", doomed.name)
             shutil.rmtree(doomed)
+        for names in self._suffixed(NAMES):
+            names.unlink()
 
     # -------------------------------------------------------------------------------
 
@@ -123,7 +180,11 @@ class RsyncBackend(DirectoryBackend):
     def _latest(self) -> Path | None:
         return max(self._snapshot_dirs(), default=(None, None))[1]
 
-    def _argv(self, partial: Path, latest: Path | None, progress: bool) -> list[str]:
+    def _scope(self) -> changes.Scope:
+        return changes.Scope(self.opts["source"], self.opts["one_file_system"], self.snapshot_dir)
+
+    def _argv(self, partial: Path, latest: Path | None, progress: bool,
+              listing: Sequence[str] = ()) -> list[str]:
         # --delete-excluded: a reused interrupted copy must end up as a fresh one would, also
         # when the excludes changed since it was made. --modify-window=-1: mtimes compared
         # to the nanosecond, so the pass after a prepass misses no file changed within the
@@ -139,7 +200,7 @@ class RsyncBackend(DirectoryBackend):
         argv += [f"--exclude={pattern}" for pattern in self.opts["exclude"]]
         if latest:
             argv.append(f"--link-dest={latest}")
-        return argv + [f"{self.opts['source']}/", f"{partial}/"]
+        return argv + [*listing, f"{self.opts['source']}/", f"{partial}/"]
 
     def _take_over_partials(self, partial: Path, seeding: bool) -> None:
         """A `.partial` left by a crash is reused only for the first, seeding copy, where
@@ -177,6 +238,13 @@ def _exclude_advice(inside: PurePosixPath) -> str:
 def _progress_lines_only(progress: Progress) -> Progress:
     """--info=progress2 lines carry a percentage; the --stats report that follows does not."""
     return lambda line: progress(line) if "%" in line else None
+
+
+def _summed(stats: Iterable[dict[str, int]]) -> dict[str, int]:
+    total: Counter[str] = Counter()
+    for one in stats:
+        total.update(one)
+    return dict(total)
 
 
 def _parse_stats(stdout: str) -> dict[str, int]:
