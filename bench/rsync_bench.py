@@ -32,7 +32,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 # What snapmgr's rsync backend runs (rsync.py), for the bare rsync to match.
-SNAPMGR_FLAGS = ["-aHAX", "--numeric-ids", "--delete", "--delete-excluded", "--sparse", "--stats"]
+SNAPMGR_FLAGS = ["-aHAX", "--numeric-ids", "--delete", "--delete-excluded", "--sparse", "--stats",
+                 "--modify-window=-1", "--open-noatime"]
 
 
 def make_tree(root: Path, files: int, rng: random.Random) -> list[Path]:
