@@ -328,17 +328,16 @@ def test_a_mountpoint_that_is_not_one_is_a_config_error(ws):
 
 # The watchdog -------------------------------------------------------------------------
 
-def freeze_with_marker(ws, mnt, change_kb: int | None) -> None:
-    """A volume on `mnt` whose window stops `app`, (writes change_kb of new data, which the
+def freeze_with_marker(ws, mnt, change_kb: int) -> None:
+    """A volume on `mnt` whose window stops `app`, writes change_kb of new data (which the
     pass in the window copies at 500 kB/s, so a test can act while it runs), freezes
     `mnt`, and touches ws.root/frozen once all that is done."""
     ws.throttle_rsync(500)
-    change = {"change": {"kind": "command", "pre": [
-        "dd", "if=/dev/urandom", f"of={mnt}/d0/f0000", f"bs={change_kb}k", "count=1"]}} if change_kb else {}
     ws.write_config({"data": {"backend": "rsync", "source": mnt, "repository": ws.repo,
-                              "quiesce": ["app", *change, "fs", "marker"]}},
+                              "quiesce": ["app", "change", "fs", "marker"]}},
                     quiesce={"app": {"kind": "command", "pre": logger(ws, "app"), "post": logger(ws, "app")},
-                             **change,
+                             "change": {"kind": "command", "pre": ["dd", "if=/dev/urandom", f"of={mnt}/d0/f0000",
+                                                                   f"bs={change_kb}k", "count=1"]},
                              "fs": {"kind": "fsfreeze", "mountpoints": [mnt]},
                              "marker": {"kind": "command", "pre": ["touch", ws.root / "frozen"]}})
 
@@ -374,8 +373,7 @@ def test_kill_9_while_frozen_thaws_and_resumes_within_5s_in_20_of_20_trials(ws, 
 def test_a_window_whose_watchdog_died_too_is_recovered_by_the_next_run(ws, tmp_path):
     with loop_mount(tmp_path, "ext4") as mnt:
         make_tree(mnt, files=40, size=50_000)
-        freeze_with_marker(ws, mnt, change_kb=None)
-        (mnt / "d0" / "f0000").write_bytes(os.urandom(50_000))
+        freeze_with_marker(ws, mnt, change_kb=250)  # a window of half a second, to kill in
         run = ws.start("snapshot")
         wait_for(lambda: (ws.root / "frozen").exists(), what="the freeze")
         [watchdog] = pids_of(os.path.basename(sys.executable), "snapmgr.quiesce.watchdog")
