@@ -71,10 +71,7 @@ class Window:
             except (ConfigError, Interrupted):
                 raise
             except (SnapmgrError, OSError) as e:
-                if q.spec.required:
-                    raise QuiesceFailed(f"quiescer {q.name} ({q.kind}): {as_error(e)}; nothing was paused and no "
-                                        f"snapshot was taken") from None
-                self._degrade(q, e)
+                self._failed(q, e, "nothing was paused")
                 self.quiescers.remove(q)
 
     def plan(self) -> list[dict]:
@@ -123,13 +120,13 @@ class Window:
         except (Interrupted, WindowOverrun):
             raise
         except (SnapmgrError, OSError) as e:
-            if q.spec.required:
-                raise QuiesceFailed(f"quiescer {q.name} ({q.kind}): {as_error(e)}; everything was resumed "
-                                    f"and no snapshot was taken") from None
-            self._degrade(q, e)
+            self._failed(q, e, "everything was resumed")
 
-    def _degrade(self, q: Quiescer, e: SnapmgrError | OSError) -> None:
+    def _failed(self, q: Quiescer, e: SnapmgrError | OSError, settled: str) -> None:
+        """A required quiescer's failure ends the snapshot; an optional one's degrades it."""
         why = f"{q.name} ({q.kind}): {as_error(e)}"
+        if q.spec.required:
+            raise QuiesceFailed(f"quiescer {why}; {settled} and no snapshot was taken") from None
         log.warning("optional quiescer %s; the snapshot is marked degraded", why)
         self.report.degraded.append(why)
 
