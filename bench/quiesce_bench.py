@@ -259,33 +259,35 @@ def progress(round_: int, contenders: list[Contender]) -> str:
 
 
 def report(btrfs: Snapmgr, bare_btrfs: Bare, rsync: Snapmgr, bare_rsync: Bare, args) -> None:
-    def row(label: str, values: list[float]) -> None:
-        print(f"  {label:<{LABEL_WIDTH}}{statistics.median(values):>9.4f}{min(values):>9.4f}{max(values):>9.4f}")
+    def table(title: str, rows: list[tuple[str, Contender, str]]) -> None:
+        print(title)
+        for label, contender, key in rows:
+            values = contender.measures[key]
+            print(f"  {label:<{LABEL_WIDTH}}{statistics.median(values):>9.4f}{min(values):>9.4f}{max(values):>9.4f}")
 
     def median(c: Contender, key: str) -> float:
         return statistics.median(c.measures[key])
 
     print(f"\n{args.rounds} timed rounds, {args.changed:.0%} of the files changed per round")
     print(f"  {'seconds':<{LABEL_WIDTH}}{'median':>9}{'min':>9}{'max':>9}")
-    print(f"A. btrfs, {BTRFS_FILES:,} files and a sqlite quiescer")
-    row("snapmgr freeze window (sqlite held for the take)", btrfs.measures["freeze"])
-    row("snapmgr quiesce window (first prepare to last resume)", btrfs.measures["quiesce"])
-    row("bare btrfs subvolume snapshot -r", bare_btrfs.measures["wall"])
-    row("snapmgr snapshot, the whole run", btrfs.measures["wall"])
+    table(f"A. btrfs, {BTRFS_FILES:,} files and a sqlite quiescer", [
+        ("snapmgr freeze window (sqlite held for the take)", btrfs, "freeze"),
+        ("snapmgr quiesce window (first prepare to last resume)", btrfs, "quiesce"),
+        ("bare btrfs subvolume snapshot -r", bare_btrfs, "wall"),
+        ("snapmgr snapshot, the whole run", btrfs, "wall")])
     freeze, bare = median(btrfs, "freeze"), median(bare_btrfs, "wall")
     limit = GOAL_FREEZE_RATIO * bare + GOAL_FREEZE_SLACK_S
     print(f"  freeze / bare = {freeze / bare:.2f}x; goal freeze <= {GOAL_FREEZE_RATIO}x bare + "
           f"{GOAL_FREEZE_SLACK_S * 1000:g} ms = {limit:.4f}s: {'met' if freeze <= limit else 'MISSED'}")
 
-    print(f"B. rsync, {args.files:,} files and a sqlite quiescer")
-    row("snapmgr quiesce window (the pass after the prepass)", rsync.measures["quiesce"])
-    row("snapmgr freeze window", rsync.measures["freeze"])
-    row("bare rsync with snapmgr's argv: one quiesced pass", bare_rsync.measures["wall"])
-    row("snapmgr snapshot, the whole run (prepass and window)", rsync.measures["wall"])
+    table(f"B. rsync, {args.files:,} files and a sqlite quiescer", [
+        ("snapmgr quiesce window (the pass after the prepass)", rsync, "quiesce"),
+        ("snapmgr freeze window", rsync, "freeze"),
+        ("bare rsync with snapmgr's argv: one quiesced pass", bare_rsync, "wall"),
+        ("snapmgr snapshot, the whole run (prepass and window)", rsync, "wall")])
     window, one_pass = median(rsync, "quiesce"), median(bare_rsync, "wall")
     print(f"  window / one pass = {window / one_pass:.1%}; goal <= {GOAL_WINDOW_FRACTION:.0%}: "
           f"{'met' if window <= GOAL_WINDOW_FRACTION * one_pass else 'MISSED'}")
-
 
 if __name__ == "__main__":
     sys.exit(main())

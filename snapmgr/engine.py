@@ -244,12 +244,13 @@ class Engine:
             self._hold(window, volumes, group, takes, results)
         except BaseException as e:
             failure = e
-        # What was taken is recorded whatever stopped the rest: without its record a
-        # snapshot loses what its quiescers kept (a backup label, a binlog position).
-        stopped = as_error(failure) if isinstance(failure, (SnapmgrError, OSError)) else \
-            SnapmgrError(f"stopped by {failure!r}")
-        results += [taken_with_another(t) or stopped for t in takes[len(results):]]
-        results += [stopped] * (len(volumes) - len(results))
+        if failure is not None:
+            # What was taken is recorded whatever stopped the rest: without its record a
+            # snapshot loses what its quiescers kept (a backup label, a binlog position).
+            stopped = as_error(failure) if isinstance(failure, (SnapmgrError, OSError)) else \
+                SnapmgrError(f"stopped by {failure!r}")
+            results += [taken_with_another(t) or stopped for t in takes[len(results):]]
+            results += [stopped] * (len(volumes) - len(results))
         meta = window.report.as_meta() | {"group": group.name if group else None}
         for outcome, run, backend, result in zip(outcomes, runs, backends, results):
             outcome.error = self._record(run, backend, result, meta, window.report.resume_failures)
