@@ -19,7 +19,10 @@ apt-get install -y -qq --no-install-recommends \
     lvm2 thin-provisioning-tools e2fsprogs xfsprogs btrfs-progs rsync fuse3 \
     zfs-dkms zfsutils-linux python3-pyzfs \
     python3 python3-click python3-pytest python3-testinfra python3-hypothesis \
+    python3-pyfuse3 python3-trio python3-pip \
     >/dev/null
+# Debian has no blake3 for Python; PyPI's is a binary wheel (manifests hash with it).
+python3 -m pip install -q --break-system-packages --no-cache-dir "blake3>=0.3"
 
 # DKMS builds for the running kernel; in a chroot that is the host's, so build zfs.ko for
 # every kernel the guest has (a no-op where it is already built).
