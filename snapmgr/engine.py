@@ -15,7 +15,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable, Iterable
 
-from snapmgr import quiesce, retention, sh
+from snapmgr import manifest, quiesce, retention, sh
 from snapmgr.backends import BACKENDS
 from snapmgr.backends.base import Backend, Progress, taken_with_another
 from snapmgr.config import Config, Group, Volume
@@ -252,10 +252,11 @@ class Engine:
             results += [taken_with_another(t) or stopped for t in takes[len(results):]]
             results += [stopped] * (len(volumes) - len(results))
         meta = window.report.as_meta() | {"group": group.name if group else None}
-        for outcome, run, backend, result in zip(outcomes, runs, backends, results):
-            outcome.error = self._record(run, backend, result, meta, window.report.resume_failures)
+        for outcome, run, volume, backend, result in zip(outcomes, runs, volumes, backends, results):
+            record = dict(meta)
+            outcome.error = self._record(run, volume, backend, result, record, window.report.resume_failures)
             if isinstance(result, Snapshot):
-                outcome.created = replace(result, record=meta)
+                outcome.created = replace(result, record=record)
         if failure is not None:
             raise failure
 
@@ -313,15 +314,20 @@ class Engine:
         finally:
             window.close()
 
-    def _record(self, run: Run, backend: Backend, result: Snapshot | SnapmgrError, meta: dict,
+    def _record(self, run: Run, volume: Volume, backend: Backend, result: Snapshot | SnapmgrError, record: dict,
                 resume_failures: list[str]) -> SnapmgrError | None:
-        """Record the snapshot taken (or the error); the error the volume reports."""
+        """Record the snapshot taken (or the error), then its manifest (the record says
+        how that went); the error the volume reports."""
         if isinstance(result, SnapmgrError):
             run.finish(result)
             return result
         error = None
+        records = self._records(backend)
         try:
-            self._records(backend).write(result.id, meta)
+            # First without the manifest: what the quiescers kept must not wait for a long hash.
+            records.write(result.id, record)
+            record["manifest"] = self._manifest(volume, backend, result)
+            records.write(result.id, record)
         except OSError as e:
             error = SnapmgrError(f"{result.id} was taken, but its record could not be written: {as_error(e)}")
         if resume_failures:
@@ -329,6 +335,48 @@ class Engine:
         run.created(str(result.id))
         run.finish(error)
         return error
+
+    def _manifest(self, volume: Volume, backend: Backend, snapshot: Snapshot) -> dict:
+        """Write the snapshot's manifest, read from the snapshot itself; for its record,
+        what that took, or why the snapshot is unverified."""
+        if volume.manifest == "off":
+            return {"unverified": "manifests are off for this volume (manifest = \"off\")"}
+        directory = self._records(backend).directory
+        previous = self._previous_manifest(backend, snapshot, volume.manifest)
+        stats = manifest.ScanStats()
+        try:
+            with backend.browse_root(snapshot) as root:
+                try:
+                    entries = manifest.scan(root, volume.manifest, previous.entries() if previous else None,
+                                            shares_inodes=backend.shares_inodes, stats=stats)
+                except manifest.ManifestDamaged as e:  # found past its first line
+                    log.warning("%s: %s; hashing every file", snapshot.id, e)
+                    previous, stats = None, manifest.ScanStats()
+                    entries = manifest.scan(root, volume.manifest, stats=stats)
+                manifest.save(directory, snapshot.id, volume.manifest, entries)
+        except Interrupted:
+            raise
+        except (SnapmgrError, OSError) as e:
+            log.debug("manifest of %s failed", snapshot.id, exc_info=True)
+            reason = f"its manifest could not be written: {as_error(e)}"
+            log.warning("%s is unverified: %s", snapshot.id, reason)
+            return {"unverified": reason}
+        return {"algorithm": volume.manifest, "previous": previous.snapshot if previous else None,
+                **stats.as_record()}
+
+    def _previous_manifest(self, backend: Backend, snapshot: Snapshot, algorithm: str) -> manifest.Manifest | None:
+        """The manifest of the newest older snapshot that still exists (so that, where
+        snapshots share inodes, its inode numbers are still its files') and has one."""
+        directory = self._records(backend).directory
+        for older in sorted((s for s in backend.list() if s.id < snapshot.id), key=lambda s: s.id, reverse=True):
+            try:
+                found = manifest.load(directory, older.id)
+            except manifest.ManifestDamaged as e:
+                log.warning("%s: %s; not reused", older.id, e)
+                continue
+            if found is not None and found.algorithm == algorithm:
+                return found
+        return None
 
     def _prune(self, volume: Volume, dry_run: bool, outcome: Outcome) -> None:
         with self._locked(volume):
@@ -368,7 +416,9 @@ class Engine:
 
     def _delete_one(self, backend: Backend, snapshot: Snapshot) -> None:
         backend.delete(snapshot)
-        self._records(backend).delete(snapshot.id)
+        records = self._records(backend)
+        records.delete(snapshot.id)
+        manifest.delete(records.directory, snapshot.id)
 
 
 def _attempt(take: Callable[[], Snapshot]) -> Snapshot | SnapmgrError:

@@ -12,9 +12,11 @@ import hashlib
 import mmap
 import multiprocessing
 import os
+import signal
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
+from snapmgr import sh
 from snapmgr.errors import SnapmgrError
 
 ALGORITHMS = ("blake3", "sha256")
@@ -93,6 +95,17 @@ def _hash_or_why(new, algorithm: str, path: bytes) -> str | Unreadable:
         return Unreadable("is a symlink now" if e.errno == errno.ELOOP else e.strerror or str(e))
 
 
+def _worker_start(parent: int) -> None:
+    # A worker holds what snapmgr held when it forked, the volume lock among them: killed
+    # with snapmgr, or the next run would wait for it forever. Signals are snapmgr's to
+    # handle: it ends the pool.
+    sh.die_with_parent(signal.SIGKILL)
+    if os.getppid() != parent:  # snapmgr died before the line above
+        os._exit(1)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _hash_batch(job: tuple[str, list[bytes]]) -> list[str | Unreadable]:
     algorithm, paths = job
     new = hasher_factory(algorithm)
@@ -140,7 +153,7 @@ class Hashing:
             return
         if self._pool is None:
             # fork: the workers need nothing but this module, and start in a millisecond.
-            self._pool = multiprocessing.get_context("fork").Pool(self.workers)
+            self._pool = multiprocessing.get_context("fork").Pool(self.workers, _worker_start, (os.getpid(),))
         self._sent.append((keys, self._pool.apply_async(_hash_batch, ((self.algorithm, paths),))))
 
     def results(self) -> Iterator[tuple[object, str | Unreadable]]:
