@@ -143,6 +143,31 @@ def recover(c: Context):
     c.emit({"recovered": told}, "\n".join(told) or "nothing to recover")
 
 
+# Manifests: verify and export ----------------------------------------------------------
+
+@cli.command()
+@click.argument("targets", nargs=-1, metavar="[VOLUME | VOLUME@ID]...")
+@pass_ctx
+def verify(c: Context, targets):
+    """Re-hash snapshots and compare them with the manifests recorded when they were
+    taken: every snapshot of the named volumes, the named snapshots, or (none named) of
+    every volume with manifests. Exit 1 unless all are intact."""
+    engine = c.engine()
+    results, passed_over = engine.verify(targets, _progress(c))
+    if sys.stderr.isatty():
+        click.echo("\r\033[K", nl=False, err=True)
+    lines = [line for v in results for line in render.verification_lines(v)] + passed_over
+    unrecorded = engine.journal_failure
+    c.emit({"results": [render.verify_json(v) for v in results], "passed_over": passed_over,
+            "intact": all(v.result == "intact" for v in results),
+            "journal_error": str(unrecorded) if unrecorded else None},
+           "\n".join(lines) or "no snapshots to verify")
+    if unrecorded:
+        _error(f"this verify was not recorded: {unrecorded}")
+    if unrecorded or any(v.result != "intact" for v in results):
+        sys.exit(EXIT_FAILED)
+
+
 @cli.group("config")
 def config_group():
     """Check the configuration."""

@@ -20,8 +20,10 @@ from snapmgr.backends import BACKENDS
 from snapmgr.backends.base import Backend, Progress, taken_with_another
 from snapmgr.config import Config, Group, Volume
 from snapmgr.errors import Interrupted, LockBusy, SnapmgrError, UsageError, as_error, quote
-from snapmgr.journal import Journal, JournalError, Run, VolumeHistory
+from snapmgr.journal import Journal, JournalError, Run, Verify, VolumeHistory
 from snapmgr.lock import volume_lock
+from snapmgr.manifest import verify
+from snapmgr.manifest.verify import Problem
 from snapmgr.model import ForeignSnapshot, Snapshot, SnapshotId
 from snapmgr.quiesce.watchdog import Watchdog, perform_all
 from snapmgr.quiesce.window import Window, WindowOverrun
@@ -54,6 +56,19 @@ class VolumeStatus:
     history: VolumeHistory
     problem: str | None = None    # why they could not be listed, or which are invalid
     invalid: tuple[str, ...] = ()
+    last_verify: Verify | None = None
+    damaged: tuple[str, ...] = ()  # existing snapshots whose latest verify found them damaged
+
+
+@dataclass(frozen=True)
+class Verification:
+    """How verifying one snapshot went."""
+
+    snapshot: Snapshot
+    result: str                                  # intact, damaged, unverifiable, error
+    problems: tuple[Problem, ...] = ()
+    reason: str | None = None                    # why unverifiable, or the error
+    stats: manifest.ScanStats | None = None
 
 
 class Engine:
@@ -137,6 +152,7 @@ class Engine:
 
     def status(self, names: Iterable[str] = ()) -> list[VolumeStatus]:
         statuses = []
+        verifies = self.journal.latest_verifies()
         for volume in self.volumes(names):
             history = self.journal.history(volume.name)
             try:
@@ -148,8 +164,64 @@ class Engine:
             problem = "; ".join(f"{s.id} is invalid ({s.invalid})" for s in invalid) or None
             statuses.append(VolumeStatus(volume.name, volume.backend, len(snapshots),
                                          max(snapshots, key=lambda s: s.id, default=None), history,
-                                         problem, tuple(str(s.id) for s in invalid)))
+                                         problem, tuple(str(s.id) for s in invalid),
+                                         *_verify_state(verifies, {str(s.id) for s in snapshots})))
         return statuses
+
+    def verify(self, targets: Iterable[str], progress: Progress | None = None
+               ) -> tuple[list[Verification], list[str]]:
+        """Re-hash snapshots against their manifests: the named ones, every snapshot of
+        the named volumes, or of every volume that records manifests. Also the volumes
+        passed over, each with why.
+
+        No volume lock is taken: a verify may read for hours, and must not make a
+        scheduled snapshot wait. A snapshot deleted meanwhile is reported as an error."""
+        wanted: dict[str, set[SnapshotId]] = {}
+        for text in targets:
+            if "@" not in text:
+                wanted.setdefault(text, set())
+                continue
+            try:
+                sid = SnapshotId.parse(text)
+            except ValueError as e:
+                raise UsageError(str(e)) from None
+            wanted.setdefault(sid.volume, set()).add(sid)
+        volumes = self.volumes(wanted)
+        passed_over = []
+        if not wanted:
+            passed_over = [f"{v.name}: manifests are off (manifest = \"off\"); not verified"
+                           for v in volumes if v.manifest == "off"]
+            volumes = [v for v in volumes if v.manifest != "off"]
+        results = []
+        for volume in volumes:
+            snapshots = {s.id: s for s in self._listed(volume)}
+            if missing := sorted(wanted.get(volume.name, set()) - set(snapshots)):
+                raise SnapmgrError(f"no such snapshot: {', '.join(map(str, missing))}")
+            backend = self.backend(volume)
+            for sid in sorted(wanted.get(volume.name) or snapshots):
+                results.append(self._verify_one(backend, snapshots[sid], progress))
+        return results, passed_over
+
+    def _verify_one(self, backend: Backend, snapshot: Snapshot, progress: Progress | None) -> Verification:
+        started = self.clock()
+        directory = self._records(backend).directory
+        try:
+            stored = manifest.load(directory, snapshot.id)
+            if stored is None:
+                done = Verification(snapshot, "unverifiable", reason=_why_no_manifest(snapshot))
+            else:
+                told = progress and (lambda line: progress(f"{snapshot.id}: {line}"))
+                with backend.browse_root(snapshot) as root:
+                    problems, stats = verify.check(root, stored, told)
+                done = Verification(snapshot, "damaged" if problems else "intact", tuple(problems), stats=stats)
+        except Interrupted:
+            raise
+        except (SnapmgrError, OSError) as e:
+            log.debug("verify of %s failed", snapshot.id, exc_info=True)
+            done = Verification(snapshot, "error", reason=str(as_error(e)))
+        detail = [p.describe() for p in done.problems] or ([done.reason] if done.reason else [])
+        self.journal.verified(str(snapshot.id), started, done.result, done.stats and done.stats.entries, detail)
+        return done
 
     def recover(self) -> list[str]:
         """Resume what interrupted quiesce windows left paused, and tell, once, of each
@@ -419,6 +491,20 @@ class Engine:
         records = self._records(backend)
         records.delete(snapshot.id)
         manifest.delete(records.directory, snapshot.id)
+
+
+def _verify_state(verifies: list[Verify], existing: set[str]) -> tuple[Verify | None, tuple[str, ...]]:
+    """Of the snapshots that still exist: the latest verify, and those found damaged."""
+    mine = [v for v in verifies if v.snapshot in existing]
+    return (mine[-1] if mine else None), tuple(sorted(v.snapshot for v in mine if v.result == "damaged"))
+
+
+def _why_no_manifest(snapshot: Snapshot) -> str:
+    state = (snapshot.record or {}).get("manifest")
+    if state is None:
+        return ("it has no manifest: it was taken before snapmgr recorded manifests, or its run "
+                "was stopped before the manifest was written")
+    return state.get("unverified") or "its manifest file is missing (deleted by hand?)"
 
 
 def _attempt(take: Callable[[], Snapshot]) -> Snapshot | SnapmgrError:

@@ -21,13 +21,14 @@ import os
 import stat
 import time
 from dataclasses import dataclass, field, fields
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from snapmgr.errors import SnapmgrError, quote
 from snapmgr.manifest.entry import Entry, walk_key
 from snapmgr.manifest.hashing import Hashing, Unreadable
 
 PATH, KIND, SIZE, DIGEST = ([f.name for f in fields(Entry)].index(n) for n in ("path", "kind", "size", "digest"))
+PROGRESS_EVERY = 4096
 _KIND = {stat.S_IFREG: "f", stat.S_IFDIR: "d", stat.S_IFLNK: "l", stat.S_IFCHR: "c", stat.S_IFBLK: "b",
          stat.S_IFIFO: "p", stat.S_IFSOCK: "s"}
 
@@ -58,17 +59,20 @@ def display(path: bytes) -> str:
 
 
 def scan(root: str | os.PathLike, algorithm: str | None, previous: Iterable[Entry] | None = None, *,
-         shares_inodes: bool = False, stats: ScanStats | None = None, strict: bool = True) -> Iterator[Entry]:
+         shares_inodes: bool = False, stats: ScanStats | None = None, strict: bool = True,
+         progress: Callable[[str], None] | None = None) -> Iterator[Entry]:
     """The entries under `root`, in walk order. algorithm None: no content hashes (a cheap
     walk). `previous`: an older state of the tree, in walk order, whose hashes are taken
     for files not written since (see the module's docstring). strict: an entry that cannot
     be read stops the scan with a ScanError; otherwise it is listed in `stats.unreadable`
-    (and a file's digest is None). The work is done by the time this returns."""
+    (and a file's digest is None). progress: told now and then how far it got. The work
+    is done by the time this returns."""
     stats = stats if stats is not None else ScanStats()
     started = time.monotonic()
     base = os.fsencode(root)
     before = _Cursor(previous or ())
     rows: list[list] = []   # Entry's fields, the digest filled in as hashes come back
+    queued = 0
     with Hashing(algorithm) as hashing:
         for absolute, rel, st in _walk(base, stats, strict):
             old = before.at(rel)
@@ -81,8 +85,13 @@ def scan(root: str | os.PathLike, algorithm: str | None, previous: Iterable[Entr
                     stats.reused += 1
                 elif algorithm:
                     hashing.add(len(rows), absolute, st.st_size)
+                    queued += 1
             rows.append(row)
-        for i, digest in hashing.results():
+            if progress and len(rows) % PROGRESS_EVERY == 0:
+                progress(f"{len(rows):,} entries found")
+        for done, (i, digest) in enumerate(hashing.results(), start=1):
+            if progress and done % PROGRESS_EVERY == 0:
+                progress(f"{done:,} of {queued:,} files hashed")
             if isinstance(digest, Unreadable):
                 _unreadable(stats, strict, rows[i][PATH], digest.reason)
                 continue
