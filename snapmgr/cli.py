@@ -18,6 +18,7 @@ from snapmgr import config as configuration
 from snapmgr import render
 from snapmgr.engine import Engine, Outcome
 from snapmgr.journal import JournalError
+from snapmgr.manifest import export
 from snapmgr.errors import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_SOFTWARE, EXIT_USAGE, Interrupted, SnapmgrError,
                             UsageError, as_error, one_line, quote)
 from snapmgr.model import NAME_RULE, is_valid_name
@@ -166,6 +167,24 @@ def verify(c: Context, targets):
         _error(f"this verify was not recorded: {unrecorded}")
     if unrecorded or any(v.result != "intact" for v in results):
         sys.exit(EXIT_FAILED)
+
+
+@cli.command("manifest")
+@click.argument("snapshot", metavar="VOLUME@ID")
+@click.option("--format", "fmt", type=click.Choice(list(export.FORMATS)),
+              help="b3sum or sha256sum: lines that 'b3sum -c' / 'sha256sum -c' check inside a restored copy "
+                   "[default: the one of the manifest's hash]; json: every entry, one object a line.")
+@pass_ctx
+def manifest_(c: Context, snapshot, fmt):
+    """Print the manifest recorded when VOLUME@ID was taken."""
+    stored = c.engine().manifest(snapshot)
+    fmt = fmt or ("json" if c.json else export.default_format(stored.algorithm))
+    export.check_format(fmt, stored.algorithm)
+    # Checked whole before a byte is printed: a name that cannot be written for the tool
+    # fails the command, instead of printing a list that would not check.
+    lines = list(export.json_lines(stored.entries()) if fmt == "json" else
+                 export.checksum_lines(stored.entries(), fmt))
+    sys.stdout.buffer.writelines(lines)
 
 
 @cli.group("config")

@@ -202,6 +202,22 @@ class Engine:
                 results.append(self._verify_one(backend, snapshots[sid], progress))
         return results, passed_over
 
+    def manifest(self, text: str) -> manifest.Manifest:
+        """The manifest of the snapshot `VOLUME@ID`, or an error saying why it has none."""
+        try:
+            sid = SnapshotId.parse(text)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        [volume] = self.volumes([sid.volume])
+        backend = self.backend(volume)
+        snapshot = next((s for s in self._listed(volume) if s.id == sid), None)
+        if snapshot is None:
+            raise SnapmgrError(f"no such snapshot: {sid}")
+        found = manifest.load(self._records(backend).directory, sid)
+        if found is None:
+            raise SnapmgrError(f"{sid} is unverifiable: {_why_no_manifest(snapshot)}")
+        return found
+
     def _verify_one(self, backend: Backend, snapshot: Snapshot, progress: Progress | None) -> Verification:
         started = self.clock()
         directory = self._records(backend).directory

@@ -12,6 +12,7 @@ import click
 
 from snapmgr.engine import Outcome, Verification, VolumeStatus
 from snapmgr.journal import Verify
+from snapmgr.manifest import path_text
 from snapmgr.errors import one_line
 from snapmgr.model import ForeignSnapshot, Snapshot
 
@@ -60,14 +61,9 @@ def verify_json(v: Verification) -> dict:
     return {"snapshot": str(v.snapshot.id), "volume": v.snapshot.volume, "result": v.result, "reason": v.reason,
             "entries": stats and stats.entries, "hashed": stats and stats.hashed,
             "hashed_bytes": stats and stats.hashed_bytes, "seconds": stats and round(stats.seconds, 3),
-            "problems": [{"status": p.status, "path": display_path(p.path),
+            "problems": [{"status": p.status, "path": "/" + path_text(p.path),
                           "path_base64": base64.b64encode(p.path).decode(), "what": sorted(p.what),
                           "reason": p.reason} for p in v.problems]}
-
-
-def display_path(path: bytes) -> str:
-    """A snapshot-relative path as text: bytes that are not UTF-8 as \\xNN (path_base64 is exact)."""
-    return "/" + path.decode("utf-8", "backslashreplace")
 
 
 def last_verify_json(v: Verify | None) -> dict | None:

@@ -23,8 +23,8 @@ import time
 from dataclasses import dataclass, field, fields
 from typing import Callable, Iterable, Iterator
 
-from snapmgr.errors import SnapmgrError, quote
-from snapmgr.manifest.entry import Entry, walk_key
+from snapmgr.errors import SnapmgrError
+from snapmgr.manifest.entry import Entry, display, walk_key
 from snapmgr.manifest.hashing import Hashing, Unreadable
 
 PATH, KIND, SIZE, DIGEST = ([f.name for f in fields(Entry)].index(n) for n in ("path", "kind", "size", "digest"))
@@ -51,11 +51,6 @@ class ScanStats:
     def as_record(self) -> dict:
         return {"entries": self.entries, "bytes": self.bytes, "hashed": self.hashed,
                 "hashed_bytes": self.hashed_bytes, "reused": self.reused, "seconds": round(self.seconds, 3)}
-
-
-def display(path: bytes) -> str:
-    """A manifest path as one line of text: undecodable bytes and control characters escaped."""
-    return quote("/" + path.decode("utf-8", "backslashreplace"))
 
 
 def scan(root: str | os.PathLike, algorithm: str | None, previous: Iterable[Entry] | None = None, *,

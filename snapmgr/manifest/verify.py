@@ -8,8 +8,8 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
-from snapmgr.manifest.entry import compare
-from snapmgr.manifest.scan import ScanStats, display, scan
+from snapmgr.manifest.entry import compare, display
+from snapmgr.manifest.scan import ScanStats, scan
 from snapmgr.manifest.store import Manifest
 
 STATUS = {"removed": "missing", "added": "unexpected", "changed": "changed"}
