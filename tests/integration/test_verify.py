@@ -5,6 +5,7 @@ back, snapshots without manifests, the journal and status."""
 from __future__ import annotations
 
 import os
+import pty
 import sqlite3
 import subprocess
 from pathlib import Path
@@ -153,3 +154,16 @@ def test_verify_results_go_to_the_journal(ws):
     with sqlite3.connect(ws.root / "state" / "journal.db") as db:
         rows = db.execute("SELECT volume, snapshot, source, result, entries, problems, detail FROM verifies").fetchall()
     assert rows == [("data", sid, "verify", "damaged", 7, 1, '["changed    \'/d0/f0000\' (content)"]')]
+
+
+def test_progress_is_shown_on_a_terminal_only(ws):
+    make_tree(ws.source, files=5000, size=10)
+    sid = created(ws)
+    leader, follower = pty.openpty()
+    p = subprocess.run(ws.command("verify"), stdout=subprocess.PIPE, stderr=follower, env=ws.env, timeout=120)
+    os.close(follower)
+    seen = os.read(leader, 65536).decode()
+    os.close(leader)
+    assert p.returncode == 0
+    assert f"{sid}: 4,096 entries found" in seen and f"{sid}: 4,096 of 5,000 files hashed" in seen and "\r" in seen
+    assert ws.ok("verify").stderr == ""
