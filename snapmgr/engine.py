@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from collections import defaultdict
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
@@ -432,6 +433,7 @@ class Engine:
         directory = self._records(backend).directory
         previous = self._previous_manifest(backend, snapshot, volume.manifest)
         stats = manifest.ScanStats()
+        started = time.monotonic()
         try:
             with backend.browse_root(snapshot) as root:
                 try:
@@ -450,7 +452,7 @@ class Engine:
             log.warning("%s is unverified: %s", snapshot.id, reason)
             return {"unverified": reason}
         return {"algorithm": volume.manifest, "previous": previous.snapshot if previous else None,
-                **stats.as_record()}
+                **stats.as_record(), "seconds": round(time.monotonic() - started, 3)}  # the file written too
 
     def _previous_manifest(self, backend: Backend, snapshot: Snapshot, algorithm: str) -> manifest.Manifest | None:
         """The manifest of the newest older snapshot that still exists (so that, where

@@ -16,7 +16,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-from dataclasses import astuple
 from pathlib import Path
 from typing import IO, Iterable, Iterator
 
@@ -27,6 +26,10 @@ VERSION = 1
 # Fast compression: a manifest is written with every snapshot, and level 1 already gets
 # most of what gzip can get from JSON lines of similar paths.
 LEVEL = 1
+
+
+# One entry a line, in Entry's field order (read back as Entry(*row)).
+dumps = json.JSONEncoder(separators=(",", ":")).encode
 
 
 class ManifestDamaged(SnapmgrError):
@@ -52,11 +55,9 @@ def write(path: Path, header: dict, entries: Iterable[Entry]) -> int:
                 z.write(_line({"manifest": VERSION, **header}))
                 batch = []
                 for e in entries:
-                    row = list(astuple(e))
-                    row[0] = encode_name(e.path)
-                    if e.target is not None:
-                        row[11] = encode_name(e.target)
-                    batch.append(json.dumps(row, separators=(",", ":")))
+                    batch.append(dumps([encode_name(e.path), e.kind, e.mode, e.uid, e.gid, e.size, e.mtime_ns, e.ino,
+                                        e.ctime_ns, e.nlink, e.rdev, None if e.target is None else encode_name(e.target),
+                                        e.xattrs, e.digest]))
                     count += 1
                     if len(batch) >= 4096:
                         z.write(("\n".join(batch) + "\n").encode())
