@@ -210,20 +210,24 @@ class Engine:
         except ValueError as e:
             raise UsageError(str(e)) from None
         [volume] = self.volumes([sid.volume])
-        backend = self.backend(volume)
         snapshot = next((s for s in self._listed(volume) if s.id == sid), None)
         if snapshot is None:
             raise SnapmgrError(f"no such snapshot: {sid}")
-        found = manifest.load(self._records(backend).directory, sid)
+        found = self.stored_manifest(snapshot)
         if found is None:
             raise SnapmgrError(f"{sid} is unverifiable: {_why_no_manifest(snapshot)}")
         return found
 
+    def stored_manifest(self, snapshot: Snapshot) -> manifest.Manifest | None:
+        """The manifest recorded when `snapshot` was taken, None when it has none;
+        manifest.ManifestDamaged when it cannot be read. For diff and mount --verify too."""
+        backend = self.backend(self.config.volumes[snapshot.volume])
+        return manifest.load(self._records(backend).directory, snapshot.id)
+
     def _verify_one(self, backend: Backend, snapshot: Snapshot, progress: Progress | None) -> Verification:
         started = self.clock()
-        directory = self._records(backend).directory
         try:
-            stored = manifest.load(directory, snapshot.id)
+            stored = self.stored_manifest(snapshot)
             if stored is None:
                 done = Verification(snapshot, "unverifiable", reason=_why_no_manifest(snapshot))
             else:
