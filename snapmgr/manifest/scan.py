@@ -82,7 +82,7 @@ def stream(root: str | os.PathLike, algorithm: str | None, previous: Iterable[En
     before = _Cursor(previous or ())
     rows: deque[list] = deque()   # Entry's fields, in walk order, of the entries not given out yet
     waiting: dict[int, list] = {}  # the rows whose digest is PENDING, by the key hashing knows them by
-    walked = queued = 0
+    walked = 0
     with Hashing(algorithm) as hashing:
         for absolute, rel, st in _walk(base, stats, strict):
             old = before.at(rel)
@@ -98,19 +98,16 @@ def stream(root: str | os.PathLike, algorithm: str | None, previous: Iterable[En
                     row[DIGEST] = PENDING
                     waiting[walked] = row
                     hashing.add(walked, absolute, st.st_size)
-                    queued += 1
             rows.append(row)
             walked += 1
             if walked % GIVE_OUT_EVERY == 0:
                 if progress and walked % PROGRESS_EVERY == 0:
                     progress(f"{walked:,} entries found")
                 for key, digest in hashing.results(wait=False):
-                    _put(waiting.pop(key), digest, stats, strict)
+                    _put(waiting.pop(key), digest, stats, strict, progress)
                 yield from _ready(rows)
         for key, digest in hashing.results(wait=True):
-            _put(waiting.pop(key), digest, stats, strict)
-            if progress and stats.hashed and stats.hashed % PROGRESS_EVERY == 0:
-                progress(f"{stats.hashed:,} of {queued:,} files hashed")
+            _put(waiting.pop(key), digest, stats, strict, progress)
             if rows[0][DIGEST] is not PENDING:
                 yield from _ready(rows)
         yield from _ready(rows)
@@ -118,7 +115,8 @@ def stream(root: str | os.PathLike, algorithm: str | None, previous: Iterable[En
     stats.seconds = time.monotonic() - started
 
 
-def _put(row: list, digest: str | Unreadable, stats: ScanStats, strict: bool) -> None:
+def _put(row: list, digest: str | Unreadable, stats: ScanStats, strict: bool,
+         progress: Callable[[str], None] | None) -> None:
     if isinstance(digest, Unreadable):
         row[DIGEST] = None
         _unreadable(stats, strict, row[PATH], digest.reason)
@@ -126,6 +124,8 @@ def _put(row: list, digest: str | Unreadable, stats: ScanStats, strict: bool) ->
     row[DIGEST] = digest
     stats.hashed += 1
     stats.hashed_bytes += row[SIZE]
+    if progress and stats.hashed % PROGRESS_EVERY == 0:
+        progress(f"{stats.hashed:,} files hashed")
 
 
 def _ready(rows: deque[list]) -> Iterator[Entry]:
