@@ -115,6 +115,31 @@ def delete(c: Context, snapshots, dry_run):
 
 
 @cli.command()
+@click.argument("snapshot", metavar="VOLUME@ID")
+@click.argument("paths", nargs=-1, required=True, metavar="PATH...")
+@click.option("--to", "dest", metavar="DEST", type=click.Path(file_okay=False, path_type=Path),
+              help="Copy into DEST (each PATH lands at DEST/PATH).")
+@click.option("--in-place", is_flag=True,
+              help="Copy back into the live volume, after taking a protected pre-rollback snapshot of it.")
+@click.option("--overwrite", is_flag=True, help="Replace what exists in DEST [default: refuse, copying nothing].")
+@click.option("--delete", is_flag=True,
+              help="With --in-place: also delete, inside the restored directories, what the snapshot does not "
+                   "hold (files the snapshots leave out on purpose, and other mounts, are never touched).")
+@click.option("--dry-run", "-n", is_flag=True, help="List what would change; change nothing.")
+@pass_ctx
+def restore(c: Context, snapshot, paths, dest, in_place, overwrite, delete, dry_run):
+    """Copy PATHs out of a snapshot with every attribute kept (modes, owners, ACLs,
+    xattrs, hardlinks, sparse files).
+
+    A PATH is relative to the volume's root, or absolute as the live volume shows it
+    (e.g. /srv/data/uploads/a.jpg). Give --to DEST, or --in-place."""
+    if (dest is None) == (not in_place):
+        raise UsageError("give either --to DEST or --in-place")
+    done = c.engine().restore(snapshot, paths, dest, overwrite, in_place, delete, dry_run)
+    c.emit(render.restored_json(done), render.restored_text(done))
+
+
+@cli.command()
 @click.argument("volumes", nargs=-1)
 @click.option("--dry-run", "-n", is_flag=True, help="Show each snapshot with keep/prune and the reason.")
 @pass_ctx

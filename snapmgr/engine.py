@@ -13,9 +13,9 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
-from snapmgr import quiesce, retention, sh
+from snapmgr import quiesce, restore, retention, sh, volume_paths
 from snapmgr.backends import BACKENDS
 from snapmgr.backends.base import Backend, Progress, taken_with_another
 from snapmgr.config import Config, Group, Volume
@@ -30,6 +30,7 @@ from snapmgr.schema import did_you_mean
 
 log = logging.getLogger(__name__)
 DEFAULT_TAG = "manual"
+PRE_ROLLBACK_TAG = "pre-rollback"
 
 
 @dataclass
@@ -369,6 +370,69 @@ class Engine:
     def _delete_one(self, backend: Backend, snapshot: Snapshot) -> None:
         backend.delete(snapshot)
         self._records(backend).delete(snapshot.id)
+
+    # Restore, diff, versions -----------------------------------------------------------
+
+    def restore(self, snapshot_text: str, paths: Sequence[str], dest: Path | None, overwrite: bool = False,
+                in_place: bool = False, delete: bool = False, dry_run: bool = False) -> restore.Restored:
+        """Copy PATHS out of a snapshot into DEST, or with `in_place` back into the live
+        volume, after a protected pre-rollback snapshot of it."""
+        if delete and not in_place:
+            raise UsageError("--delete only goes with --in-place, where the pre-rollback snapshot keeps what it "
+                             "deletes; restore into an empty DEST instead")
+        volume, backend, snapshot = self._snapshot_of(snapshot_text)
+        live = backend.live_root()
+        wanted = list(dict.fromkeys(volume_paths.relative(p, live, volume.name) for p in paths))
+        if in_place:
+            if live is None:
+                raise SnapmgrError(f"volume {volume.name} is not mounted now: there is nowhere to restore in place")
+            dest = live
+        dest = Path(os.path.abspath(dest))
+        with ExitStack() as stack:
+            if in_place and not dry_run:
+                stack.enter_context(self._locked(volume))
+            root = stack.enter_context(backend.browse_root(snapshot))
+            for path in wanted:
+                volume_paths.located(root, path, str(snapshot.id))
+            if not (overwrite or in_place):
+                self._refuse_overwriting(root, wanted, dest)
+            pre_rollback = None
+            if in_place and not dry_run:
+                pre_rollback = self._pre_rollback(volume)
+                stack.enter_context(self.journal.run(volume.name, "restore", os.getpid()))
+            changes = restore.copy(root, wanted, dest, dry_run, delete, backend.left_out())
+        return restore.Restored(str(snapshot.id), dest, tuple(wanted), dry_run, tuple(changes), pre_rollback)
+
+    def _snapshot_of(self, text: str) -> tuple[Volume, Backend, Snapshot]:
+        try:
+            sid = SnapshotId.parse(text)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        [volume] = self.volumes([sid.volume])
+        backend = self.backend(volume)
+        snapshots = {s.id: s for s in backend.list()}
+        if sid not in snapshots:
+            newest = max(snapshots, default=None)
+            raise SnapmgrError(f"no such snapshot: {sid} (volume {volume.name} has {len(snapshots)}"
+                               + (f", the newest {newest})" if newest else ")"))
+        return volume, backend, snapshots[sid]
+
+    @staticmethod
+    def _refuse_overwriting(root: Path, paths: list[bytes], dest: Path) -> None:
+        existing = restore.conflicts(root, paths, dest)
+        if existing:
+            shown = ", ".join(volume_paths.shown(p) for p in existing[:restore.SHOWN_CONFLICTS])
+            more = " and more" if len(existing) > restore.SHOWN_CONFLICTS else ""
+            raise SnapmgrError(f"refusing to overwrite what exists in {dest}: {shown}{more} "
+                               f"(--overwrite replaces them; nothing was copied)")
+
+    def _pre_rollback(self, volume: Volume) -> str:
+        """A protected snapshot of the volume as it is, taken under the lock already held."""
+        outcome = Outcome(volume.name)
+        self._take([volume], None, frozenset({PRE_ROLLBACK_TAG}), False, None, [outcome])
+        if outcome.error or outcome.created is None:
+            raise SnapmgrError(f"the {PRE_ROLLBACK_TAG} snapshot failed, so nothing was restored: {outcome.error}")
+        return str(outcome.created.id)
 
 
 def _attempt(take: Callable[[], Snapshot]) -> Snapshot | SnapmgrError:

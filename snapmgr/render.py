@@ -10,6 +10,7 @@ from typing import Sequence
 import click
 
 from snapmgr.engine import Outcome, VolumeStatus
+from snapmgr.restore import Restored
 from snapmgr.errors import one_line
 from snapmgr.model import ForeignSnapshot, Snapshot
 
@@ -38,6 +39,15 @@ def age(moment: datetime | None, now: datetime) -> str:
     return f"{max(seconds, 0)}s ago"
 
 
+def escaped(path: bytes) -> str:
+    """A path of any bytes as one printable line: a backslash doubled, then each byte that
+    is not UTF-8 as \\xNN and each control character as \\n, \\t, \\xNN (so an escape can
+    never be mistaken for a name that spells it)."""
+    text = (path or b".").replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace")
+    return text if text.isprintable() else "".join(
+        c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
 # JSON forms ------------------------------------------------------------------------
 
 def snapshot_json(s: Snapshot) -> dict:
@@ -61,6 +71,11 @@ def outcome_json(o: Outcome) -> dict:
         "decisions": [{"id": str(d.snapshot.id), "keep": d.keep, "reason": d.reason} for d in o.decisions],
         "deleted": o.deleted,
     }
+
+
+def restored_json(r: Restored) -> dict:
+    return {"snapshot": r.snapshot, "dest": str(r.dest), "paths": [escaped(p) for p in r.paths],
+            "dry_run": r.dry_run, "pre_rollback": r.pre_rollback, "changes": list(r.changes)}
 
 
 def status_json(s: VolumeStatus, now: datetime) -> dict:
@@ -101,6 +116,15 @@ def snapshots_table(snapshots: Sequence[Snapshot], foreign: Sequence[ForeignSnap
     rows += [(f.name, when(f.created), "-", "-", f"foreign to {f.volume}: not snapmgr's, never pruned")
              for f in foreign]
     return table(("SNAPSHOT", "CREATED", "TAGS", "GRADE", "STATE"), rows)
+
+
+def restored_text(r: Restored) -> str:
+    paths = ", ".join(escaped(p) for p in r.paths)
+    if r.dry_run:
+        head = f"dry run: restoring {paths} from {r.snapshot} into {r.dest} would change {len(r.changes)} item(s)"
+        return "\n".join([head, *r.changes])
+    taken = f"took {r.pre_rollback} first; " if r.pre_rollback else ""
+    return f"{taken}restored {paths} from {r.snapshot} into {r.dest} ({len(r.changes)} item(s) copied)"
 
 
 def decisions_table(outcome: Outcome) -> str:
