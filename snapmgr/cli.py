@@ -139,6 +139,46 @@ def restore(c: Context, snapshot, paths, dest, in_place, overwrite, delete, dry_
     c.emit(render.restored_json(done), render.restored_text(done))
 
 
+@cli.command("diff")
+@click.argument("old", metavar="A")
+@click.argument("new", metavar="B")
+@click.argument("path", required=False)
+@click.option("--quick", is_flag=True,
+              help="Read no file: trust size and mtime, as rsync does (a rewrite that keeps both is missed).")
+@pass_ctx
+def diff_(c: Context, old, new, path, quick):
+    """What changed from snapshot A to snapshot B of one volume, or to the volume as it
+    is now (B = live); PATH limits it to a file or directory. One line per path: FLAGS PATH.
+
+    \b
+    FLAGS, as snapper status shows them: the first column
+      +  added          -  removed
+      t  type changed   c  content changed (data, symlink target, device number)
+      .  only metadata changed
+    then one column per property, '.' when it is the same:
+      p  permissions    u  user (owner)   g  group
+      x  xattrs or ACLs m  mtime
+    e.g. 'c....m /etc/app.conf', '.p.... /srv/data/private'.
+    Uses the snapshots' manifests when both have one; otherwise walks the trees and
+    reads a file only where size and inode do not show it unchanged (--quick: never)."""
+    changes = c.engine().diff(old, new, path, quick)
+    c.emit(render.diff_json(changes), render.diff_text(changes))
+
+
+@cli.command("versions")
+@click.argument("path")
+@pass_ctx
+def versions_(c: Context, path):
+    """Every distinct version of a file of a live volume across its snapshots, newest
+    first, with the snapshots that hold each; also for a file deleted since.
+
+    PATH is absolute or relative to the current directory; the volume is the one whose
+    live files hold it. Versions are told apart by content hash (from the manifests, or
+    read from the snapshot)."""
+    history = c.engine().versions(path)
+    c.emit(render.history_json(history), render.history_text(history))
+
+
 @cli.command()
 @click.argument("volumes", nargs=-1)
 @click.option("--dry-run", "-n", is_flag=True, help="Show each snapshot with keep/prune and the reason.")

@@ -15,13 +15,14 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from snapmgr import quiesce, restore, retention, sh, volume_paths
+from snapmgr import diff, manifest, quiesce, restore, retention, sh, versions, volume_paths
 from snapmgr.backends import BACKENDS
 from snapmgr.backends.base import Backend, Progress, taken_with_another
 from snapmgr.config import Config, Group, Volume
 from snapmgr.errors import Interrupted, LockBusy, SnapmgrError, UsageError, as_error, quote
 from snapmgr.journal import Journal, JournalError, Run, VolumeHistory
 from snapmgr.lock import volume_lock
+from snapmgr.manifest import ALGORITHMS, Manifest, ManifestDamaged
 from snapmgr.model import ForeignSnapshot, Snapshot, SnapshotId
 from snapmgr.quiesce.watchdog import Watchdog, perform_all
 from snapmgr.quiesce.window import Window, WindowOverrun
@@ -31,6 +32,7 @@ from snapmgr.schema import did_you_mean
 log = logging.getLogger(__name__)
 DEFAULT_TAG = "manual"
 PRE_ROLLBACK_TAG = "pre-rollback"
+LIVE = "live"   # the volume as it is now, where a snapshot could be named
 
 
 @dataclass
@@ -402,6 +404,100 @@ class Engine:
                 stack.enter_context(self.journal.run(volume.name, "restore", os.getpid()))
             changes = restore.copy(root, wanted, dest, dry_run, delete, backend.left_out())
         return restore.Restored(str(snapshot.id), dest, tuple(wanted), dry_run, tuple(changes), pre_rollback)
+
+    def diff(self, old_text: str, new_text: str, path_text: str | None = None, quick: bool = False) -> diff.Diff:
+        """What changed from snapshot OLD to snapshot NEW (or to the live volume, LIVE)."""
+        volume, backend, old = self._snapshot_of(old_text)
+        live = backend.live_root()
+        new = None
+        if new_text == LIVE:
+            if live is None:
+                raise SnapmgrError(f"volume {volume.name} is not mounted now: there is no live state to compare with")
+        else:
+            other, _, new = self._snapshot_of(new_text)
+            if other.name != volume.name:
+                raise UsageError(f"{old_text} and {new_text} are snapshots of different volumes; compare two "
+                                 f"snapshots of one volume, or one with 'live'")
+        path = volume_paths.relative(path_text, live, volume.name) if path_text else b""
+        records = backend.records_dir(self.config.settings.state_dir)
+        manifests = [self._manifest(records, s) for s in (old, new)]
+        algorithm = next((m.algorithm for m in manifests if m), ALGORITHMS[0])
+        with ExitStack() as stack:
+            sides = []
+            for snapshot, found in zip((old, new), manifests):
+                if found and found.algorithm == algorithm:
+                    sides.append(diff.Side(str(snapshot.id), found, None))
+                elif snapshot is None:
+                    sides.append(diff.Side(LIVE, None, live))
+                else:
+                    sides.append(diff.Side(str(snapshot.id), None, stack.enter_context(backend.browse_root(snapshot))))
+            return diff.differences(*sides, path, algorithm, quick)
+
+    def versions(self, path_text: str) -> versions.History:
+        """Each distinct version of a live volume's file in its snapshots, newest first;
+        also of a file deleted from the live volume since."""
+        volume, backend, live, path = self._volume_holding(path_text)
+        if not path:
+            raise UsageError(f"{quote(path_text)} is the root of volume {volume.name}; name a file in it")
+        records = backend.records_dir(self.config.settings.state_dir)
+        snapshots = sorted((s for s in backend.list() if not s.invalid), key=lambda s: s.id, reverse=True)
+        manifests = {s.id: self._manifest(records, s) for s in snapshots}
+        algorithm = next((m.algorithm for m in manifests.values() if m), ALGORITHMS[0])
+        reader = versions.Reader(algorithm)
+        current = reader.state(live, path, LIVE)
+        if current is not None and current.kind == "d":
+            raise UsageError(f"{quote(path_text)} is a directory; versions lists the versions of a file")
+        found = []
+        for snapshot in snapshots:
+            held = manifests[snapshot.id]
+            if held is not None and held.algorithm == algorithm:
+                entry = held.lookup(path)
+                state = versions.State.of(entry) if entry else None
+            else:
+                with backend.browse_root(snapshot) as root:
+                    state = reader.state(root, path, str(snapshot.id))
+            if state is not None:
+                found.append((str(snapshot.id), state))
+        return versions.History(volume.name, path, current, versions.distinct(found, current))
+
+    def _volume_holding(self, path_text: str) -> tuple[Volume, Backend, Path, bytes]:
+        """The volume whose live files hold the path (absolute, or relative to the current
+        directory), and the path relative to its root; the innermost such volume."""
+        absolute = os.path.abspath(path_text)
+        parent, name = os.path.split(absolute)
+        spellings = dict.fromkeys([absolute, os.path.join(os.path.realpath(parent), name)])
+        best = None
+        for volume in self.volumes():
+            backend = self.backend(volume)
+            try:
+                live = backend.live_root()
+            except (SnapmgrError, OSError) as e:
+                log.debug("volume %s: no live root: %s", volume.name, e)
+                continue
+            for spelling in spellings:
+                try:
+                    path = volume_paths.relative(spelling, live, volume.name)
+                except UsageError:
+                    continue
+                depth = len(os.fsencode(live).split(b"/"))
+                if best is None or depth > best[0]:
+                    best = (depth, (volume, backend, live, path))
+        if best is None:
+            raise UsageError(f"{quote(path_text)} is in no configured volume's live files "
+                             f"(volumes: {', '.join(self.config.volumes) or 'none'})")
+        return best[1]
+
+    @staticmethod
+    def _manifest(records: Path, snapshot: Snapshot | None) -> Manifest | None:
+        """The snapshot's manifest; None for the live volume, or when it has none or a
+        damaged one (then the snapshot is walked instead)."""
+        if snapshot is None:
+            return None
+        try:
+            return manifest.load(records, snapshot.id)
+        except ManifestDamaged as e:
+            log.warning("%s; reading the snapshot itself instead", e)
+            return None
 
     def _snapshot_of(self, text: str) -> tuple[Volume, Backend, Snapshot]:
         try:
