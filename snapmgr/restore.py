@@ -72,8 +72,10 @@ def _kind(path: bytes) -> str | None:
 
 def argv(root: Path, paths: Sequence[bytes], dest: Path, dry_run: bool, delete: bool,
          left_out: Sequence[str]) -> list[str]:
-    argv = ["rsync", "-aHAX", "--numeric-ids", "--sparse", "--relative",
-                               f"--out-format={ITEM}%i %n%L"]
+    # --modify-window=-1: mtimes compared to the nanosecond; otherwise a symlink or fifo
+    # made within the second of its original's mtime keeps the time of its making.
+    argv = ["rsync", "-aHAX", "--numeric-ids", "--sparse", "--relative", "--modify-window=-1",
+            f"--out-format={ITEM}%i %n%L"]
     if dry_run:
         argv.append("--dry-run")
     if delete:
