@@ -69,7 +69,19 @@ def differences(old: Side, new: Side, path: bytes, algorithm: str, quick: bool) 
     walked = old.manifest is None or new.manifest is None
     hashed = 0 if quick else _hash_where_needed(old, new, algorithm)
     return Diff(old.name, new.name, path, "walk" if walked else "manifests", hashed,
-                tuple(compare(old.entries, new.entries)))
+                tuple(_without_directory_sizes(compare(old.entries, new.entries), new.entries)))
+
+
+def _without_directory_sizes(changes: Iterator[Change], new: list[Entry]) -> Iterator[Change]:
+    """A directory's size is the filesystem's bookkeeping (it grows with its entries on
+    btrfs, by blocks on ext4), not a change of its own."""
+    directories = {e.path for e in new if e.kind == "d"}
+    for c in changes:
+        if c.status == "changed" and c.path in directories and "type" not in c.what:
+            c = replace(c, what=c.what - {"size"})
+            if not c.what:
+                continue
+        yield c
 
 
 def _entries(side: Side, path: bytes) -> Iterator[Entry]:

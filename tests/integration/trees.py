@@ -98,7 +98,9 @@ def volume(request, tmp_path) -> tuple[Workspace, Path]:
     ws = Workspace(tmp_path)
     if request.param == "rsync":
         ws.write_config({"data": {"backend": "rsync", "source": ws.source, "repository": ws.repo,
-                                  "exclude": ["/cache/"], "retention": "default"}})
+                                  "exclude": ["/cache/"], "retention": "default",
+                                  # so that a rewrite keeping size and mtime is in the snapshot too
+                                  "checksum": True}})
         yield ws, ws.source
         return
     with loop_mount(tmp_path, "btrfs") as mnt:
