@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 from snapmgr import volume_paths
+from snapmgr.backends import rsync_filters
 from snapmgr.errors import SnapmgrError
 from snapmgr.manifest import Change, Entry, Manifest, ScanStats, compare, scan
 from snapmgr.manifest.hashing import Unreadable, hash_many
@@ -42,6 +43,10 @@ class Side:
     manifest: Manifest | None
     root: Path | None
     entries: list[Entry] | None = None
+    # The live volume holds more than its snapshots can: what they leave out (rsync
+    # filter rules) and, unless they cross mounts, what other filesystems mounted in it hold.
+    left_out: tuple[str, ...] = ()
+    crosses_mounts: bool = True
 
 
 @dataclass(frozen=True)
@@ -95,7 +100,30 @@ def _entries(side: Side, path: bytes) -> Iterator[Entry]:
         raise
     stats = ScanStats()
     entries = scan(volume_paths.joined(side.root, path), None, stats=stats, strict=False)
-    return (replace(e, path=_below(path, e.path)) for e in entries)
+    return _as_snapshotted(side, (replace(e, path=_below(path, e.path)) for e in entries))
+
+
+def _as_snapshotted(side: Side, entries: Iterator[Entry]) -> Iterator[Entry]:
+    """The entries a snapshot of the tree would hold: without what the volume leaves
+    out, and with other filesystems' mountpoints empty (each is kept itself: a snapshot
+    shows the directory below it)."""
+    if not side.left_out and side.crosses_mounts:
+        yield from entries
+        return
+    excluded = rsync_filters.matcher(side.left_out)
+    device = os.lstat(side.root).st_dev
+    skipping: bytes | None = None
+    for e in entries:
+        if skipping is not None and volume_paths.under(e.path, skipping) and e.path != skipping:
+            continue
+        skipping = None
+        if e.path and excluded(e.path, e.kind == "d"):
+            skipping = e.path
+            continue
+        if e.kind == "d" and not side.crosses_mounts and \
+                os.lstat(volume_paths.joined(side.root, e.path)).st_dev != device:
+            skipping = e.path
+        yield e
 
 
 def _below(prefix: bytes, path: bytes) -> bytes:

@@ -428,7 +428,8 @@ class Engine:
                 if found and found.algorithm == algorithm:
                     sides.append(diff.Side(str(snapshot.id), found, None))
                 elif snapshot is None:
-                    sides.append(diff.Side(LIVE, None, live))
+                    sides.append(diff.Side(LIVE, None, live, left_out=backend.left_out(),
+                                           crosses_mounts=backend.crosses_mounts()))
                 else:
                     sides.append(diff.Side(str(snapshot.id), None, stack.enter_context(backend.browse_root(snapshot))))
             return diff.differences(*sides, path, algorithm, quick)

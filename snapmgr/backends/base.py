@@ -85,6 +85,11 @@ class Backend(abc.ABC):
         out on purpose: restoring or comparing must not touch or count those."""
         return ()
 
+    def crosses_mounts(self) -> bool:
+        """Whether a snapshot holds what other filesystems mounted below live_root hold;
+        a copy-on-write snapshot shows their mountpoints empty."""
+        return False
+
     @abc.abstractmethod
     def plan_create(self, snapshot_id: SnapshotId) -> str:
         """One line saying what create() would do, for --dry-run."""

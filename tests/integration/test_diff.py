@@ -4,6 +4,7 @@ against the live volume, from manifests and by walking, hostile names kept to on
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -186,3 +187,19 @@ def test_snapshots_of_two_volumes_are_refused(ws, tmp_path):
     b = ws.ok("--json", "snapshot", "other").json()["results"][0]["created"]["id"]
     r = ws.run("diff", a, b)
     assert r.returncode == 2 and "snapshots of different volumes" in r.stderr
+
+
+def test_live_leaves_out_what_snapshots_leave_out(volume):
+    ws, live = volume
+    # Excluded from the rsync volume; a nested subvolume of the btrfs one (other filesystem).
+    if os.stat(live).st_ino == 256:
+        subprocess.run(["btrfs", "subvolume", "create", live / "cache"], check=True, capture_output=True)
+    else:
+        (live / "cache").mkdir()
+    (live / "cache" / "blob").write_bytes(b"left out")
+    (live / "kept.tmp").write_bytes(b"kept")
+    sid = snapshot(ws)
+    (live / "cache" / "more").write_bytes(b"also left out")
+    (live / "kept.tmp").write_bytes(b"changed")
+    changed = {c["path"] for c in ws.ok("--json", "diff", sid, "live").json()["changes"]}
+    assert "kept.tmp" in changed and not any(p.startswith("cache/") for p in changed)
