@@ -148,7 +148,8 @@ def restore(c: Context, snapshot, paths, dest, in_place, overwrite, delete, dry_
 @pass_ctx
 def diff_(c: Context, old, new, path, quick):
     """What changed from snapshot A to snapshot B of one volume, or to the volume as it
-    is now (B = live); PATH limits it to a file or directory. One line per path: FLAGS PATH.
+    is now (B = live), one line per path: FLAGS PATH. PATH limits it to a file or
+    directory (relative to the volume's root, or absolute as the live volume shows it).
 
     \b
     FLAGS, as snapper status shows them: the first column
