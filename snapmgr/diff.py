@@ -22,7 +22,7 @@ from typing import Iterator
 from snapmgr import volume_paths
 from snapmgr.backends import rsync_filters
 from snapmgr.errors import SnapmgrError
-from snapmgr.manifest import Change, Entry, Manifest, ScanStats, compare, scan
+from snapmgr.manifest import Change, Entry, Manifest, compare, scan
 from snapmgr.manifest.hashing import Unreadable, hash_many
 
 # The flag columns, as `snapper status` prints them: the first says what happened to the
@@ -30,14 +30,11 @@ from snapmgr.manifest.hashing import Unreadable, hash_many
 COLUMNS = (("p", "mode"), ("u", "owner"), ("g", "group"), ("x", "xattrs"), ("m", "mtime"))
 # Properties that make a path's first column 'c': its content, in the wide sense.
 CONTENT = frozenset({"content", "size", "target", "rdev"})
-LEGEND = ("+ added, - removed, t type changed, c content changed (a file's data, a symlink's target, a device "
-          "number), then p permissions, u user, g group, x xattrs or ACLs, m mtime; '.' unchanged")
 
 
 @dataclass
 class Side:
-    """One state of the volume: a manifest, a directory to walk, or both (the manifest is
-    used, the directory only to hash what the manifest lacks)."""
+    """One state of the volume: its manifest, or a directory to walk."""
 
     name: str
     manifest: Manifest | None
@@ -98,8 +95,7 @@ def _entries(side: Side, path: bytes) -> Iterator[Entry]:
         if not os.path.lexists(volume_paths.joined(side.root, path)):
             return iter(())
         raise
-    stats = ScanStats()
-    entries = scan(volume_paths.joined(side.root, path), None, stats=stats, strict=False)
+    entries = scan(volume_paths.joined(side.root, path), None, strict=False)
     return _as_snapshotted(side, (replace(e, path=_below(path, e.path)) for e in entries))
 
 
@@ -141,7 +137,7 @@ def _pairs(old: Side, new: Side) -> Iterator[tuple[int, int]]:
 
 
 def _hash_where_needed(old: Side, new: Side, algorithm: str) -> int:
-    wanted: dict[tuple[int, int], None] = {}    # (side, index), in order, each once
+    jobs: list[tuple[int, int]] = []    # (side, index) of each file to read
     for i, j in _pairs(old, new):
         o, n = old.entries[i], new.entries[j]
         if o.digest is not None and n.digest is not None:
@@ -153,11 +149,10 @@ def _hash_where_needed(old: Side, new: Side, algorithm: str) -> int:
         # A side read from its manifest has no directory here: a file it could not
         # hash when the snapshot was taken stays unknown.
         if o.digest is None and old.root is not None:
-            wanted[(0, i)] = None
+            jobs.append((0, i))
         if n.digest is None and new.root is not None:
-            wanted[(1, j)] = None
+            jobs.append((1, j))
     sides = (old, new)
-    jobs = list(wanted)
     digests = hash_many([(volume_paths.joined(sides[s].root, sides[s].entries[k].path), sides[s].entries[k].size)
                          for s, k in jobs], algorithm)
     for (s, k), digest in zip(jobs, digests):

@@ -390,6 +390,10 @@ class Engine:
                 raise SnapmgrError(f"volume {volume.name} is not mounted now: there is nowhere to restore in place")
             dest = live
         dest = Path(os.path.abspath(dest))
+        for storage in backend.written_paths():
+            if Path(os.path.realpath(dest)).is_relative_to(os.path.realpath(storage)):
+                raise UsageError(f"{quote(str(dest))} is inside {storage}, where volume {volume.name} keeps its "
+                                 f"snapshots: restoring there would change them; restore elsewhere")
         with ExitStack() as stack:
             if in_place and not dry_run:
                 stack.enter_context(self._locked(volume))

@@ -35,7 +35,7 @@ chmod +x "$root/usr/sbin/policy-rc.d"
 # The chroot's pip would reach PyPI without this machine's certificates and mirrors: the
 # host's pip fetches the wheels and provision.sh's pip installs them from that folder.
 step "fetching the wheels Debian has no package for"
-"$python" -m pip download -q --only-binary=:all: --no-deps -d "$root/tmp/wheels" "blake3>=0.3"
+"$python" -m pip download -q --only-binary=:all: -d "$root/tmp/wheels" "blake3>=0.3"
 
 step "provision.sh: kernel, LVM, ZFS (DKMS build of zfs.ko), test tools (about 5 minutes)"
 install -m 0755 "$here/provision.sh" "$root/tmp/provision.sh"

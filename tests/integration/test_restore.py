@@ -167,12 +167,14 @@ def test_an_absolute_path_is_mapped_into_the_volume(volume, tmp_path):
     (["SID", "docs"], "give either --to DEST or --in-place"),
     (["SID", "docs", "--to", "x", "--in-place"], "give either --to DEST or --in-place"),
     (["SID", "docs", "--to", "x", "--delete"], "--delete only goes with --in-place"),
+    (["SID", "docs", "--to", "STORAGE/SID/docs"], "where volume data keeps its snapshots"),
 ])
 def test_bad_arguments_are_refused_in_one_line(volume, args, message):
     ws, live = volume
     rich_tree(live)
     sid = snapshot(ws)
-    r = ws.run("restore", *[sid if a == "SID" else a for a in args])
+    storage = ws.repo if live == ws.source else live.parent / "snaps"
+    r = ws.run("restore", *[a.replace("STORAGE", str(storage)).replace("SID", sid) for a in args])
     assert r.returncode in (1, 2), r.stderr
     [line] = r.stderr.splitlines()
     assert message in line
