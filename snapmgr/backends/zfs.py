@@ -139,8 +139,11 @@ class ZfsBackend(Backend):
         root = self.live_root()
         if root is None:
             raise SnapmgrError(f"{self.datasets[0]} is not mounted: its snapshots have no .zfs directory to browse")
-        # ZFS mounts the snapshot on first access and unmounts it when idle by itself.
-        yield root / ".zfs" / "snapshot" / (PREFIX + snapshot.id.label)
+        # ZFS mounts the snapshot on first access and unmounts it when idle by itself. An
+        # lstat() is no access (it shows the unmounted stub's inode): opening it is.
+        root = root / ".zfs" / "snapshot" / (PREFIX + snapshot.id.label)
+        os.close(os.open(root, os.O_RDONLY | os.O_DIRECTORY))
+        yield root
 
     # Helpers ------------------------------------------------------------------------
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
+from snapmgr.errors import quote
+
 KINDS = {"f": "file", "d": "directory", "l": "symlink", "c": "character device", "b": "block device",
          "p": "fifo", "s": "socket"}
 
@@ -37,6 +39,17 @@ class Change:
     path: bytes
     status: str                    # added, removed, changed
     what: frozenset[str] = frozenset()
+
+
+def path_text(path: bytes) -> str:
+    """A path as text, bytes that are not UTF-8 shown as \\xNN: for reading, not exact
+    (base64 is, where a script needs the bytes)."""
+    return path.decode("utf-8", "backslashreplace")
+
+
+def display(path: bytes) -> str:
+    """A snapshot-relative path as one quoted line, control characters escaped."""
+    return quote("/" + path_text(path))
 
 
 def walk_key(path: bytes) -> list[bytes]:

@@ -12,10 +12,11 @@ import hashlib
 import mmap
 import multiprocessing
 import os
-from contextlib import contextmanager
+import signal
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
+from snapmgr import sh
 from snapmgr.errors import SnapmgrError
 
 ALGORITHMS = ("blake3", "sha256")
@@ -76,7 +77,10 @@ def _digest(new, algorithm: str, fd: int) -> str:
 
 def hash_file(path: bytes | str | os.PathLike, algorithm: str) -> str:
     """The hex digest of one file's content (a symlink is refused, not followed)."""
-    new = hasher_factory(algorithm)
+    return _hash_path(hasher_factory(algorithm), algorithm, path)
+
+
+def _hash_path(new, algorithm: str, path: bytes | str | os.PathLike) -> str:
     fd = _open(path)
     try:
         return _digest(new, algorithm, fd)
@@ -86,15 +90,20 @@ def hash_file(path: bytes | str | os.PathLike, algorithm: str) -> str:
 
 def _hash_or_why(new, algorithm: str, path: bytes) -> str | Unreadable:
     try:
-        fd = _open(path)
+        return _hash_path(new, algorithm, path)
     except OSError as e:
         return Unreadable("is a symlink now" if e.errno == errno.ELOOP else e.strerror or str(e))
-    try:
-        return _digest(new, algorithm, fd)
-    except OSError as e:
-        return Unreadable(e.strerror or str(e))
-    finally:
-        os.close(fd)
+
+
+def _worker_start(parent: int) -> None:
+    # A worker holds what snapmgr held when it forked, the volume lock among them: killed
+    # with snapmgr, or the next run would wait for it forever. Signals are snapmgr's to
+    # handle: it ends the pool.
+    sh.die_with_parent(signal.SIGKILL)
+    if os.getppid() != parent:  # snapmgr died before the line above
+        os._exit(1)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _hash_batch(job: tuple[str, list[bytes]]) -> list[str | Unreadable]:
@@ -103,46 +112,69 @@ def _hash_batch(job: tuple[str, list[bytes]]) -> list[str | Unreadable]:
     return [_hash_or_why(new, algorithm, p) for p in paths]
 
 
+class Hashing:
+    """Files handed in one by one are hashed meanwhile by a pool of processes, in batches;
+    results() gives each file's key with its digest (or why there is none). With
+    algorithm None nothing may be added: a walk that hashes nothing."""
+
+    def __init__(self, algorithm: str | None, workers: int | None = None):
+        # An unknown algorithm or a missing module fails here, before any work.
+        self.new = hasher_factory(algorithm) if algorithm else None
+        self.algorithm = algorithm
+        self.workers = workers or os.cpu_count() or 1
+        self._batch: list[tuple[object, bytes]] = []
+        self._batch_bytes = 0
+        self._sent: list[tuple[list, object]] = []     # (keys, async result or digests)
+        self._large: list[tuple[object, bytes]] = []
+        self._pool = None
+
+    def __enter__(self) -> Hashing:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+
+    def add(self, key: object, path: bytes, size: int) -> None:
+        if self.algorithm == "blake3" and size >= LARGE:
+            self._large.append((key, path))
+            return
+        self._batch.append((key, path))
+        self._batch_bytes += size
+        if len(self._batch) >= BATCH_FILES or self._batch_bytes >= BATCH_BYTES:
+            self._send(inline=self.workers == 1)
+
+    def _send(self, inline: bool) -> None:
+        keys, paths = [k for k, _ in self._batch], [p for _, p in self._batch]
+        self._batch, self._batch_bytes = [], 0
+        if inline:
+            self._sent.append((keys, _hash_batch((self.algorithm, paths))))
+            return
+        if self._pool is None:
+            # fork: the workers need nothing but this module, and start in a millisecond.
+            self._pool = multiprocessing.get_context("fork").Pool(self.workers, _worker_start, (os.getpid(),))
+        self._sent.append((keys, self._pool.apply_async(_hash_batch, ((self.algorithm, paths),))))
+
+    def results(self) -> Iterator[tuple[object, str | Unreadable]]:
+        if self._batch:
+            # The last batch; when it is the only one, no pool is worth starting for it.
+            self._send(inline=self.workers == 1 or not self._sent)
+        for key, path in self._large:  # while the pool works through the small ones
+            yield key, _hash_or_why(self.new, self.algorithm, path)
+        for keys, done in self._sent:
+            yield from zip(keys, done if isinstance(done, list) else done.get())
+
+
 def hash_many(files: Sequence[tuple[bytes, int]], algorithm: str, workers: int | None = None
               ) -> list[str | Unreadable]:
     """The digest (or why there is none) of each (absolute path, size), in order."""
-    hasher_factory(algorithm)  # an unknown algorithm or a missing module fails here, once
-    large = [i for i, (_, size) in enumerate(files) if algorithm == "blake3" and size >= LARGE]
-    skip = set(large)
-    batches = list(_batches([(i, p, s) for i, (p, s) in enumerate(files) if i not in skip]))
     results: list[str | Unreadable | None] = [None] * len(files)
-    with _mapper(workers or os.cpu_count() or 1, len(batches)) as mapped:
-        done = mapped(_hash_batch, ((algorithm, [p for _, p in b]) for b in batches))
-        for i in large:  # while the pool works through the small ones
-            results[i] = _hash_batch((algorithm, [files[i][0]]))[0]
-        _place(results, batches, done)
+    with Hashing(algorithm, workers) as hashing:
+        for i, (path, size) in enumerate(files):
+            hashing.add(i, path, size)
+        for i, digest in hashing.results():
+            results[i] = digest
     return results
 
 
-@contextmanager
-def _mapper(workers: int, batches: int) -> Iterator[Callable]:
-    """map() over a pool of processes when there is work for more than one."""
-    if workers == 1 or batches <= 1:
-        yield map
-        return
-    # fork: the workers need nothing but this module, and start in a millisecond.
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
-        yield pool.imap
-
-
-def _batches(files: Iterable[tuple[int, bytes, int]]) -> Iterator[list[tuple[int, bytes]]]:
-    batch, size = [], 0
-    for i, path, length in files:
-        batch.append((i, path))
-        size += length
-        if len(batch) >= BATCH_FILES or size >= BATCH_BYTES:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
-
-
-def _place(results: list, batches: list[list[tuple[int, bytes]]], done: Iterable[list]) -> None:
-    for batch, digests in zip(batches, done):
-        for (i, _), digest in zip(batch, digests):
-            results[i] = digest

@@ -1,27 +1,34 @@
 """Walk a directory tree into manifest entries, in walk order, hashing regular files in
-parallel and taking unchanged files' hashes from the previous manifest.
+parallel while the walk goes on, and taking what has not changed from the previous
+manifest.
 
-When may a hash be reused? A file whose inode, size, mtime and ctime all match the
-previous snapshot's entry at the same path has not been written since: btrfs, ZFS and LVM
-snapshots keep inode numbers and ctimes. rsync snapshots do not keep ctimes: `--link-dest`
-hard-links an unchanged file into the new snapshot, and link(2) sets the inode's ctime.
-But there both snapshots live on one filesystem and the previous one still holds its
-inodes, so the same inode number *is* the same inode, and therefore the same content:
-(inode, size, mtime) is enough. The backend says which case it is (`shares_inodes`)."""
+What may be taken from the previous manifest? An inode's content, xattrs and ACLs can
+only change together with its ctime, so an entry at the same path with the same inode
+number and ctime keeps its xattrs digest, and, a file whose size and mtime match too, its
+content hash: btrfs, ZFS and LVM snapshots keep inode numbers and ctimes. rsync snapshots
+do not keep ctimes: `--link-dest` hard-links an unchanged file into the new snapshot, and
+link(2) sets the inode's ctime. But there both snapshots live on one filesystem and the
+previous one still holds its inodes, so the same inode number *is* the same inode, and
+therefore has the same content and xattrs: the inode number is enough (with size and
+mtime, in case the previous snapshot was damaged in place since). The backend says which
+case it is (`shares_inodes`)."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import stat
 import time
-from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from dataclasses import dataclass, field, fields
+from typing import Callable, Iterable, Iterator
 
-from snapmgr.errors import SnapmgrError, quote
-from snapmgr.manifest.entry import Entry, walk_key
-from snapmgr.manifest.hashing import Unreadable, hash_many
+from snapmgr.errors import SnapmgrError
+from snapmgr.manifest.entry import Entry, display, walk_key
+from snapmgr.manifest.hashing import Hashing, Unreadable
 
+PATH, KIND, SIZE, DIGEST = ([f.name for f in fields(Entry)].index(n) for n in ("path", "kind", "size", "digest"))
+PROGRESS_EVERY = 4096
 _KIND = {stat.S_IFREG: "f", stat.S_IFDIR: "d", stat.S_IFLNK: "l", stat.S_IFCHR: "c", stat.S_IFBLK: "b",
          stat.S_IFIFO: "p", stat.S_IFSOCK: "s"}
 
@@ -46,61 +53,107 @@ class ScanStats:
                 "hashed_bytes": self.hashed_bytes, "reused": self.reused, "seconds": round(self.seconds, 3)}
 
 
-def display(path: bytes) -> str:
-    """A manifest path as one line of text: undecodable bytes and control characters escaped."""
-    return quote("/" + path.decode("utf-8", "backslashreplace"))
-
-
 def scan(root: str | os.PathLike, algorithm: str | None, previous: Iterable[Entry] | None = None, *,
-         shares_inodes: bool = False, stats: ScanStats | None = None, strict: bool = True) -> Iterator[Entry]:
+         shares_inodes: bool = False, stats: ScanStats | None = None, strict: bool = True,
+         progress: Callable[[str], None] | None = None) -> Iterator[Entry]:
     """The entries under `root`, in walk order. algorithm None: no content hashes (a cheap
-    walk). `previous`: an older state of the tree (walk order), whose hashes are taken for
-    files that were not written since (see the module's docstring). strict: an entry that
-    cannot be read stops the scan with a ScanError; otherwise it is listed in
-    `stats.unreadable` and its digest is None."""
+    walk). `previous`: an older state of the tree, in walk order, whose hashes are taken
+    for files not written since (see the module's docstring). strict: an entry that cannot
+    be read stops the scan with a ScanError; otherwise it is listed in `stats.unreadable`
+    (and a file's digest is None). progress: told now and then how far it got. The work
+    is done by the time this returns."""
     stats = stats if stats is not None else ScanStats()
     started = time.monotonic()
     base = os.fsencode(root)
-    entries = list(_walk(base, stats, strict))
-    if algorithm is not None:
-        _hash(base, entries, algorithm, previous, shares_inodes, stats, strict)
-    stats.entries = len(entries)
+    before = _Cursor(previous or ())
+    rows: list[list] = []   # Entry's fields, the digest filled in as hashes come back
+    queued = 0
+    with Hashing(algorithm) as hashing:
+        for absolute, rel, st in _walk(base, stats, strict):
+            old = before.at(rel)
+            same_inode = old is not None and old.ino == st.st_ino and (shares_inodes or old.ctime_ns == st.st_ctime_ns)
+            row = _row(absolute, rel, st, old.xattrs if same_inode else _xattrs(absolute, rel, stats, strict))
+            if row[KIND] == "f":
+                stats.bytes += st.st_size
+                if same_inode and old.digest and (old.kind, old.size, old.mtime_ns) == ("f", st.st_size, st.st_mtime_ns):
+                    row[DIGEST] = old.digest
+                    stats.reused += 1
+                elif algorithm:
+                    hashing.add(len(rows), absolute, st.st_size)
+                    queued += 1
+            rows.append(row)
+            if progress and len(rows) % PROGRESS_EVERY == 0:
+                progress(f"{len(rows):,} entries found")
+        for done, (i, digest) in enumerate(hashing.results(), start=1):
+            if progress and done % PROGRESS_EVERY == 0:
+                progress(f"{done:,} of {queued:,} files hashed")
+            if isinstance(digest, Unreadable):
+                _unreadable(stats, strict, rows[i][PATH], digest.reason)
+                continue
+            rows[i][DIGEST] = digest
+            stats.hashed += 1
+            stats.hashed_bytes += rows[i][SIZE]
+    stats.entries = len(rows)
     stats.seconds = time.monotonic() - started
-    return iter(entries)
+    return (Entry(*row) for row in rows)
 
 
-def _walk(base: bytes, stats: ScanStats, strict: bool) -> Iterator[Entry]:
-    """Depth first, siblings sorted by name: exactly walk order. Iterative, so that no
-    depth of tree reaches Python's recursion limit."""
-    root = _entry(base, b"", os.lstat(base))
-    yield root
+class _Cursor:
+    """The previous entries, looked up at ever later paths in one pass."""
+
+    def __init__(self, entries: Iterable[Entry]):
+        self._entries = iter(entries)
+        self._current = next(self._entries, None)
+
+    def at(self, path: bytes) -> Entry | None:
+        current = self._current
+        if current is not None and current.path != path:   # else: the usual case, a hit
+            key = walk_key(path)
+            while current is not None and walk_key(current.path) < key:
+                current = next(self._entries, None)
+            if current is None or current.path != path:
+                self._current = current
+                return None
+        if current is not None:
+            self._current = next(self._entries, None)
+        return current
+
+
+def _walk(base: bytes, stats: ScanStats, strict: bool) -> Iterator[tuple[bytes, bytes, os.stat_result]]:
+    """(absolute path, relative path, lstat) of each entry: depth first, siblings sorted
+    by name, which is exactly walk order. Iterative, so no depth reaches Python's
+    recursion limit."""
+    st = os.lstat(base)
+    yield base, b"", st
     stack = [iter(_children(base, b"", stats, strict))]
     while stack:
-        entry = next(stack[-1], None)
-        if entry is None:
+        child = next(stack[-1], None)
+        if child is None:
             stack.pop()
             continue
-        yield entry
-        if entry.kind == "d":
-            stack.append(iter(_children(base, entry.path, stats, strict)))
+        yield child
+        absolute, rel, st = child
+        if stat.S_ISDIR(st.st_mode):
+            stack.append(iter(_children(absolute, rel, stats, strict)))
 
 
-def _children(base: bytes, path: bytes, stats: ScanStats, strict: bool) -> list[Entry]:
-    where = base + b"/" + path if path else base
+def _children(directory: bytes, rel: bytes, stats: ScanStats, strict: bool
+              ) -> list[tuple[bytes, bytes, os.stat_result]]:
     try:
-        names = sorted(os.listdir(where))
+        names = sorted(os.listdir(directory))
     except OSError as e:
-        _unreadable(stats, strict, path, e.strerror or str(e))
+        _unreadable(stats, strict, rel, e.strerror or str(e))
         return []
     children = []
+    prefix = rel + b"/" if rel else b""
     for name in names:
-        rel = path + b"/" + name if path else name
+        absolute = directory + b"/" + name
         try:
-            children.append(_entry(where + b"/" + name, rel, os.lstat(where + b"/" + name)))
+            children.append((absolute, prefix + name, os.lstat(absolute)))
         except FileNotFoundError:
             continue  # gone since the listing: only a live tree changes under a walk
         except OSError as e:
-            _unreadable(stats, strict, rel, e.strerror or str(e))
+            _unreadable(stats, strict, prefix + name, e.strerror or str(e))
     return children
 
 
@@ -110,11 +163,22 @@ def _unreadable(stats: ScanStats, strict: bool, path: bytes, reason: str) -> Non
     stats.unreadable.append((path, reason))
 
 
-def _entry(absolute: bytes, rel: bytes, st: os.stat_result) -> Entry:
+def _row(absolute: bytes, rel: bytes, st: os.stat_result, xattrs: str | None) -> list:
+    """An Entry's fields, without the digest yet."""
     kind = _KIND.get(stat.S_IFMT(st.st_mode), "?")
-    return Entry(rel, kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns,
-                 st.st_ino, st.st_ctime_ns, st.st_nlink, st.st_rdev,
-                 os.readlink(absolute) if kind == "l" else None, xattrs_digest(absolute))
+    return [rel, kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns,
+            st.st_ino, st.st_ctime_ns, st.st_nlink, st.st_rdev, os.readlink(absolute) if kind == "l" else None,
+            xattrs, None]
+
+
+def _xattrs(absolute: bytes, rel: bytes, stats: ScanStats, strict: bool) -> str | None:
+    try:
+        return xattrs_digest(absolute)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        _unreadable(stats, strict, rel, f"extended attributes: {e.strerror or e}")
+        return None
 
 
 def xattrs_digest(path: bytes) -> str | None:
@@ -122,8 +186,10 @@ def xattrs_digest(path: bytes) -> str | None:
     or None when the entry has none."""
     try:
         names = os.listxattr(path, follow_symlinks=False)
-    except OSError:
-        return None  # a filesystem without xattrs
+    except OSError as e:
+        if e.errno == errno.ENOTSUP:  # a filesystem without xattrs
+            return None
+        raise
     if not names:
         return None
     h = hashlib.blake2b(digest_size=16)
@@ -132,49 +198,3 @@ def xattrs_digest(path: bytes) -> str | None:
         encoded = name.encode("utf-8", "surrogateescape")
         h.update(b"%d:%s%d:%s" % (len(encoded), encoded, len(value), value))
     return h.hexdigest()
-
-
-def _hash(base: bytes, entries: list[Entry], algorithm: str, previous: Iterable[Entry] | None, shares_inodes: bool,
-          stats: ScanStats, strict: bool) -> None:
-    """Fill in the files' digests: taken from `previous` where allowed, hashed otherwise."""
-    reusable = _reusable(entries, previous, shares_inodes) if previous is not None else {}
-    todo = []
-    for i, e in enumerate(entries):
-        if e.kind != "f":
-            continue
-        stats.bytes += e.size
-        if i in reusable:
-            entries[i] = _with_digest(e, reusable[i])
-            stats.reused += 1
-        else:
-            todo.append(i)
-    digests = hash_many([(base + b"/" + entries[i].path, entries[i].size) for i in todo], algorithm)
-    for i, digest in zip(todo, digests):
-        if isinstance(digest, Unreadable):
-            _unreadable(stats, strict, entries[i].path, digest.reason)
-            continue
-        entries[i] = _with_digest(entries[i], digest)
-        stats.hashed += 1
-        stats.hashed_bytes += entries[i].size
-
-
-def _reusable(entries: list[Entry], previous: Iterable[Entry], shares_inodes: bool) -> dict[int, str]:
-    """Index of each file whose previous hash still holds -> that hash (one merge pass)."""
-    found = {}
-    old = iter(previous)
-    o = next(old, None)
-    for i, e in enumerate(entries):
-        key = walk_key(e.path)
-        while o is not None and walk_key(o.path) < key:
-            o = next(old, None)
-        if o is None:
-            break
-        if (o.path == e.path and e.kind == "f" and o.kind == "f" and o.digest is not None and o.ino == e.ino
-                and o.size == e.size and o.mtime_ns == e.mtime_ns and (shares_inodes or o.ctime_ns == e.ctime_ns)):
-            found[i] = o.digest
-    return found
-
-
-def _with_digest(e: Entry, digest: str) -> Entry:
-    return Entry(e.path, e.kind, e.mode, e.uid, e.gid, e.size, e.mtime_ns, e.ino, e.ctime_ns, e.nlink, e.rdev,
-                 e.target, e.xattrs, digest)

@@ -5,6 +5,7 @@ directory for LVM and ZFS)."""
 from __future__ import annotations
 
 import contextlib
+import glob
 import zlib
 from datetime import datetime, timezone
 from pathlib import Path
@@ -55,7 +56,12 @@ def load(records_dir: Path, snapshot_id: SnapshotId | str) -> Manifest | None:
 
 
 def save(records_dir: Path, snapshot_id: SnapshotId | str, algorithm: str, entries: Iterable[Entry]) -> int:
+    """Write the manifest; the number of entries. The caller holds the volume's lock, so a
+    temporary file of the volume's found here was left by a killed run: removed."""
     records_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    volume = str(snapshot_id).split("@", 1)[0]
+    for leftover in records_dir.glob(f"{glob.escape(volume)}@*{SUFFIX}.tmp"):
+        leftover.unlink(missing_ok=True)
     header = {"algorithm": algorithm, "snapshot": str(snapshot_id),
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     return fileformat.write(manifest_path(records_dir, snapshot_id), header, entries)
