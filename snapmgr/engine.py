@@ -561,7 +561,7 @@ class Engine:
                                  f"snapshots of one volume, or one with 'live'")
         path = volume_paths.relative(path_text, live, volume.name) if path_text else b""
         records = backend.records_dir(self.config.settings.state_dir)
-        manifests = [self._manifest(records, s) for s in (old, new)]
+        manifests = [self._stored_manifest(records, s) for s in (old, new)]
         algorithm = next((m.algorithm for m in manifests if m), ALGORITHMS[0])
         with ExitStack() as stack:
             sides = []
@@ -583,7 +583,7 @@ class Engine:
             raise UsageError(f"{quote(path_text)} is the root of volume {volume.name}; name a file in it")
         records = backend.records_dir(self.config.settings.state_dir)
         snapshots = sorted((s for s in backend.list() if not s.invalid), key=lambda s: s.id, reverse=True)
-        manifests = {s.id: self._manifest(records, s) for s in snapshots}
+        manifests = {s.id: self._stored_manifest(records, s) for s in snapshots}
         algorithm = next((m.algorithm for m in manifests.values() if m), ALGORITHMS[0])
         reader = versions.Reader(algorithm)
         current = reader.state(live, path, LIVE)
@@ -630,7 +630,7 @@ class Engine:
         return best[1]
 
     @staticmethod
-    def _manifest(records: Path, snapshot: Snapshot | None) -> Manifest | None:
+    def _stored_manifest(records: Path, snapshot: Snapshot | None) -> Manifest | None:
         """The snapshot's manifest; None for the live volume, or when it has none or a
         damaged one (then the snapshot is walked instead)."""
         if snapshot is None:

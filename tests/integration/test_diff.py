@@ -100,6 +100,18 @@ def test_every_flag_between_two_snapshots(volume, manifests):
     assert "-..... /added" in backwards and "+..... /removed" in backwards
 
 
+def test_manifests_recorded_by_the_snapshot_runs_are_used(ws):
+    ws.write_config({"data": {"backend": "rsync", "source": ws.source, "repository": ws.repo, "manifest": "blake3"}})
+    before(ws.source)
+    first = ws.ok("--json", "snapshot").json()["results"][0]["created"]["id"]
+    change(ws.source)
+    second = ws.ok("--json", "snapshot").json()["results"][0]["created"]["id"]
+    result = ws.ok("--json", "diff", first, second).json()
+    assert result["method"] == "manifests" and result["hashed"] == 0
+    # rsync's quick check kept the rewrite that kept size and mtime out of the snapshot.
+    assert sorted(lines(ws, first, second)) == sorted(set(EXPECTED) - {"c..... /same-size-same-mtime"})
+
+
 def test_against_the_live_volume(volume):
     ws, live = volume
     before(live)
