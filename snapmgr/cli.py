@@ -229,9 +229,13 @@ def verify(c: Context, targets):
             "intact": all(v.result == "intact" for v in results),
             "journal_error": str(unrecorded) if unrecorded else None},
            "\n".join(lines) or "no snapshots to verify")
+    failed = [v for v in results if v.result != "intact"]
+    if failed:
+        _error(f"{len(failed)} of {len(results)} snapshots are not intact: "
+               + ", ".join(f"{v.snapshot.id} ({v.result})" for v in failed))
     if unrecorded:
         _error(f"this verify was not recorded: {unrecorded}")
-    if unrecorded or any(v.result != "intact" for v in results):
+    if failed or unrecorded:
         sys.exit(EXIT_FAILED)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from collections import defaultdict
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
@@ -211,20 +212,24 @@ class Engine:
         except ValueError as e:
             raise UsageError(str(e)) from None
         [volume] = self.volumes([sid.volume])
-        backend = self.backend(volume)
         snapshot = next((s for s in self._listed(volume) if s.id == sid), None)
         if snapshot is None:
             raise SnapmgrError(f"no such snapshot: {sid}")
-        found = manifest.load(self._records(backend).directory, sid)
+        found = self.stored_manifest(snapshot)
         if found is None:
             raise SnapmgrError(f"{sid} is unverifiable: {_why_no_manifest(snapshot)}")
         return found
 
+    def stored_manifest(self, snapshot: Snapshot) -> manifest.Manifest | None:
+        """The manifest recorded when `snapshot` was taken, None when it has none;
+        manifest.ManifestDamaged when it cannot be read. For diff and mount --verify too."""
+        backend = self.backend(self.config.volumes[snapshot.volume])
+        return manifest.load(self._records(backend).directory, snapshot.id)
+
     def _verify_one(self, backend: Backend, snapshot: Snapshot, progress: Progress | None) -> Verification:
         started = self.clock()
-        directory = self._records(backend).directory
         try:
-            stored = manifest.load(directory, snapshot.id)
+            stored = self.stored_manifest(snapshot)
             if stored is None:
                 done = Verification(snapshot, "unverifiable", reason=_why_no_manifest(snapshot))
             else:
@@ -434,6 +439,7 @@ class Engine:
         directory = self._records(backend).directory
         previous = self._previous_manifest(backend, snapshot, volume.manifest)
         stats = manifest.ScanStats()
+        started = time.monotonic()
         try:
             with backend.browse_root(snapshot) as root:
                 try:
@@ -452,7 +458,7 @@ class Engine:
             log.warning("%s is unverified: %s", snapshot.id, reason)
             return {"unverified": reason}
         return {"algorithm": volume.manifest, "previous": previous.snapshot if previous else None,
-                **stats.as_record()}
+                **stats.as_record(), "seconds": round(time.monotonic() - started, 3)}  # the file written too
 
     def _previous_manifest(self, backend: Backend, snapshot: Snapshot, algorithm: str) -> manifest.Manifest | None:
         """The manifest of the newest older snapshot that still exists (so that, where

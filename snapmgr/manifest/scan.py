@@ -57,8 +57,9 @@ def scan(root: str | os.PathLike, algorithm: str | None, previous: Iterable[Entr
          shares_inodes: bool = False, stats: ScanStats | None = None, strict: bool = True,
          progress: Callable[[str], None] | None = None) -> Iterator[Entry]:
     """The entries under `root`, in walk order. algorithm None: no content hashes (a cheap
-    walk). `previous`: an older state of the tree, in walk order, whose hashes are taken
-    for files not written since (see the module's docstring). strict: an entry that cannot
+    walk). `previous`: an older state of the tree, in walk order, hashed with the same
+    algorithm, whose hashes are taken for files not written since (see the module's
+    docstring). strict: an entry that cannot
     be read stops the scan with a ScanError; otherwise it is listed in `stats.unreadable`
     (and a file's digest is None). progress: told now and then how far it got. The work
     is done by the time this returns."""
@@ -75,10 +76,11 @@ def scan(root: str | os.PathLike, algorithm: str | None, previous: Iterable[Entr
             row = _row(absolute, rel, st, old.xattrs if same_inode else _xattrs(absolute, rel, stats, strict))
             if row[KIND] == "f":
                 stats.bytes += st.st_size
+            if row[KIND] == "f" and algorithm:
                 if same_inode and old.digest and (old.kind, old.size, old.mtime_ns) == ("f", st.st_size, st.st_mtime_ns):
                     row[DIGEST] = old.digest
                     stats.reused += 1
-                elif algorithm:
+                else:
                     hashing.add(len(rows), absolute, st.st_size)
                     queued += 1
             rows.append(row)

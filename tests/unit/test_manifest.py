@@ -231,3 +231,11 @@ def test_a_failed_write_leaves_no_manifest_and_no_temporary(tmp_path):
     with pytest.raises(OSError):
         manifest.save(tmp_path, SID, "blake3", broken())
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_walk_without_hashes_takes_none_from_the_previous_manifest(tmp_path):
+    root = tree(tmp_path / "t")
+    stats = ScanStats()
+    walked = entries(root, None, previous=entries(root), stats=stats)
+    assert all(e.digest is None for e in walked) and (stats.hashed, stats.reused) == (0, 0)
+    assert next(e for e in walked if e.path == b"b.bin").xattrs is not None
