@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import os
 
-import pytest
-
 from snapmgr import config
 from snapmgr.engine import Engine
 from tests.lab.conftest import lvm_volume, sh, zfs_volume
@@ -43,12 +41,16 @@ def round_trip(ws, live, tmp_path):
     assert [s["tags"] for s in ws.ok("--json", "list").json()["snapshots"]] == [["manual"], ["pre-rollback"]]
 
 
-@pytest.mark.parametrize("kind", ["thick", "thin"])
-def test_lvm(request, ws, tmp_path, kind):
-    lv = request.getfixturevalue(f"{kind}_lv")
-    ws.write_config({"data": lvm_volume(lv, **({"snapshot_size": "32M"} if kind == "thick" else {}))})
-    assert live_root(ws) == lv.mountpoint
-    round_trip(ws, lv.mountpoint, tmp_path)
+def test_lvm_thick(host, ws, thick_lv, tmp_path):
+    ws.write_config({"data": lvm_volume(thick_lv, snapshot_size="32M")})
+    assert live_root(ws) == thick_lv.mountpoint
+    round_trip(ws, thick_lv.mountpoint, tmp_path)
+
+
+def test_lvm_thin(host, ws, thin_lv, tmp_path):
+    ws.write_config({"data": lvm_volume(thin_lv)})
+    assert live_root(ws) == thin_lv.mountpoint
+    round_trip(ws, thin_lv.mountpoint, tmp_path)
 
 
 def test_lvm_not_mounted_has_no_live_root(host, ws, thick_lv, tmp_path):
