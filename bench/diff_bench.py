@@ -53,7 +53,8 @@ def main() -> None:
         source.mkdir()
         config = work / "snapmgr.toml"
         config.write_text(f'[settings]\nstate_dir = "{work / "state"}"\nrun_dir = "{work / "run"}"\n'
-                          f'[volumes.data]\nbackend = "rsync"\nsource = "{source}"\nrepository = "{repo}"\n')
+                          f'[volumes.data]\nbackend = "rsync"\nsource = "{source}"\nrepository = "{repo}"\n'
+                          'manifest = "off"\n')
         env = dict(os.environ, PYTHONPATH=str(REPO))
         paths = make_tree(source, args.files, rng)
         ids = []
