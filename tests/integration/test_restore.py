@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from tests.integration.helpers import needs_root
+from tests.integration.helpers import needs_root, pids_of, wait_for
 from tests.integration.trees import (HOSTILE, SPARSE_SIZE, allocated, fingerprint, rich_tree, snapshot,
                                      volume)  # noqa: F401 (a fixture)
 
@@ -179,3 +179,31 @@ def test_bad_arguments_are_refused_in_one_line(volume, args, message):
     [line] = r.stderr.splitlines()
     assert message in line
     assert ws.snapshots() == [sid]
+
+
+def test_in_place_holds_the_volume_lock_and_a_stopped_restore_blocks_nothing(ws):
+    ws.write_config({"data": {"backend": "rsync", "source": ws.source, "repository": ws.repo, "manifest": "off"}})
+    big = ws.source / "big.bin"
+    big.write_bytes(b"1" * 3_000_000)
+    old = snapshot(ws)
+    big.write_bytes(b"2" * 3_000_000)
+    snapshot(ws)
+    ws.throttle_rsync(100)   # the copy back takes half a minute
+    proc = ws.start("restore", old, "big.bin", "--in-place")
+    wait_for(lambda: pids_of("rsync", f"{ws.repo / old}/./big.bin"), what="the restoring rsync to start")
+
+    busy = ws.run("snapshot")   # a timer's run meanwhile
+    assert busy.returncode == 75 and "busy" in busy.stderr
+    proc.terminate()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.strip() == "snapmgr: error: stopped by SIGTERM"
+    assert big.read_bytes() == b"2" * 3_000_000     # rsync renames a whole file into place, or nothing
+    # What a stopped rsync leaves: its temporary file, never a half-written big.bin.
+    assert [n for n in os.listdir(ws.source) if n != "big.bin"] in ([], [n for n in os.listdir(ws.source)
+                                                                        if n.startswith(".big.bin.")])
+    pre = [s["id"] for s in ws.ok("--json", "list").json()["snapshots"] if s["tags"] == ["pre-rollback"]]
+    assert len(pre) == 1   # taken before anything was copied: it stays
+
+    ws.env["PATH"] = os.environ["PATH"]
+    ws.ok("restore", old, "big.bin", "--in-place")
+    assert big.read_bytes() == b"1" * 3_000_000
