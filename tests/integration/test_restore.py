@@ -199,8 +199,7 @@ def test_in_place_holds_the_volume_lock_and_a_stopped_restore_blocks_nothing(ws)
     assert proc.returncode == 130 and err.strip() == "snapmgr: error: stopped by SIGTERM"
     assert big.read_bytes() == b"2" * 3_000_000     # rsync renames a whole file into place, or nothing
     # What a stopped rsync leaves: its temporary file, never a half-written big.bin.
-    assert [n for n in os.listdir(ws.source) if n != "big.bin"] in ([], [n for n in os.listdir(ws.source)
-                                                                        if n.startswith(".big.bin.")])
+    assert all(n.startswith(".big.bin.") for n in os.listdir(ws.source) if n != "big.bin")
     pre = [s["id"] for s in ws.ok("--json", "list").json()["snapshots"] if s["tags"] == ["pre-rollback"]]
     assert len(pre) == 1   # taken before anything was copied: it stays
 
