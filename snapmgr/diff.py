@@ -5,12 +5,12 @@ when not.
 Which files are read: a walk records no content hashes, and reading every file on both
 sides would cost as much as copying the volume. A file's content is compared only when
 it can have changed unseen: both sides regular files of the same size, not the same
-inode with the same ctime (btrfs, ZFS and LVM snapshots keep inode numbers and ctimes,
-and an rsync snapshot's unchanged file is a hardlink: the same inode), and without a
-hash on both sides. The mtime is not trusted (`touch -r`, `rsync -t` and archive tools
-set it back), so correctness costs one read of each file that was written. `quick`
-reads nothing: a file whose size is the same shows its content as changed only where
-both sides have a hash (a manifest); otherwise its new mtime (m) is all that shows."""
+inode with the same ctime (btrfs, ZFS and LVM snapshots keep inode numbers and ctimes;
+between two rsync snapshots, whose unchanged files are hardlinks, the same inode), and
+without a hash on both sides. The mtime is not trusted (`touch -r`, `rsync -t` and
+archivers set it back), so correctness costs one read of each file that was written.
+`quick` reads nothing: a file whose size is the same shows its content as changed only
+where both sides have a hash (a manifest); otherwise its new mtime (m) is all that shows."""
 
 from __future__ import annotations
 
@@ -63,13 +63,16 @@ def flags(change: Change) -> str:
     return first + "".join(flag if what in change.what else "." for flag, what in COLUMNS)
 
 
-def differences(old: Side, new: Side, path: bytes, algorithm: str, quick: bool) -> Diff:
+def differences(old: Side, new: Side, path: bytes, algorithm: str, quick: bool, shares_inodes: bool = False) -> Diff:
+    """`shares_inodes`: both sides are snapshots on one filesystem whose unchanged files are
+    one inode (rsync's hardlinks, whose ctime every new link moves): then the same inode
+    number alone shows a file unchanged."""
     for side in (old, new):
         side.entries = list(_entries(side, path))
     if not old.entries and not new.entries:
         raise SnapmgrError(f"{volume_paths.shown(path)} exists neither in {old.name} nor in {new.name}")
     walked = old.manifest is None or new.manifest is None
-    hashed = 0 if quick else _hash_where_needed(old, new, algorithm)
+    hashed = 0 if quick else _hash_where_needed(old, new, algorithm, shares_inodes)
     return Diff(old.name, new.name, path, "walk" if walked else "manifests", hashed,
                 tuple(_without_directory_sizes(compare(old.entries, new.entries), new.entries)))
 
@@ -136,13 +139,13 @@ def _pairs(old: Side, new: Side) -> Iterator[tuple[int, int]]:
             yield i, j
 
 
-def _hash_where_needed(old: Side, new: Side, algorithm: str) -> int:
+def _hash_where_needed(old: Side, new: Side, algorithm: str, shares_inodes: bool) -> int:
     jobs: list[tuple[int, int]] = []    # (side, index) of each file to read
     for i, j in _pairs(old, new):
         o, n = old.entries[i], new.entries[j]
         if o.digest is not None and n.digest is not None:
             continue
-        if (o.ino, o.ctime_ns) == (n.ino, n.ctime_ns):
+        if o.ino == n.ino and (shares_inodes or o.ctime_ns == n.ctime_ns):
             digest = o.digest or n.digest   # one inode, unchanged: one content
             old.entries[i], new.entries[j] = replace(o, digest=digest), replace(n, digest=digest)
             continue

@@ -579,7 +579,7 @@ class Engine:
                                            crosses_mounts=backend.crosses_mounts()))
                 else:
                     sides.append(diff.Side(str(snapshot.id), None, stack.enter_context(backend.browse_root(snapshot))))
-            return diff.differences(*sides, path, algorithm, quick)
+            return diff.differences(*sides, path, algorithm, quick, backend.shares_inodes and new is not None)
 
     def versions(self, path_text: str) -> versions.History:
         """Each distinct version of a live volume's file in its snapshots, newest first;

@@ -215,3 +215,18 @@ def test_live_leaves_out_what_snapshots_leave_out(volume):
     (live / "kept.tmp").write_bytes(b"changed")
     changed = {c["path"] for c in ws.ok("--json", "diff", sid, "live").json()["changes"]}
     assert "kept.tmp" in changed and not any(p.startswith("cache/") for p in changed)
+
+
+def test_between_rsync_snapshots_one_inode_is_one_content_though_its_ctime_moved(ws):
+    """Each new snapshot hardlinks the unchanged files, and every link moves their ctime
+    past what an older manifest recorded: the inode number alone must still count."""
+    ws.write_config({"data": {"backend": "rsync", "source": ws.source, "repository": ws.repo, "manifest": "off"}})
+    for i in range(20):
+        (ws.source / f"f{i}").write_bytes(b"same size")
+    first = ws.ok("--json", "snapshot").json()["results"][0]["created"]["id"]
+    record_manifests(ws, first)
+    (ws.source / "f3").write_bytes(b"SAME SIZE")
+    second = ws.ok("--json", "snapshot").json()["results"][0]["created"]["id"]
+    result = ws.ok("--json", "diff", first, second).json()
+    assert [(c["flags"], c["path"]) for c in result["changes"]] == [("c....m", "f3")]
+    assert result["hashed"] == 1   # the new f3: the old one's hash is in the manifest
