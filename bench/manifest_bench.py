@@ -40,7 +40,7 @@ from pathlib import Path
 from snapmgr import manifest
 root, algorithm, out, previous = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4]
 before = manifest.load(out.parent, previous).entries() if previous else None
-manifest.save(out.parent, out.name, algorithm, manifest.scan(root, algorithm, before))
+manifest.save(out.parent, out.name, algorithm, manifest.stream(root, algorithm, before))
 """
 
 

@@ -23,8 +23,8 @@ from snapmgr.config import Config, Group, Volume
 from snapmgr.errors import Interrupted, LockBusy, SnapmgrError, UsageError, as_error, quote
 from snapmgr.journal import Journal, JournalError, Run, Verify, VolumeHistory
 from snapmgr.lock import volume_lock
-from snapmgr.manifest import ALGORITHMS, Manifest, ManifestDamaged, verify
-from snapmgr.manifest.verify import Problem
+from snapmgr.manifest import ALGORITHMS, Manifest, ManifestDamaged
+from snapmgr.manifest.verify import Problem, check as check_snapshot
 from snapmgr.model import ForeignSnapshot, Snapshot, SnapshotId
 from snapmgr.quiesce.watchdog import Watchdog, perform_all
 from snapmgr.quiesce.window import Window, WindowOverrun
@@ -235,7 +235,7 @@ class Engine:
             else:
                 told = progress and (lambda line: progress(f"{snapshot.id}: {line}"))
                 with backend.browse_root(snapshot) as root:
-                    problems, stats = verify.check(root, stored, told)
+                    problems, stats = check_snapshot(root, stored, told)
                 done = Verification(snapshot, "damaged" if problems else "intact", tuple(problems), stats=stats)
         except Interrupted:
             raise
@@ -443,13 +443,14 @@ class Engine:
         try:
             with backend.browse_root(snapshot) as root:
                 try:
-                    entries = manifest.scan(root, volume.manifest, previous.entries() if previous else None,
-                                            shares_inodes=backend.shares_inodes, stats=stats)
-                except manifest.ManifestDamaged as e:  # found past its first line
+                    manifest.save(directory, snapshot.id, volume.manifest, manifest.stream(
+                        root, volume.manifest, previous.entries() if previous else None,
+                        shares_inodes=backend.shares_inodes, stats=stats))
+                except manifest.ManifestDamaged as e:  # the previous one, found damaged past its first line
                     log.warning("%s: %s; hashing every file", snapshot.id, e)
                     previous, stats = None, manifest.ScanStats()
-                    entries = manifest.scan(root, volume.manifest, stats=stats)
-                manifest.save(directory, snapshot.id, volume.manifest, entries)
+                    manifest.save(directory, snapshot.id, volume.manifest,
+                                  manifest.stream(root, volume.manifest, stats=stats))
         except Interrupted:
             raise
         except (SnapmgrError, OSError) as e:

@@ -13,6 +13,7 @@ import mmap
 import multiprocessing
 import os
 import signal
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -114,8 +115,9 @@ def _hash_batch(job: tuple[str, list[bytes]]) -> list[str | Unreadable]:
 
 class Hashing:
     """Files handed in one by one are hashed meanwhile by a pool of processes, in batches;
-    results() gives each file's key with its digest (or why there is none). With
-    algorithm None nothing may be added: a walk that hashes nothing."""
+    results() gives each file's key with its digest (or why there is none) as they are
+    done, in the order the files were added. With algorithm None nothing may be added:
+    a walk that hashes nothing."""
 
     def __init__(self, algorithm: str | None, workers: int | None = None):
         # An unknown algorithm or a missing module fails here, before any work.
@@ -124,8 +126,7 @@ class Hashing:
         self.workers = workers or os.cpu_count() or 1
         self._batch: list[tuple[object, bytes]] = []
         self._batch_bytes = 0
-        self._sent: list[tuple[list, object]] = []     # (keys, async result or digests)
-        self._large: list[tuple[object, bytes]] = []
+        self._sent: deque[tuple[list, object]] = deque()   # (keys, async result or digests)
         self._pool = None
 
     def __enter__(self) -> Hashing:
@@ -138,7 +139,8 @@ class Hashing:
 
     def add(self, key: object, path: bytes, size: int) -> None:
         if self.algorithm == "blake3" and size >= LARGE:
-            self._large.append((key, path))
+            # At once, on BLAKE3's threads, while the pool goes on with what it has.
+            self._sent.append(([key], [_hash_or_why(self.new, self.algorithm, path)]))
             return
         self._batch.append((key, path))
         self._batch_bytes += size
@@ -156,13 +158,13 @@ class Hashing:
             self._pool = multiprocessing.get_context("fork").Pool(self.workers, _worker_start, (os.getpid(),))
         self._sent.append((keys, self._pool.apply_async(_hash_batch, ((self.algorithm, paths),))))
 
-    def results(self) -> Iterator[tuple[object, str | Unreadable]]:
-        if self._batch:
+    def results(self, wait: bool = True) -> Iterator[tuple[object, str | Unreadable]]:
+        """What is hashed: so far (wait False), or all that was added (wait True)."""
+        if wait and self._batch:
             # The last batch; when it is the only one, no pool is worth starting for it.
-            self._send(inline=self.workers == 1 or not self._sent)
-        for key, path in self._large:  # while the pool works through the small ones
-            yield key, _hash_or_why(self.new, self.algorithm, path)
-        for keys, done in self._sent:
+            self._send(inline=self.workers == 1 or self._pool is None)
+        while self._sent and (wait or isinstance(self._sent[0][1], list) or self._sent[0][1].ready()):
+            keys, done = self._sent.popleft()
             yield from zip(keys, done if isinstance(done, list) else done.get())
 
 

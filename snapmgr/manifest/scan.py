@@ -20,6 +20,7 @@ import hashlib
 import os
 import stat
 import time
+from collections import deque
 from dataclasses import dataclass, field, fields
 from typing import Callable, Iterable, Iterator
 
@@ -29,6 +30,8 @@ from snapmgr.manifest.hashing import Hashing, Unreadable
 
 PATH, KIND, SIZE, DIGEST = ([f.name for f in fields(Entry)].index(n) for n in ("path", "kind", "size", "digest"))
 PROGRESS_EVERY = 4096
+PENDING = object()   # a digest being computed
+GIVE_OUT_EVERY = 512  # entries walked between two looks at what the pool has hashed
 _KIND = {stat.S_IFREG: "f", stat.S_IFDIR: "d", stat.S_IFLNK: "l", stat.S_IFCHR: "c", stat.S_IFBLK: "b",
          stat.S_IFIFO: "p", stat.S_IFSOCK: "s"}
 
@@ -59,16 +62,27 @@ def scan(root: str | os.PathLike, algorithm: str | None, previous: Iterable[Entr
     """The entries under `root`, in walk order. algorithm None: no content hashes (a cheap
     walk). `previous`: an older state of the tree, in walk order, hashed with the same
     algorithm, whose hashes are taken for files not written since (see the module's
-    docstring). strict: an entry that cannot
-    be read stops the scan with a ScanError; otherwise it is listed in `stats.unreadable`
-    (and a file's digest is None). progress: told now and then how far it got. The work
-    is done by the time this returns."""
+    docstring). strict: an entry that cannot be read stops the scan with a ScanError;
+    otherwise it is listed in `stats.unreadable` (and a file's digest is None). progress:
+    told now and then how far it got. The work is done by the time this returns."""
+    return iter(list(stream(root, algorithm, previous, shares_inodes=shares_inodes, stats=stats, strict=strict,
+                            progress=progress)))
+
+
+def stream(root: str | os.PathLike, algorithm: str | None, previous: Iterable[Entry] | None = None, *,
+           shares_inodes: bool = False, stats: ScanStats | None = None, strict: bool = True,
+           progress: Callable[[str], None] | None = None) -> Iterator[Entry]:
+    """As scan(), lazily: each entry comes out as soon as it and those before it have their
+    hashes, so that whoever takes them (the manifest being written) works while the pool
+    hashes. The tree is read while the entries are taken, and `stats` is complete once
+    they all are."""
     stats = stats if stats is not None else ScanStats()
     started = time.monotonic()
     base = os.fsencode(root)
     before = _Cursor(previous or ())
-    rows: list[list] = []   # Entry's fields, the digest filled in as hashes come back
-    queued = 0
+    rows: deque[list] = deque()   # Entry's fields, in walk order, of the entries not given out yet
+    waiting: dict[int, list] = {}  # the rows whose digest is PENDING, by the key hashing knows them by
+    walked = 0
     with Hashing(algorithm) as hashing:
         for absolute, rel, st in _walk(base, stats, strict):
             old = before.at(rel)
@@ -81,23 +95,43 @@ def scan(root: str | os.PathLike, algorithm: str | None, previous: Iterable[Entr
                     row[DIGEST] = old.digest
                     stats.reused += 1
                 else:
-                    hashing.add(len(rows), absolute, st.st_size)
-                    queued += 1
+                    row[DIGEST] = PENDING
+                    waiting[walked] = row
+                    hashing.add(walked, absolute, st.st_size)
             rows.append(row)
-            if progress and len(rows) % PROGRESS_EVERY == 0:
-                progress(f"{len(rows):,} entries found")
-        for done, (i, digest) in enumerate(hashing.results(), start=1):
-            if progress and done % PROGRESS_EVERY == 0:
-                progress(f"{done:,} of {queued:,} files hashed")
-            if isinstance(digest, Unreadable):
-                _unreadable(stats, strict, rows[i][PATH], digest.reason)
-                continue
-            rows[i][DIGEST] = digest
-            stats.hashed += 1
-            stats.hashed_bytes += rows[i][SIZE]
-    stats.entries = len(rows)
+            walked += 1
+            if walked % GIVE_OUT_EVERY == 0:
+                if progress and walked % PROGRESS_EVERY == 0:
+                    progress(f"{walked:,} entries found")
+                for key, digest in hashing.results(wait=False):
+                    _put(waiting.pop(key), digest, stats, strict, progress)
+                yield from _ready(rows)
+        for key, digest in hashing.results(wait=True):
+            _put(waiting.pop(key), digest, stats, strict, progress)
+            if rows[0][DIGEST] is not PENDING:
+                yield from _ready(rows)
+        yield from _ready(rows)
+    stats.entries = walked
     stats.seconds = time.monotonic() - started
-    return (Entry(*row) for row in rows)
+
+
+def _put(row: list, digest: str | Unreadable, stats: ScanStats, strict: bool,
+         progress: Callable[[str], None] | None) -> None:
+    if isinstance(digest, Unreadable):
+        row[DIGEST] = None
+        _unreadable(stats, strict, row[PATH], digest.reason)
+        return
+    row[DIGEST] = digest
+    stats.hashed += 1
+    stats.hashed_bytes += row[SIZE]
+    if progress and stats.hashed % PROGRESS_EVERY == 0:
+        progress(f"{stats.hashed:,} files hashed")
+
+
+def _ready(rows: deque[list]) -> Iterator[Entry]:
+    """The entries at the head of `rows` that have their digest."""
+    while rows and rows[0][DIGEST] is not PENDING:
+        yield Entry(*rows.popleft())
 
 
 class _Cursor:

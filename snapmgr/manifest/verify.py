@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from snapmgr.manifest.entry import compare, display
-from snapmgr.manifest.scan import ScanStats, scan
+from snapmgr.manifest.scan import ScanStats, stream
 from snapmgr.manifest.store import Manifest
 
 STATUS = {"removed": "missing", "added": "unexpected", "changed": "changed"}
@@ -32,10 +32,11 @@ def check(root: str | os.PathLike, stored: Manifest, progress: Callable[[str], N
           ) -> tuple[list[Problem], ScanStats]:
     """The problems found re-hashing `root` against `stored`, and what re-hashing took."""
     stats = ScanStats()
-    now = scan(root, stored.algorithm, stats=stats, strict=False, progress=progress)
-    unreadable = dict(stats.unreadable)
+    changes = list(compare(stored.entries(), stream(root, stored.algorithm, stats=stats, strict=False,
+                                                    progress=progress)))
+    unreadable = dict(stats.unreadable)   # complete once the stream is
     problems = [Problem(path, "unreadable", reason=reason) for path, reason in stats.unreadable]
-    for change in compare(stored.entries(), now):
+    for change in changes:
         if change.path in unreadable and change.what <= {"content"}:
             continue  # already told, with the reason
         problems.append(Problem(change.path, STATUS[change.status], change.what))

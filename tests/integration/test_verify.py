@@ -165,5 +165,5 @@ def test_progress_is_shown_on_a_terminal_only(ws):
     seen = os.read(leader, 65536).decode()
     os.close(leader)
     assert p.returncode == 0
-    assert f"{sid}: 4,096 entries found" in seen and f"{sid}: 4,096 of 5,000 files hashed" in seen and "\r" in seen
+    assert f"{sid}: 4,096 entries found" in seen and f"{sid}: 4,096 files hashed" in seen and "\r" in seen
     assert ws.ok("verify").stderr == ""

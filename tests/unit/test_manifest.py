@@ -239,3 +239,16 @@ def test_a_walk_without_hashes_takes_none_from_the_previous_manifest(tmp_path):
     walked = entries(root, None, previous=entries(root), stats=stats)
     assert all(e.digest is None for e in walked) and (stats.hashed, stats.reused) == (0, 0)
     assert next(e for e in walked if e.path == b"b.bin").xattrs is not None
+
+
+def test_a_stream_gives_the_entries_of_a_scan_as_their_hashes_come(tmp_path):
+    root = tmp_path / "t"
+    for i in range(hashing.BATCH_FILES * 4):
+        (root / f"d{i % 7}").mkdir(parents=True, exist_ok=True)
+        (root / f"d{i % 7}" / f"f{i}").write_bytes(str(i).encode() * 100)
+    stats = ScanStats()
+    streamed = manifest.stream(root, "sha256", stats=stats)
+    first = next(streamed)
+    assert first.path == b"" and stats.entries == 0      # nothing is complete yet
+    assert [first, *streamed] == entries(root, "sha256")
+    assert (stats.entries, stats.hashed) == (hashing.BATCH_FILES * 4 + 8, hashing.BATCH_FILES * 4)
