@@ -116,6 +116,72 @@ def delete(c: Context, snapshots, dry_run):
 
 
 @cli.command()
+@click.argument("snapshot", metavar="VOLUME@ID")
+@click.argument("paths", nargs=-1, required=True, metavar="PATH...")
+@click.option("--to", "dest", metavar="DEST", type=click.Path(file_okay=False, path_type=Path),
+              help="Copy into DEST (each PATH lands at DEST/PATH).")
+@click.option("--in-place", is_flag=True,
+              help="Copy back into the live volume, after taking a protected pre-rollback snapshot of it.")
+@click.option("--overwrite", is_flag=True, help="Replace what exists in DEST [default: refuse, copying nothing].")
+@click.option("--delete", is_flag=True,
+              help="With --in-place: also delete, inside the restored directories, what the snapshot does not "
+                   "hold (files the snapshots leave out on purpose, and other mounts, are never touched).")
+@click.option("--dry-run", "-n", is_flag=True, help="List what would change; change nothing.")
+@pass_ctx
+def restore(c: Context, snapshot, paths, dest, in_place, overwrite, delete, dry_run):
+    """Copy PATHs out of a snapshot with every attribute kept (modes, owners, ACLs,
+    xattrs, hardlinks, sparse files).
+
+    A PATH is relative to the volume's root, or absolute as the live volume shows it
+    (e.g. /srv/data/uploads/a.jpg). Give --to DEST, or --in-place."""
+    if (dest is None) == (not in_place):
+        raise UsageError("give either --to DEST or --in-place")
+    done = c.engine().restore(snapshot, paths, dest, overwrite, in_place, delete, dry_run)
+    c.emit(render.restored_json(done), render.restored_text(done))
+
+
+@cli.command("diff")
+@click.argument("old", metavar="A")
+@click.argument("new", metavar="B")
+@click.argument("path", required=False)
+@click.option("--quick", is_flag=True,
+              help="Read no file: trust size and mtime, as rsync does (a rewrite that keeps both is missed).")
+@pass_ctx
+def diff_(c: Context, old, new, path, quick):
+    """What changed from snapshot A to snapshot B of one volume, or to the volume as it
+    is now (B = live), one line per path: FLAGS PATH. PATH limits it to a file or
+    directory (relative to the volume's root, or absolute as the live volume shows it).
+
+    \b
+    FLAGS, as snapper status shows them: the first column
+      +  added          -  removed
+      t  type changed   c  content changed (data, symlink target, device number)
+      .  only metadata changed
+    then one column per property, '.' when it is the same:
+      p  permissions    u  user (owner)   g  group
+      x  xattrs or ACLs m  mtime
+    e.g. 'c....m /etc/app.conf', '.p.... /srv/data/private'.
+    Uses the snapshots' manifests when both have one; otherwise walks the trees and
+    reads a file only where size and inode do not show it unchanged (--quick: never)."""
+    changes = c.engine().diff(old, new, path, quick)
+    c.emit(render.diff_json(changes), render.diff_text(changes))
+
+
+@cli.command("versions")
+@click.argument("path")
+@pass_ctx
+def versions_(c: Context, path):
+    """Every distinct version of a file of a live volume across its snapshots, newest
+    first, with the snapshots that hold each; also for a file deleted since.
+
+    PATH is absolute or relative to the current directory; the volume is the one whose
+    live files hold it. Versions are told apart by content hash (from the manifests, or
+    read from the snapshot)."""
+    history = c.engine().versions(path)
+    c.emit(render.history_json(history), render.history_text(history))
+
+
+@cli.command()
 @click.argument("volumes", nargs=-1)
 @click.option("--dry-run", "-n", is_flag=True, help="Show each snapshot with keep/prune and the reason.")
 @pass_ctx

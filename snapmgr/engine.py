@@ -14,15 +14,16 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
-from snapmgr import manifest, quiesce, retention, sh
+from snapmgr import diff, manifest, quiesce, restore, retention, sh, versions, volume_paths
 from snapmgr.backends import BACKENDS
 from snapmgr.backends.base import Backend, Progress, taken_with_another
 from snapmgr.config import Config, Group, Volume
 from snapmgr.errors import Interrupted, LockBusy, SnapmgrError, UsageError, as_error, quote
 from snapmgr.journal import Journal, JournalError, Run, Verify, VolumeHistory
 from snapmgr.lock import volume_lock
+from snapmgr.manifest import ALGORITHMS, Manifest, ManifestDamaged
 from snapmgr.manifest.verify import Problem, check as check_snapshot
 from snapmgr.model import ForeignSnapshot, Snapshot, SnapshotId
 from snapmgr.quiesce.watchdog import Watchdog, perform_all
@@ -32,6 +33,8 @@ from snapmgr.schema import did_you_mean
 
 log = logging.getLogger(__name__)
 DEFAULT_TAG = "manual"
+PRE_ROLLBACK_TAG = "pre-rollback"
+LIVE = "live"   # the volume as it is now, where a snapshot could be named
 
 
 @dataclass
@@ -513,6 +516,168 @@ class Engine:
         records = self._records(backend)
         records.delete(snapshot.id)
         manifest.delete(records.directory, snapshot.id)
+
+    # Restore, diff, versions -----------------------------------------------------------
+
+    def restore(self, snapshot_text: str, paths: Sequence[str], dest: Path | None, overwrite: bool = False,
+                in_place: bool = False, delete: bool = False, dry_run: bool = False) -> restore.Restored:
+        """Copy PATHS out of a snapshot into DEST, or with `in_place` back into the live
+        volume, after a protected pre-rollback snapshot of it."""
+        if delete and not in_place:
+            raise UsageError("--delete only goes with --in-place, where the pre-rollback snapshot keeps what it "
+                             "deletes; restore into an empty DEST instead")
+        volume, backend, snapshot = self._snapshot_of(snapshot_text)
+        live = backend.live_root()
+        wanted = list(dict.fromkeys(volume_paths.relative(p, live, volume.name) for p in paths))
+        if in_place:
+            if live is None:
+                raise SnapmgrError(f"volume {volume.name} is not mounted now: there is nowhere to restore in place")
+            dest = live
+        dest = Path(os.path.abspath(dest))
+        for storage in backend.written_paths():
+            if Path(os.path.realpath(dest)).is_relative_to(os.path.realpath(storage)):
+                raise UsageError(f"{quote(str(dest))} is inside {storage}, where volume {volume.name} keeps its "
+                                 f"snapshots: restoring there would change them; restore elsewhere")
+        with ExitStack() as stack:
+            if in_place and not dry_run:
+                stack.enter_context(self._locked(volume))
+            root = stack.enter_context(backend.browse_root(snapshot))
+            for path in wanted:
+                volume_paths.located(root, path, str(snapshot.id))
+            if not (overwrite or in_place):
+                self._refuse_overwriting(root, wanted, dest)
+            pre_rollback = None
+            if in_place and not dry_run:
+                pre_rollback = self._pre_rollback(volume)
+                stack.enter_context(self.journal.run(volume.name, "restore", os.getpid()))
+            changes = restore.copy(root, wanted, dest, dry_run, delete, backend.left_out())
+        return restore.Restored(str(snapshot.id), dest, tuple(wanted), dry_run, tuple(changes), pre_rollback)
+
+    def diff(self, old_text: str, new_text: str, path_text: str | None = None, quick: bool = False) -> diff.Diff:
+        """What changed from snapshot OLD to snapshot NEW (or to the live volume, LIVE)."""
+        volume, backend, old = self._snapshot_of(old_text)
+        live = backend.live_root()
+        new = None
+        if new_text == LIVE:
+            if live is None:
+                raise SnapmgrError(f"volume {volume.name} is not mounted now: there is no live state to compare with")
+        else:
+            other, _, new = self._snapshot_of(new_text)
+            if other.name != volume.name:
+                raise UsageError(f"{old_text} and {new_text} are snapshots of different volumes; compare two "
+                                 f"snapshots of one volume, or one with 'live'")
+        path = volume_paths.relative(path_text, live, volume.name) if path_text else b""
+        records = backend.records_dir(self.config.settings.state_dir)
+        manifests = [self._stored_manifest(records, s) for s in (old, new)]
+        algorithm = next((m.algorithm for m in manifests if m), ALGORITHMS[0])
+        with ExitStack() as stack:
+            sides = []
+            for snapshot, found in zip((old, new), manifests):
+                if found and found.algorithm == algorithm:
+                    sides.append(diff.Side(str(snapshot.id), found, None))
+                elif snapshot is None:
+                    sides.append(diff.Side(LIVE, None, live, left_out=backend.left_out(),
+                                           crosses_mounts=backend.crosses_mounts()))
+                else:
+                    sides.append(diff.Side(str(snapshot.id), None, stack.enter_context(backend.browse_root(snapshot))))
+            return diff.differences(*sides, path, algorithm, quick, backend.shares_inodes and new is not None)
+
+    def versions(self, path_text: str) -> versions.History:
+        """Each distinct version of a live volume's file in its snapshots, newest first;
+        also of a file deleted from the live volume since."""
+        volume, backend, live, path = self._volume_holding(path_text)
+        if not path:
+            raise UsageError(f"{quote(path_text)} is the root of volume {volume.name}; name a file in it")
+        records = backend.records_dir(self.config.settings.state_dir)
+        snapshots = sorted((s for s in backend.list() if not s.invalid), key=lambda s: s.id, reverse=True)
+        manifests = {s.id: self._stored_manifest(records, s) for s in snapshots}
+        algorithm = next((m.algorithm for m in manifests.values() if m), ALGORITHMS[0])
+        reader = versions.Reader(algorithm)
+        current = reader.state(live, path, LIVE)
+        if current is not None and current.kind == "d":
+            raise UsageError(f"{quote(path_text)} is a directory; versions lists the versions of a file")
+        found = []
+        for snapshot in snapshots:
+            held = manifests[snapshot.id]
+            if held is not None and held.algorithm == algorithm:
+                entry = held.lookup(path)
+                state = versions.State.of(entry) if entry else None
+            else:
+                with backend.browse_root(snapshot) as root:
+                    state = reader.state(root, path, str(snapshot.id))
+            if state is not None:
+                found.append((str(snapshot.id), state))
+        return versions.History(volume.name, path, current, versions.distinct(found, current))
+
+    def _volume_holding(self, path_text: str) -> tuple[Volume, Backend, Path, bytes]:
+        """The volume whose live files hold the path (absolute, or relative to the current
+        directory), and the path relative to its root; the innermost such volume."""
+        absolute = os.path.abspath(path_text)
+        parent, name = os.path.split(absolute)
+        spellings = dict.fromkeys([absolute, os.path.join(os.path.realpath(parent), name)])
+        best = None
+        for volume in self.volumes():
+            backend = self.backend(volume)
+            try:
+                live = backend.live_root()
+            except (SnapmgrError, OSError) as e:
+                log.debug("volume %s: no live root: %s", volume.name, e)
+                continue
+            for spelling in spellings:
+                try:
+                    path = volume_paths.relative(spelling, live, volume.name)
+                except UsageError:
+                    continue
+                depth = len(os.fsencode(live).split(b"/"))
+                if best is None or depth > best[0]:
+                    best = (depth, (volume, backend, live, path))
+        if best is None:
+            raise UsageError(f"{quote(path_text)} is in no configured volume's live files "
+                             f"(volumes: {', '.join(self.config.volumes) or 'none'})")
+        return best[1]
+
+    @staticmethod
+    def _stored_manifest(records: Path, snapshot: Snapshot | None) -> Manifest | None:
+        """The snapshot's manifest; None for the live volume, or when it has none or a
+        damaged one (then the snapshot is walked instead)."""
+        if snapshot is None:
+            return None
+        try:
+            return manifest.load(records, snapshot.id)
+        except ManifestDamaged as e:
+            log.warning("%s; reading the snapshot itself instead", e)
+            return None
+
+    def _snapshot_of(self, text: str) -> tuple[Volume, Backend, Snapshot]:
+        try:
+            sid = SnapshotId.parse(text)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        [volume] = self.volumes([sid.volume])
+        backend = self.backend(volume)
+        snapshots = {s.id: s for s in backend.list()}
+        if sid not in snapshots:
+            newest = max(snapshots, default=None)
+            raise SnapmgrError(f"no such snapshot: {sid} (volume {volume.name} has {len(snapshots)}"
+                               + (f", the newest {newest})" if newest else ")"))
+        return volume, backend, snapshots[sid]
+
+    @staticmethod
+    def _refuse_overwriting(root: Path, paths: list[bytes], dest: Path) -> None:
+        existing = restore.conflicts(root, paths, dest)
+        if existing:
+            shown = ", ".join(volume_paths.shown(p) for p in existing[:restore.SHOWN_CONFLICTS])
+            more = " and more" if len(existing) > restore.SHOWN_CONFLICTS else ""
+            raise SnapmgrError(f"refusing to overwrite what exists in {dest}: {shown}{more} "
+                               f"(--overwrite replaces them; nothing was copied)")
+
+    def _pre_rollback(self, volume: Volume) -> str:
+        """A protected snapshot of the volume as it is, taken under the lock already held."""
+        outcome = Outcome(volume.name)
+        self._take([volume], None, frozenset({PRE_ROLLBACK_TAG}), False, None, [outcome])
+        if outcome.error or outcome.created is None:
+            raise SnapmgrError(f"the {PRE_ROLLBACK_TAG} snapshot failed, so nothing was restored: {outcome.error}")
+        return str(outcome.created.id)
 
 
 def _verify_state(verifies: list[Verify], existing: set[str]) -> tuple[Verify | None, tuple[str, ...]]:

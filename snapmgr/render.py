@@ -10,9 +10,13 @@ from typing import Sequence
 
 import click
 
+from snapmgr.diff import Diff, flags
 from snapmgr.engine import Outcome, Verification, VolumeStatus
 from snapmgr.journal import Verify
 from snapmgr.manifest import path_text
+from snapmgr.manifest.entry import KINDS
+from snapmgr.restore import Restored
+from snapmgr.versions import History, State
 from snapmgr.errors import one_line
 from snapmgr.model import ForeignSnapshot, Snapshot
 
@@ -39,6 +43,15 @@ def age(moment: datetime | None, now: datetime) -> str:
         if seconds >= size:
             return f"{seconds // size}{unit} ago"
     return f"{max(seconds, 0)}s ago"
+
+
+def escaped(path: bytes) -> str:
+    """A path of any bytes as one printable line: a backslash doubled, then each byte that
+    is not UTF-8 as \\xNN and each control character as \\n, \\t, \\xNN (so an escape can
+    never be mistaken for a name that spells it)."""
+    text = (path or b".").replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace")
+    return text if text.isprintable() else "".join(
+        c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 # JSON forms ------------------------------------------------------------------------
@@ -90,6 +103,29 @@ def outcome_json(o: Outcome) -> dict:
     }
 
 
+def restored_json(r: Restored) -> dict:
+    return {"snapshot": r.snapshot, "dest": str(r.dest), "paths": [escaped(p) for p in r.paths],
+            "dry_run": r.dry_run, "pre_rollback": r.pre_rollback, "changes": list(r.changes)}
+
+
+def diff_json(d: Diff) -> dict:
+    return {"from": d.old, "to": d.new, "path": escaped(d.path), "method": d.method, "hashed": d.hashed,
+            "changes": [{"path": escaped(c.path), "status": c.status, "what": sorted(c.what), "flags": flags(c)}
+                        for c in d.changes]}
+
+
+def history_json(h: History) -> dict:
+    return {"volume": h.volume, "path": escaped(h.path), "live": _state_json(h.live) if h.live else None,
+            "versions": [_state_json(v.state) | {"snapshots": list(v.snapshots), "current": v.current}
+                         for v in h.versions]}
+
+
+def _state_json(s: State) -> dict:
+    content = escaped(s.content) if isinstance(s.content, bytes) else s.content
+    return {"kind": s.kind, "size": s.size, "mtime": when(_when_ns(s.mtime_ns)),
+            "digest" if s.kind == "f" else "target": content}
+
+
 def status_json(s: VolumeStatus, now: datetime) -> dict:
     h = s.history
     return {
@@ -131,6 +167,47 @@ def snapshots_table(snapshots: Sequence[Snapshot], foreign: Sequence[ForeignSnap
     rows += [(f.name, when(f.created), "-", "-", "-", f"foreign to {f.volume}: not snapmgr's, never pruned")
              for f in foreign]
     return table(("SNAPSHOT", "CREATED", "TAGS", "GRADE", "MANIFEST", "STATE"), rows)
+
+
+def restored_text(r: Restored) -> str:
+    paths = ", ".join(escaped(p) for p in r.paths)
+    if r.dry_run:
+        head = f"dry run: restoring {paths} from {r.snapshot} into {r.dest} would change {len(r.changes)} item(s)"
+        return "\n".join([head, *r.changes])
+    taken = f"took {r.pre_rollback} first; " if r.pre_rollback else ""
+    return f"{taken}restored {paths} from {r.snapshot} into {r.dest} ({len(r.changes)} item(s) copied)"
+
+
+def diff_text(d: Diff) -> str:
+    if not d.changes:
+        return f"no changes from {d.old} to {d.new}" + (f" in {escaped(d.path)}" if d.path else "")
+    return "\n".join(f"{flags(c)} /{escaped(c.path) if c.path else ''}" for c in d.changes)
+
+
+def history_text(h: History) -> str:
+    where = f"/{escaped(h.path)} in volume {h.volume}"
+    if not h.versions:
+        return f"no versions of {where}: no snapshot holds it" + ("" if h.live else " (nor does the live volume)")
+    live = "" if h.live else "; deleted from the live volume"
+    rows = [(str(i), when(_when_ns(v.state.mtime_ns)), _size(v.state), _held(v.snapshots) + (
+             " (= live)" if v.current else "")) for i, v in enumerate(h.versions, 1)]
+    return (f"{len(h.versions)} version(s) of {where}{live}\n"
+            + table(("VERSION", "MODIFIED", "SIZE", "SNAPSHOTS (NEWEST FIRST)"), rows))
+
+
+def _when_ns(mtime_ns: int) -> datetime:
+    return datetime.fromtimestamp(mtime_ns / 1e9, timezone.utc)
+
+
+def _size(state: State) -> str:
+    if state.kind == "l":
+        return f"symlink to {escaped(state.content)}"
+    return str(state.size) if state.kind == "f" else KINDS.get(state.kind, state.kind)
+
+
+def _held(snapshots: Sequence[str], shown: int = 3) -> str:
+    more = len(snapshots) - shown
+    return ", ".join(snapshots[:shown]) + (f" and {more} more" if more > 0 else "")
 
 
 def decisions_table(outcome: Outcome) -> str:

@@ -81,6 +81,21 @@ class Backend(abc.ABC):
         """A read-only directory showing the snapshot's files, for as long as the context lasts."""
 
     @abc.abstractmethod
+    def live_root(self) -> Path | None:
+        """Where the volume's files are as it is now (what its snapshots are taken of), or
+        None when they are nowhere to be seen (an unmounted LV or dataset)."""
+
+    def left_out(self) -> tuple[str, ...]:
+        """rsync filter rules (relative to live_root) of what the volume's snapshots leave
+        out on purpose: restoring or comparing must not touch or count those."""
+        return ()
+
+    def crosses_mounts(self) -> bool:
+        """Whether a snapshot holds what other filesystems mounted below live_root hold;
+        a copy-on-write snapshot shows their mountpoints empty."""
+        return False
+
+    @abc.abstractmethod
     def plan_create(self, snapshot_id: SnapshotId) -> str:
         """One line saying what create() would do, for --dry-run."""
 

@@ -34,6 +34,9 @@ class BtrfsBackend(DirectoryBackend):
     def _is_snapshot(self, path: Path) -> bool:
         return os.stat(path).st_ino == SUBVOLUME_ROOT_INODE
 
+    def live_root(self) -> Path | None:
+        return self.opts["subvolume"]
+
     def plan_create(self, snapshot_id: SnapshotId) -> str:
         return f"read-only snapshot of {self.opts['subvolume']} as {self.snapshot_dir / str(snapshot_id)}"
 

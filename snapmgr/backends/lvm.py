@@ -14,6 +14,7 @@ id is stored without its volume (SnapshotId.label), dropping the one character L
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 from contextlib import contextmanager
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from snapmgr import schema, sh
+from snapmgr.backends import mounts
 from snapmgr.backends.base import Backend, Progress
 from snapmgr.errors import SnapmgrError, quote
 from snapmgr.model import Snapshot, SnapshotId
@@ -131,6 +133,13 @@ class LvmBackend(Backend):
 
     def delete(self, snapshot: Snapshot) -> None:
         lvm(["lvremove", "--yes", snapshot.meta["lv"]], timeout=300)
+
+    def live_root(self) -> Path | None:
+        try:
+            device = os.stat(Path("/dev", self.vg, self.opts["lv"][1])).st_rdev
+        except FileNotFoundError:
+            return None  # not active
+        return mounts.whole_mount(lambda m: m.device == (os.major(device), os.minor(device)))
 
     @contextmanager
     def browse_root(self, snapshot: Snapshot) -> Iterator[Path]:

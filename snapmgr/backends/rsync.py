@@ -74,6 +74,15 @@ class RsyncBackend(DirectoryBackend):
     def _is_snapshot(self, path: Path) -> bool:
         return True
 
+    def live_root(self) -> Path | None:
+        return self.opts["source"]
+
+    def left_out(self) -> tuple[str, ...]:
+        return tuple(self.opts["exclude"])
+
+    def crosses_mounts(self) -> bool:
+        return not self.opts["one_file_system"]
+
     def plan_create(self, snapshot_id: SnapshotId) -> str:
         argv = self._argv(self._partial(snapshot_id), self._latest(), progress=False)
         return f"{shlex.join(argv)}, then rename to {snapshot_id}"

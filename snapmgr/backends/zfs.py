@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from snapmgr import schema, sh
+from snapmgr.backends import mounts
 from snapmgr.signals import signals_held
 from snapmgr.backends.base import Backend, Progress
 from snapmgr.errors import SnapmgrError, quote
@@ -127,15 +128,20 @@ class ZfsBackend(Backend):
         except lzc.exceptions.ZFSError as e:
             raise _zfs_error(f"zfs destroy of {', '.join(names)} failed", e) from None
 
+    def live_root(self) -> Path | None:
+        # Where the kernel has the first dataset mounted, whether by its mountpoint
+        # property or by hand (mountpoint=legacy); None when it is not mounted.
+        first = self.datasets[0]
+        return mounts.whole_mount(lambda m: m.fstype == "zfs" and m.source == first)
+
     @contextmanager
     def browse_root(self, snapshot: Snapshot) -> Iterator[Path]:
-        first = self.datasets[0]
-        mountpoint = sh.run(["zfs", "get", "-H", "-o", "value", "mountpoint", first], timeout=60).stdout.strip()
-        if not mountpoint.startswith("/"):
-            raise SnapmgrError(f"{first} has mountpoint={mountpoint}: its snapshots have no .zfs directory to browse")
+        root = self.live_root()
+        if root is None:
+            raise SnapmgrError(f"{self.datasets[0]} is not mounted: its snapshots have no .zfs directory to browse")
         # ZFS mounts the snapshot on first access and unmounts it when idle by itself. An
         # lstat() is no access (it shows the unmounted stub's inode): opening it is.
-        root = Path(mountpoint, ".zfs", "snapshot", PREFIX + snapshot.id.label)
+        root = root / ".zfs" / "snapshot" / (PREFIX + snapshot.id.label)
         os.close(os.open(root, os.O_RDONLY | os.O_DIRECTORY))
         yield root
 

@@ -1,0 +1,42 @@
+"""Where a filesystem is mounted, read from /proc/self/mountinfo (the kernel's own table,
+so a mount made by hand, by fstab or by `zfs mount` is found alike)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+MOUNTINFO = Path("/proc/self/mountinfo")
+_OCTAL_RE = re.compile(rb"\\([0-7]{3})")
+
+
+@dataclass(frozen=True)
+class Mount:
+    device: tuple[int, int]   # major, minor
+    root: bytes               # the directory of the filesystem mounted here ("/": all of it)
+    mountpoint: Path
+    fstype: str
+    source: str
+
+
+def mounts() -> list[Mount]:
+    found = []
+    for line in MOUNTINFO.read_bytes().splitlines():
+        fields = line.split(b" ")
+        sep = fields.index(b"-")
+        major, minor = fields[2].split(b":")
+        found.append(Mount((int(major), int(minor)), _unescaped(fields[3]), Path(_unescaped(fields[4]).decode(
+            errors="surrogateescape")), fields[sep + 1].decode(), _unescaped(fields[sep + 2]).decode(errors="replace")))
+    return found
+
+
+def whole_mount(match) -> Path | None:
+    """The mountpoint of the first mount for which `match(mount)` holds that shows the whole
+    filesystem (not a bind mount of a directory inside it)."""
+    return next((m.mountpoint for m in mounts() if m.root == b"/" and match(m)), None)
+
+
+def _unescaped(field: bytes) -> bytes:
+    # The kernel writes space, tab, newline and backslash in paths as \ooo.
+    return _OCTAL_RE.sub(lambda m: bytes([int(m[1], 8)]), field)

@@ -1,0 +1,109 @@
+"""Copy paths out of a snapshot with every attribute kept, by rsync.
+
+`rsync -aHAX --numeric-ids --sparse --relative ROOT/./PATH... DEST/`: each PATH lands at
+DEST/PATH with the directories on the way, whose attributes come from the snapshot too.
+rsync never writes through a symlink it finds in DEST (it replaces the link), so nothing
+is written outside DEST."""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from snapmgr import sh
+from snapmgr.volume_paths import joined
+
+# How many existing paths a refusal to overwrite names.
+SHOWN_CONFLICTS = 5
+# Marks rsync's itemized lines among its other messages ("created directory DEST").
+ITEM = "item: "
+
+
+def conflicts(root: Path, paths: Sequence[bytes], dest: Path, limit: int = SHOWN_CONFLICTS + 1) -> list[bytes]:
+    """Paths (relative to DEST) that exist in DEST where the copy would put something
+    else than a directory into a directory: what restoring would overwrite. At most
+    `limit` of them, found without walking further."""
+    found: list[bytes] = []
+    for path in paths:
+        for clash in _clashes(root, path, dest):
+            found.append(clash)
+            if len(found) >= limit:
+                return found
+    return found
+
+
+def _clashes(root: Path, path: bytes, dest: Path) -> Iterator[bytes]:
+    components = path.split(b"/") if path else []
+    # The directories on the way: a file or a symlink where one must go is in the way.
+    for i in range(1, len(components)):
+        above = b"/".join(components[:i])
+        kind = _kind(joined(dest, above))
+        if kind is None:
+            return
+        if kind != "d":
+            yield above
+            return
+    yield from _tree_clashes(joined(root, path), joined(dest, path), path)
+
+
+def _tree_clashes(source: bytes, target: bytes, path: bytes) -> Iterator[bytes]:
+    existing = _kind(target)
+    if existing is None:
+        return
+    if existing != "d" or not stat.S_ISDIR(os.lstat(source).st_mode):
+        yield path
+        return
+    with os.scandir(source) as entries:
+        names = sorted(e.name for e in entries)
+    for name in names:
+        yield from _tree_clashes(source + b"/" + name, target + b"/" + name, path + b"/" + name if path else name)
+
+
+def _kind(path: bytes) -> str | None:
+    try:
+        mode = os.lstat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return "d" if stat.S_ISDIR(mode) else "other"
+
+
+def argv(root: Path, paths: Sequence[bytes], dest: Path, dry_run: bool, delete: bool,
+         left_out: Sequence[str]) -> list[str]:
+    # --modify-window=-1: mtimes compared to the nanosecond; otherwise a symlink or fifo
+    # made within the second of its original's mtime keeps the time of its making.
+    argv = ["rsync", "-aHAX", "--numeric-ids", "--sparse", "--relative", "--modify-window=-1",
+            f"--out-format={ITEM}%i %n%L"]
+    if dry_run:
+        argv.append("--dry-run")
+    if delete:
+        # -x: the deletion stops at every mount inside DEST (a nested subvolume, a child
+        # dataset): the snapshot shows those as empty directories. What the snapshots
+        # leave out on purpose is excluded, so it is not deleted either.
+        argv += ["--delete", "--one-file-system", *(f"--exclude={rule}" for rule in left_out)]
+    # Every source starts with '/', so none can be read as an option or a remote host.
+    sources = [joined(root, b"./" + (p or b".")) for p in paths]
+    return argv + [os.fsdecode(p) for p in sources] + [f"{dest}/"]
+
+
+def copy(root: Path, paths: Sequence[bytes], dest: Path, dry_run: bool = False, delete: bool = False,
+         left_out: Sequence[str] = ()) -> list[str]:
+    """Copy, or with dry_run only say what would change: rsync's itemized lines
+    ('>f+++++++++ a/b' a new file, '*deleting c'), names escaped by rsync (\\#012 for a
+    newline) so each stays one line."""
+    result = sh.run(argv(root, paths, dest, dry_run, delete, left_out))
+    return [line[len(ITEM):] for line in result.stdout.splitlines() if line.startswith(ITEM)]
+
+
+@dataclass(frozen=True)
+class Restored:
+    """What a restore did, or with dry_run would do."""
+
+    snapshot: str
+    dest: Path
+    paths: tuple[bytes, ...]
+    dry_run: bool
+    changes: tuple[str, ...]          # rsync's itemized lines
+    pre_rollback: str | None = None   # the snapshot taken of the live volume first (--in-place)
