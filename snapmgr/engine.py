@@ -370,6 +370,13 @@ class Engine:
         backend.delete(snapshot)
         self._records(backend).delete(snapshot.id)
 
+    # Browsing -----------------------------------------------------------------------------
+
+    def browsable(self, names: Iterable[str] = ()) -> dict[str, Backend]:
+        """The backend of each named volume (all when none are named), for the FUSE mount:
+        it lists their snapshots and enters them through browse_root(), read-only."""
+        return {v.name: self.backend(v) for v in self.volumes(names)}
+
 
 def _attempt(take: Callable[[], Snapshot]) -> Snapshot | SnapmgrError:
     """One volume's snapshot, or why it failed; what ends the whole window is raised."""

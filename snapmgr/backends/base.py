@@ -23,6 +23,9 @@ class Backend(abc.ABC):
     options: ClassVar[Mapping[str, Field]]
     # Whether a snapshot captures the whole volume at one instant, as a crash would.
     atomic: ClassVar[bool] = True
+    # Whether browse_root() mounts something (slow, and holding resources until left):
+    # then the FUSE mount enters a snapshot only when someone walks into it.
+    browse_mounts: ClassVar[bool] = False
 
     @classmethod
     def check_options(cls, options: Mapping) -> None:

@@ -1,0 +1,155 @@
+"""The snapshots' contents, served as stored: attributes, directories, symlinks, xattrs
+(ACLs included) and file data, read from the browse root's path.
+
+The only state per file is its path, kept from the kernel's lookup until its forget, so
+memory follows what the kernel holds, not the size of the snapshots. Everything below a
+snapshot is immutable: the kernel may keep entries, attributes and pages for long."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from dataclasses import dataclass
+
+import pyfuse3
+import trio
+
+from snapmgr.fuse.inodes import Inodes
+from snapmgr.fuse.roots import Roots
+
+LONG_TIMEOUT = 24 * 3600.0
+WRITING = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
+
+STAT_FIELDS = ("st_mode", "st_nlink", "st_uid", "st_gid", "st_rdev", "st_size", "st_blksize", "st_blocks",
+               "st_atime_ns", "st_mtime_ns", "st_ctime_ns")
+
+
+def attributes(ino: int, st: os.stat_result, timeout: float) -> pyfuse3.EntryAttributes:
+    """The attributes of a stored file, as the kernel may cache them for `timeout` seconds."""
+    a = pyfuse3.EntryAttributes()
+    a.st_ino = ino
+    a.entry_timeout = a.attr_timeout = timeout
+    for name in STAT_FIELDS:
+        setattr(a, name, getattr(st, name))
+    return a
+
+
+def made_up(ino: int, mode: int, size: int, time_ns: int, timeout: float) -> pyfuse3.EntryAttributes:
+    """The attributes of something that is not stored: a virtual node, a placeholder.
+    Owned by root, as is everything snapmgr makes."""
+    a = pyfuse3.EntryAttributes()
+    a.st_ino = ino
+    a.entry_timeout = a.attr_timeout = timeout
+    a.st_mode = mode
+    a.st_nlink = 2 if stat.S_ISDIR(mode) else 1
+    a.st_size = size
+    a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = time_ns
+    return a
+
+
+@dataclass
+class Entry:
+    """One entry of a listed directory: its name, attributes and path in the snapshot."""
+
+    name: bytes
+    attributes: pyfuse3.EntryAttributes
+    path: bytes | None = None   # None for the virtual top levels
+
+
+class Passthrough:
+    def __init__(self, inodes: Inodes, roots: Roots):
+        self.inodes = inodes
+        self.roots = roots
+        self._paths: dict[int, list] = {}   # inode -> [path in its snapshot, kernel lookups]
+
+    # Inode bookkeeping ------------------------------------------------------------------
+
+    def remember(self, ino: int, path: bytes) -> None:
+        """The kernel looked `ino` up once more (lookup, or readdirplus) under `path`."""
+        if self.inodes.is_snapshot_root(ino):
+            return
+        known = self._paths.get(ino)
+        if known is None:
+            self._paths[ino] = [path, 1]
+        else:
+            known[1] += 1
+
+    def forget(self, ino: int, lookups: int) -> None:
+        known = self._paths.get(ino)
+        if known is not None:
+            known[1] -= lookups
+            if known[1] <= 0:
+                del self._paths[ino]
+
+    def _located(self, ino: int) -> tuple[int, bytes]:
+        slot = self.inodes.slot_of(ino)
+        if self.inodes.is_snapshot_root(ino):
+            return slot, b""
+        known = self._paths.get(ino)
+        if slot is None or known is None:
+            raise pyfuse3.FUSEError(errno.ESTALE)  # forgotten by the kernel: it cannot ask
+        return slot, known[0]
+
+    async def _full(self, ino: int) -> tuple[int, bytes, bytes]:
+        """(slot, path in the snapshot, path on this machine) of a file inode."""
+        slot, path = self._located(ino)
+        root = await self.roots.enter(slot)
+        return slot, path, root + b"/" + path if path else root
+
+    def _attributes(self, slot: int, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        root = self.roots.known_stat(slot)
+        return attributes(self.inodes.of_file(slot, st.st_ino, root.st_ino), st, LONG_TIMEOUT)
+
+    # Operations ---------------------------------------------------------------------------
+
+    async def lookup(self, parent: int, name: bytes) -> pyfuse3.EntryAttributes:
+        slot, path, full = await self._full(parent)
+        st = os.lstat(full + b"/" + name)
+        a = self._attributes(slot, st)
+        self.remember(a.st_ino, path + b"/" + name if path else name)
+        return a
+
+    async def getattr(self, ino: int) -> pyfuse3.EntryAttributes:
+        slot, _, full = await self._full(ino)
+        return self._attributes(slot, os.lstat(full))
+
+    async def readlink(self, ino: int) -> bytes:
+        return os.readlink((await self._full(ino))[2])
+
+    async def listdir(self, ino: int) -> list[Entry]:
+        slot, path, full = await self._full(ino)
+        named = await trio.to_thread.run_sync(_lstat_all, full)
+        prefix = path + b"/" if path else b""
+        return [Entry(name, self._attributes(slot, st), prefix + name) for name, st in named]
+
+    async def open(self, ino: int, flags: int) -> tuple[int, int]:
+        """(slot, descriptor) of the file opened for reading."""
+        if flags & WRITING:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        slot, _, full = await self._full(ino)
+        fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        self.roots.opened(slot)
+        return slot, fd
+
+    async def getxattr(self, ino: int, name: bytes) -> bytes:
+        return os.getxattr((await self._full(ino))[2], name, follow_symlinks=False)
+
+    async def listxattr(self, ino: int) -> list[bytes]:
+        return [os.fsencode(n) for n in os.listxattr((await self._full(ino))[2], follow_symlinks=False)]
+
+
+def _lstat_all(directory: bytes) -> list[tuple[bytes, os.stat_result]]:
+    """Each entry of a directory with its attributes (run in a worker thread)."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        named = []
+        for name in os.listdir(fd):
+            try:
+                named.append((os.fsencode(name), os.lstat(name, dir_fd=fd)))
+            except FileNotFoundError:
+                continue
+        return named
+    finally:
+        os.close(fd)
