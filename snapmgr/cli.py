@@ -18,6 +18,7 @@ from snapmgr import config as configuration
 from snapmgr import render
 from snapmgr.engine import Engine, Outcome
 from snapmgr.journal import JournalError
+from snapmgr.manifest import export
 from snapmgr.errors import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_SOFTWARE, EXIT_USAGE, Interrupted, SnapmgrError,
                             UsageError, as_error, one_line, quote)
 from snapmgr.model import NAME_RULE, is_valid_name, parse_duration
@@ -174,6 +175,53 @@ def recover(c: Context):
     other command, and at boot)."""
     told = c.engine(recover=False).recover()
     c.emit({"recovered": told}, "\n".join(told) or "nothing to recover")
+
+
+# Manifests: verify and export ----------------------------------------------------------
+
+@cli.command()
+@click.argument("targets", nargs=-1, metavar="[VOLUME | VOLUME@ID]...")
+@pass_ctx
+def verify(c: Context, targets):
+    """Re-hash snapshots and compare them with the manifests recorded when they were
+    taken: every snapshot of the named volumes, the named snapshots, or (none named) of
+    every volume with manifests. Exit 1 unless all are intact."""
+    engine = c.engine()
+    results, passed_over = engine.verify(targets, _progress(c))
+    if sys.stderr.isatty():
+        click.echo("\r\033[K", nl=False, err=True)
+    lines = [line for v in results for line in render.verification_lines(v)] + passed_over
+    unrecorded = engine.journal_failure
+    c.emit({"results": [render.verify_json(v) for v in results], "passed_over": passed_over,
+            "intact": all(v.result == "intact" for v in results),
+            "journal_error": str(unrecorded) if unrecorded else None},
+           "\n".join(lines) or "no snapshots to verify")
+    failed = [v for v in results if v.result != "intact"]
+    if failed:
+        _error(f"{len(failed)} of {len(results)} snapshots are not intact: "
+               + ", ".join(f"{v.snapshot.id} ({v.result})" for v in failed))
+    if unrecorded:
+        _error(f"this verify was not recorded: {unrecorded}")
+    if failed or unrecorded:
+        sys.exit(EXIT_FAILED)
+
+
+@cli.command("manifest")
+@click.argument("snapshot", metavar="VOLUME@ID")
+@click.option("--format", "fmt", type=click.Choice(list(export.FORMATS)),
+              help="b3sum or sha256sum: lines that 'b3sum -c' / 'sha256sum -c' check inside a restored copy "
+                   "[default: the one of the manifest's hash]; json: every entry, one object a line.")
+@pass_ctx
+def manifest_(c: Context, snapshot, fmt):
+    """Print the manifest recorded when VOLUME@ID was taken."""
+    stored = c.engine().manifest(snapshot)
+    fmt = fmt or ("json" if c.json else export.default_format(stored.algorithm))
+    export.check_format(fmt, stored.algorithm)
+    # Checked whole before a byte is printed: a name that cannot be written for the tool
+    # fails the command, instead of printing a list that would not check.
+    lines = list(export.json_lines(stored.entries()) if fmt == "json" else
+                 export.checksum_lines(stored.entries(), fmt))
+    sys.stdout.buffer.writelines(lines)
 
 
 @cli.group("config")

@@ -15,6 +15,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from snapmgr import quiesce, schema, trust
 from snapmgr.backends import BACKENDS
 from snapmgr.errors import ConfigError, UsageError, as_error, quote
+from snapmgr.manifest.hashing import ALGORITHMS
 from snapmgr.model import Policy
 from snapmgr.schema import Field, check_table, dotted
 
@@ -28,6 +29,7 @@ class Settings:
     run_dir: Path = Path("/run/snapmgr")
     lock_wait: timedelta = timedelta(seconds=60)
     timezone: tzinfo | None = None  # None: the system's local time, as borg uses
+    manifest: str = "blake3"        # the hash of snapshot manifests, or "off"
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,7 @@ class Volume:
     retention: Policy | None
     tags: frozenset[str]
     quiesce: tuple[str, ...]
+    manifest: str = Settings.manifest   # the [settings] value unless the volume sets its own
 
 
 @dataclass(frozen=True)
@@ -81,11 +84,14 @@ def _timezone(value: Any) -> tzinfo | None:
         raise ValueError(f"unknown time zone {quote(text)} (use 'local', 'UTC' or a name like 'Europe/Paris')") from None
 
 
+# "off" is for volumes too big to hash at every snapshot: they are then never verifiable.
+MANIFEST_CHOICES = (*ALGORITHMS, "off")
 SETTINGS = {
     "state_dir": Field(schema.path(), default=Settings.state_dir),
     "run_dir": Field(schema.path(), default=Settings.run_dir),
     "lock_wait": Field(schema.duration, default=Settings.lock_wait),
     "timezone": Field(_timezone, default=None),
+    "manifest": Field(schema.choice(*MANIFEST_CHOICES), default=Settings.manifest),
 }
 POLICY = {
     "keep_within": Field(schema.duration),
@@ -97,6 +103,7 @@ VOLUME = {
     "retention": Field(schema.name),
     "tags": Field(schema.names, default=()),
     "quiesce": Field(schema.names, default=()),
+    "manifest": Field(schema.choice(*MANIFEST_CHOICES)),
 }
 DEFAULT_MAX_WINDOW = timedelta(seconds=60)
 # The keys of every [quiesce.NAME] table; each kind adds its own (quiesce.KINDS).
@@ -166,7 +173,7 @@ def parse(path: Path, doc: dict) -> Config:
     settings = Settings(**check_table(path, ("settings",), doc.get("settings", {}), SETTINGS))
     policies = {n: Policy(n, **_policy(path, n, t)) for n, t in _named_tables(path, doc, "retention")}
     quiescers = {n: _quiescer(path, n, t) for n, t in _named_tables(path, doc, "quiesce")}
-    volumes = {n: _volume(path, n, t, policies, quiescers) for n, t in _named_tables(path, doc, "volumes")}
+    volumes = {n: _volume(path, n, t, policies, quiescers, settings) for n, t in _named_tables(path, doc, "volumes")}
     groups = {n: _group(path, n, t, volumes, quiescers) for n, t in _named_tables(path, doc, "groups")}
     schedules = {n: _schedule(path, n, t, volumes, groups) for n, t in _named_tables(path, doc, "schedules")}
     return Config(path, settings, volumes, policies, quiescers, groups, schedules)
@@ -200,7 +207,7 @@ def _quiescer(path: Path, name: str, table: Any) -> quiesce.Spec:
     return quiesce.Spec(name, kind, common["timeout"], common["required"], common["max_window"], values)
 
 
-def _volume(path: Path, name: str, table: Any, policies: dict, quiescers: dict) -> Volume:
+def _volume(path: Path, name: str, table: Any, policies: dict, quiescers: dict, settings: Settings) -> Volume:
     where = ("volumes", name)
     backend = _discriminator(path, where, table, "backend", BACKENDS)
     values = check_table(path, where, table, VOLUME | BACKENDS[backend].options)
@@ -212,7 +219,7 @@ def _volume(path: Path, name: str, table: Any, policies: dict, quiescers: dict) 
     _check_refs(path, where + ("quiesce",), values["quiesce"], quiescers, "quiesce")
     common = {k: values.pop(k) for k in VOLUME}
     return Volume(name, backend, values, policies.get(common["retention"]),
-                  frozenset(common["tags"]), common["quiesce"])
+                  frozenset(common["tags"]), common["quiesce"], common["manifest"] or settings.manifest)
 
 
 def _group(path: Path, name: str, table: Any, volumes: dict, quiescers: dict) -> Group:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from collections import defaultdict
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
@@ -15,13 +16,14 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable, Iterable
 
-from snapmgr import quiesce, retention, sh
+from snapmgr import manifest, quiesce, retention, sh
 from snapmgr.backends import BACKENDS
 from snapmgr.backends.base import Backend, Progress, taken_with_another
 from snapmgr.config import Config, Group, Volume
 from snapmgr.errors import Interrupted, LockBusy, SnapmgrError, UsageError, as_error, quote
-from snapmgr.journal import Journal, JournalError, Run, VolumeHistory
+from snapmgr.journal import Journal, JournalError, Run, Verify, VolumeHistory
 from snapmgr.lock import volume_lock
+from snapmgr.manifest.verify import Problem, check as check_snapshot
 from snapmgr.model import ForeignSnapshot, Snapshot, SnapshotId
 from snapmgr.quiesce.watchdog import Watchdog, perform_all
 from snapmgr.quiesce.window import Window, WindowOverrun
@@ -54,6 +56,19 @@ class VolumeStatus:
     history: VolumeHistory
     problem: str | None = None    # why they could not be listed, or which are invalid
     invalid: tuple[str, ...] = ()
+    last_verify: Verify | None = None
+    damaged: tuple[str, ...] = ()  # existing snapshots whose latest verify found them damaged
+
+
+@dataclass(frozen=True)
+class Verification:
+    """How verifying one snapshot went."""
+
+    snapshot: Snapshot
+    result: str                                  # intact, damaged, unverifiable, error
+    problems: tuple[Problem, ...] = ()
+    reason: str | None = None                    # why unverifiable, or the error
+    stats: manifest.ScanStats | None = None
 
 
 class Engine:
@@ -137,6 +152,7 @@ class Engine:
 
     def status(self, names: Iterable[str] = ()) -> list[VolumeStatus]:
         statuses = []
+        verifies = self.journal.latest_verifies()
         for volume in self.volumes(names):
             history = self.journal.history(volume.name)
             try:
@@ -148,8 +164,84 @@ class Engine:
             problem = "; ".join(f"{s.id} is invalid ({s.invalid})" for s in invalid) or None
             statuses.append(VolumeStatus(volume.name, volume.backend, len(snapshots),
                                          max(snapshots, key=lambda s: s.id, default=None), history,
-                                         problem, tuple(str(s.id) for s in invalid)))
+                                         problem, tuple(str(s.id) for s in invalid),
+                                         *_verify_state(verifies, {str(s.id) for s in snapshots})))
         return statuses
+
+    def verify(self, targets: Iterable[str], progress: Progress | None = None
+               ) -> tuple[list[Verification], list[str]]:
+        """Re-hash snapshots against their manifests: the named ones, every snapshot of
+        the named volumes, or of every volume that records manifests. Also the volumes
+        passed over, each with why.
+
+        No volume lock is taken: a verify may read for hours, and must not make a
+        scheduled snapshot wait. A snapshot deleted meanwhile is reported as an error."""
+        wanted: dict[str, set[SnapshotId]] = {}
+        for text in targets:
+            if "@" not in text:
+                wanted.setdefault(text, set())
+                continue
+            try:
+                sid = SnapshotId.parse(text)
+            except ValueError as e:
+                raise UsageError(str(e)) from None
+            wanted.setdefault(sid.volume, set()).add(sid)
+        volumes = self.volumes(wanted)
+        passed_over = []
+        if not wanted:
+            passed_over = [f"{v.name}: manifests are off (manifest = \"off\"); not verified"
+                           for v in volumes if v.manifest == "off"]
+            volumes = [v for v in volumes if v.manifest != "off"]
+        results = []
+        for volume in volumes:
+            snapshots = {s.id: s for s in self._listed(volume)}
+            if missing := sorted(wanted.get(volume.name, set()) - set(snapshots)):
+                raise SnapmgrError(f"no such snapshot: {', '.join(map(str, missing))}")
+            backend = self.backend(volume)
+            for sid in sorted(wanted.get(volume.name) or snapshots):
+                results.append(self._verify_one(backend, snapshots[sid], progress))
+        return results, passed_over
+
+    def manifest(self, text: str) -> manifest.Manifest:
+        """The manifest of the snapshot `VOLUME@ID`, or an error saying why it has none."""
+        try:
+            sid = SnapshotId.parse(text)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        [volume] = self.volumes([sid.volume])
+        snapshot = next((s for s in self._listed(volume) if s.id == sid), None)
+        if snapshot is None:
+            raise SnapmgrError(f"no such snapshot: {sid}")
+        found = self.stored_manifest(snapshot)
+        if found is None:
+            raise SnapmgrError(f"{sid} is unverifiable: {_why_no_manifest(snapshot)}")
+        return found
+
+    def stored_manifest(self, snapshot: Snapshot) -> manifest.Manifest | None:
+        """The manifest recorded when `snapshot` was taken, None when it has none;
+        manifest.ManifestDamaged when it cannot be read. For diff and mount --verify too."""
+        backend = self.backend(self.config.volumes[snapshot.volume])
+        return manifest.load(self._records(backend).directory, snapshot.id)
+
+    def _verify_one(self, backend: Backend, snapshot: Snapshot, progress: Progress | None) -> Verification:
+        started = self.clock()
+        try:
+            stored = self.stored_manifest(snapshot)
+            if stored is None:
+                done = Verification(snapshot, "unverifiable", reason=_why_no_manifest(snapshot))
+            else:
+                told = progress and (lambda line: progress(f"{snapshot.id}: {line}"))
+                with backend.browse_root(snapshot) as root:
+                    problems, stats = check_snapshot(root, stored, told)
+                done = Verification(snapshot, "damaged" if problems else "intact", tuple(problems), stats=stats)
+        except Interrupted:
+            raise
+        except (SnapmgrError, OSError) as e:
+            log.debug("verify of %s failed", snapshot.id, exc_info=True)
+            done = Verification(snapshot, "error", reason=str(as_error(e)))
+        detail = [p.describe() for p in done.problems] or ([done.reason] if done.reason else [])
+        self.journal.verified(str(snapshot.id), started, done.result, done.stats and done.stats.entries, detail)
+        return done
 
     def recover(self) -> list[str]:
         """Resume what interrupted quiesce windows left paused, and tell, once, of each
@@ -252,10 +344,11 @@ class Engine:
             results += [taken_with_another(t) or stopped for t in takes[len(results):]]
             results += [stopped] * (len(volumes) - len(results))
         meta = window.report.as_meta() | {"group": group.name if group else None}
-        for outcome, run, backend, result in zip(outcomes, runs, backends, results):
-            outcome.error = self._record(run, backend, result, meta, window.report.resume_failures)
+        for outcome, run, volume, backend, result in zip(outcomes, runs, volumes, backends, results):
+            record = dict(meta)
+            outcome.error = self._record(run, volume, backend, result, record, window.report.resume_failures)
             if isinstance(result, Snapshot):
-                outcome.created = replace(result, record=meta)
+                outcome.created = replace(result, record=record)
         if failure is not None:
             raise failure
 
@@ -313,15 +406,20 @@ class Engine:
         finally:
             window.close()
 
-    def _record(self, run: Run, backend: Backend, result: Snapshot | SnapmgrError, meta: dict,
+    def _record(self, run: Run, volume: Volume, backend: Backend, result: Snapshot | SnapmgrError, record: dict,
                 resume_failures: list[str]) -> SnapmgrError | None:
-        """Record the snapshot taken (or the error); the error the volume reports."""
+        """Record the snapshot taken (or the error), then its manifest (the record says
+        how that went); the error the volume reports."""
         if isinstance(result, SnapmgrError):
             run.finish(result)
             return result
         error = None
+        records = self._records(backend)
         try:
-            self._records(backend).write(result.id, meta)
+            # First without the manifest: what the quiescers kept must not wait for a long hash.
+            records.write(result.id, record)
+            record["manifest"] = self._manifest(volume, backend, result)
+            records.write(result.id, record)
         except OSError as e:
             error = SnapmgrError(f"{result.id} was taken, but its record could not be written: {as_error(e)}")
         if resume_failures:
@@ -329,6 +427,50 @@ class Engine:
         run.created(str(result.id))
         run.finish(error)
         return error
+
+    def _manifest(self, volume: Volume, backend: Backend, snapshot: Snapshot) -> dict:
+        """Write the snapshot's manifest, read from the snapshot itself; for its record,
+        what that took, or why the snapshot is unverified."""
+        if volume.manifest == "off":
+            return {"unverified": "manifests are off for this volume (manifest = \"off\")"}
+        directory = self._records(backend).directory
+        previous = self._previous_manifest(backend, snapshot, volume.manifest)
+        stats = manifest.ScanStats()
+        started = time.monotonic()
+        try:
+            with backend.browse_root(snapshot) as root:
+                try:
+                    manifest.save(directory, snapshot.id, volume.manifest, manifest.stream(
+                        root, volume.manifest, previous.entries() if previous else None,
+                        shares_inodes=backend.shares_inodes, stats=stats))
+                except manifest.ManifestDamaged as e:  # the previous one, found damaged past its first line
+                    log.warning("%s: %s; hashing every file", snapshot.id, e)
+                    previous, stats = None, manifest.ScanStats()
+                    manifest.save(directory, snapshot.id, volume.manifest,
+                                  manifest.stream(root, volume.manifest, stats=stats))
+        except Interrupted:
+            raise
+        except (SnapmgrError, OSError) as e:
+            log.debug("manifest of %s failed", snapshot.id, exc_info=True)
+            reason = f"its manifest could not be written: {as_error(e)}"
+            log.warning("%s is unverified: %s", snapshot.id, reason)
+            return {"unverified": reason}
+        return {"algorithm": volume.manifest, "previous": previous.snapshot if previous else None,
+                **stats.as_record(), "seconds": round(time.monotonic() - started, 3)}  # the file written too
+
+    def _previous_manifest(self, backend: Backend, snapshot: Snapshot, algorithm: str) -> manifest.Manifest | None:
+        """The manifest of the newest older snapshot that still exists (so that, where
+        snapshots share inodes, its inode numbers are still its files') and has one."""
+        directory = self._records(backend).directory
+        for older in sorted((s for s in backend.list() if s.id < snapshot.id), key=lambda s: s.id, reverse=True):
+            try:
+                found = manifest.load(directory, older.id)
+            except manifest.ManifestDamaged as e:
+                log.warning("%s: %s; not reused", older.id, e)
+                continue
+            if found is not None and found.algorithm == algorithm:
+                return found
+        return None
 
     def _prune(self, volume: Volume, dry_run: bool, outcome: Outcome) -> None:
         with self._locked(volume):
@@ -368,7 +510,23 @@ class Engine:
 
     def _delete_one(self, backend: Backend, snapshot: Snapshot) -> None:
         backend.delete(snapshot)
-        self._records(backend).delete(snapshot.id)
+        records = self._records(backend)
+        records.delete(snapshot.id)
+        manifest.delete(records.directory, snapshot.id)
+
+
+def _verify_state(verifies: list[Verify], existing: set[str]) -> tuple[Verify | None, tuple[str, ...]]:
+    """Of the snapshots that still exist: the latest verify, and those found damaged."""
+    mine = [v for v in verifies if v.snapshot in existing]
+    return (mine[-1] if mine else None), tuple(sorted(v.snapshot for v in mine if v.result == "damaged"))
+
+
+def _why_no_manifest(snapshot: Snapshot) -> str:
+    state = (snapshot.record or {}).get("manifest")
+    if state is None:
+        return ("it has no manifest: it was taken before snapmgr recorded manifests, or its run "
+                "was stopped before the manifest was written")
+    return state.get("unverified") or "its manifest file is missing (deleted by hand?)"
 
     # Browsing -----------------------------------------------------------------------------
 

@@ -67,8 +67,24 @@ MIGRATIONS = (
     );
     CREATE INDEX windows_by_status ON windows (status, reported);
     """,
+    """
+    CREATE TABLE verifies (
+        id         INTEGER PRIMARY KEY,
+        volume     TEXT NOT NULL,
+        snapshot   TEXT NOT NULL,
+        source     TEXT NOT NULL,        -- verify (the command), read (a rotten file met by mount --verify)
+        started    TEXT NOT NULL,
+        finished   TEXT NOT NULL,
+        result     TEXT NOT NULL,        -- intact, damaged, unverifiable, error
+        entries    INTEGER,              -- how many entries the snapshot has now
+        problems   INTEGER NOT NULL DEFAULT 0,
+        detail     TEXT                  -- JSON: the problems, one line each (the first ones), or why
+    );
+    CREATE INDEX verifies_by_volume ON verifies (volume, finished);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
+MAX_DETAIL = 100  # problems of one verify kept in the journal; the count is kept whole
 FULL_BELOW = 1 << 20  # free bytes under which a write error is most likely the full disk
 # SQLite's primary result codes that mean "not now" or "not here" rather than damage.
 _BUSY = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}
@@ -91,6 +107,20 @@ class VolumeHistory:
     last_success: datetime | None
     last_failure: datetime | None
     last_error: str | None
+
+
+@dataclass(frozen=True)
+class Verify:
+    """One verify of one snapshot, or one rotten file met on reading."""
+
+    volume: str
+    snapshot: str
+    source: str
+    finished: datetime
+    result: str
+    entries: int | None
+    problems: int
+    detail: list[str]
 
 
 @dataclass(frozen=True)
@@ -155,6 +185,14 @@ class Journal:
                 "SELECT event, at FROM snapshot_events WHERE snapshot = ? ORDER BY id", (snapshot,)).fetchall()
             return [(event, _parse(at)) for event, at in rows]
 
+    def latest_verifies(self) -> list[Verify]:
+        """Per snapshot, its latest verify (or file found rotten on reading), oldest first."""
+        with self._guard():
+            rows = self._connection().execute(
+                "SELECT volume, snapshot, source, finished, result, entries, problems, detail FROM verifies "
+                "WHERE id IN (SELECT max(id) FROM verifies GROUP BY snapshot) ORDER BY id").fetchall()
+        return [Verify(r[0], r[1], r[2], _parse(r[3]), r[4], r[5], r[6], json.loads(r[7] or "[]")) for r in rows]
+
     # Recording: best effort ---------------------------------------------------------
 
     @contextmanager
@@ -171,6 +209,24 @@ class Journal:
     def begin(self, volume: str, action: str, pid: int) -> Run:
         return Run(self, self._write("INSERT INTO runs (volume, action, pid, started, status) "
                                      "VALUES (?, ?, ?, ?, 'running')", (volume, action, pid, _now())))
+
+    def verified(self, snapshot: str, started: datetime, result: str, entries: int | None,
+                 detail: list[str]) -> None:
+        """How a verify of the snapshot ended; `detail`: its problems, one line each, or why
+        it could not be verified. The first MAX_DETAIL lines are kept, and the count."""
+        self._verify_row(snapshot, "verify", started, result, entries, detail)
+
+    def verify_failed(self, snapshot: str, path: str, detail: str) -> None:
+        """A file of the snapshot found not to match its manifest when read (mount --verify):
+        `path` as the user sees it, `detail` what did not match."""
+        self._verify_row(snapshot, "read", datetime.now(timezone.utc), "damaged", None, [f"{path}: {detail}"])
+
+    def _verify_row(self, snapshot: str, source: str, started: datetime, result: str, entries: int | None,
+                    detail: list[str]) -> None:
+        self._write("INSERT INTO verifies (volume, snapshot, source, started, finished, result, entries, problems, "
+                    "detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (snapshot.split("@", 1)[0], snapshot, source, started.isoformat(timespec="microseconds"), _now(),
+                     result, entries, len(detail) if result == "damaged" else 0, json.dumps(detail[:MAX_DETAIL])))
 
     def window_opened(self, volumes: list[str], group: str | None, pid: int, plan: list) -> int | None:
         """Recorded before the first prepare, so that a run finding it still open later

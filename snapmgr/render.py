@@ -4,12 +4,15 @@ The JSON shapes are an interface: add keys, never rename or remove them."""
 
 from __future__ import annotations
 
+import base64
 from datetime import datetime, timezone
 from typing import Sequence
 
 import click
 
-from snapmgr.engine import Outcome, VolumeStatus
+from snapmgr.engine import Outcome, Verification, VolumeStatus
+from snapmgr.journal import Verify
+from snapmgr.manifest import path_text
 from snapmgr.errors import one_line
 from snapmgr.model import ForeignSnapshot, Snapshot
 
@@ -43,7 +46,31 @@ def age(moment: datetime | None, now: datetime) -> str:
 def snapshot_json(s: Snapshot) -> dict:
     return {"id": str(s.id), "volume": s.volume, "created": when(s.created),
             "tags": sorted(s.tags), "path": str(s.path), "invalid": s.invalid,
-            "grade": s.grade, "consistency": s.record}
+            "grade": s.grade, "consistency": s.record, "manifest": manifest_state(s)}
+
+
+def manifest_state(s: Snapshot) -> str:
+    """blake3 / sha256 (the manifest's hash), unverified (none could be written: the
+    record says why), or none (taken before manifests, or its run was cut short)."""
+    recorded = (s.record or {}).get("manifest") or {}
+    return recorded.get("algorithm") or ("unverified" if "unverified" in recorded else "none")
+
+
+def verify_json(v: Verification) -> dict:
+    stats = v.stats
+    return {"snapshot": str(v.snapshot.id), "volume": v.snapshot.volume, "result": v.result, "reason": v.reason,
+            "entries": stats and stats.entries, "hashed": stats and stats.hashed,
+            "hashed_bytes": stats and stats.hashed_bytes, "seconds": stats and round(stats.seconds, 3),
+            "problems": [{"status": p.status, "path": "/" + path_text(p.path),
+                          "path_base64": base64.b64encode(p.path).decode(), "what": sorted(p.what),
+                          "reason": p.reason} for p in v.problems]}
+
+
+def last_verify_json(v: Verify | None) -> dict | None:
+    if v is None:
+        return None
+    return {"snapshot": v.snapshot, "source": v.source, "finished": when(v.finished), "result": v.result,
+            "entries": v.entries, "problems": v.problems, "detail": v.detail}
 
 
 def foreign_json(f: ForeignSnapshot) -> dict:
@@ -79,6 +106,9 @@ def status_json(s: VolumeStatus, now: datetime) -> dict:
         "newest_grade": s.newest.grade if s.newest else None,
         "quiesce_window_s": (s.newest.record or {}).get("quiesce_window_s") if s.newest else None,
         "freeze_window_s": (s.newest.record or {}).get("freeze_window_s") if s.newest else None,
+        "newest_manifest": manifest_state(s.newest) if s.newest else None,
+        "last_verify": last_verify_json(s.last_verify),
+        "damaged": list(s.damaged),
     }
 
 
@@ -96,11 +126,11 @@ def state(s: VolumeStatus) -> str:
 # Human forms -----------------------------------------------------------------------
 
 def snapshots_table(snapshots: Sequence[Snapshot], foreign: Sequence[ForeignSnapshot]) -> str:
-    rows = [(str(s.id), when(s.created), ",".join(sorted(s.tags)) or "-", s.grade,
+    rows = [(str(s.id), when(s.created), ",".join(sorted(s.tags)) or "-", s.grade, manifest_state(s),
              f"INVALID: {s.invalid}" if s.invalid else "ok") for s in snapshots]
-    rows += [(f.name, when(f.created), "-", "-", f"foreign to {f.volume}: not snapmgr's, never pruned")
+    rows += [(f.name, when(f.created), "-", "-", "-", f"foreign to {f.volume}: not snapmgr's, never pruned")
              for f in foreign]
-    return table(("SNAPSHOT", "CREATED", "TAGS", "GRADE", "STATE"), rows)
+    return table(("SNAPSHOT", "CREATED", "TAGS", "GRADE", "MANIFEST", "STATE"), rows)
 
 
 def decisions_table(outcome: Outcome) -> str:
@@ -120,10 +150,31 @@ def status_table(statuses: Sequence[VolumeStatus], now: datetime) -> str:
         h = s.history
         now_state = state(s)
         rows.append((s.volume, s.backend, now_state, "?" if s.snapshots is None else str(s.snapshots),
-                     age(h.last_success, now), _window(s.newest),
+                     age(h.last_success, now), _window(s.newest), _verified(s, now),
                      (s.problem or h.last_error) if now_state == "failing" else "-"))
-    return table(("VOLUME", "BACKEND", "STATE", "SNAPSHOTS", "LAST SUCCESS", "NEWEST (GRADE, WINDOWS)", "LAST ERROR"),
-                 rows)
+    return table(("VOLUME", "BACKEND", "STATE", "SNAPSHOTS", "LAST SUCCESS", "NEWEST (GRADE, WINDOWS)", "LAST VERIFY",
+                  "LAST ERROR"), rows)
+
+
+def _verified(s: VolumeStatus, now: datetime) -> str:
+    v = s.last_verify
+    if s.damaged:
+        return f"DAMAGED: {', '.join(s.damaged)}"
+    if v is None:
+        return "never"
+    return f"{v.result if v.result == 'intact' else v.result.upper()} {age(v.finished, now)} ({v.snapshot})"
+
+
+def verification_lines(v: Verification) -> list[str]:
+    """One line for the snapshot, then one per problem."""
+    if v.result == "intact":
+        st = v.stats
+        return [f"{v.snapshot.id}: intact ({st.entries:,} entries, {st.hashed:,} files, "
+                f"{st.hashed_bytes / 2**20:,.1f} MiB hashed in {st.seconds:.1f}s)"]
+    if v.result == "damaged":
+        return [f"{v.snapshot.id}: DAMAGED, {len(v.problems)} problem{'s' if len(v.problems) != 1 else ''}:"] + \
+            [f"  {p.describe()}" for p in v.problems]
+    return [f"{v.snapshot.id}: {v.result.upper()}: {v.reason}"]
 
 
 def _window(newest: Snapshot | None) -> str:

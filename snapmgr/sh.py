@@ -70,10 +70,11 @@ class CommandNotFound(SnapmgrError):
         super().__init__(f"program {quote(program)} is not installed (not found on PATH)")
 
 
-def _die_with_parent() -> None:
-    # A child must not outlive snapmgr: an orphaned rsync would keep writing into a
-    # snapshot the next run is about to reuse or delete.
-    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """In a child: be sent `sig` when snapmgr dies. A child must not outlive snapmgr: an
+    orphaned rsync would keep writing into a snapshot the next run is about to reuse or
+    delete, and any child holds the volume lock the next run waits for."""
+    _libc.prctl(_PR_SET_PDEATHSIG, sig)
 
 
 @contextmanager
@@ -112,7 +113,7 @@ def run(
     try:
         proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=pipe, stderr=pipe,
-            start_new_session=True, preexec_fn=_die_with_parent, pass_fds=_held.get() if holds_locks else (),
+            start_new_session=True, preexec_fn=die_with_parent, pass_fds=_held.get() if holds_locks else (),
             env=None if env is None else {**os.environ, **env},
         )
     except FileNotFoundError:

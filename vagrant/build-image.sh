@@ -3,10 +3,11 @@
 # provision.sh (the same script Vagrant uses), then packed as a raw ext4 disk, plus the
 # kernel and initrd qemu boots directly. Only the qemu-specific parts are added here: the
 # root fstab, a quiet serial line, and the unit that runs the tests the runner hands in.
-#   usage: build-image.sh OUTDIR
+#   usage: build-image.sh OUTDIR PYTHON   (PYTHON: one with pip, to fetch wheels Debian lacks)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out=$1
+python=$2
 root=$out/rootfs
 mirror=${SNAPMGR_LAB_MIRROR:-http://deb.debian.org/debian}
 
@@ -31,10 +32,15 @@ mount --bind /dev/pts "$root/dev/pts"
 printf '#!/bin/sh\nexit 101\n' >"$root/usr/sbin/policy-rc.d"
 chmod +x "$root/usr/sbin/policy-rc.d"
 
+# The chroot's pip would reach PyPI without this machine's certificates and mirrors: the
+# host's pip fetches the wheels and provision.sh's pip installs them from that folder.
+step "fetching the wheels Debian has no package for"
+"$python" -m pip download -q --only-binary=:all: -d "$root/tmp/wheels" "blake3>=0.3"
+
 step "provision.sh: kernel, LVM, ZFS (DKMS build of zfs.ko), test tools (about 5 minutes)"
 install -m 0755 "$here/provision.sh" "$root/tmp/provision.sh"
-chroot "$root" /tmp/provision.sh
-rm "$root/tmp/provision.sh" "$root/usr/sbin/policy-rc.d"
+chroot "$root" env PIP_NO_INDEX=1 PIP_FIND_LINKS=/tmp/wheels /tmp/provision.sh
+rm -r "$root/tmp/provision.sh" "$root/tmp/wheels" "$root/usr/sbin/policy-rc.d"
 
 echo snapmgr-lab >"$root/etc/hostname"
 echo "LABEL=snapmgr-lab / ext4 rw,errors=remount-ro 0 1" >"$root/etc/fstab"

@@ -87,7 +87,8 @@ class Image:
         started = time.monotonic()
         partial = self.dir.with_suffix(".partial")
         remove_tree(partial)
-        sh.run(["bash", HERE / "build-image.sh", partial], capture=False, timeout=timeout)
+        # snapmgr's own Python has pip, configured for this machine's package index.
+        sh.run(["bash", HERE / "build-image.sh", partial, sys.executable], capture=False, timeout=timeout)
         # Only a complete image is ever published under its name; older images go.
         for old in self.cache.iterdir():
             if old.is_dir() and old != partial:

@@ -38,6 +38,7 @@ _TOO_LONG_RE = re.compile(r"^filename overflows max-path len by \d+: (.+)/[^/\n]
 class RsyncBackend(DirectoryBackend):
     name = "rsync"
     atomic = False   # a copy made file by file, while the source may change
+    shares_inodes = True   # --link-dest: an unchanged file is a hardlink to the previous one
     options = {
         "source": schema.Field(schema.existing_dir, required=True),
         "repository": schema.Field(schema.path(), required=True),

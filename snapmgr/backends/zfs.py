@@ -134,8 +134,11 @@ class ZfsBackend(Backend):
         mountpoint = sh.run(["zfs", "get", "-H", "-o", "value", "mountpoint", first], timeout=60).stdout.strip()
         if not mountpoint.startswith("/"):
             raise SnapmgrError(f"{first} has mountpoint={mountpoint}: its snapshots have no .zfs directory to browse")
-        # ZFS mounts the snapshot on first access and unmounts it when idle by itself.
-        yield Path(mountpoint, ".zfs", "snapshot", PREFIX + snapshot.id.label)
+        # ZFS mounts the snapshot on first access and unmounts it when idle by itself. An
+        # lstat() is no access (it shows the unmounted stub's inode): opening it is.
+        root = Path(mountpoint, ".zfs", "snapshot", PREFIX + snapshot.id.label)
+        os.close(os.open(root, os.O_RDONLY | os.O_DIRECTORY))
+        yield root
 
     # Helpers ------------------------------------------------------------------------
 

@@ -74,14 +74,15 @@ def test_json_shapes_are_stable(ws):
     [result] = snap["results"]
     assert set(result) == {"volume", "ok", "error", "created", "planned", "policy", "decisions", "deleted"}
     assert result["ok"] and set(result["created"]) == {"id", "volume", "created", "tags", "path", "invalid",
-                                                       "grade", "consistency"}
+                                                       "grade", "consistency", "manifest"}
     assert result["created"]["grade"] == "crash" and result["created"]["consistency"]["quiesce_window_s"] is None
     listing = ws.ok("--json", "list").json()
     assert listing == {"snapshots": [result["created"]], "foreign": []}
     status = ws.ok("--json", "status").json()["volumes"][0]
     assert set(status) == {"volume", "backend", "state", "snapshots", "newest", "last_success",
                            "last_success_age_seconds", "last_failure", "last_error", "invalid",
-                           "newest_grade", "quiesce_window_s", "freeze_window_s"}
+                           "newest_grade", "quiesce_window_s", "freeze_window_s", "newest_manifest", "last_verify",
+                           "damaged"}
     assert status["state"] == "ok" and status["snapshots"] == 1 and status["newest"] == result["created"]["id"]
     assert 0 <= status["last_success_age_seconds"] < 60
     check = ws.ok("--json", "config", "check").json()

@@ -1,0 +1,182 @@
+"""Content hashes of regular files: one file, or many in parallel.
+
+Many small files cost mostly system calls and per-file overhead, so they are hashed in
+batches by a pool of processes, one per CPU (threads would queue on the GIL between the
+short reads). A large file is hashed by BLAKE3's own threads over a memory map, as b3sum
+does; sha256 has no parallel form, so large files go to the pool like the rest."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import mmap
+import multiprocessing
+import os
+import signal
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+from snapmgr import sh
+from snapmgr.errors import SnapmgrError
+
+ALGORITHMS = ("blake3", "sha256")
+READ_SIZE = 1 << 20
+# From this size on a file is worth BLAKE3's threads and a memory map.
+LARGE = 16 << 20
+# One batch sent to a worker: big enough that the round trip costs little beside it.
+BATCH_FILES = 256
+BATCH_BYTES = 32 << 20
+_buffer = bytearray(READ_SIZE)
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """A file that could not be read, and why."""
+    reason: str
+
+
+def _blake3():
+    try:
+        import blake3
+    except ImportError:
+        raise SnapmgrError("BLAKE3 hashing needs the Python package blake3 (pip install blake3), "
+                           "or choose the sha256 algorithm") from None
+    return blake3.blake3
+
+
+def hasher_factory(algorithm: str) -> Callable[..., object]:
+    if algorithm == "blake3":
+        return _blake3()
+    if algorithm == "sha256":
+        return hashlib.sha256
+    raise SnapmgrError(f"unknown hash algorithm {algorithm!r} (known: {', '.join(ALGORITHMS)})")
+
+
+def _open(path: bytes | str | os.PathLike) -> int:
+    # O_NOATIME: hashing a writable repository (rsync) must not rewrite its inodes' atimes.
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        return os.open(path, flags | os.O_NOATIME)
+    except PermissionError:  # not the owner and no CAP_FOWNER
+        return os.open(path, flags)
+
+
+def _digest(new, algorithm: str, fd: int) -> str:
+    size = os.fstat(fd).st_size
+    if algorithm == "blake3" and size >= LARGE:
+        h = new(max_threads=new.AUTO)
+        with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as mapped:
+            h.update(mapped)
+        return h.hexdigest()
+    h = new()
+    view = memoryview(_buffer)
+    while n := os.readv(fd, (_buffer,)):
+        h.update(view[:n])
+    return h.hexdigest()
+
+
+def hash_file(path: bytes | str | os.PathLike, algorithm: str) -> str:
+    """The hex digest of one file's content (a symlink is refused, not followed)."""
+    return _hash_path(hasher_factory(algorithm), algorithm, path)
+
+
+def _hash_path(new, algorithm: str, path: bytes | str | os.PathLike) -> str:
+    fd = _open(path)
+    try:
+        return _digest(new, algorithm, fd)
+    finally:
+        os.close(fd)
+
+
+def _hash_or_why(new, algorithm: str, path: bytes) -> str | Unreadable:
+    try:
+        return _hash_path(new, algorithm, path)
+    except OSError as e:
+        return Unreadable("is a symlink now" if e.errno == errno.ELOOP else e.strerror or str(e))
+
+
+def _worker_start(parent: int) -> None:
+    # A worker holds what snapmgr held when it forked, the volume lock among them: killed
+    # with snapmgr, or the next run would wait for it forever. Signals are snapmgr's to
+    # handle: it ends the pool.
+    sh.die_with_parent(signal.SIGKILL)
+    if os.getppid() != parent:  # snapmgr died before the line above
+        os._exit(1)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _hash_batch(job: tuple[str, list[bytes]]) -> list[str | Unreadable]:
+    algorithm, paths = job
+    new = hasher_factory(algorithm)
+    return [_hash_or_why(new, algorithm, p) for p in paths]
+
+
+class Hashing:
+    """Files handed in one by one are hashed meanwhile by a pool of processes, in batches;
+    results() gives each file's key with its digest (or why there is none) as they are
+    done, in the order the files were added. With algorithm None nothing may be added:
+    a walk that hashes nothing."""
+
+    def __init__(self, algorithm: str | None, workers: int | None = None):
+        # An unknown algorithm or a missing module fails here, before any work.
+        self.new = hasher_factory(algorithm) if algorithm else None
+        self.algorithm = algorithm
+        self.workers = workers or os.cpu_count() or 1
+        self._batch: list[tuple[object, bytes]] = []
+        self._batch_bytes = 0
+        self._sent: deque[tuple[list, object]] = deque()   # (keys, async result or digests)
+        self._pool = None
+
+    def __enter__(self) -> Hashing:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+
+    def add(self, key: object, path: bytes, size: int) -> None:
+        if self.algorithm == "blake3" and size >= LARGE:
+            # At once, on BLAKE3's threads, while the pool goes on with what it has.
+            self._sent.append(([key], [_hash_or_why(self.new, self.algorithm, path)]))
+            return
+        self._batch.append((key, path))
+        self._batch_bytes += size
+        if len(self._batch) >= BATCH_FILES or self._batch_bytes >= BATCH_BYTES:
+            self._send(inline=self.workers == 1)
+
+    def _send(self, inline: bool) -> None:
+        keys, paths = [k for k, _ in self._batch], [p for _, p in self._batch]
+        self._batch, self._batch_bytes = [], 0
+        if inline:
+            self._sent.append((keys, _hash_batch((self.algorithm, paths))))
+            return
+        if self._pool is None:
+            # fork: the workers need nothing but this module, and start in a millisecond.
+            self._pool = multiprocessing.get_context("fork").Pool(self.workers, _worker_start, (os.getpid(),))
+        self._sent.append((keys, self._pool.apply_async(_hash_batch, ((self.algorithm, paths),))))
+
+    def results(self, wait: bool = True) -> Iterator[tuple[object, str | Unreadable]]:
+        """What is hashed: so far (wait False), or all that was added (wait True)."""
+        if wait and self._batch:
+            # The last batch; when it is the only one, no pool is worth starting for it.
+            self._send(inline=self.workers == 1 or self._pool is None)
+        while self._sent and (wait or isinstance(self._sent[0][1], list) or self._sent[0][1].ready()):
+            keys, done = self._sent.popleft()
+            yield from zip(keys, done if isinstance(done, list) else done.get())
+
+
+def hash_many(files: Sequence[tuple[bytes, int]], algorithm: str, workers: int | None = None
+              ) -> list[str | Unreadable]:
+    """The digest (or why there is none) of each (absolute path, size), in order."""
+    results: list[str | Unreadable | None] = [None] * len(files)
+    with Hashing(algorithm, workers) as hashing:
+        for i, (path, size) in enumerate(files):
+            hashing.add(i, path, size)
+        for i, digest in hashing.results():
+            results[i] = digest
+    return results
+
+

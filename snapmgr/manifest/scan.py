@@ -1,0 +1,236 @@
+"""Walk a directory tree into manifest entries, in walk order, hashing regular files in
+parallel while the walk goes on, and taking what has not changed from the previous
+manifest.
+
+What may be taken from the previous manifest? An inode's content, xattrs and ACLs can
+only change together with its ctime, so an entry at the same path with the same inode
+number and ctime keeps its xattrs digest, and, a file whose size and mtime match too, its
+content hash: btrfs, ZFS and LVM snapshots keep inode numbers and ctimes. rsync snapshots
+do not keep ctimes: `--link-dest` hard-links an unchanged file into the new snapshot, and
+link(2) sets the inode's ctime. But there both snapshots live on one filesystem and the
+previous one still holds its inodes, so the same inode number *is* the same inode, and
+therefore has the same content and xattrs: the inode number is enough (with size and
+mtime, in case the previous snapshot was damaged in place since). The backend says which
+case it is (`shares_inodes`)."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import stat
+import time
+from collections import deque
+from dataclasses import dataclass, field, fields
+from typing import Callable, Iterable, Iterator
+
+from snapmgr.errors import SnapmgrError
+from snapmgr.manifest.entry import Entry, display, walk_key
+from snapmgr.manifest.hashing import Hashing, Unreadable
+
+PATH, KIND, SIZE, DIGEST = ([f.name for f in fields(Entry)].index(n) for n in ("path", "kind", "size", "digest"))
+PROGRESS_EVERY = 4096
+PENDING = object()   # a digest being computed
+GIVE_OUT_EVERY = 512  # entries walked between two looks at what the pool has hashed
+_KIND = {stat.S_IFREG: "f", stat.S_IFDIR: "d", stat.S_IFLNK: "l", stat.S_IFCHR: "c", stat.S_IFBLK: "b",
+         stat.S_IFIFO: "p", stat.S_IFSOCK: "s"}
+
+
+class ScanError(SnapmgrError):
+    pass
+
+
+@dataclass
+class ScanStats:
+    """What a scan did, for the snapshot's record and for verify's report."""
+    entries: int = 0
+    bytes: int = 0                 # the regular files' total size
+    hashed: int = 0
+    hashed_bytes: int = 0
+    reused: int = 0
+    seconds: float = 0.0
+    unreadable: list[tuple[bytes, str]] = field(default_factory=list)
+
+    def as_record(self) -> dict:
+        return {"entries": self.entries, "bytes": self.bytes, "hashed": self.hashed,
+                "hashed_bytes": self.hashed_bytes, "reused": self.reused, "seconds": round(self.seconds, 3)}
+
+
+def scan(root: str | os.PathLike, algorithm: str | None, previous: Iterable[Entry] | None = None, *,
+         shares_inodes: bool = False, stats: ScanStats | None = None, strict: bool = True,
+         progress: Callable[[str], None] | None = None) -> Iterator[Entry]:
+    """The entries under `root`, in walk order. algorithm None: no content hashes (a cheap
+    walk). `previous`: an older state of the tree, in walk order, hashed with the same
+    algorithm, whose hashes are taken for files not written since (see the module's
+    docstring). strict: an entry that cannot be read stops the scan with a ScanError;
+    otherwise it is listed in `stats.unreadable` (and a file's digest is None). progress:
+    told now and then how far it got. The work is done by the time this returns."""
+    return iter(list(stream(root, algorithm, previous, shares_inodes=shares_inodes, stats=stats, strict=strict,
+                            progress=progress)))
+
+
+def stream(root: str | os.PathLike, algorithm: str | None, previous: Iterable[Entry] | None = None, *,
+           shares_inodes: bool = False, stats: ScanStats | None = None, strict: bool = True,
+           progress: Callable[[str], None] | None = None) -> Iterator[Entry]:
+    """As scan(), lazily: each entry comes out as soon as it and those before it have their
+    hashes, so that whoever takes them (the manifest being written) works while the pool
+    hashes. The tree is read while the entries are taken, and `stats` is complete once
+    they all are."""
+    stats = stats if stats is not None else ScanStats()
+    started = time.monotonic()
+    base = os.fsencode(root)
+    before = _Cursor(previous or ())
+    rows: deque[list] = deque()   # Entry's fields, in walk order, of the entries not given out yet
+    waiting: dict[int, list] = {}  # the rows whose digest is PENDING, by the key hashing knows them by
+    walked = 0
+    with Hashing(algorithm) as hashing:
+        for absolute, rel, st in _walk(base, stats, strict):
+            old = before.at(rel)
+            same_inode = old is not None and old.ino == st.st_ino and (shares_inodes or old.ctime_ns == st.st_ctime_ns)
+            row = _row(absolute, rel, st, old.xattrs if same_inode else _xattrs(absolute, rel, stats, strict))
+            if row[KIND] == "f":
+                stats.bytes += st.st_size
+            if row[KIND] == "f" and algorithm:
+                if same_inode and old.digest and (old.kind, old.size, old.mtime_ns) == ("f", st.st_size, st.st_mtime_ns):
+                    row[DIGEST] = old.digest
+                    stats.reused += 1
+                else:
+                    row[DIGEST] = PENDING
+                    waiting[walked] = row
+                    hashing.add(walked, absolute, st.st_size)
+            rows.append(row)
+            walked += 1
+            if walked % GIVE_OUT_EVERY == 0:
+                if progress and walked % PROGRESS_EVERY == 0:
+                    progress(f"{walked:,} entries found")
+                for key, digest in hashing.results(wait=False):
+                    _put(waiting.pop(key), digest, stats, strict, progress)
+                yield from _ready(rows)
+        for key, digest in hashing.results(wait=True):
+            _put(waiting.pop(key), digest, stats, strict, progress)
+            if rows[0][DIGEST] is not PENDING:
+                yield from _ready(rows)
+        yield from _ready(rows)
+    stats.entries = walked
+    stats.seconds = time.monotonic() - started
+
+
+def _put(row: list, digest: str | Unreadable, stats: ScanStats, strict: bool,
+         progress: Callable[[str], None] | None) -> None:
+    if isinstance(digest, Unreadable):
+        row[DIGEST] = None
+        _unreadable(stats, strict, row[PATH], digest.reason)
+        return
+    row[DIGEST] = digest
+    stats.hashed += 1
+    stats.hashed_bytes += row[SIZE]
+    if progress and stats.hashed % PROGRESS_EVERY == 0:
+        progress(f"{stats.hashed:,} files hashed")
+
+
+def _ready(rows: deque[list]) -> Iterator[Entry]:
+    """The entries at the head of `rows` that have their digest."""
+    while rows and rows[0][DIGEST] is not PENDING:
+        yield Entry(*rows.popleft())
+
+
+class _Cursor:
+    """The previous entries, looked up at ever later paths in one pass."""
+
+    def __init__(self, entries: Iterable[Entry]):
+        self._entries = iter(entries)
+        self._current = next(self._entries, None)
+
+    def at(self, path: bytes) -> Entry | None:
+        current = self._current
+        if current is not None and current.path != path:   # else: the usual case, a hit
+            key = walk_key(path)
+            while current is not None and walk_key(current.path) < key:
+                current = next(self._entries, None)
+            if current is None or current.path != path:
+                self._current = current
+                return None
+        if current is not None:
+            self._current = next(self._entries, None)
+        return current
+
+
+def _walk(base: bytes, stats: ScanStats, strict: bool) -> Iterator[tuple[bytes, bytes, os.stat_result]]:
+    """(absolute path, relative path, lstat) of each entry: depth first, siblings sorted
+    by name, which is exactly walk order. Iterative, so no depth reaches Python's
+    recursion limit."""
+    st = os.lstat(base)
+    yield base, b"", st
+    stack = [iter(_children(base, b"", stats, strict))]
+    while stack:
+        child = next(stack[-1], None)
+        if child is None:
+            stack.pop()
+            continue
+        yield child
+        absolute, rel, st = child
+        if stat.S_ISDIR(st.st_mode):
+            stack.append(iter(_children(absolute, rel, stats, strict)))
+
+
+def _children(directory: bytes, rel: bytes, stats: ScanStats, strict: bool
+              ) -> list[tuple[bytes, bytes, os.stat_result]]:
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError as e:
+        _unreadable(stats, strict, rel, e.strerror or str(e))
+        return []
+    children = []
+    prefix = rel + b"/" if rel else b""
+    for name in names:
+        absolute = directory + b"/" + name
+        try:
+            children.append((absolute, prefix + name, os.lstat(absolute)))
+        except FileNotFoundError:
+            continue  # gone since the listing: only a live tree changes under a walk
+        except OSError as e:
+            _unreadable(stats, strict, prefix + name, e.strerror or str(e))
+    return children
+
+
+def _unreadable(stats: ScanStats, strict: bool, path: bytes, reason: str) -> None:
+    if strict:
+        raise ScanError(f"{display(path)} cannot be read: {reason}")
+    stats.unreadable.append((path, reason))
+
+
+def _row(absolute: bytes, rel: bytes, st: os.stat_result, xattrs: str | None) -> list:
+    """An Entry's fields, without the digest yet."""
+    kind = _KIND.get(stat.S_IFMT(st.st_mode), "?")
+    return [rel, kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns,
+            st.st_ino, st.st_ctime_ns, st.st_nlink, st.st_rdev, os.readlink(absolute) if kind == "l" else None,
+            xattrs, None]
+
+
+def _xattrs(absolute: bytes, rel: bytes, stats: ScanStats, strict: bool) -> str | None:
+    try:
+        return xattrs_digest(absolute)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        _unreadable(stats, strict, rel, f"extended attributes: {e.strerror or e}")
+        return None
+
+
+def xattrs_digest(path: bytes) -> str | None:
+    """One digest of every extended attribute's name and value (POSIX ACLs are xattrs),
+    or None when the entry has none."""
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError as e:
+        if e.errno == errno.ENOTSUP:  # a filesystem without xattrs
+            return None
+        raise
+    if not names:
+        return None
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(names):
+        value = os.getxattr(path, name, follow_symlinks=False)
+        encoded = name.encode("utf-8", "surrogateescape")
+        h.update(b"%d:%s%d:%s" % (len(encoded), encoded, len(value), value))
+    return h.hexdigest()

@@ -1,0 +1,169 @@
+"""verify on real rsync and btrfs volumes: corruption injected into a stored file (same
+size, same mtime: only the content says so), entries deleted and added behind snapmgr's
+back, snapshots without manifests, the journal and status."""
+
+from __future__ import annotations
+
+import os
+import pty
+import sqlite3
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from snapmgr import manifest
+from tests.integration.helpers import make_tree, needs_root
+from tests.integration.test_btrfs import btrfs  # noqa: F401 (a fixture)
+
+
+def created(ws) -> str:
+    return ws.ok("--json", "snapshot").json()["results"][0]["created"]["id"]
+
+
+def flip_a_byte(path: Path) -> None:
+    """Bit rot as a disk would cause it: the content changes, size and times do not."""
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    with open(path, "r+b") as f:
+        f.write(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_intact_snapshots_verify_with_exit_0_and_are_journaled(ws):
+    make_tree(ws.source, files=20)
+    first, second = created(ws), created(ws)
+    r = ws.ok("verify")
+    lines = r.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == [first, second]
+    assert all(": intact (26 entries, 20 files, 0.0 MiB hashed in" in line for line in lines)
+    status = ws.ok("--json", "status").json()["volumes"][0]
+    assert status["last_verify"]["snapshot"] == second and status["last_verify"]["result"] == "intact"
+    assert status["damaged"] == [] and status["newest_manifest"] == "blake3"
+    assert "intact 0s ago" in ws.ok("status").stdout or "intact 1s ago" in ws.ok("status").stdout
+
+
+def test_corruption_in_an_rsync_repository_is_caught_in_every_snapshot_sharing_the_file(ws):
+    make_tree(ws.source, files=20)
+    first = created(ws)
+    (ws.source / "d4" / "f0004").write_bytes(b"changed, so not shared")
+    second = created(ws)
+    flip_a_byte(ws.repo / first / "d1" / "f0001")   # a hard link in both snapshots
+    r = ws.run("verify")
+    assert r.returncode == 1
+    assert r.stdout.splitlines() == [
+        f"{first}: DAMAGED, 1 problem:", "  changed    '/d1/f0001' (content)",
+        f"{second}: DAMAGED, 1 problem:", "  changed    '/d1/f0001' (content)"]
+    only = ws.run("verify", first)
+    assert only.returncode == 1 and only.stdout.splitlines()[0] == f"{first}: DAMAGED, 1 problem:"
+    status = ws.ok("--json", "status").json()["volumes"][0]
+    assert status["damaged"] == [first, second]
+    assert f"DAMAGED: {first}, {second}" in ws.ok("status").stdout
+
+
+def test_missing_unexpected_and_changed_entries_are_each_reported_on_one_line(ws):
+    make_tree(ws.source, files=10)
+    os.symlink("d0/f0000", ws.source / "link")
+    sid = created(ws)
+    snap = ws.repo / sid
+    (snap / "d2" / "f0002").unlink()
+    (snap / "odd\nname").write_bytes(b"planted")
+    (snap / "link").unlink()
+    os.symlink("elsewhere", snap / "link")
+    os.chmod(snap / "d3" / "f0003", 0o777)
+    stamp = (snap / "d2").stat()   # put the directories' times back: only the entries are in question
+    os.utime(snap / "d2", ns=(stamp.st_atime_ns, manifest.load(ws.repo, sid).lookup(b"d2").mtime_ns))
+    os.utime(snap, ns=(stamp.st_atime_ns, manifest.load(ws.repo, sid).lookup(b"").mtime_ns))
+    r = ws.run("verify", "data")
+    assert r.returncode == 1
+    assert r.stdout.splitlines() == [
+        f"{sid}: DAMAGED, 4 problems:",
+        "  missing    '/d2/f0002'",
+        "  changed    '/d3/f0003' (mode)",
+        "  changed    '/link' (mtime, size, target)",
+        "  unexpected '/odd\\nname'"]
+    problems = ws.run("--json", "verify", sid).json()["results"][0]["problems"]
+    assert [(p["status"], p["path"], p["what"]) for p in problems] == [
+        ("missing", "/d2/f0002", []), ("changed", "/d3/f0003", ["mode"]),
+        ("changed", "/link", ["mtime", "size", "target"]), ("unexpected", "/odd\nname", [])]
+    assert problems[3]["path_base64"] == "b2RkCm5hbWU="
+
+
+@needs_root
+def test_corruption_in_a_read_only_btrfs_snapshot_is_caught(ws, btrfs):
+    ws.write_config({"data": {"backend": "btrfs", "subvolume": btrfs / "data", "snapshot_dir": btrfs / ".snapshots"}})
+    make_tree(btrfs / "data", files=20, size=5000)
+    sid = created(ws)
+    snap = btrfs / ".snapshots" / sid
+    subprocess.run(["btrfs", "property", "set", "-ts", snap, "ro", "false"], check=True)
+    flip_a_byte(snap / "d3" / "f0003")
+    subprocess.run(["btrfs", "property", "set", "-ts", snap, "ro", "true"], check=True)
+    r = ws.run("verify")
+    assert r.returncode == 1
+    assert r.stdout.splitlines() == [f"{sid}: DAMAGED, 1 problem:", "  changed    '/d3/f0003' (content)"]
+
+
+def test_snapshots_without_a_manifest_are_unverifiable_never_intact(ws):
+    make_tree(ws.source, files=5)
+    old, new = created(ws), created(ws)
+    manifest.delete(ws.repo, old)
+    record = ws.repo / f"{new}.record.json"
+    record.write_text(record.read_text().replace('"manifest"', '"not-the-manifest"'))
+    manifest.delete(ws.repo, new)
+    r = ws.run("--json", "verify")
+    assert r.returncode == 1
+    results = r.json()["results"]
+    assert [(v["snapshot"], v["result"]) for v in results] == [(old, "unverifiable"), (new, "unverifiable")]
+    assert results[0]["reason"] == "its manifest file is missing (deleted by hand?)"
+    assert results[1]["reason"].startswith("it has no manifest: it was taken before snapmgr recorded manifests")
+    assert r.json()["intact"] is False
+
+
+def test_a_damaged_manifest_is_an_error_for_its_snapshot_alone(ws):
+    make_tree(ws.source, files=5)
+    bad, good = created(ws), created(ws)
+    path = manifest.manifest_path(ws.repo, bad)
+    path.write_bytes(path.read_bytes()[:-30])
+    r = ws.run("verify")
+    assert r.returncode == 1
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith(f"{bad}: ERROR: manifest '{path}' ")
+    assert lines[1].startswith(f"{good}: intact")
+
+
+def test_verify_arguments_are_checked_before_anything_is_read(ws):
+    make_tree(ws.source, files=2)
+    created(ws)
+    for args, code, message in [
+        (["nosuch"], 2, "snapmgr: error: unknown volume 'nosuch'"),
+        (["data@20200101T000000Z"], 1, "snapmgr: error: no such snapshot: data@20200101T000000Z"),
+        (["data@x\ny"], 2, "snapmgr: error: 'data@x\\ny' is not a snapshot id"),
+        (["--", "-x"], 2, "snapmgr: error: unknown volume '-x'"),
+    ]:
+        r = ws.run("verify", *args)
+        assert r.returncode == code and r.stderr.startswith(message) and r.stderr.count("\n") == 1, (args, r.stderr)
+        assert r.stdout == ""
+
+
+def test_verify_results_go_to_the_journal(ws):
+    make_tree(ws.source, files=3)
+    sid = created(ws)
+    flip_a_byte(ws.repo / sid / "d0" / "f0000")
+    ws.run("verify")
+    with sqlite3.connect(ws.root / "state" / "journal.db") as db:
+        rows = db.execute("SELECT volume, snapshot, source, result, entries, problems, detail FROM verifies").fetchall()
+    assert rows == [("data", sid, "verify", "damaged", 7, 1, '["changed    \'/d0/f0000\' (content)"]')]
+
+
+def test_progress_is_shown_on_a_terminal_only(ws):
+    make_tree(ws.source, files=5000, size=10)
+    sid = created(ws)
+    leader, follower = pty.openpty()
+    p = subprocess.run(ws.command("verify"), stdout=subprocess.PIPE, stderr=follower, env=ws.env, timeout=120)
+    os.close(follower)
+    seen = os.read(leader, 65536).decode()
+    os.close(leader)
+    assert p.returncode == 0
+    assert f"{sid}: 4,096 entries found" in seen and f"{sid}: 4,096 files hashed" in seen and "\r" in seen
+    assert ws.ok("verify").stderr == ""
