@@ -143,8 +143,10 @@ def status(c: Context, volumes):
 @click.option("--daemon", is_flag=True, help="Detach once the mount is ready (its log then goes nowhere).")
 @click.option("--idle", default="5min", show_default=True, metavar="DURATION",
               help="Release a lazily mounted snapshot (LVM, ZFS) unused this long.")
+@click.option("--verify", is_flag=True,
+              help="Check each file against its snapshot's manifest when first opened; a mismatch fails reads with EIO.")
 @pass_ctx
-def mount(c: Context, mountpoint, volumes, allow_other, daemon, idle):
+def mount(c: Context, mountpoint, volumes, allow_other, daemon, idle, verify):
     """Serve the snapshots of VOLUMES (all when none are named) read-only at MOUNTPOINT,
     as MOUNTPOINT/VOLUME/LABEL, VOLUME/latest and VOLUME/.by-tag/TAG/LABEL, until Ctrl-C,
     SIGTERM or 'snapmgr umount MOUNTPOINT'."""
@@ -153,10 +155,12 @@ def mount(c: Context, mountpoint, volumes, allow_other, daemon, idle):
         idle_s = parse_duration(idle).total_seconds()
     except ValueError as e:
         raise UsageError(f"--idle: {e}") from None
-    backends = c.engine().browsable(volumes)
+    engine = c.engine()
+    backends = engine.browsable(volumes)
+    verifier = lifecycle.Verifier(engine.stored_manifest, engine.journal.verify_failed) if verify else None
     path = lifecycle.prepare(mountpoint)
     ready = lifecycle.detach() if daemon else None
-    lifecycle.serve(path, backends, lifecycle.MountOptions(allow_other, idle_s), ready)
+    lifecycle.serve(path, backends, lifecycle.MountOptions(allow_other, idle_s), ready, verifier)
 
 
 @cli.command()

@@ -514,6 +514,13 @@ class Engine:
         records.delete(snapshot.id)
         manifest.delete(records.directory, snapshot.id)
 
+    # Browsing -----------------------------------------------------------------------------
+
+    def browsable(self, names: Iterable[str] = ()) -> dict[str, Backend]:
+        """The backend of each named volume (all when none are named), for the FUSE mount:
+        it lists their snapshots and enters them through browse_root(), read-only."""
+        return {v.name: self.backend(v) for v in self.volumes(names)}
+
 
 def _verify_state(verifies: list[Verify], existing: set[str]) -> tuple[Verify | None, tuple[str, ...]]:
     """Of the snapshots that still exist: the latest verify, and those found damaged."""
@@ -527,13 +534,6 @@ def _why_no_manifest(snapshot: Snapshot) -> str:
         return ("it has no manifest: it was taken before snapmgr recorded manifests, or its run "
                 "was stopped before the manifest was written")
     return state.get("unverified") or "its manifest file is missing (deleted by hand?)"
-
-    # Browsing -----------------------------------------------------------------------------
-
-    def browsable(self, names: Iterable[str] = ()) -> dict[str, Backend]:
-        """The backend of each named volume (all when none are named), for the FUSE mount:
-        it lists their snapshots and enters them through browse_root(), read-only."""
-        return {v.name: self.backend(v) for v in self.volumes(names)}
 
 
 def _attempt(take: Callable[[], Snapshot]) -> Snapshot | SnapmgrError:

@@ -24,6 +24,7 @@ from snapmgr.fuse.inodes import SLOT_SHIFT, Inodes
 from snapmgr.fuse.passthrough import Entry, Passthrough, attributes, made_up
 from snapmgr.fuse.roots import Roots
 from snapmgr.fuse.tree import TOP_TIMEOUT, Tree
+from snapmgr.fuse.verifying import Verifier
 
 log = logging.getLogger(__name__)
 
@@ -49,16 +50,18 @@ def _os_errors(operation):
 class Filesystem(pyfuse3.Operations):
     enable_acl = True   # the kernel reads POSIX ACLs through getxattr and enforces them
 
-    def __init__(self, tree: Tree, roots: Roots, passthrough: Passthrough):
+    def __init__(self, tree: Tree, roots: Roots, passthrough: Passthrough, verifier: Verifier | None = None):
         super().__init__()
         self.tree = tree
         self.roots = roots
         self.files = passthrough
+        self.verifier = verifier
         self.inodes: Inodes = tree.inodes
         self._started_ns = time.time_ns()
         self._handles = itertools.count(1)
         self._dirs: dict[int, list[Entry]] = {}
         self._open: dict[int, int] = {}  # descriptor -> slot
+        self._rotten: set[int] = set()   # descriptors of files that failed verification
 
     def _is_virtual(self, ino: int) -> bool:
         return self.inodes.key_of(ino) is not None
@@ -154,12 +157,24 @@ class Filesystem(pyfuse3.Operations):
     async def open(self, inode, flags, ctx):
         if self._is_virtual(inode):
             raise pyfuse3.FUSEError(errno.EROFS if flags & (os.O_WRONLY | os.O_RDWR) else errno.ELOOP)
+        rotten = self.verifier is not None and await self._fails_verification(inode)
         slot, fd = await self.files.open(inode, flags)
         self._open[fd] = slot
+        if rotten:
+            self._rotten.add(fd)
         return pyfuse3.FileInfo(fh=fd, keep_cache=True)
+
+    async def _fails_verification(self, ino: int) -> bool:
+        slot, path, full = await self.files.where(ino)
+        listed = self.tree.snapshot(slot)
+        if listed is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return await self.verifier.problem(ino, listed, path, full) is not None
 
     @_os_errors
     async def read(self, fh, off, size):
+        if fh in self._rotten:
+            raise pyfuse3.FUSEError(errno.EIO)
         return os.pread(fh, size, off)
 
     async def flush(self, fh):
@@ -167,6 +182,7 @@ class Filesystem(pyfuse3.Operations):
 
     async def release(self, fh):
         os.close(fh)
+        self._rotten.discard(fh)
         self.roots.closed(self._open.pop(fh))
 
     def close_files(self) -> None:

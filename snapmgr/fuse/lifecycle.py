@@ -25,6 +25,7 @@ from snapmgr.fuse.inodes import Inodes
 from snapmgr.fuse.passthrough import Passthrough
 from snapmgr.fuse.roots import Roots
 from snapmgr.fuse.tree import Tree
+from snapmgr.fuse.verifying import Verifier
 
 log = logging.getLogger(__name__)
 FSNAME = "snapmgr"
@@ -133,12 +134,13 @@ def detach() -> Callable[[], None]:
 
 
 def serve(mountpoint: Path, backends: dict[str, Backend], options: MountOptions,
-          ready: Callable[[], None] | None = None) -> None:
+          ready: Callable[[], None] | None = None, verifier: Verifier | None = None) -> None:
     """Mount the snapshots of `backends` at `mountpoint` (checked by prepare) and serve
-    them until a signal or an unmount."""
+    them until a signal or an unmount; with a verifier, every file is checked against its
+    manifest when first opened."""
     tree = Tree(backends, Inodes())
     roots = Roots(tree.snapshot, options.idle)
-    fs = Filesystem(tree, roots, Passthrough(tree.inodes, roots))
+    fs = Filesystem(tree, roots, Passthrough(tree.inodes, roots), verifier)
     fuse_options = {f"fsname={FSNAME}", f"subtype={FSNAME}", "ro", "default_permissions"}
     if options.allow_other:
         fuse_options.add("allow_other")

@@ -92,7 +92,7 @@ class Passthrough:
             raise pyfuse3.FUSEError(errno.ESTALE)  # forgotten by the kernel: it cannot ask
         return slot, known[0]
 
-    async def _full(self, ino: int) -> tuple[int, bytes, bytes]:
+    async def where(self, ino: int) -> tuple[int, bytes, bytes]:
         """(slot, path in the snapshot, path on this machine) of a file inode."""
         slot, path = self._located(ino)
         root = await self.roots.enter(slot)
@@ -105,21 +105,21 @@ class Passthrough:
     # Operations ---------------------------------------------------------------------------
 
     async def lookup(self, parent: int, name: bytes) -> pyfuse3.EntryAttributes:
-        slot, path, full = await self._full(parent)
+        slot, path, full = await self.where(parent)
         st = os.lstat(full + b"/" + name)
         a = self._attributes(slot, st)
         self.remember(a.st_ino, path + b"/" + name if path else name)
         return a
 
     async def getattr(self, ino: int) -> pyfuse3.EntryAttributes:
-        slot, _, full = await self._full(ino)
+        slot, _, full = await self.where(ino)
         return self._attributes(slot, os.lstat(full))
 
     async def readlink(self, ino: int) -> bytes:
-        return os.readlink((await self._full(ino))[2])
+        return os.readlink((await self.where(ino))[2])
 
     async def listdir(self, ino: int) -> list[Entry]:
-        slot, path, full = await self._full(ino)
+        slot, path, full = await self.where(ino)
         named = await trio.to_thread.run_sync(_lstat_all, full)
         prefix = path + b"/" if path else b""
         return [Entry(name, self._attributes(slot, st), prefix + name) for name, st in named]
@@ -128,16 +128,16 @@ class Passthrough:
         """(slot, descriptor) of the file opened for reading."""
         if flags & WRITING:
             raise pyfuse3.FUSEError(errno.EROFS)
-        slot, _, full = await self._full(ino)
+        slot, _, full = await self.where(ino)
         fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         self.roots.opened(slot)
         return slot, fd
 
     async def getxattr(self, ino: int, name: bytes) -> bytes:
-        return os.getxattr((await self._full(ino))[2], name, follow_symlinks=False)
+        return os.getxattr((await self.where(ino))[2], name, follow_symlinks=False)
 
     async def listxattr(self, ino: int) -> list[bytes]:
-        return [os.fsencode(n) for n in os.listxattr((await self._full(ino))[2], follow_symlinks=False)]
+        return [os.fsencode(n) for n in os.listxattr((await self.where(ino))[2], follow_symlinks=False)]
 
 
 def _lstat_all(directory: bytes) -> list[tuple[bytes, os.stat_result]]:

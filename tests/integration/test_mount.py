@@ -46,7 +46,7 @@ def serving(path: Path) -> bool:
 @contextmanager
 def mount(ws, mountpoint: Path, *args: str) -> Iterator[subprocess.Popen]:
     """`snapmgr mount` in the foreground, ready when this yields; stopped, and the
-    mount gone, afterwards whatever the test did."""
+    mount gone, afterwards whatever the test did. Its stderr is then `proc.log`."""
     proc = ws.start("mount", str(mountpoint), *args)
     try:
         wait_for(lambda: serving(mountpoint) or proc.poll() is not None, what="the mount")
@@ -58,8 +58,7 @@ def mount(ws, mountpoint: Path, *args: str) -> Iterator[subprocess.Popen]:
             proc.wait(30)
         if mounted_type(mountpoint):
             subprocess.run(["fusermount3", "-u", "-z", mountpoint])
-        proc.stdout.close()
-        proc.stderr.close()
+        proc.log = proc.communicate()[1]
     assert mounted_type(mountpoint) is None
 
 
