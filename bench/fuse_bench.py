@@ -253,7 +253,8 @@ def report(contenders: list[Contender], args) -> None:
     print(f"  find warm: snapmgr/direct {s['find warm'] / d['find warm']:.2f}x (<= 1.5)   "
           f"snapmgr/bindfs {s['find warm'] / b['find warm']:.2f}x")
     print(f"  read cold: snapmgr {mib / s['read cold']:.0f} MiB/s, bindfs {mib / b['read cold']:.0f} MiB/s, "
-          f"direct {mib / d['read cold']:.0f} MiB/s: snapmgr/bindfs speed {b['read cold'] / s['read cold']:.2f}x (>= 1)")
+          f"direct {mib / d['read cold']:.0f} MiB/s: "
+          f"snapmgr/bindfs speed {b['read cold'] / s['read cold']:.2f}x (>= 1)")
     print(f"  read warm: snapmgr {mib / s['read warm']:.0f} MiB/s, direct {mib / d['read warm']:.0f} MiB/s: "
           f"snapmgr/direct speed {d['read warm'] / s['read warm']:.2f}x (>= 0.8)")
 

@@ -144,7 +144,8 @@ def status(c: Context, volumes):
 @click.option("--idle", default="5min", show_default=True, metavar="DURATION",
               help="Release a lazily mounted snapshot (LVM, ZFS) unused this long.")
 @click.option("--verify", is_flag=True,
-              help="Check each file against its snapshot's manifest when first opened; a mismatch fails reads with EIO.")
+              help="Check each file against its snapshot's manifest when first opened; a mismatch fails "
+                   "reads with EIO.")
 @pass_ctx
 def mount(c: Context, mountpoint, volumes, allow_other, daemon, idle, verify):
     """Serve the snapshots of VOLUMES (all when none are named) read-only at MOUNTPOINT,

@@ -42,7 +42,8 @@ def _os_errors(operation):
         except OSError as e:
             raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
         except Exception as e:
-            log.error("%s failed: %s: %s", operation.__name__, type(e).__name__, e, exc_info=log.isEnabledFor(logging.DEBUG))
+            log.error("%s failed: %s: %s", operation.__name__, type(e).__name__, e,
+                      exc_info=log.isEnabledFor(logging.DEBUG))
             raise pyfuse3.FUSEError(errno.EIO) from None
     return answer
 
