@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 FSNAME = "snapmgr"
 FSTYPE = "fuse.snapmgr"
 MOUNTINFO = Path("/proc/self/mountinfo")
+# The kernel reads ahead 128 KiB on a FUSE mount, so a sequential read costs a request
+# through Python per 128 KiB; at 1 MiB (libfuse's largest request) a cold read of a big
+# file went from 0.37x to about bindfs's speed here.
+READ_AHEAD_KIB = 1024
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,7 @@ class MountOptions:
 class MountEntry:
     fstype: str
     source: str
+    device: str    # MAJOR:MINOR
 
 
 def mount_at(path: Path) -> MountEntry | None:
@@ -51,9 +56,10 @@ def mount_at(path: Path) -> MountEntry | None:
     found = None
     for line in MOUNTINFO.read_text().splitlines():
         fields, _, rest = line.partition(" - ")
-        if _unescape(fields.split(" ")[4]) == str(path):
+        columns = fields.split(" ")
+        if _unescape(columns[4]) == str(path):
             fstype, source, *_ = rest.split(" ")
-            found = MountEntry(fstype, _unescape(source))
+            found = MountEntry(fstype, _unescape(source), columns[2])
     return found
 
 
@@ -63,8 +69,11 @@ def _unescape(field: str) -> str:
 
 
 def _disconnected(path: Path) -> bool:
+    """Whether the FUSE mount at `path` has lost its server. Not a stat of `path` itself:
+    the kernel may answer that from its cache for a second after the server died. A
+    name nobody has is never cached, so looking it up asks the server."""
     try:
-        os.stat(path)
+        os.stat(path / ".snapmgr-liveness-probe")
     except OSError as e:
         return e.errno == errno.ENOTCONN
     return False
@@ -152,7 +161,7 @@ def serve(mountpoint: Path, backends: dict[str, Backend], options: MountOptions,
         log.info("serving %s at %s", ", ".join(backends) or "no volumes", mountpoint)
         if ready is not None:
             ready()
-        trio.run(_serve, roots, options.workers)
+        trio.run(_serve, mountpoint, roots, options.workers)
     finally:
         try:
             fs.close_files()
@@ -164,10 +173,23 @@ def serve(mountpoint: Path, backends: dict[str, Backend], options: MountOptions,
     log.info("unmounted %s", mountpoint)
 
 
-async def _serve(roots: Roots, workers: int) -> None:
+async def _read_ahead(mountpoint: Path) -> None:
+    """Raise the mount's read-ahead, once the kernel has had libfuse's answer to INIT
+    (which caps it): a stat of the mount point returns only after that."""
+    try:
+        # Abandoned if the mount ends first: nothing would answer the stat then.
+        await trio.to_thread.run_sync(os.stat, mountpoint, cancellable=True)
+        mounted = mount_at(mountpoint)
+        Path("/sys/class/bdi", mounted.device, "read_ahead_kb").write_text(f"{READ_AHEAD_KIB}\n")
+    except OSError as e:
+        log.debug("read-ahead of %s left as it was: %s", mountpoint, e)
+
+
+async def _serve(mountpoint: Path, roots: Roots, workers: int) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signal)
         nursery.start_soon(roots.release_idle_forever)
+        nursery.start_soon(_read_ahead, mountpoint)
         await pyfuse3.main(min_tasks=1, max_tasks=workers)
         nursery.cancel_scope.cancel()
 
