@@ -158,11 +158,14 @@ class Filesystem(pyfuse3.Operations):
     async def open(self, inode, flags, ctx):
         if self._is_virtual(inode):
             raise pyfuse3.FUSEError(errno.EROFS if flags & (os.O_WRONLY | os.O_RDWR) else errno.ELOOP)
-        rotten = self.verifier is not None and await self._fails_verification(inode)
         slot, fd = await self.files.open(inode, flags)
-        self._open[fd] = slot
-        if rotten:
-            self._rotten.add(fd)
+        self._open[fd] = slot   # open first: the descriptor keeps an LVM snapshot mounted while it is hashed
+        try:
+            if self.verifier is not None and await self._fails_verification(inode):
+                self._rotten.add(fd)
+        except BaseException:
+            await self.release(fd)
+            raise
         return pyfuse3.FileInfo(fh=fd, keep_cache=True)
 
     async def _fails_verification(self, ino: int) -> bool:

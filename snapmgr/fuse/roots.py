@@ -53,9 +53,11 @@ class Roots:
         entered = self._entered.get(slot)
         if entered is None:
             lock = self._locks.setdefault(slot, trio.Lock())
-            async with lock:
-                entered = self._entered.get(slot) or await self._enter(slot)
-            self._locks.pop(slot, None)
+            try:
+                async with lock:
+                    entered = self._entered.get(slot) or await self._enter(slot)
+            finally:
+                self._locks.pop(slot, None)
         entered.last_used = self.clock()
         return entered.path
 
@@ -90,7 +92,7 @@ class Roots:
             await trio.sleep(max(self.idle / 4, 0.1))
             now = self.clock()
             for slot, e in list(self._entered.items()):
-                if e.open_files == 0 and now - e.last_used >= self.idle and not self._locks.get(slot):
+                if e.open_files == 0 and now - e.last_used >= self.idle and slot not in self._locks:
                     del self._entered[slot]
                     await trio.to_thread.run_sync(self._leave, e)
 
