@@ -21,7 +21,7 @@ from snapmgr.journal import JournalError
 from snapmgr.manifest import export
 from snapmgr.errors import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_SOFTWARE, EXIT_USAGE, Interrupted, SnapmgrError,
                             UsageError, as_error, one_line, quote)
-from snapmgr.model import NAME_RULE, is_valid_name
+from snapmgr.model import NAME_RULE, is_valid_name, parse_duration
 
 log = logging.getLogger("snapmgr")
 
@@ -202,6 +202,44 @@ def status(c: Context, volumes):
 
 
 @cli.command()
+@click.argument("mountpoint", type=click.Path(path_type=Path))
+@click.argument("volumes", nargs=-1)
+@click.option("--allow-other", is_flag=True,
+              help="Let other users in; the kernel still enforces each file's own modes, owners and ACLs.")
+@click.option("--daemon", is_flag=True, help="Detach once the mount is ready (its log then goes nowhere).")
+@click.option("--idle", default="5min", show_default=True, metavar="DURATION",
+              help="Release a lazily mounted snapshot (LVM, ZFS) unused this long.")
+@click.option("--verify", is_flag=True,
+              help="Check each file against its snapshot's manifest when first opened; a mismatch fails "
+                   "reads with EIO.")
+@pass_ctx
+def mount(c: Context, mountpoint, volumes, allow_other, daemon, idle, verify):
+    """Serve the snapshots of VOLUMES (all when none are named) read-only at MOUNTPOINT,
+    as MOUNTPOINT/VOLUME/LABEL, VOLUME/latest and VOLUME/.by-tag/TAG/LABEL, until Ctrl-C,
+    SIGTERM or 'snapmgr umount MOUNTPOINT'."""
+    lifecycle = _fuse_lifecycle()
+    try:
+        idle_s = parse_duration(idle).total_seconds()
+    except ValueError as e:
+        raise UsageError(f"--idle: {e}") from None
+    engine = c.engine()
+    backends = engine.browsable(volumes)
+    verifier = lifecycle.Verifier(engine.stored_manifest, engine.journal.verify_failed) if verify else None
+    path = lifecycle.prepare(mountpoint)
+    ready = lifecycle.detach() if daemon else None
+    lifecycle.serve(path, backends, lifecycle.MountOptions(allow_other, idle_s), ready, verifier)
+
+
+@cli.command()
+@click.argument("mountpoint", type=click.Path(path_type=Path))
+@pass_ctx
+def umount(c: Context, mountpoint):
+    """Unmount a snapmgr mount; its process then exits."""
+    path = _fuse_lifecycle().unmount(mountpoint)
+    c.emit({"unmounted": str(path)}, None)
+
+
+@cli.command()
 @pass_ctx
 def recover(c: Context):
     """Resume whatever an interrupted quiesce window left paused (also done by every
@@ -306,6 +344,13 @@ def demo(workdir):
 def _check_tag(tag: str) -> None:
     if not is_valid_name(tag):
         raise UsageError(f"--tag {quote(tag)}: {NAME_RULE}")
+
+
+def _fuse_lifecycle():
+    from snapmgr.fuse import require_pyfuse3
+    require_pyfuse3()
+    from snapmgr.fuse import lifecycle
+    return lifecycle
 
 
 def _progress(c: Context):

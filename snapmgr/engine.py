@@ -679,6 +679,13 @@ class Engine:
             raise SnapmgrError(f"the {PRE_ROLLBACK_TAG} snapshot failed, so nothing was restored: {outcome.error}")
         return str(outcome.created.id)
 
+    # Browsing -----------------------------------------------------------------------------
+
+    def browsable(self, names: Iterable[str] = ()) -> dict[str, Backend]:
+        """The backend of each named volume (all when none are named), for the FUSE mount:
+        it lists their snapshots and enters them through browse_root(), read-only."""
+        return {v.name: self.backend(v) for v in self.volumes(names)}
+
 
 def _verify_state(verifies: list[Verify], existing: set[str]) -> tuple[Verify | None, tuple[str, ...]]:
     """Of the snapshots that still exist: the latest verify, and those found damaged."""

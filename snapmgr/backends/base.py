@@ -28,6 +28,9 @@ class Backend(abc.ABC):
     # unchanged, though its ctime moved. Otherwise (copy-on-write snapshots) a file is
     # unchanged when its inode number and its ctime are. See snapmgr.manifest.scan.
     shares_inodes: ClassVar[bool] = False
+    # Whether browse_root() mounts something (slow, and holding resources until left):
+    # then the FUSE mount enters a snapshot only when someone walks into it.
+    browse_mounts: ClassVar[bool] = False
 
     @classmethod
     def check_options(cls, options: Mapping) -> None:

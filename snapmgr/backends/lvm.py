@@ -104,6 +104,7 @@ def lvs(*selection: str) -> list[dict]:
 
 class LvmBackend(Backend):
     name = "lvm"
+    browse_mounts = True
     options = {
         "lv": schema.Field(logical_volume, required=True),
         "snapshot_size": schema.Field(snapshot_size),

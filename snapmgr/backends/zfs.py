@@ -65,6 +65,7 @@ def _zfs_error(action: str, e: Exception) -> SnapmgrError:
 
 class ZfsBackend(Backend):
     name = "zfs"
+    browse_mounts = True   # ZFS mounts a snapshot when its .zfs directory is entered
     options = {
         "datasets": schema.Field(schema.list_of(dataset, non_empty=True), required=True),
         "recursive": schema.Field(schema.boolean, default=False),

@@ -1,0 +1,109 @@
+"""`snapmgr mount` of LVM (thick and thin) and ZFS snapshots, inside the lab guest: LVM
+snapshots are activated and mounted only when walked into, released when idle and at
+unmount; ZFS snapshots are browsed through their .zfs directory."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+from pathlib import Path
+
+import pytest
+
+from tests.integration.helpers import wait_for
+from tests.integration.test_mount import label, mount, snapshot
+from tests.lab.conftest import VG, lv_report, lvm_volume, zfs_volume
+
+IDLE = "2s"
+
+
+def lazy_mounts(ws) -> list[str]:
+    """What snapmgr has mounted under its run_dir (LVM browse roots)."""
+    under = str(ws.root / "run" / "mounts") + "/"
+    return [line.split(" ")[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()
+            if line.split(" ")[4].startswith(under)]
+
+
+def active(host, lv_name: str) -> bool:
+    [row] = [r for r in lv_report(host, VG) if r["lv_name"] == lv_name]
+    return row["lv_attr"][4] == "a"
+
+
+@pytest.fixture
+def mnt(tmp_path) -> Path:
+    path = tmp_path / "mnt"
+    path.mkdir()
+    return path
+
+
+@pytest.mark.parametrize("kind", ["thick", "thin"])
+def test_lvm_snapshots_are_mounted_lazily_and_released(host, ws, mnt, kind, request):
+    lv = request.getfixturevalue(f"{kind}_lv")
+    ws.write_config({"data": lvm_volume(lv, **({"snapshot_size": "32M"} if kind == "thick" else {}))})
+    lv.write("kept", b"as it was")
+    first = snapshot(ws, "data")
+    lv.write("kept", b"changed since")
+    second = snapshot(ws, "data")
+    snapshot_lv = f"{lv.name}-{label(first)}"
+    with mount(ws, mnt, "--idle", IDLE) as proc:
+        volume = mnt / "data"
+        # Root's `ls -l` shows every snapshot and mounts none of them.
+        listed = {e.name: e.stat(follow_symlinks=False) for e in os.scandir(volume)}
+        assert {label(first), label(second), "latest"} <= set(listed)
+        assert stat.S_IMODE(listed[label(first)].st_mode) == 0o700  # the placeholder: root's alone
+        assert lazy_mounts(ws) == []
+        if kind == "thin":
+            assert not active(host, snapshot_lv)
+
+        # Walking in mounts it, read-only, with the data of its time.
+        assert (volume / label(first) / "kept").read_bytes() == b"as it was"
+        assert (volume / "latest" / "kept").read_bytes() == b"changed since"
+        assert len(lazy_mounts(ws)) == 2
+        root_mode = stat.S_IMODE(os.stat(volume / label(first)).st_mode)
+        assert root_mode == stat.S_IMODE(os.stat(lv.mountpoint).st_mode)
+        ino = os.stat(volume / label(first) / "kept").st_ino
+
+        # Idle: released (thin snapshots deactivated again); entered again on the next access,
+        # with the same inode numbers and its real attributes kept meanwhile.
+        wait_for(lambda: lazy_mounts(ws) == [], timeout=30, what="the idle release")
+        if kind == "thin":
+            assert not active(host, snapshot_lv)
+        assert stat.S_IMODE(os.stat(volume / label(first)).st_mode) == root_mode
+        assert lazy_mounts(ws) == []
+        Path("/proc/sys/vm/drop_caches").write_text("2")
+        assert os.stat(volume / label(first) / "kept").st_ino == ino
+        assert (volume / label(first) / "kept").read_bytes() == b"as it was"
+        assert len(lazy_mounts(ws)) == 1
+
+        # A file held open keeps its snapshot mounted while the other one goes idle.
+        with open(volume / label(first) / "kept", "rb") as held:
+            assert (volume / "latest" / "kept").read_bytes() == b"changed since"
+            assert len(lazy_mounts(ws)) == 2
+            wait_for(lambda: len(lazy_mounts(ws)) == 1, timeout=30, what="the idle release of the other")
+            assert lazy_mounts(ws) == [str(ws.root / "run" / "mounts" / first)]
+            assert held.read() == b"as it was"
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    # Unmounting releases whatever was still entered.
+    assert lazy_mounts(ws) == []
+    if kind == "thin":
+        assert not active(host, snapshot_lv)
+
+
+def test_zfs_snapshots_are_browsed(host, ws, mnt, dataset):
+    ws.write_config({"data": zfs_volume(dataset)})
+    root = Path("/" + dataset)
+    (root / "file").write_bytes(b"first")
+    first = snapshot(ws, "data")
+    (root / "file").write_bytes(b"second")
+    second = snapshot(ws, "--tag", "daily", "data")
+    with mount(ws, mnt):
+        volume = mnt / "data"
+        assert sorted(os.listdir(volume)) == sorted([".by-tag", "latest", label(first), label(second)])
+        assert (volume / label(first) / "file").read_bytes() == b"first"
+        assert (volume / "latest" / "file").read_bytes() == b"second"
+        assert (volume / ".by-tag" / "daily" / label(second) / "file").read_bytes() == b"second"
+        with pytest.raises(OSError):
+            (volume / label(first) / "file").write_bytes(b"x")
