@@ -24,9 +24,8 @@ from collections import deque
 from dataclasses import dataclass, field, fields
 from typing import Callable, Iterable, Iterator
 
-from snapmgr.errors import SnapmgrError
 from snapmgr.manifest.entry import Entry, display, walk_key
-from snapmgr.manifest.hashing import Hashing, Unreadable
+from snapmgr.manifest.hashing import Hashing, ScanError, Unreadable
 
 PATH, KIND, SIZE, DIGEST = ([f.name for f in fields(Entry)].index(n) for n in ("path", "kind", "size", "digest"))
 PROGRESS_EVERY = 4096
@@ -34,10 +33,6 @@ PENDING = object()   # a digest being computed
 GIVE_OUT_EVERY = 512  # entries walked between two looks at what the pool has hashed
 _KIND = {stat.S_IFREG: "f", stat.S_IFDIR: "d", stat.S_IFLNK: "l", stat.S_IFCHR: "c", stat.S_IFBLK: "b",
          stat.S_IFIFO: "p", stat.S_IFSOCK: "s"}
-
-
-class ScanError(SnapmgrError):
-    pass
 
 
 @dataclass

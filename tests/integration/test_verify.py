@@ -104,6 +104,30 @@ def test_corruption_in_a_read_only_btrfs_snapshot_is_caught(ws, btrfs):
     assert r.stdout.splitlines() == [f"{sid}: DAMAGED, 1 problem:", "  changed    '/d3/f0003' (content)"]
 
 
+@needs_root
+def test_a_large_file_the_disk_cannot_read_is_reported_unreadable_not_a_crash(ws, btrfs):
+    # Real damage: bytes of a 20 MiB file's extent overwritten in the filesystem image, so
+    # that btrfs's checksum fails and read(2) says EIO (a memory map would take a SIGBUS).
+    ws.write_config({"data": {"backend": "btrfs", "subvolume": btrfs / "data", "snapshot_dir": btrfs / ".snapshots"}})
+    marker = os.urandom(64)
+    big = marker + os.urandom(20 << 20)
+    (btrfs / "data" / "big").write_bytes(big)
+    (btrfs / "data" / "small").write_bytes(b"fine")
+    sid = created(ws)
+    image = btrfs.parent / "btrfs.img"
+    subprocess.run(["umount", btrfs], check=True)
+    with open(image, "r+b") as f:
+        offset = f.read().find(marker)   # the image holds one copy: data is not duplicated
+        assert offset > 0
+        f.seek(offset + 100)
+        f.write(b"\0" * 16)
+    subprocess.run(["mount", "-o", "loop", image, btrfs], check=True)
+    r = ws.run("verify")
+    assert r.returncode == 1, r.stderr
+    assert r.stdout.splitlines() == [f"{sid}: DAMAGED, 1 problem:", "  unreadable '/big' (Input/output error)"]
+    assert r.stderr.strip().splitlines() == [f"snapmgr: error: 1 of 1 snapshots are not intact: {sid} (damaged)"]
+
+
 def test_snapshots_without_a_manifest_are_unverifiable_never_intact(ws):
     make_tree(ws.source, files=5)
     old, new = created(ws), created(ws)

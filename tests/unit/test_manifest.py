@@ -87,6 +87,57 @@ def test_a_vanished_file_is_unreadable_with_its_reason(tmp_path):
     assert isinstance(why, hashing.Unreadable) and "No such file" in why.reason
 
 
+KILLED_WORKER_SCAN = """
+import multiprocessing, os, signal, sys, threading, time
+from snapmgr.manifest import ScanError, scan
+
+def kill_a_worker():
+    while not multiprocessing.active_children():
+        time.sleep(0.001)
+    os.kill(multiprocessing.active_children()[0].pid, signal.SIGKILL)
+
+threading.Thread(target=kill_a_worker, daemon=True).start()
+try:
+    list(scan(sys.argv[1], "sha256"))
+except ScanError as e:
+    print("ScanError:", e)
+"""
+
+
+def test_a_killed_hashing_process_is_a_scan_error_not_a_hang(tmp_path):
+    for i in range(hashing.BATCH_FILES * 12):
+        (tmp_path / f"f{i:05d}").write_bytes(os.urandom(20000))
+    # The timeout only guards the test run from the hang it tests for.
+    out = subprocess.run([sys.executable, "-c", KILLED_WORKER_SCAN, tmp_path], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "PYTHONPATH": str(Path(manifest.__file__).parents[2])})
+    assert out.stdout == "ScanError: a hashing process died (killed, or out of memory?)\n", out.stderr
+
+
+def test_the_walk_waits_when_the_workers_have_enough_batches(tmp_path, monkeypatch):
+    files = []
+    for i in range(hashing.BATCH_FILES * 24):
+        p = tmp_path / f"f{i:05d}"
+        p.write_bytes(b"x" * 10000)
+        files.append((os.fsencode(p), 10000))
+    most = 0
+    submit = hashing.ProcessPoolExecutor.submit
+
+    def counting_submit(pool, *args):   # a spy: the real pool does the work
+        nonlocal most
+        future = submit(pool, *args)
+        most = max(most, sum(1 for f in pending if not f.done()) + 1)
+        pending.append(future)
+        return future
+
+    pending = []
+    monkeypatch.setattr(hashing.ProcessPoolExecutor, "submit", counting_submit)
+    with hashing.Hashing("sha256", workers=2) as h:
+        for i, (path, size) in enumerate(files):
+            h.add(i, path, size)   # results not taken meanwhile: a walk far ahead of the hashing
+        assert len(list(h.results())) == len(files)
+    assert 0 < most <= 2 * hashing.IN_FLIGHT
+
+
 UNPRIVILEGED_SCAN = """
 import sys
 from snapmgr.manifest import ScanError, ScanStats, scan
