@@ -10,7 +10,7 @@ import os
 import sys
 import time
 from collections import defaultdict
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -344,11 +344,17 @@ class Engine:
             results += [taken_with_another(t) or stopped for t in takes[len(results):]]
             results += [stopped] * (len(volumes) - len(results))
         meta = window.report.as_meta() | {"group": group.name if group else None}
+        recorded = []
         for outcome, run, volume, backend, result in zip(outcomes, runs, volumes, backends, results):
             record = dict(meta)
             outcome.error = self._record(run, volume, backend, result, record, window.report.resume_failures)
             if isinstance(result, Snapshot):
                 outcome.created = replace(result, record=record)
+                recorded.append((outcome, volume, backend, result, record))
+        # The manifests last, each possibly hours long: a stop meanwhile finds every
+        # snapshot of the group recorded and every run finished.
+        if not isinstance(failure, Interrupted):
+            self._record_manifests(recorded)
         if failure is not None:
             raise failure
 
@@ -408,18 +414,17 @@ class Engine:
 
     def _record(self, run: Run, volume: Volume, backend: Backend, result: Snapshot | SnapmgrError, record: dict,
                 resume_failures: list[str]) -> SnapmgrError | None:
-        """Record the snapshot taken (or the error), then its manifest (the record says
-        how that went); the error the volume reports."""
+        """Record the snapshot taken (or the error), its manifest still to come, and
+        finish its run; the error the volume reports."""
         if isinstance(result, SnapmgrError):
             run.finish(result)
             return result
         error = None
-        records = self._records(backend)
+        if volume.manifest != "off":
+            # What the record says until the manifest is written, if snapmgr is killed first.
+            record["manifest"] = {"unverified": "its run was stopped before its manifest was written"}
         try:
-            # First without the manifest: what the quiescers kept must not wait for a long hash.
-            records.write(result.id, record)
-            record["manifest"] = self._manifest(volume, backend, result)
-            records.write(result.id, record)
+            self._records(backend).write(result.id, record)
         except OSError as e:
             error = SnapmgrError(f"{result.id} was taken, but its record could not be written: {as_error(e)}")
         if resume_failures:
@@ -427,6 +432,25 @@ class Engine:
         run.created(str(result.id))
         run.finish(error)
         return error
+
+    def _record_manifests(self, recorded: list[tuple[Outcome, Volume, Backend, Snapshot, dict]]) -> None:
+        """Write each snapshot's manifest and say in its record how that went. Stopped
+        (SIGTERM, Ctrl-C): the records of this one and of those not reached say so."""
+        for i, (outcome, volume, backend, snapshot, record) in enumerate(recorded):
+            try:
+                record["manifest"] = self._manifest(volume, backend, snapshot)
+            except Interrupted:
+                for _, _, later_backend, later, later_record in recorded[i:]:
+                    later_record["manifest"] = {"unverified": "interrupted before its manifest was complete"}
+                    with suppress(OSError):  # the record of the snapshot itself is written already
+                        self._records(later_backend).write(later.id, later_record)
+                raise
+            try:
+                self._records(backend).write(snapshot.id, record)
+            except OSError as e:
+                outcome.error = outcome.error or SnapmgrError(
+                    f"{snapshot.id} was taken, but its record could not be written: {as_error(e)}")
+            outcome.created = replace(snapshot, record=record)
 
     def _manifest(self, volume: Volume, backend: Backend, snapshot: Snapshot) -> dict:
         """Write the snapshot's manifest, read from the snapshot itself; for its record,

@@ -9,12 +9,14 @@ import gzip
 import json
 import os
 import shutil
+import signal
+import sqlite3
 import subprocess
 
 import pytest
 
 from snapmgr import manifest
-from tests.integration.helpers import make_tree, needs_root
+from tests.integration.helpers import make_tree, needs_root, wait_for
 from tests.integration.test_btrfs import btrfs  # noqa: F401 (a fixture)
 
 HOSTILE = [b"-rf", b"new\nline", b"back\\slash", b"cr\rx", b" lead", b"trail ", b"tab\tx", b"\xc3\xa9t\xc3\xa9",
@@ -224,3 +226,29 @@ def test_a_bad_manifest_setting_is_one_line_naming_the_key(ws, where, expected):
                                   "manifest": "sha-256"}})
     r = ws.run("snapshot")
     assert (r.returncode, r.stderr) == (78, f"snapmgr: error: {ws.config}: {expected}\n")
+
+
+def test_sigterm_during_a_groups_first_manifest_keeps_every_record_and_finishes_every_run(ws):
+    # Volume a's manifest takes a while (many files); b has its snapshot and record by then.
+    sa, sb = ws.root / "srca", ws.root / "srcb"
+    sa.mkdir()
+    sb.mkdir()
+    make_tree(sa, files=60000, size=50)
+    (sb / "x").write_bytes(b"hello")
+    ws.write_config({"a": {"backend": "rsync", "source": sa, "repository": ws.root / "ra", "manifest": "sha256"},
+                     "b": {"backend": "rsync", "source": sb, "repository": ws.root / "rb"}},
+                    groups={"g": {"volumes": ["a", "b"]}})
+    p = ws.start("snapshot", "--group", "g")
+    wait_for(lambda: list((ws.root / "ra").glob("*.manifest.gz.tmp")), timeout=120, what="a's manifest begun")
+    p.send_signal(signal.SIGTERM)
+    p.communicate(timeout=120)
+    assert p.returncode != 0
+    [a] = ws.ok("--json", "list", "a").json()["snapshots"]
+    [b] = ws.ok("--json", "list", "b").json()["snapshots"]
+    assert a["manifest"] == "unverified" and b["manifest"] == "unverified"
+    assert ws.run("verify", a["id"]).stdout == \
+        f"{a['id']}: UNVERIFIABLE: interrupted before its manifest was complete\n"
+    assert (ws.root / "rb" / f"{b['id']}.record.json").exists()
+    assert not list((ws.root / "ra").glob("*.tmp"))
+    with contextlib.closing(sqlite3.connect(ws.root / "state" / "journal.db")) as db:
+        assert sorted(db.execute("SELECT volume, status FROM runs")) == [("a", "ok"), ("b", "ok")]
