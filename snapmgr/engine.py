@@ -466,7 +466,8 @@ class Engine:
                 try:
                     manifest.save(directory, snapshot.id, volume.manifest, manifest.stream(
                         root, volume.manifest, previous.entries() if previous else None,
-                        shares_inodes=backend.shares_inodes, stats=stats))
+                        shares_inodes=backend.shares_inodes, stats=stats,
+                        previous_taken=previous and SnapshotId.parse(previous.snapshot).created.timestamp()))
                 except manifest.ManifestDamaged as e:  # the previous one, found damaged past its first line
                     log.warning("%s: %s; hashing every file", snapshot.id, e)
                     previous, stats = None, manifest.ScanStats()

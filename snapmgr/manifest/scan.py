@@ -10,8 +10,15 @@ do not keep ctimes: `--link-dest` hard-links an unchanged file into the new snap
 link(2) sets the inode's ctime. But there both snapshots live on one filesystem and the
 previous one still holds its inodes, so the same inode number *is* the same inode, and
 therefore has the same content and xattrs: the inode number is enough (with size and
-mtime, in case the previous snapshot was damaged in place since). The backend says which
-case it is (`shares_inodes`)."""
+mtime, in case the previous snapshot was damaged in place since), but not for the xattrs,
+whose change moves neither size nor mtime: they are read again. The backend says which
+case it is (`shares_inodes`).
+
+Timestamps are coarse on some filesystems (ext4 with 128-byte inodes: one second), so a
+file rewritten in place in the same tick as the previous snapshot was taken keeps its
+ctime, and would keep its stale hash forever. As git does with its index ("racy clean"),
+an entry whose ctime is not older than the previous snapshot's creation by a margin is
+never taken from it (`previous_taken`)."""
 
 from __future__ import annotations
 
@@ -31,6 +38,8 @@ PATH, KIND, SIZE, DIGEST = ([f.name for f in fields(Entry)].index(n) for n in ("
 PROGRESS_EVERY = 4096
 PENDING = object()   # a digest being computed
 GIVE_OUT_EVERY = 512  # entries walked between two looks at what the pool has hashed
+# Coarser than any timestamp granularity Linux filesystems have (FAT's 2 s).
+RACY_MARGIN_NS = 2_000_000_000
 _KIND = {stat.S_IFREG: "f", stat.S_IFDIR: "d", stat.S_IFLNK: "l", stat.S_IFCHR: "c", stat.S_IFBLK: "b",
          stat.S_IFIFO: "p", stat.S_IFSOCK: "s"}
 
@@ -52,21 +61,23 @@ class ScanStats:
 
 
 def scan(root: str | os.PathLike, algorithm: str | None, previous: Iterable[Entry] | None = None, *,
-         shares_inodes: bool = False, stats: ScanStats | None = None, strict: bool = True,
-         progress: Callable[[str], None] | None = None) -> Iterator[Entry]:
+         shares_inodes: bool = False, previous_taken: float | None = None, stats: ScanStats | None = None,
+         strict: bool = True, progress: Callable[[str], None] | None = None) -> Iterator[Entry]:
     """The entries under `root`, in walk order. algorithm None: no content hashes (a cheap
     walk). `previous`: an older state of the tree, in walk order, hashed with the same
     algorithm, whose hashes are taken for files not written since (see the module's
-    docstring). strict: an entry that cannot be read stops the scan with a ScanError;
+    docstring). previous_taken: when that state was taken (seconds since the epoch), so
+    that what was written in its last moments is hashed again; None: no such guard, for a
+    `previous` not taken from this tree. strict: an entry that cannot be read stops the scan with a ScanError;
     otherwise it is listed in `stats.unreadable` (and a file's digest is None). progress:
     told now and then how far it got. The work is done by the time this returns."""
-    return iter(list(stream(root, algorithm, previous, shares_inodes=shares_inodes, stats=stats, strict=strict,
-                            progress=progress)))
+    return iter(list(stream(root, algorithm, previous, shares_inodes=shares_inodes, previous_taken=previous_taken,
+                            stats=stats, strict=strict, progress=progress)))
 
 
 def stream(root: str | os.PathLike, algorithm: str | None, previous: Iterable[Entry] | None = None, *,
-           shares_inodes: bool = False, stats: ScanStats | None = None, strict: bool = True,
-           progress: Callable[[str], None] | None = None) -> Iterator[Entry]:
+           shares_inodes: bool = False, previous_taken: float | None = None, stats: ScanStats | None = None,
+           strict: bool = True, progress: Callable[[str], None] | None = None) -> Iterator[Entry]:
     """As scan(), lazily: each entry comes out as soon as it and those before it have their
     hashes, so that whoever takes them (the manifest being written) works while the pool
     hashes. The tree is read while the entries are taken, and `stats` is complete once
@@ -75,18 +86,23 @@ def stream(root: str | os.PathLike, algorithm: str | None, previous: Iterable[En
     started = time.monotonic()
     base = os.fsencode(root)
     before = _Cursor(previous or ())
+    settled = float("inf") if previous_taken is None else int(previous_taken * 1e9) - RACY_MARGIN_NS
     rows: deque[list] = deque()   # Entry's fields, in walk order, of the entries not given out yet
     waiting: dict[int, list] = {}  # the rows whose digest is PENDING, by the key hashing knows them by
     walked = 0
     with Hashing(algorithm) as hashing:
         for absolute, rel, st in _walk(base, stats, strict):
             old = before.at(rel)
-            same_inode = old is not None and old.ino == st.st_ino and (shares_inodes or old.ctime_ns == st.st_ctime_ns)
-            row = _row(absolute, rel, st, old.xattrs if same_inode else _xattrs(absolute, rel, stats, strict))
+            unchanged = old is not None and (old.ino, old.size, old.mtime_ns) == (st.st_ino, st.st_size, st.st_mtime_ns) \
+                and (shares_inodes or (old.ctime_ns == st.st_ctime_ns and old.ctime_ns < settled))
+            # Where inodes are shared their ctime says nothing, nor do size and mtime of an
+            # xattr's change: the xattrs are read again.
+            xattrs = old.xattrs if unchanged and not shares_inodes else _xattrs(absolute, rel, stats, strict)
+            row = _row(absolute, rel, st, xattrs)
             if row[KIND] == "f":
                 stats.bytes += st.st_size
             if row[KIND] == "f" and algorithm:
-                if same_inode and old.digest and (old.kind, old.size, old.mtime_ns) == ("f", st.st_size, st.st_mtime_ns):
+                if unchanged and old.kind == "f" and old.digest:
                     row[DIGEST] = old.digest
                     stats.reused += 1
                 else:

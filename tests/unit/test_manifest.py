@@ -17,6 +17,7 @@ import pytest
 from snapmgr import manifest
 from snapmgr.manifest import Change, Entry, ManifestDamaged, ScanError, ScanStats, compare, scan
 from snapmgr.manifest import hashing
+from snapmgr.manifest.scan import xattrs_digest
 
 SID = "data@20261121T140501Z"
 
@@ -198,6 +199,15 @@ def test_a_changed_ctime_forbids_reuse_unless_the_snapshots_share_inodes(tmp_pat
     entries(root, previous=first, stats=shared, shares_inodes=True)
     assert (strict.hashed, strict.reused) == (1, 2)
     assert (shared.hashed, shared.reused) == (0, 3)
+
+
+def test_xattrs_set_in_place_on_a_shared_inode_are_read_again(tmp_path):
+    root = tree(tmp_path / "t")
+    first = entries(root)
+    a = root / "dir" / "sub" / "a.txt"
+    os.setxattr(a, "user.note", b"set in the repository, in place")
+    [found] = [e for e in entries(root, previous=first, shares_inodes=True) if e.path == b"dir/sub/a.txt"]
+    assert found.xattrs is not None and found.xattrs == xattrs_digest(os.fsencode(a))
 
 
 def test_a_new_inode_at_the_same_path_is_hashed_even_with_the_same_size_and_mtime(tmp_path):
