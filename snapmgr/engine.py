@@ -233,7 +233,11 @@ class Engine:
                 told = progress and (lambda line: progress(f"{snapshot.id}: {line}"))
                 with backend.browse_root(snapshot) as root:
                     problems, stats = check_snapshot(root, stored, told)
-                done = Verification(snapshot, "damaged" if problems else "intact", tuple(problems), stats=stats)
+                if problems and snapshot.id not in {s.id for s in backend.list()}:
+                    # Its files vanished under the walk: a deletion, not damage.
+                    done = Verification(snapshot, "error", reason="deleted during verify", stats=stats)
+                else:
+                    done = Verification(snapshot, "damaged" if problems else "intact", tuple(problems), stats=stats)
         except Interrupted:
             raise
         except (SnapmgrError, OSError) as e:

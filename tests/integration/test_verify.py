@@ -4,6 +4,7 @@ back, snapshots without manifests, the journal and status."""
 
 from __future__ import annotations
 
+import json
 import os
 import pty
 import sqlite3
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from snapmgr import manifest
-from tests.integration.helpers import make_tree, needs_root
+from tests.integration.helpers import make_tree, needs_root, wait_for
 from tests.integration.test_btrfs import btrfs  # noqa: F401 (a fixture)
 
 
@@ -126,6 +127,21 @@ def test_a_large_file_the_disk_cannot_read_is_reported_unreadable_not_a_crash(ws
     assert r.returncode == 1, r.stderr
     assert r.stdout.splitlines() == [f"{sid}: DAMAGED, 1 problem:", "  unreadable '/big' (Input/output error)"]
     assert r.stderr.strip().splitlines() == [f"snapmgr: error: 1 of 1 snapshots are not intact: {sid} (damaged)"]
+
+
+def test_a_snapshot_deleted_during_its_verify_is_an_error_not_damage(ws):
+    make_tree(ws.source, files=60000, size=10)
+    sid = created(ws)
+    Path("/proc/sys/vm/drop_caches").write_text("3")   # a cold cache: the verify reads for a while
+    p = ws.start("--json", "verify", sid)
+    wait_for(lambda: Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().strip(), timeout=120,
+             what="the verify's hashing processes")
+    ws.ok("delete", sid)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 1
+    [result] = json.loads(out)["results"]
+    assert (result["result"], result["reason"], result["problems"]) == ("error", "deleted during verify", [])
+    assert err.strip().splitlines() == [f"snapmgr: error: 1 of 1 snapshots are not intact: {sid} (error)"]
 
 
 def test_snapshots_without_a_manifest_are_unverifiable_never_intact(ws):
