@@ -192,12 +192,15 @@ class Engine:
             passed_over = [f"{v.name}: manifests are off (manifest = \"off\"); not verified"
                            for v in volumes if v.manifest == "off"]
             volumes = [v for v in volumes if v.manifest != "off"]
+        # Every target is found before any is read: a typo in the last must not cost hours.
+        listed = {v.name: {s.id: s for s in self._listed(v)} for v in volumes}
+        missing = sorted(sid for name, ids in wanted.items() for sid in ids - set(listed[name]))
+        if missing:
+            raise SnapmgrError(f"no such snapshot: {', '.join(map(str, missing))}")
+        passed_over += [f"{v.name}: no snapshots found; not verified" for v in volumes if not listed[v.name]]
         results = []
         for volume in volumes:
-            snapshots = {s.id: s for s in self._listed(volume)}
-            if missing := sorted(wanted.get(volume.name, set()) - set(snapshots)):
-                raise SnapmgrError(f"no such snapshot: {', '.join(map(str, missing))}")
-            backend = self.backend(volume)
+            backend, snapshots = self.backend(volume), listed[volume.name]
             for sid in sorted(wanted.get(volume.name) or snapshots):
                 results.append(self._verify_one(backend, snapshots[sid], progress))
         return results, passed_over
@@ -228,7 +231,9 @@ class Engine:
         try:
             stored = self.stored_manifest(snapshot)
             if stored is None:
-                done = Verification(snapshot, "unverifiable", reason=_why_no_manifest(snapshot))
+                # Never written is no failure (an old snapshot, manifests off); lost is.
+                written = "algorithm" in ((snapshot.record or {}).get("manifest") or {})
+                done = Verification(snapshot, "error" if written else "unverifiable", reason=_why_no_manifest(snapshot))
             else:
                 told = progress and (lambda line: progress(f"{snapshot.id}: {line}"))
                 with backend.browse_root(snapshot) as root:

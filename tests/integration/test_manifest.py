@@ -191,7 +191,7 @@ def test_manifest_off_takes_snapshots_that_say_they_are_unverified(ws):
     every = ws.ok("verify")   # no volume named: those without manifests are passed over, and say so
     assert every.stdout == 'data: manifests are off (manifest = "off"); not verified\n'
     named = ws.run("verify", "data")
-    assert named.returncode == 1
+    assert named.returncode == 0
     assert named.stdout == f'{snap["id"]}: UNVERIFIABLE: manifests are off for this volume (manifest = "off")\n'
 
 
@@ -220,7 +220,7 @@ def test_a_manifest_that_cannot_be_written_leaves_the_snapshot_marked_unverified
         assert [s["manifest"] for s in ws.ok("--json", "list").json()["snapshots"]] == ["blake3", "unverified"]
         assert not list(ws.repo.glob("*.tmp"))
         v = ws.run("verify", snap["id"])
-        assert v.returncode == 1 and v.stdout.startswith(f"{snap['id']}: UNVERIFIABLE: its manifest could not be "
+        assert v.returncode == 0 and v.stdout.startswith(f"{snap['id']}: UNVERIFIABLE: its manifest could not be "
                                                          f"written: No space left on device")
         filler.unlink()
         third = created(ws)   # room again: the next snapshot has its manifest

@@ -152,12 +152,46 @@ def test_snapshots_without_a_manifest_are_unverifiable_never_intact(ws):
     record.write_text(record.read_text().replace('"manifest"', '"not-the-manifest"'))
     manifest.delete(ws.repo, new)
     r = ws.run("--json", "verify")
-    assert r.returncode == 1
+    assert r.returncode == 1   # the manifest written and since lost: a failure
     results = r.json()["results"]
-    assert [(v["snapshot"], v["result"]) for v in results] == [(old, "unverifiable"), (new, "unverifiable")]
+    assert [(v["snapshot"], v["result"]) for v in results] == [(old, "error"), (new, "unverifiable")]
     assert results[0]["reason"] == "its manifest file is missing (deleted by hand?)"
     assert results[1]["reason"].startswith("it has no manifest: it was taken before snapmgr recorded manifests")
     assert r.json()["intact"] is False
+
+
+def test_snapshots_that_never_had_a_manifest_are_told_of_but_fail_no_verify(ws):
+    # A timer running `snapmgr verify` must not fail forever because of old snapshots.
+    make_tree(ws.source, files=5)
+    old, new = created(ws), created(ws)
+    manifest.delete(ws.repo, old)
+    record = ws.repo / f"{old}.record.json"
+    record.write_text(record.read_text().replace('"manifest"', '"not-the-manifest"'))   # as before manifests
+    r = ws.run("verify")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0] == (f"{old}: UNVERIFIABLE: it has no manifest: it was taken before snapmgr "
+                                        f"recorded manifests, or its run was stopped before the manifest was written")
+    assert r.stdout.splitlines()[1].startswith(f"{new}: intact")
+
+
+def test_a_volume_whose_repository_is_gone_is_passed_over_and_said_so(ws):
+    make_tree(ws.source, files=2)
+    created(ws)
+    ws.repo.rename(ws.root / "away")
+    r = ws.run("--json", "verify")
+    assert r.json()["passed_over"] == ["data: no snapshots found; not verified"] and r.json()["results"] == []
+
+
+def test_every_named_snapshot_is_found_before_any_is_verified(ws):
+    make_tree(ws.source, files=2)
+    ws.write_config({"a": {"backend": "rsync", "source": ws.source, "repository": ws.root / "ra"},
+                     "b": {"backend": "rsync", "source": ws.source, "repository": ws.root / "rb"}})
+    sid = ws.ok("--json", "snapshot", "a").json()["results"][0]["created"]["id"]
+    r = ws.run("verify", sid, "b@20200101T000000Z")
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr == "snapmgr: error: no such snapshot: b@20200101T000000Z\n"
+    with sqlite3.connect(ws.root / "state" / "journal.db") as db:
+        assert db.execute("SELECT count(*) FROM verifies").fetchone() == (0,)
 
 
 def test_a_damaged_manifest_is_an_error_for_its_snapshot_alone(ws):
