@@ -23,6 +23,7 @@ from typing import Callable, Iterator, Sequence
 
 from snapmgr import sh
 from snapmgr.errors import SnapmgrError
+from snapmgr.manifest import longpath
 
 ALGORITHMS = ("blake3", "sha256")
 READ_SIZE = 1 << 20
@@ -68,10 +69,11 @@ def hasher_factory(algorithm: str) -> Callable[..., object]:
 def _open(path: bytes | str | os.PathLike) -> int:
     # O_NOATIME: hashing a writable repository (rsync) must not rewrite its inodes' atimes.
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    path = os.fsencode(path)
     try:
-        return os.open(path, flags | os.O_NOATIME)
+        return longpath.open_file(path, flags | os.O_NOATIME)
     except PermissionError:  # not the owner and no CAP_FOWNER
-        return os.open(path, flags)
+        return longpath.open_file(path, flags)
 
 
 def _digest(new, algorithm: str, fd: int) -> str:

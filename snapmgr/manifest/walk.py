@@ -31,6 +31,7 @@ from collections import deque
 from dataclasses import dataclass, field, fields
 from typing import Callable, Iterable, Iterator
 
+from snapmgr.manifest import longpath
 from snapmgr.manifest.entry import Entry, display, walk_key
 from snapmgr.manifest.hashing import Hashing, ScanError, Unreadable
 
@@ -169,7 +170,7 @@ class _Cursor:
 def _walk(base: bytes, stats: ScanStats, strict: bool) -> Iterator[tuple[bytes, bytes, os.stat_result]]:
     """(absolute path, relative path, lstat) of each entry: depth first, siblings sorted
     by name, which is exactly walk order. Iterative, so no depth reaches Python's
-    recursion limit."""
+    recursion limit; through longpath, so none reaches PATH_MAX."""
     st = os.lstat(base)
     yield base, b"", st
     stack = [iter(_children(base, b"", stats, strict))]
@@ -187,7 +188,7 @@ def _walk(base: bytes, stats: ScanStats, strict: bool) -> Iterator[tuple[bytes, 
 def _children(directory: bytes, rel: bytes, stats: ScanStats, strict: bool
               ) -> list[tuple[bytes, bytes, os.stat_result]]:
     try:
-        names = sorted(os.listdir(directory))
+        names = sorted(longpath.listdir(directory))
     except OSError as e:
         _unreadable(stats, strict, rel, e.strerror or str(e))
         return []
@@ -196,7 +197,7 @@ def _children(directory: bytes, rel: bytes, stats: ScanStats, strict: bool
     for name in names:
         absolute = directory + b"/" + name
         try:
-            children.append((absolute, prefix + name, os.lstat(absolute)))
+            children.append((absolute, prefix + name, longpath.lstat(absolute)))
         except FileNotFoundError:
             continue  # gone since the listing: only a live tree changes under a walk
         except OSError as e:
@@ -214,7 +215,7 @@ def _row(absolute: bytes, rel: bytes, st: os.stat_result, xattrs: str | None) ->
     """An Entry's fields, without the digest yet."""
     kind = _KIND.get(stat.S_IFMT(st.st_mode), "?")
     return [rel, kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns,
-            st.st_ino, st.st_ctime_ns, st.st_nlink, st.st_rdev, os.readlink(absolute) if kind == "l" else None,
+            st.st_ino, st.st_ctime_ns, st.st_nlink, st.st_rdev, longpath.readlink(absolute) if kind == "l" else None,
             xattrs, None]
 
 
@@ -231,8 +232,18 @@ def _xattrs(absolute: bytes, rel: bytes, stats: ScanStats, strict: bool) -> str 
 def xattrs_digest(path: bytes) -> str | None:
     """One digest of every extended attribute's name and value (POSIX ACLs are xattrs),
     or None when the entry has none."""
+    if len(path) < longpath.LIMIT:
+        return _xattrs_digest(path, follow=False)
+    fd = longpath.open_entry(path)
     try:
-        names = os.listxattr(path, follow_symlinks=False)
+        return _xattrs_digest(b"/proc/self/fd/%d" % fd, follow=True)
+    finally:
+        os.close(fd)
+
+
+def _xattrs_digest(path: bytes, follow: bool) -> str | None:
+    try:
+        names = os.listxattr(path, follow_symlinks=follow)
     except OSError as e:
         if e.errno == errno.ENOTSUP:  # a filesystem without xattrs
             return None
@@ -241,7 +252,7 @@ def xattrs_digest(path: bytes) -> str | None:
         return None
     h = hashlib.blake2b(digest_size=16)
     for name in sorted(names):
-        value = os.getxattr(path, name, follow_symlinks=False)
+        value = os.getxattr(path, name, follow_symlinks=follow)
         encoded = name.encode("utf-8", "surrogateescape")
         h.update(b"%d:%s%d:%s" % (len(encoded), encoded, len(value), value))
     return h.hexdigest()

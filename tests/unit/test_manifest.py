@@ -19,6 +19,7 @@ from snapmgr.manifest import Change, Entry, ManifestDamaged, ScanError, ScanStat
 from snapmgr.manifest import hashing
 from snapmgr.manifest.walk import xattrs_digest
 
+
 SID = "data@20261121T140501Z"
 
 
@@ -340,3 +341,44 @@ def test_the_walk_module_is_not_shadowed_by_the_scan_function():
     import importlib
     walk = importlib.import_module("snapmgr.manifest.walk")
     assert manifest.scan is walk.scan and manifest.walk is walk   # the module reachable under its own name
+
+
+def _leaf_entries(directory_fd: int) -> None:
+    """A file with an xattr, a symlink with one of its own (trusted.*: root), a fifo."""
+    w = os.open(b"leaf", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=directory_fd)
+    os.write(w, b"deep" * 50000)
+    os.setxattr(w, "user.note", b"on the file")
+    os.close(w)
+    os.symlink(b"leaf", b"link", dir_fd=directory_fd)
+    link = os.open(b"link", os.O_PATH | os.O_NOFOLLOW, dir_fd=directory_fd)
+    os.setxattr(f"/proc/self/fd/{link}", "trusted.note", b"on the link")
+    os.close(link)
+    os.mkfifo(b"fifo", dir_fd=directory_fd)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to set a trusted.* xattr on a symlink")
+def test_a_tree_deeper_than_path_max_is_walked_hashed_and_its_xattrs_read(tmp_path):
+    # btrfs, ZFS and LVM snapshots can hold such trees: every path of it is longer than
+    # the kernel takes, so it is only reached a directory at a time.
+    deep, shallow = tmp_path / "deep", tmp_path / "shallow"
+    deep.mkdir()
+    shallow.mkdir()
+    fd = os.open(deep, os.O_RDONLY)
+    for i in range(20):   # 20 names of 250 bytes: 5 KB of path
+        name = b"%03d" % i + b"d" * 247
+        os.mkdir(name, dir_fd=fd)
+        fd, parent = os.open(name, os.O_RDONLY, dir_fd=fd), fd
+        os.close(parent)
+    _leaf_entries(fd)
+    os.close(fd)
+    fd = os.open(shallow, os.O_RDONLY)
+    _leaf_entries(fd)
+    os.close(fd)
+    found = entries(deep)
+    assert len(found) == 24 and len(found[-1].path) > 4096
+    wanted = {e.path: e for e in entries(shallow)}
+    for e in found[-3:]:
+        name = e.path.rsplit(b"/", 1)[1]
+        assert (e.kind, e.digest, e.xattrs, e.target) == \
+            (wanted[name].kind, wanted[name].digest, wanted[name].xattrs, wanted[name].target)
+    assert wanted[b"leaf"].xattrs != wanted[b"link"].xattrs is not None   # the link's own, not its target's
