@@ -27,8 +27,11 @@ from snapmgr.manifest import longpath
 
 ALGORITHMS = ("blake3", "sha256")
 READ_SIZE = 1 << 20
-# From this size on a file is worth BLAKE3's threads; they are fed reads of this size.
+# From this size on a file is worth BLAKE3's threads.
 LARGE = 16 << 20
+# What they are fed at a time: 4 MiB reads hash a warm 256 MiB file in 0.034 s, 16 MiB ones
+# in 0.042 s (a memory map: 0.024 s), the smaller buffer staying in the CPU's cache.
+LARGE_READ = 4 << 20
 # One batch sent to a worker: big enough that the round trip costs little beside it.
 BATCH_FILES = 256
 BATCH_BYTES = 32 << 20
@@ -79,7 +82,7 @@ def _open(path: bytes | str | os.PathLike) -> int:
 def _digest(new, algorithm: str, fd: int) -> str:
     global _large_buffer
     if algorithm == "blake3" and os.fstat(fd).st_size >= LARGE:
-        _large_buffer = _large_buffer or bytearray(LARGE)  # allocated once, where needed
+        _large_buffer = _large_buffer or bytearray(LARGE_READ)  # allocated once, where needed
         h, buffer = new(max_threads=new.AUTO), _large_buffer
     else:
         h, buffer = new(), _buffer
