@@ -429,9 +429,9 @@ class Engine:
             run.finish(result)
             return result
         error = None
-        if volume.manifest != "off":
-            # What the record says until the manifest is written, if snapmgr is killed first.
-            record["manifest"] = {"unverified": "its run was stopped before its manifest was written"}
+        # What the record says until the manifest is written, if snapmgr is stopped first.
+        record["manifest"] = MANIFESTS_OFF if volume.manifest == "off" else \
+            {"unverified": "its run was stopped before its manifest was written"}
         try:
             self._records(backend).write(result.id, record)
         except OSError as e:
@@ -465,7 +465,7 @@ class Engine:
         """Write the snapshot's manifest, read from the snapshot itself; for its record,
         what that took, or why the snapshot is unverified."""
         if volume.manifest == "off":
-            return {"unverified": "manifests are off for this volume (manifest = \"off\")"}
+            return MANIFESTS_OFF
         directory = self._records(backend).directory
         previous = self._previous_manifest(backend, snapshot, volume.manifest)
         stats = manifest.ScanStats()
@@ -547,6 +547,9 @@ class Engine:
         records = self._records(backend)
         records.delete(snapshot.id)
         manifest.delete(records.directory, snapshot.id)
+
+
+MANIFESTS_OFF = {"unverified": 'manifests are off for this volume (manifest = "off")'}
 
 
 def _verify_state(verifies: list[Verify], existing: set[str]) -> tuple[Verify | None, tuple[str, ...]]:
