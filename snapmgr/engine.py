@@ -10,7 +10,7 @@ import os
 import sys
 import time
 from collections import defaultdict
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -195,12 +195,15 @@ class Engine:
             passed_over = [f"{v.name}: manifests are off (manifest = \"off\"); not verified"
                            for v in volumes if v.manifest == "off"]
             volumes = [v for v in volumes if v.manifest != "off"]
+        # Every target is found before any is read: a typo in the last must not cost hours.
+        listed = {v.name: {s.id: s for s in self._listed(v)} for v in volumes}
+        missing = sorted(sid for name, ids in wanted.items() for sid in ids - set(listed[name]))
+        if missing:
+            raise SnapmgrError(f"no such snapshot: {', '.join(map(str, missing))}")
+        passed_over += [f"{v.name}: no snapshots found; not verified" for v in volumes if not listed[v.name]]
         results = []
         for volume in volumes:
-            snapshots = {s.id: s for s in self._listed(volume)}
-            if missing := sorted(wanted.get(volume.name, set()) - set(snapshots)):
-                raise SnapmgrError(f"no such snapshot: {', '.join(map(str, missing))}")
-            backend = self.backend(volume)
+            backend, snapshots = self.backend(volume), listed[volume.name]
             for sid in sorted(wanted.get(volume.name) or snapshots):
                 results.append(self._verify_one(backend, snapshots[sid], progress))
         return results, passed_over
@@ -231,12 +234,18 @@ class Engine:
         try:
             stored = self.stored_manifest(snapshot)
             if stored is None:
-                done = Verification(snapshot, "unverifiable", reason=_why_no_manifest(snapshot))
+                # Never written is no failure (an old snapshot, manifests off); lost is.
+                written = "algorithm" in ((snapshot.record or {}).get("manifest") or {})
+                done = Verification(snapshot, "error" if written else "unverifiable", reason=_why_no_manifest(snapshot))
             else:
                 told = progress and (lambda line: progress(f"{snapshot.id}: {line}"))
                 with backend.browse_root(snapshot) as root:
                     problems, stats = check_snapshot(root, stored, told)
-                done = Verification(snapshot, "damaged" if problems else "intact", tuple(problems), stats=stats)
+                if problems and snapshot.id not in {s.id for s in backend.list()}:
+                    # Its files vanished under the walk: a deletion, not damage.
+                    done = Verification(snapshot, "error", reason="deleted during verify", stats=stats)
+                else:
+                    done = Verification(snapshot, "damaged" if problems else "intact", tuple(problems), stats=stats)
         except Interrupted:
             raise
         except (SnapmgrError, OSError) as e:
@@ -347,11 +356,17 @@ class Engine:
             results += [taken_with_another(t) or stopped for t in takes[len(results):]]
             results += [stopped] * (len(volumes) - len(results))
         meta = window.report.as_meta() | {"group": group.name if group else None}
+        recorded = []
         for outcome, run, volume, backend, result in zip(outcomes, runs, volumes, backends, results):
             record = dict(meta)
             outcome.error = self._record(run, volume, backend, result, record, window.report.resume_failures)
             if isinstance(result, Snapshot):
                 outcome.created = replace(result, record=record)
+                recorded.append((outcome, volume, backend, result, record))
+        # The manifests last, each possibly hours long: a stop meanwhile finds every
+        # snapshot of the group recorded and every run finished.
+        if not isinstance(failure, Interrupted):
+            self._record_manifests(recorded)
         if failure is not None:
             raise failure
 
@@ -411,18 +426,17 @@ class Engine:
 
     def _record(self, run: Run, volume: Volume, backend: Backend, result: Snapshot | SnapmgrError, record: dict,
                 resume_failures: list[str]) -> SnapmgrError | None:
-        """Record the snapshot taken (or the error), then its manifest (the record says
-        how that went); the error the volume reports."""
+        """Record the snapshot taken (or the error), its manifest still to come, and
+        finish its run; the error the volume reports."""
         if isinstance(result, SnapmgrError):
             run.finish(result)
             return result
         error = None
-        records = self._records(backend)
+        # What the record says until the manifest is written, if snapmgr is stopped first.
+        record["manifest"] = MANIFESTS_OFF if volume.manifest == "off" else \
+            {"unverified": "its run was stopped before its manifest was written"}
         try:
-            # First without the manifest: what the quiescers kept must not wait for a long hash.
-            records.write(result.id, record)
-            record["manifest"] = self._manifest(volume, backend, result)
-            records.write(result.id, record)
+            self._records(backend).write(result.id, record)
         except OSError as e:
             error = SnapmgrError(f"{result.id} was taken, but its record could not be written: {as_error(e)}")
         if resume_failures:
@@ -431,11 +445,30 @@ class Engine:
         run.finish(error)
         return error
 
+    def _record_manifests(self, recorded: list[tuple[Outcome, Volume, Backend, Snapshot, dict]]) -> None:
+        """Write each snapshot's manifest and say in its record how that went. Stopped
+        (SIGTERM, Ctrl-C): the records of this one and of those not reached say so."""
+        for i, (outcome, volume, backend, snapshot, record) in enumerate(recorded):
+            try:
+                record["manifest"] = self._manifest(volume, backend, snapshot)
+            except Interrupted:
+                for _, _, later_backend, later, later_record in recorded[i:]:
+                    later_record["manifest"] = {"unverified": "interrupted before its manifest was complete"}
+                    with suppress(OSError):  # the record of the snapshot itself is written already
+                        self._records(later_backend).write(later.id, later_record)
+                raise
+            try:
+                self._records(backend).write(snapshot.id, record)
+            except OSError as e:
+                outcome.error = outcome.error or SnapmgrError(
+                    f"{snapshot.id} was taken, but its record could not be written: {as_error(e)}")
+            outcome.created = replace(snapshot, record=record)
+
     def _manifest(self, volume: Volume, backend: Backend, snapshot: Snapshot) -> dict:
         """Write the snapshot's manifest, read from the snapshot itself; for its record,
         what that took, or why the snapshot is unverified."""
         if volume.manifest == "off":
-            return {"unverified": "manifests are off for this volume (manifest = \"off\")"}
+            return MANIFESTS_OFF
         directory = self._records(backend).directory
         previous = self._previous_manifest(backend, snapshot, volume.manifest)
         stats = manifest.ScanStats()
@@ -445,7 +478,8 @@ class Engine:
                 try:
                     manifest.save(directory, snapshot.id, volume.manifest, manifest.stream(
                         root, volume.manifest, previous.entries() if previous else None,
-                        shares_inodes=backend.shares_inodes, stats=stats))
+                        shares_inodes=backend.shares_inodes, stats=stats,
+                        previous_taken=previous and SnapshotId.parse(previous.snapshot).created.timestamp()))
                 except manifest.ManifestDamaged as e:  # the previous one, found damaged past its first line
                     log.warning("%s: %s; hashing every file", snapshot.id, e)
                     previous, stats = None, manifest.ScanStats()
@@ -685,6 +719,9 @@ class Engine:
         """The backend of each named volume (all when none are named), for the FUSE mount:
         it lists their snapshots and enters them through browse_root(), read-only."""
         return {v.name: self.backend(v) for v in self.volumes(names)}
+
+
+MANIFESTS_OFF = {"unverified": 'manifests are off for this volume (manifest = "off")'}
 
 
 def _verify_state(verifies: list[Verify], existing: set[str]) -> tuple[Verify | None, tuple[str, ...]]:

@@ -26,7 +26,7 @@ class Backend(abc.ABC):
     # Whether the snapshots live on one filesystem and an unchanged file is the very same
     # inode in each (rsync's hardlinks): then an inode number alone says a file is
     # unchanged, though its ctime moved. Otherwise (copy-on-write snapshots) a file is
-    # unchanged when its inode number and its ctime are. See snapmgr.manifest.scan.
+    # unchanged when its inode number and its ctime are. See snapmgr.manifest.walk.
     shares_inodes: ClassVar[bool] = False
     # Whether browse_root() mounts something (slow, and holding resources until left):
     # then the FUSE mount enters a snapshot only when someone walks into it.

@@ -47,8 +47,8 @@ def decode_name(text: str) -> bytes:
 
 
 def write(path: Path, header: dict, entries: Iterable[Entry]) -> int:
-    """Write the manifest whole or not at all (a temporary file, synced, renamed); the
-    number of entries written."""
+    """Write the manifest whole or not at all (a temporary file, synced, renamed, its
+    directory synced); the number of entries written."""
     tmp = path.with_name(path.name + ".tmp")
     count = 0
     try:
@@ -73,6 +73,12 @@ def write(path: Path, header: dict, entries: Iterable[Entry]) -> int:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    # The rename itself survives a power cut only once the directory is synced.
+    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
     return count
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from snapmgr.manifest.entry import compare, display
-from snapmgr.manifest.scan import ScanStats, stream
+from snapmgr.manifest.walk import ScanStats, stream
 from snapmgr.manifest.store import Manifest
 
 STATUS = {"removed": "missing", "added": "unexpected", "changed": "changed"}

@@ -144,14 +144,14 @@ def pids_of(program: str, needle: str) -> list[int]:
 
 
 @contextmanager
-def loop_mount(root: Path, fstype: str, size_mib: int = 300) -> Iterator[Path]:
+def loop_mount(root: Path, fstype: str, size_mib: int = 300, mkfs_args: tuple[str, ...] = ()) -> Iterator[Path]:
     """A fresh filesystem of `fstype` on a loop device, mounted at root/mnt-<fstype>;
     thawed, unmounted and released afterwards whatever the test did to it."""
     image, mnt = root / f"{fstype}.img", root / f"mnt-{fstype}"
     mnt.mkdir()
     with open(image, "wb") as f:
         f.truncate(size_mib << 20)
-    subprocess.run([f"mkfs.{fstype}", "-q", *(["-F"] if fstype == "ext4" else []), image], check=True,
+    subprocess.run([f"mkfs.{fstype}", "-q", *(["-F"] if fstype == "ext4" else []), *mkfs_args, image], check=True,
                    capture_output=True)
     subprocess.run(["mount", "-o", "loop", image, mnt], check=True)
     try:

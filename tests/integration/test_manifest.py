@@ -9,12 +9,15 @@ import gzip
 import json
 import os
 import shutil
+import signal
+import sqlite3
 import subprocess
+import time
 
 import pytest
 
 from snapmgr import manifest
-from tests.integration.helpers import make_tree, needs_root
+from tests.integration.helpers import loop_mount, make_tree, needs_root, wait_for
 from tests.integration.test_btrfs import btrfs  # noqa: F401 (a fixture)
 
 HOSTILE = [b"-rf", b"new\nline", b"back\\slash", b"cr\rx", b" lead", b"trail ", b"tab\tx", b"\xc3\xa9t\xc3\xa9",
@@ -81,6 +84,7 @@ def test_the_next_rsync_snapshot_reuses_the_hashes_of_its_hardlinked_files(ws):
 def test_the_next_btrfs_snapshot_reuses_hashes_of_files_whose_inode_and_ctime_are_kept(ws, btrfs):
     ws.write_config({"data": {"backend": "btrfs", "subvolume": btrfs / "data", "snapshot_dir": btrfs / ".snapshots"}})
     make_tree(btrfs / "data", files=40)
+    time.sleep(3.1)   # past the racy margin: a file written as a snapshot is taken is hashed again by the next
     first = created(ws)
     assert first["consistency"]["manifest"]["hashed"] == 40
     (btrfs / "data" / "d2" / "f0002").write_bytes(b"changed")
@@ -90,6 +94,29 @@ def test_the_next_btrfs_snapshot_reuses_hashes_of_files_whose_inode_and_ctime_ar
     assert (record["hashed"], record["reused"], record["previous"]) == (2, 38, first["id"])
     assert manifest.load(btrfs / ".snapshots", second["id"]) is not None
     assert ws.ok("verify").returncode == 0
+
+
+@needs_root
+def test_a_file_rewritten_in_the_tick_the_previous_snapshot_was_taken_is_hashed_again(tmp_path):
+    # ext4 with 128-byte inodes keeps timestamps to the second: a rewrite in place in the
+    # same second keeps inode, size, mtime and ctime.
+    with loop_mount(tmp_path, "ext4", size_mib=32, mkfs_args=("-I", "128")) as mnt:
+        f = mnt / "db"
+        while time.time() % 1 > 0.05:   # the start of a second, so that the steps below fall in it
+            time.sleep(0.005)
+        taken = time.time()
+        f.write_bytes(b"A" * 4096)
+        previous = list(manifest.scan(mnt, "blake3"))
+        fd = os.open(f, os.O_WRONLY)
+        os.pwrite(fd, b"B" * 4096, 0)
+        os.close(fd)
+        [old] = [e for e in previous if e.path == b"db"]
+        assert (old.ctime_ns, old.mtime_ns) == (f.stat().st_ctime_ns, f.stat().st_mtime_ns)   # the write is hidden
+        stats = manifest.ScanStats()
+        [new] = [e for e in manifest.scan(mnt, "blake3", iter(previous), previous_taken=taken, stats=stats)
+                 if e.path == b"db"]
+        assert new.digest == manifest.hash_file(f, "blake3") != old.digest
+        assert stats.reused == 0
 
 
 def test_sha256_volumes_and_export_checked_by_sha256sum_in_a_restored_copy(ws, tmp_path):
@@ -164,7 +191,7 @@ def test_manifest_off_takes_snapshots_that_say_they_are_unverified(ws):
     every = ws.ok("verify")   # no volume named: those without manifests are passed over, and say so
     assert every.stdout == 'data: manifests are off (manifest = "off"); not verified\n'
     named = ws.run("verify", "data")
-    assert named.returncode == 1
+    assert named.returncode == 0
     assert named.stdout == f'{snap["id"]}: UNVERIFIABLE: manifests are off for this volume (manifest = "off")\n'
 
 
@@ -193,7 +220,7 @@ def test_a_manifest_that_cannot_be_written_leaves_the_snapshot_marked_unverified
         assert [s["manifest"] for s in ws.ok("--json", "list").json()["snapshots"]] == ["blake3", "unverified"]
         assert not list(ws.repo.glob("*.tmp"))
         v = ws.run("verify", snap["id"])
-        assert v.returncode == 1 and v.stdout.startswith(f"{snap['id']}: UNVERIFIABLE: its manifest could not be "
+        assert v.returncode == 0 and v.stdout.startswith(f"{snap['id']}: UNVERIFIABLE: its manifest could not be "
                                                          f"written: No space left on device")
         filler.unlink()
         third = created(ws)   # room again: the next snapshot has its manifest
@@ -224,3 +251,29 @@ def test_a_bad_manifest_setting_is_one_line_naming_the_key(ws, where, expected):
                                   "manifest": "sha-256"}})
     r = ws.run("snapshot")
     assert (r.returncode, r.stderr) == (78, f"snapmgr: error: {ws.config}: {expected}\n")
+
+
+def test_sigterm_during_a_groups_first_manifest_keeps_every_record_and_finishes_every_run(ws):
+    # Volume a's manifest takes a while (many files); b has its snapshot and record by then.
+    sa, sb = ws.root / "srca", ws.root / "srcb"
+    sa.mkdir()
+    sb.mkdir()
+    make_tree(sa, files=60000, size=50)
+    (sb / "x").write_bytes(b"hello")
+    ws.write_config({"a": {"backend": "rsync", "source": sa, "repository": ws.root / "ra", "manifest": "sha256"},
+                     "b": {"backend": "rsync", "source": sb, "repository": ws.root / "rb"}},
+                    groups={"g": {"volumes": ["a", "b"]}})
+    p = ws.start("snapshot", "--group", "g")
+    wait_for(lambda: list((ws.root / "ra").glob("*.manifest.gz.tmp")), timeout=120, what="a's manifest begun")
+    p.send_signal(signal.SIGTERM)
+    p.communicate(timeout=120)
+    assert p.returncode != 0
+    [a] = ws.ok("--json", "list", "a").json()["snapshots"]
+    [b] = ws.ok("--json", "list", "b").json()["snapshots"]
+    assert a["manifest"] == "unverified" and b["manifest"] == "unverified"
+    assert ws.run("verify", a["id"]).stdout == \
+        f"{a['id']}: UNVERIFIABLE: interrupted before its manifest was complete\n"
+    assert (ws.root / "rb" / f"{b['id']}.record.json").exists()
+    assert not list((ws.root / "ra").glob("*.tmp"))
+    with contextlib.closing(sqlite3.connect(ws.root / "state" / "journal.db")) as db:
+        assert sorted(db.execute("SELECT volume, status FROM runs")) == [("a", "ok"), ("b", "ok")]

@@ -4,6 +4,7 @@ back, snapshots without manifests, the journal and status."""
 
 from __future__ import annotations
 
+import json
 import os
 import pty
 import sqlite3
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from snapmgr import manifest
-from tests.integration.helpers import make_tree, needs_root
+from tests.integration.helpers import make_tree, needs_root, wait_for
 from tests.integration.test_btrfs import btrfs  # noqa: F401 (a fixture)
 
 
@@ -104,6 +105,45 @@ def test_corruption_in_a_read_only_btrfs_snapshot_is_caught(ws, btrfs):
     assert r.stdout.splitlines() == [f"{sid}: DAMAGED, 1 problem:", "  changed    '/d3/f0003' (content)"]
 
 
+@needs_root
+def test_a_large_file_the_disk_cannot_read_is_reported_unreadable_not_a_crash(ws, btrfs):
+    # Real damage: bytes of a 20 MiB file's extent overwritten in the filesystem image, so
+    # that btrfs's checksum fails and read(2) says EIO (a memory map would take a SIGBUS).
+    ws.write_config({"data": {"backend": "btrfs", "subvolume": btrfs / "data", "snapshot_dir": btrfs / ".snapshots"}})
+    marker = os.urandom(64)
+    big = marker + os.urandom(20 << 20)
+    (btrfs / "data" / "big").write_bytes(big)
+    (btrfs / "data" / "small").write_bytes(b"fine")
+    sid = created(ws)
+    image = btrfs.parent / "btrfs.img"
+    subprocess.run(["umount", btrfs], check=True)
+    with open(image, "r+b") as f:
+        offset = f.read().find(marker)   # the image holds one copy: data is not duplicated
+        assert offset > 0
+        f.seek(offset + 100)
+        f.write(b"\0" * 16)
+    subprocess.run(["mount", "-o", "loop", image, btrfs], check=True)
+    r = ws.run("verify")
+    assert r.returncode == 1, r.stderr
+    assert r.stdout.splitlines() == [f"{sid}: DAMAGED, 1 problem:", "  unreadable '/big' (Input/output error)"]
+    assert r.stderr.strip().splitlines() == [f"snapmgr: error: 1 of 1 snapshots are not intact: {sid} (damaged)"]
+
+
+def test_a_snapshot_deleted_during_its_verify_is_an_error_not_damage(ws):
+    make_tree(ws.source, files=60000, size=10)
+    sid = created(ws)
+    Path("/proc/sys/vm/drop_caches").write_text("3")   # a cold cache: the verify reads for a while
+    p = ws.start("--json", "verify", sid)
+    wait_for(lambda: Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().strip(), timeout=120,
+             what="the verify's hashing processes")
+    ws.ok("delete", sid)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 1
+    [result] = json.loads(out)["results"]
+    assert (result["result"], result["reason"], result["problems"]) == ("error", "deleted during verify", [])
+    assert err.strip().splitlines() == [f"snapmgr: error: 1 of 1 snapshots are not intact: {sid} (error)"]
+
+
 def test_snapshots_without_a_manifest_are_unverifiable_never_intact(ws):
     make_tree(ws.source, files=5)
     old, new = created(ws), created(ws)
@@ -112,12 +152,46 @@ def test_snapshots_without_a_manifest_are_unverifiable_never_intact(ws):
     record.write_text(record.read_text().replace('"manifest"', '"not-the-manifest"'))
     manifest.delete(ws.repo, new)
     r = ws.run("--json", "verify")
-    assert r.returncode == 1
+    assert r.returncode == 1   # the manifest written and since lost: a failure
     results = r.json()["results"]
-    assert [(v["snapshot"], v["result"]) for v in results] == [(old, "unverifiable"), (new, "unverifiable")]
+    assert [(v["snapshot"], v["result"]) for v in results] == [(old, "error"), (new, "unverifiable")]
     assert results[0]["reason"] == "its manifest file is missing (deleted by hand?)"
     assert results[1]["reason"].startswith("it has no manifest: it was taken before snapmgr recorded manifests")
     assert r.json()["intact"] is False
+
+
+def test_snapshots_that_never_had_a_manifest_are_told_of_but_fail_no_verify(ws):
+    # A timer running `snapmgr verify` must not fail forever because of old snapshots.
+    make_tree(ws.source, files=5)
+    old, new = created(ws), created(ws)
+    manifest.delete(ws.repo, old)
+    record = ws.repo / f"{old}.record.json"
+    record.write_text(record.read_text().replace('"manifest"', '"not-the-manifest"'))   # as before manifests
+    r = ws.run("verify")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0] == (f"{old}: UNVERIFIABLE: it has no manifest: it was taken before snapmgr "
+                                        f"recorded manifests, or its run was stopped before the manifest was written")
+    assert r.stdout.splitlines()[1].startswith(f"{new}: intact")
+
+
+def test_a_volume_whose_repository_is_gone_is_passed_over_and_said_so(ws):
+    make_tree(ws.source, files=2)
+    created(ws)
+    ws.repo.rename(ws.root / "away")
+    r = ws.run("--json", "verify")
+    assert r.json()["passed_over"] == ["data: no snapshots found; not verified"] and r.json()["results"] == []
+
+
+def test_every_named_snapshot_is_found_before_any_is_verified(ws):
+    make_tree(ws.source, files=2)
+    ws.write_config({"a": {"backend": "rsync", "source": ws.source, "repository": ws.root / "ra"},
+                     "b": {"backend": "rsync", "source": ws.source, "repository": ws.root / "rb"}})
+    sid = ws.ok("--json", "snapshot", "a").json()["results"][0]["created"]["id"]
+    r = ws.run("verify", sid, "b@20200101T000000Z")
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr == "snapmgr: error: no such snapshot: b@20200101T000000Z\n"
+    with sqlite3.connect(ws.root / "state" / "journal.db") as db:
+        assert db.execute("SELECT count(*) FROM verifies").fetchone() == (0,)
 
 
 def test_a_damaged_manifest_is_an_error_for_its_snapshot_alone(ws):

@@ -5,6 +5,7 @@ and verify passing, then catching a file changed behind snapmgr's back."""
 from __future__ import annotations
 
 import os
+import time
 
 from snapmgr import manifest
 from tests.lab.conftest import lvm_volume, sh, zfs_volume
@@ -20,6 +21,7 @@ def write_files(root, count: int) -> None:
 
 
 def check_two_snapshots(ws, write, records) -> tuple[str, str]:
+    time.sleep(3.1)   # past the racy margin: files written as a snapshot is taken are hashed again by the next
     first = created(ws)
     assert first["consistency"]["manifest"]["hashed"] == 30
     write("f007", b"changed")

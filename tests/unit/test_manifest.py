@@ -17,6 +17,8 @@ import pytest
 from snapmgr import manifest
 from snapmgr.manifest import Change, Entry, ManifestDamaged, ScanError, ScanStats, compare, scan
 from snapmgr.manifest import hashing
+from snapmgr.manifest.walk import xattrs_digest
+
 
 SID = "data@20261121T140501Z"
 
@@ -87,6 +89,57 @@ def test_a_vanished_file_is_unreadable_with_its_reason(tmp_path):
     assert isinstance(why, hashing.Unreadable) and "No such file" in why.reason
 
 
+KILLED_WORKER_SCAN = """
+import multiprocessing, os, signal, sys, threading, time
+from snapmgr.manifest import ScanError, scan
+
+def kill_a_worker():
+    while not multiprocessing.active_children():
+        time.sleep(0.001)
+    os.kill(multiprocessing.active_children()[0].pid, signal.SIGKILL)
+
+threading.Thread(target=kill_a_worker, daemon=True).start()
+try:
+    list(scan(sys.argv[1], "sha256"))
+except ScanError as e:
+    print("ScanError:", e)
+"""
+
+
+def test_a_killed_hashing_process_is_a_scan_error_not_a_hang(tmp_path):
+    for i in range(hashing.BATCH_FILES * 12):
+        (tmp_path / f"f{i:05d}").write_bytes(os.urandom(20000))
+    # The timeout only guards the test run from the hang it tests for.
+    out = subprocess.run([sys.executable, "-c", KILLED_WORKER_SCAN, tmp_path], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "PYTHONPATH": str(Path(manifest.__file__).parents[2])})
+    assert out.stdout == "ScanError: a hashing process died (killed, or out of memory?)\n", out.stderr
+
+
+def test_the_walk_waits_when_the_workers_have_enough_batches(tmp_path, monkeypatch):
+    files = []
+    for i in range(hashing.BATCH_FILES * 24):
+        p = tmp_path / f"f{i:05d}"
+        p.write_bytes(b"x" * 10000)
+        files.append((os.fsencode(p), 10000))
+    most = 0
+    submit = hashing.ProcessPoolExecutor.submit
+
+    def counting_submit(pool, *args):   # a spy: the real pool does the work
+        nonlocal most
+        future = submit(pool, *args)
+        most = max(most, sum(1 for f in pending if not f.done()) + 1)
+        pending.append(future)
+        return future
+
+    pending = []
+    monkeypatch.setattr(hashing.ProcessPoolExecutor, "submit", counting_submit)
+    with hashing.Hashing("sha256", workers=2) as h:
+        for i, (path, size) in enumerate(files):
+            h.add(i, path, size)   # results not taken meanwhile: a walk far ahead of the hashing
+        assert len(list(h.results())) == len(files)
+    assert 0 < most <= 2 * hashing.IN_FLIGHT
+
+
 UNPRIVILEGED_SCAN = """
 import sys
 from snapmgr.manifest import ScanError, ScanStats, scan
@@ -147,6 +200,15 @@ def test_a_changed_ctime_forbids_reuse_unless_the_snapshots_share_inodes(tmp_pat
     entries(root, previous=first, stats=shared, shares_inodes=True)
     assert (strict.hashed, strict.reused) == (1, 2)
     assert (shared.hashed, shared.reused) == (0, 3)
+
+
+def test_xattrs_set_in_place_on_a_shared_inode_are_read_again(tmp_path):
+    root = tree(tmp_path / "t")
+    first = entries(root)
+    a = root / "dir" / "sub" / "a.txt"
+    os.setxattr(a, "user.note", b"set in the repository, in place")
+    [found] = [e for e in entries(root, previous=first, shares_inodes=True) if e.path == b"dir/sub/a.txt"]
+    assert found.xattrs is not None and found.xattrs == xattrs_digest(os.fsencode(a))
 
 
 def test_a_new_inode_at_the_same_path_is_hashed_even_with_the_same_size_and_mtime(tmp_path):
@@ -252,3 +314,71 @@ def test_a_stream_gives_the_entries_of_a_scan_as_their_hashes_come(tmp_path):
     assert first.path == b"" and stats.entries == 0      # nothing is complete yet
     assert [first, *streamed] == entries(root, "sha256")
     assert (stats.entries, stats.hashed) == (hashing.BATCH_FILES * 4 + 8, hashing.BATCH_FILES * 4)
+
+
+SAVE_ONE = """
+import sys
+from pathlib import Path
+from snapmgr import manifest
+manifest.save(Path(sys.argv[1]), "v@20260101T000000Z", "blake3", manifest.scan(sys.argv[1], "blake3"))
+"""
+
+
+def test_the_directory_is_synced_after_the_manifest_is_renamed_into_place(tmp_path):
+    # A power cut can undo a rename whose directory was not synced: strace shows the order.
+    trace = tmp_path / "trace"
+    subprocess.run(["strace", "-f", "-o", trace, "-e", "trace=openat,rename,renameat,renameat2,fsync",
+                    sys.executable, "-c", SAVE_ONE, tmp_path], check=True, capture_output=True,
+                   env={**os.environ, "PYTHONPATH": str(Path(manifest.__file__).parents[2])})
+    calls = [line.split(None, 1)[1] for line in trace.read_text().splitlines() if " " in line]
+    renamed = next(i for i, c in enumerate(calls) if c.startswith("rename") and ".manifest.gz.tmp" in c)
+    opened = next(c for c in calls[renamed:] if c.startswith("openat") and f'"{tmp_path}"' in c and "O_DIRECTORY" in c)
+    fd = opened.rsplit("= ", 1)[1]
+    assert f"fsync({fd})" in " ".join(calls[calls.index(opened):])
+
+
+def test_the_walk_module_is_not_shadowed_by_the_scan_function():
+    import importlib
+    walk = importlib.import_module("snapmgr.manifest.walk")
+    assert manifest.scan is walk.scan and manifest.walk is walk   # the module reachable under its own name
+
+
+def _leaf_entries(directory_fd: int) -> None:
+    """A file with an xattr, a symlink with one of its own (trusted.*: root), a fifo."""
+    w = os.open(b"leaf", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=directory_fd)
+    os.write(w, b"deep" * 50000)
+    os.setxattr(w, "user.note", b"on the file")
+    os.close(w)
+    os.symlink(b"leaf", b"link", dir_fd=directory_fd)
+    link = os.open(b"link", os.O_PATH | os.O_NOFOLLOW, dir_fd=directory_fd)
+    os.setxattr(f"/proc/self/fd/{link}", "trusted.note", b"on the link")
+    os.close(link)
+    os.mkfifo(b"fifo", dir_fd=directory_fd)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to set a trusted.* xattr on a symlink")
+def test_a_tree_deeper_than_path_max_is_walked_hashed_and_its_xattrs_read(tmp_path):
+    # btrfs, ZFS and LVM snapshots can hold such trees: every path of it is longer than
+    # the kernel takes, so it is only reached a directory at a time.
+    deep, shallow = tmp_path / "deep", tmp_path / "shallow"
+    deep.mkdir()
+    shallow.mkdir()
+    fd = os.open(deep, os.O_RDONLY)
+    for i in range(20):   # 20 names of 250 bytes: 5 KB of path
+        name = b"%03d" % i + b"d" * 247
+        os.mkdir(name, dir_fd=fd)
+        fd, parent = os.open(name, os.O_RDONLY, dir_fd=fd), fd
+        os.close(parent)
+    _leaf_entries(fd)
+    os.close(fd)
+    fd = os.open(shallow, os.O_RDONLY)
+    _leaf_entries(fd)
+    os.close(fd)
+    found = entries(deep)
+    assert len(found) == 24 and len(found[-1].path) > 4096
+    wanted = {e.path: e for e in entries(shallow)}
+    for e in found[-3:]:
+        name = e.path.rsplit(b"/", 1)[1]
+        assert (e.kind, e.digest, e.xattrs, e.target) == \
+            (wanted[name].kind, wanted[name].digest, wanted[name].xattrs, wanted[name].target)
+    assert wanted[b"leaf"].xattrs != wanted[b"link"].xattrs is not None   # the link's own, not its target's

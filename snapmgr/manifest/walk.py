@@ -10,8 +10,15 @@ do not keep ctimes: `--link-dest` hard-links an unchanged file into the new snap
 link(2) sets the inode's ctime. But there both snapshots live on one filesystem and the
 previous one still holds its inodes, so the same inode number *is* the same inode, and
 therefore has the same content and xattrs: the inode number is enough (with size and
-mtime, in case the previous snapshot was damaged in place since). The backend says which
-case it is (`shares_inodes`)."""
+mtime, in case the previous snapshot was damaged in place since), but not for the xattrs,
+whose change moves neither size nor mtime: they are read again. The backend says which
+case it is (`shares_inodes`).
+
+Timestamps are coarse on some filesystems (ext4 with 128-byte inodes: one second), so a
+file rewritten in place in the same tick as the previous snapshot was taken keeps its
+ctime, and would keep its stale hash forever. As git does with its index ("racy clean"),
+an entry whose ctime is not older than the previous snapshot's creation by a margin is
+never taken from it (`previous_taken`)."""
 
 from __future__ import annotations
 
@@ -24,20 +31,18 @@ from collections import deque
 from dataclasses import dataclass, field, fields
 from typing import Callable, Iterable, Iterator
 
-from snapmgr.errors import SnapmgrError
+from snapmgr.manifest import longpath
 from snapmgr.manifest.entry import Entry, display, walk_key
-from snapmgr.manifest.hashing import Hashing, Unreadable
+from snapmgr.manifest.hashing import Hashing, ScanError, Unreadable
 
 PATH, KIND, SIZE, DIGEST = ([f.name for f in fields(Entry)].index(n) for n in ("path", "kind", "size", "digest"))
 PROGRESS_EVERY = 4096
 PENDING = object()   # a digest being computed
 GIVE_OUT_EVERY = 512  # entries walked between two looks at what the pool has hashed
+# Coarser than any timestamp granularity Linux filesystems have (FAT's 2 s).
+RACY_MARGIN_NS = 2_000_000_000
 _KIND = {stat.S_IFREG: "f", stat.S_IFDIR: "d", stat.S_IFLNK: "l", stat.S_IFCHR: "c", stat.S_IFBLK: "b",
          stat.S_IFIFO: "p", stat.S_IFSOCK: "s"}
-
-
-class ScanError(SnapmgrError):
-    pass
 
 
 @dataclass
@@ -57,21 +62,23 @@ class ScanStats:
 
 
 def scan(root: str | os.PathLike, algorithm: str | None, previous: Iterable[Entry] | None = None, *,
-         shares_inodes: bool = False, stats: ScanStats | None = None, strict: bool = True,
-         progress: Callable[[str], None] | None = None) -> Iterator[Entry]:
+         shares_inodes: bool = False, previous_taken: float | None = None, stats: ScanStats | None = None,
+         strict: bool = True, progress: Callable[[str], None] | None = None) -> Iterator[Entry]:
     """The entries under `root`, in walk order. algorithm None: no content hashes (a cheap
     walk). `previous`: an older state of the tree, in walk order, hashed with the same
     algorithm, whose hashes are taken for files not written since (see the module's
-    docstring). strict: an entry that cannot be read stops the scan with a ScanError;
+    docstring). previous_taken: when that state was taken (seconds since the epoch), so
+    that what was written in its last moments is hashed again; None: no such guard, for a
+    `previous` not taken from this tree. strict: an entry that cannot be read stops the scan with a ScanError;
     otherwise it is listed in `stats.unreadable` (and a file's digest is None). progress:
     told now and then how far it got. The work is done by the time this returns."""
-    return iter(list(stream(root, algorithm, previous, shares_inodes=shares_inodes, stats=stats, strict=strict,
-                            progress=progress)))
+    return iter(list(stream(root, algorithm, previous, shares_inodes=shares_inodes, previous_taken=previous_taken,
+                            stats=stats, strict=strict, progress=progress)))
 
 
 def stream(root: str | os.PathLike, algorithm: str | None, previous: Iterable[Entry] | None = None, *,
-           shares_inodes: bool = False, stats: ScanStats | None = None, strict: bool = True,
-           progress: Callable[[str], None] | None = None) -> Iterator[Entry]:
+           shares_inodes: bool = False, previous_taken: float | None = None, stats: ScanStats | None = None,
+           strict: bool = True, progress: Callable[[str], None] | None = None) -> Iterator[Entry]:
     """As scan(), lazily: each entry comes out as soon as it and those before it have their
     hashes, so that whoever takes them (the manifest being written) works while the pool
     hashes. The tree is read while the entries are taken, and `stats` is complete once
@@ -80,18 +87,23 @@ def stream(root: str | os.PathLike, algorithm: str | None, previous: Iterable[En
     started = time.monotonic()
     base = os.fsencode(root)
     before = _Cursor(previous or ())
+    settled = float("inf") if previous_taken is None else int(previous_taken * 1e9) - RACY_MARGIN_NS
     rows: deque[list] = deque()   # Entry's fields, in walk order, of the entries not given out yet
     waiting: dict[int, list] = {}  # the rows whose digest is PENDING, by the key hashing knows them by
     walked = 0
     with Hashing(algorithm) as hashing:
         for absolute, rel, st in _walk(base, stats, strict):
             old = before.at(rel)
-            same_inode = old is not None and old.ino == st.st_ino and (shares_inodes or old.ctime_ns == st.st_ctime_ns)
-            row = _row(absolute, rel, st, old.xattrs if same_inode else _xattrs(absolute, rel, stats, strict))
+            unchanged = old is not None and (old.ino, old.size, old.mtime_ns) == (st.st_ino, st.st_size, st.st_mtime_ns) \
+                and (shares_inodes or (old.ctime_ns == st.st_ctime_ns and old.ctime_ns < settled))
+            # Where inodes are shared their ctime says nothing, nor do size and mtime of an
+            # xattr's change: the xattrs are read again.
+            xattrs = old.xattrs if unchanged and not shares_inodes else _xattrs(absolute, rel, stats, strict)
+            row = _row(absolute, rel, st, xattrs)
             if row[KIND] == "f":
                 stats.bytes += st.st_size
             if row[KIND] == "f" and algorithm:
-                if same_inode and old.digest and (old.kind, old.size, old.mtime_ns) == ("f", st.st_size, st.st_mtime_ns):
+                if unchanged and old.kind == "f" and old.digest:
                     row[DIGEST] = old.digest
                     stats.reused += 1
                 else:
@@ -158,7 +170,7 @@ class _Cursor:
 def _walk(base: bytes, stats: ScanStats, strict: bool) -> Iterator[tuple[bytes, bytes, os.stat_result]]:
     """(absolute path, relative path, lstat) of each entry: depth first, siblings sorted
     by name, which is exactly walk order. Iterative, so no depth reaches Python's
-    recursion limit."""
+    recursion limit; through longpath, so none reaches PATH_MAX."""
     st = os.lstat(base)
     yield base, b"", st
     stack = [iter(_children(base, b"", stats, strict))]
@@ -176,7 +188,7 @@ def _walk(base: bytes, stats: ScanStats, strict: bool) -> Iterator[tuple[bytes, 
 def _children(directory: bytes, rel: bytes, stats: ScanStats, strict: bool
               ) -> list[tuple[bytes, bytes, os.stat_result]]:
     try:
-        names = sorted(os.listdir(directory))
+        names = sorted(longpath.listdir(directory))
     except OSError as e:
         _unreadable(stats, strict, rel, e.strerror or str(e))
         return []
@@ -185,7 +197,7 @@ def _children(directory: bytes, rel: bytes, stats: ScanStats, strict: bool
     for name in names:
         absolute = directory + b"/" + name
         try:
-            children.append((absolute, prefix + name, os.lstat(absolute)))
+            children.append((absolute, prefix + name, longpath.lstat(absolute)))
         except FileNotFoundError:
             continue  # gone since the listing: only a live tree changes under a walk
         except OSError as e:
@@ -203,7 +215,7 @@ def _row(absolute: bytes, rel: bytes, st: os.stat_result, xattrs: str | None) ->
     """An Entry's fields, without the digest yet."""
     kind = _KIND.get(stat.S_IFMT(st.st_mode), "?")
     return [rel, kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns,
-            st.st_ino, st.st_ctime_ns, st.st_nlink, st.st_rdev, os.readlink(absolute) if kind == "l" else None,
+            st.st_ino, st.st_ctime_ns, st.st_nlink, st.st_rdev, longpath.readlink(absolute) if kind == "l" else None,
             xattrs, None]
 
 
@@ -220,8 +232,18 @@ def _xattrs(absolute: bytes, rel: bytes, stats: ScanStats, strict: bool) -> str 
 def xattrs_digest(path: bytes) -> str | None:
     """One digest of every extended attribute's name and value (POSIX ACLs are xattrs),
     or None when the entry has none."""
+    if len(path) < longpath.LIMIT:
+        return _xattrs_digest(path, follow=False)
+    fd = longpath.open_entry(path)
     try:
-        names = os.listxattr(path, follow_symlinks=False)
+        return _xattrs_digest(b"/proc/self/fd/%d" % fd, follow=True)
+    finally:
+        os.close(fd)
+
+
+def _xattrs_digest(path: bytes, follow: bool) -> str | None:
+    try:
+        names = os.listxattr(path, follow_symlinks=follow)
     except OSError as e:
         if e.errno == errno.ENOTSUP:  # a filesystem without xattrs
             return None
@@ -230,7 +252,7 @@ def xattrs_digest(path: bytes) -> str | None:
         return None
     h = hashlib.blake2b(digest_size=16)
     for name in sorted(names):
-        value = os.getxattr(path, name, follow_symlinks=False)
+        value = os.getxattr(path, name, follow_symlinks=follow)
         encoded = name.encode("utf-8", "surrogateescape")
         h.update(b"%d:%s%d:%s" % (len(encoded), encoded, len(value), value))
     return h.hexdigest()
