@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import subprocess
 import sys
 import time
@@ -80,6 +81,19 @@ class Workspace:
         r = self.run(*args)
         assert r.returncode == 0, f"snapmgr {' '.join(args)} failed ({r.returncode}): {r.stderr}"
         return r
+
+    def on_terminal(self, *args: str, timeout: float = 120) -> tuple[int, str]:
+        """Run snapmgr with its stderr on a terminal (a pty): (exit code, what it showed there)."""
+        leader, follower = pty.openpty()
+        try:
+            p = subprocess.run(self.command(*args), stdout=subprocess.PIPE, stderr=follower, env=self.env,
+                               timeout=timeout)
+        finally:
+            os.close(follower)
+        try:
+            return p.returncode, os.read(leader, 65536).decode()
+        finally:
+            os.close(leader)
 
     def start(self, *args: str, **kwargs) -> subprocess.Popen:
         return subprocess.Popen(self.command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -2,7 +2,6 @@
 
 import contextlib
 import os
-import pty
 import signal
 import sqlite3
 import subprocess
@@ -158,12 +157,8 @@ def test_one_failing_volume_does_not_stop_the_others(ws, tmp_path):
 
 def test_quiet_off_a_terminal_and_progress_on_one(ws):
     make_tree(ws.source, files=20, size=10_000)
-    leader, follower = pty.openpty()
-    p = subprocess.run(ws.command("snapshot"), stdout=subprocess.PIPE, stderr=follower, env=ws.env, timeout=60)
-    os.close(follower)
-    seen = os.read(leader, 65536).decode()
-    os.close(leader)
-    assert p.returncode == 0
+    returncode, seen = ws.on_terminal("snapshot")
+    assert returncode == 0
     assert "100%" in seen and "\r" in seen  # rsync's progress, redrawn in place
     assert "speedup" not in seen  # the --stats report is parsed, not shown
     r = ws.ok("snapshot")

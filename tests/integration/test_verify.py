@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import pty
 import sqlite3
 import subprocess
 from pathlib import Path
@@ -233,11 +232,7 @@ def test_verify_results_go_to_the_journal(ws):
 def test_progress_is_shown_on_a_terminal_only(ws):
     make_tree(ws.source, files=5000, size=10)
     sid = created(ws)
-    leader, follower = pty.openpty()
-    p = subprocess.run(ws.command("verify"), stdout=subprocess.PIPE, stderr=follower, env=ws.env, timeout=120)
-    os.close(follower)
-    seen = os.read(leader, 65536).decode()
-    os.close(leader)
-    assert p.returncode == 0
+    returncode, seen = ws.on_terminal("verify")
+    assert returncode == 0
     assert f"{sid}: 4,096 entries found" in seen and f"{sid}: 4,096 files hashed" in seen and "\r" in seen
     assert ws.ok("verify").stderr == ""
