@@ -547,7 +547,14 @@ class Engine:
             if in_place and not dry_run:
                 pre_rollback = self._pre_rollback(volume)
                 stack.enter_context(self.journal.run(volume.name, "restore", os.getpid()))
-            changes = restore.copy(root, wanted, dest, dry_run, delete, backend.left_out(), kept)
+            try:
+                changes = restore.copy(root, wanted, dest, dry_run, delete, backend.left_out(), kept)
+            except SnapmgrError as e:
+                if pre_rollback is None or isinstance(e, Interrupted):   # a stop is said as such
+                    raise
+                # Raised inside the journal's run, so the journal keeps this line too.
+                raise SnapmgrError(f"{e}; the volume as it was before is in {pre_rollback}: snapmgr restore "
+                                   f"{pre_rollback} PATH --in-place puts it back") from None
         return restore.Restored(str(snapshot.id), dest, tuple(wanted), dry_run, tuple(changes), pre_rollback)
 
     def _own_places(self, volume: Volume, backend: Backend) -> list[tuple[Path, str]]:

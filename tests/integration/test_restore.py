@@ -160,6 +160,31 @@ def test_in_place_never_touches_snapmgrs_own_state_in_the_volume(ws):
     assert len(ws.snapshots()) == 3   # refused before any pre-rollback snapshot
 
 
+def test_a_failed_in_place_restore_names_the_pre_rollback_snapshot(ws):
+    ws.write_config({"data": {"backend": "rsync", "source": ws.source, "repository": ws.repo, "manifest": "off"}})
+    (ws.source / "file").write_bytes(b"old")
+    old = snapshot(ws)
+    (ws.source / "file").write_bytes(b"new")
+    subprocess.run(["chattr", "+i", ws.source / "file"], check=True)   # not even root replaces it
+    try:
+        r = ws.run("restore", old, "file", "--in-place")
+    finally:
+        subprocess.run(["chattr", "-i", ws.source / "file"], check=True)
+    assert r.returncode == 1
+    [pre] = [s for s in ws.snapshots() if s != old]
+    line = one_line_error(r.stderr)
+    assert f"the volume as it was before is in {pre}: snapmgr restore {pre} PATH --in-place puts it back" in line
+    with sqlite3.connect(ws.root / "state" / "journal.db") as db:
+        [(error,)] = db.execute("SELECT error FROM runs WHERE action = 'restore'").fetchall()
+    assert pre in error
+
+
+def one_line_error(stderr: str) -> str:
+    [line] = stderr.splitlines()
+    assert line.startswith("snapmgr: error: ")
+    return line
+
+
 @pytest.mark.parametrize("path, message", [
     ("../etc/passwd", "'..' is not allowed"),
     ("docs/../../x", "'..' is not allowed"),
