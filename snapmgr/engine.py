@@ -568,10 +568,7 @@ class Engine:
                 raise SnapmgrError(f"volume {volume.name} is not mounted now: there is nowhere to restore in place")
             dest = live
         dest = Path(os.path.abspath(dest))
-        for storage in backend.written_paths():
-            if Path(os.path.realpath(dest)).is_relative_to(os.path.realpath(storage)):
-                raise UsageError(f"{quote(str(dest))} is inside {storage}, where volume {volume.name} keeps its "
-                                 f"snapshots: restoring there would change them; restore elsewhere")
+        kept = restore.kept_out(dest, wanted, self._own_places(volume, backend))
         with ExitStack() as stack:
             if in_place and not dry_run:
                 stack.enter_context(self._locked(volume))
@@ -584,8 +581,23 @@ class Engine:
             if in_place and not dry_run:
                 pre_rollback = self._pre_rollback(volume)
                 stack.enter_context(self.journal.run(volume.name, "restore", os.getpid()))
-            changes = restore.copy(root, wanted, dest, dry_run, delete, backend.left_out())
+            try:
+                changes = restore.copy(root, wanted, dest, dry_run, delete, backend.left_out(), kept)
+            except SnapmgrError as e:
+                if pre_rollback is None or isinstance(e, Interrupted):   # a stop is said as such
+                    raise
+                # Raised inside the journal's run, so the journal keeps this line too.
+                raise SnapmgrError(f"{e}; the volume as it was before is in {pre_rollback}: snapmgr restore "
+                                   f"{pre_rollback} PATH --in-place puts it back") from None
         return restore.Restored(str(snapshot.id), dest, tuple(wanted), dry_run, tuple(changes), pre_rollback)
+
+    def _own_places(self, volume: Volume, backend: Backend) -> list[tuple[Path, str]]:
+        """What a restore must never write into, as real paths, each with what it is."""
+        settings = self.config.settings
+        places = [(settings.state_dir, "snapmgr's state directory (its journal and records)"),
+                  (settings.run_dir, "snapmgr's run directory (its locks)"),
+                  *((storage, f"where volume {volume.name} keeps its snapshots") for storage in backend.written_paths())]
+        return [(Path(os.path.realpath(place)), what) for place, what in places]
 
     def diff(self, old_text: str, new_text: str, path_text: str | None = None, quick: bool = False) -> diff.Diff:
         """What changed from snapshot OLD to snapshot NEW (or to the live volume, LIVE)."""

@@ -10,16 +10,39 @@ from __future__ import annotations
 import os
 import stat
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Iterator, Sequence
 
 from snapmgr import sh
-from snapmgr.volume_paths import joined
+from snapmgr.backends.rsync_filters import anchored
+from snapmgr.errors import UsageError, quote
+from snapmgr.volume_paths import joined, shown, under
 
 # How many existing paths a refusal to overwrite names.
 SHOWN_CONFLICTS = 5
 # Marks rsync's itemized lines among its other messages ("created directory DEST").
 ITEM = "item: "
+
+
+def kept_out(dest: Path, paths: Sequence[bytes], places: Sequence[tuple[Path, str]]) -> list[str]:
+    """rsync rules that keep a copy into DEST out of the `places` (real paths, each with
+    what it is) below DEST: snapmgr's own state, which a restore must never roll back or
+    delete. A DEST inside one of them, or a PATH that would land in one, is refused."""
+    real = Path(os.path.realpath(dest))
+    rules = []
+    for place, what in places:
+        if real.is_relative_to(place):
+            raise UsageError(f"{quote(str(dest))} is inside {place}, {what}: restoring there would change it; "
+                             f"restore elsewhere")
+        if not place.is_relative_to(real):
+            continue
+        inside = os.fsencode(place.relative_to(real))
+        for path in paths:
+            if under(path, inside):
+                raise UsageError(f"{shown(path)} would land in {place}, {what}: a restore never writes there; "
+                                 f"restore it elsewhere with --to DEST")
+        rules.append(anchored(PurePosixPath(os.fsdecode(inside))))
+    return rules
 
 
 def conflicts(root: Path, paths: Sequence[bytes], dest: Path, limit: int = SHOWN_CONFLICTS + 1) -> list[bytes]:
@@ -71,13 +94,15 @@ def _kind(path: bytes) -> str | None:
 
 
 def argv(root: Path, paths: Sequence[bytes], dest: Path, dry_run: bool, delete: bool,
-         left_out: Sequence[str]) -> list[str]:
+         left_out: Sequence[str], kept: Sequence[str]) -> list[str]:
     # --modify-window=-1: mtimes compared to the nanosecond; otherwise a symlink or fifo
     # made within the second of its original's mtime keeps the time of its making.
     argv = ["rsync", "-aHAX", "--numeric-ids", "--sparse", "--relative", "--modify-window=-1",
             f"--out-format={ITEM}%i %n%L"]
     if dry_run:
         argv.append("--dry-run")
+    # Excluded, the places are neither written nor deleted.
+    argv += [f"--exclude={rule}" for rule in kept]
     if delete:
         # -x: the deletion stops at every mount inside DEST (a nested subvolume, a child
         # dataset): the snapshot shows those as empty directories. What the snapshots
@@ -89,11 +114,11 @@ def argv(root: Path, paths: Sequence[bytes], dest: Path, dry_run: bool, delete: 
 
 
 def copy(root: Path, paths: Sequence[bytes], dest: Path, dry_run: bool = False, delete: bool = False,
-         left_out: Sequence[str] = ()) -> list[str]:
+         left_out: Sequence[str] = (), kept: Sequence[str] = ()) -> list[str]:
     """Copy, or with dry_run only say what would change: rsync's itemized lines
     ('>f+++++++++ a/b' a new file, '*deleting c'), names escaped by rsync (\\#012 for a
     newline) so each stays one line."""
-    result = sh.run(argv(root, paths, dest, dry_run, delete, left_out))
+    result = sh.run(argv(root, paths, dest, dry_run, delete, left_out, kept))
     return [line[len(ITEM):] for line in result.stdout.splitlines() if line.startswith(ITEM)]
 
 

@@ -37,6 +37,11 @@ def whole_mount(match) -> Path | None:
     return next((m.mountpoint for m in mounts() if m.root == b"/" and match(m)), None)
 
 
+def mounted_at(path: Path) -> Mount | None:
+    """The topmost mount at `path` (the one a lookup of `path` reaches), if any."""
+    return next((m for m in reversed(mounts()) if m.mountpoint == path), None)
+
+
 def _unescaped(field: bytes) -> bytes:
     # The kernel writes space, tab, newline and backslash in paths as \ooo.
     return _OCTAL_RE.sub(lambda m: bytes([int(m[1], 8)]), field)

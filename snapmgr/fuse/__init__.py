@@ -6,6 +6,7 @@ one tree, MOUNTPOINT/VOLUME/LABEL/..., read through the backends' browse_root().
   roots.py        browse roots entered lazily and released when idle (LVM mounts)
   passthrough.py  the snapshots' contents, as stored
   filesystem.py   the FUSE operations: dispatch, and EROFS for every change
+  connection.py   whether a mount's server answers (live, dead, stuck), and aborting it
   lifecycle.py    mounting, stale mounts, --daemon, signals, unmounting
 
 pyfuse3 and trio are optional: imported here, when a mount is asked for."""

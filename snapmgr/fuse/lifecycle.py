@@ -4,10 +4,8 @@ unmount and release the browse roots on the way out, also after an error."""
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
-import re
 import signal
 import sys
 from dataclasses import dataclass
@@ -19,7 +17,9 @@ import trio
 
 from snapmgr import sh
 from snapmgr.backends.base import Backend
+from snapmgr.backends.mounts import mounted_at
 from snapmgr.errors import SnapmgrError, UsageError, quote
+from snapmgr.fuse import connection
 from snapmgr.fuse.filesystem import Filesystem
 from snapmgr.fuse.inodes import Inodes
 from snapmgr.fuse.passthrough import Passthrough
@@ -30,7 +30,6 @@ from snapmgr.fuse.verifying import Verifier
 log = logging.getLogger(__name__)
 FSNAME = "snapmgr"
 FSTYPE = "fuse.snapmgr"
-MOUNTINFO = Path("/proc/self/mountinfo")
 # The kernel reads ahead 128 KiB on a FUSE mount, so a sequential read costs a request
 # through Python per 128 KiB; at 1 MiB (libfuse's largest request) a cold read of a big
 # file went from 0.37x to about bindfs's speed here.
@@ -44,73 +43,54 @@ class MountOptions:
     workers: int = 16         # requests served concurrently
 
 
-@dataclass(frozen=True)
-class MountEntry:
-    fstype: str
-    source: str
-    device: str    # MAJOR:MINOR
-
-
-def mount_at(path: Path) -> MountEntry | None:
-    """What is mounted at `path` (the topmost mount), if anything is."""
-    found = None
-    for line in MOUNTINFO.read_text().splitlines():
-        fields, _, rest = line.partition(" - ")
-        columns = fields.split(" ")
-        if _unescape(columns[4]) == str(path):
-            fstype, source, *_ = rest.split(" ")
-            found = MountEntry(fstype, _unescape(source), columns[2])
-    return found
-
-
-def _unescape(field: str) -> str:
-    """mountinfo escapes space, tab, newline and backslash as octal."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
-
-
-def _disconnected(path: Path) -> bool:
-    """Whether the FUSE mount at `path` has lost its server. Not a stat of `path` itself:
-    the kernel may answer that from its cache for a second after the server died. A
-    name nobody has is never cached, so looking it up asks the server."""
-    try:
-        os.stat(path / ".snapmgr-liveness-probe")
-    except OSError as e:
-        return e.errno == errno.ENOTCONN
-    return False
-
-
 def _canonical(mountpoint: Path) -> Path:
-    # realpath, not resolve(strict): a stale FUSE mount cannot be stat'ed.
-    return Path(os.path.realpath(mountpoint))
+    """The mount point's real path, found without a lookup of the mount point itself,
+    which a stuck FUSE server would never answer: a mount point is never a symlink."""
+    absolute = Path(os.path.abspath(mountpoint))
+    beside = Path(os.path.realpath(absolute.parent)) / absolute.name
+    return beside if mounted_at(beside) is not None else Path(os.path.realpath(absolute))
 
 
 def prepare(mountpoint: Path) -> Path:
-    """The mount point, checked: a stale FUSE mount there is cleared, a live mount of
-    anything is refused."""
+    """The mount point, checked: a dead snapmgr mount there is cleared; any other mount,
+    and anything but an empty directory, is refused."""
     path = _canonical(mountpoint)
-    existing = mount_at(path)
-    if existing is not None:
-        if existing.fstype.startswith("fuse") and _disconnected(path):
-            log.warning("%s: clearing a stale %s mount left by a process that died", path, existing.fstype)
-            sh.run(["fusermount3", "-u", "-z", path], timeout=60)
-        elif existing.fstype == FSTYPE:
+    existing = mounted_at(path)
+    if existing is not None and existing.fstype == FSTYPE:
+        found = connection.state(path)
+        if found is connection.State.LIVE:
             raise SnapmgrError(f"{quote(path)} is already a snapmgr mount; unmount it first: snapmgr umount {path}")
-        else:
-            raise SnapmgrError(f"{quote(path)} is already a mount point ({existing.fstype} of "
-                               f"{quote(existing.source)}); choose an empty directory")
+        if found is connection.State.STUCK:
+            raise SnapmgrError(f"{quote(path)} is a snapmgr mount whose process does not answer (stopped?); "
+                               f"snapmgr umount {path} clears it")
+        log.warning("%s: clearing a snapmgr mount left by a process that died", path)
+        sh.run(["fusermount3", "-u", "-z", path], timeout=60)
+    elif existing is not None:
+        raise SnapmgrError(f"{quote(path)} is already a mount point ({existing.fstype} of "
+                           f"{quote(existing.source)}); choose an empty directory")
+    if not os.path.lexists(path):
+        raise UsageError(f"mount point {quote(mountpoint)} does not exist; create an empty directory there")
     if not path.is_dir():
         raise UsageError(f"mount point {quote(mountpoint)} is not a directory")
+    if os.listdir(path):
+        raise UsageError(f"mount point {quote(mountpoint)} is not empty: the mount would hide what it holds; "
+                         f"choose an empty directory")
     return path
 
 
 def unmount(mountpoint: Path) -> Path:
     path = _canonical(mountpoint)
-    existing = mount_at(path)
+    existing = mounted_at(path)
     if existing is None:
         raise SnapmgrError(f"{quote(path)} is not mounted")
     if existing.fstype != FSTYPE:
         raise SnapmgrError(f"{quote(path)} is a {existing.fstype} mount, not snapmgr's; not unmounting it")
-    sh.run(["fusermount3", "-u", *(["-z"] if _disconnected(path) else []), path], timeout=60)
+    found = connection.state(path)
+    if found is connection.State.STUCK:
+        log.warning("%s: its process does not answer; aborting its connection", path)
+        connection.abort(existing)
+    # Lazily when nothing serves it any more: a plain unmount would wait on the dead connection.
+    sh.run(["fusermount3", "-u", *(["-z"] if found is not connection.State.LIVE else []), path], timeout=60)
     return path
 
 
@@ -165,9 +145,10 @@ def serve(mountpoint: Path, backends: dict[str, Backend], options: MountOptions,
     finally:
         try:
             fs.close_files()
-            # Not stat(): with the loop ended, nothing would answer it. As root, libfuse
-            # detaches the mount (MNT_DETACH), so a process still inside cannot keep it.
-            pyfuse3.close(unmount=mount_at(mountpoint) is not None)
+            # Whatever is mounted now: libfuse leaves alone a mount already gone (its
+            # /dev/fuse descriptor says so), and as root detaches ours (MNT_DETACH), so a
+            # process still inside cannot keep it.
+            pyfuse3.close(unmount=True)
         finally:
             roots.release_all()
     log.info("unmounted %s", mountpoint)
@@ -179,8 +160,10 @@ async def _read_ahead(mountpoint: Path) -> None:
     try:
         # Abandoned if the mount ends first: nothing would answer the stat then.
         await trio.to_thread.run_sync(os.stat, mountpoint, cancellable=True)
-        mounted = mount_at(mountpoint)
-        Path("/sys/class/bdi", mounted.device, "read_ahead_kb").write_text(f"{READ_AHEAD_KIB}\n")
+        mounted = mounted_at(mountpoint)
+        if mounted is not None:   # None: unmounted meanwhile
+            major, minor = mounted.device
+            Path("/sys/class/bdi", f"{major}:{minor}", "read_ahead_kb").write_text(f"{READ_AHEAD_KIB}\n")
     except OSError as e:
         log.debug("read-ahead of %s left as it was: %s", mountpoint, e)
 

@@ -24,12 +24,13 @@ FSTYPE = "fuse.snapmgr"
 
 
 def mounted_type(path: Path) -> str | None:
-    """The type of the topmost mount at `path`, from /proc/self/mountinfo."""
+    """The type of the topmost mount at `path`, from /proc/self/mountinfo (bytes: a
+    mount point may have any name)."""
     found = None
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        fields, _, rest = line.partition(" - ")
-        if fields.split(" ")[4] == str(path):
-            found = rest.split(" ")[0]
+    for line in Path("/proc/self/mountinfo").read_bytes().splitlines():
+        fields, _, rest = line.partition(b" - ")
+        if fields.split(b" ")[4] == os.fsencode(path):
+            found = rest.split(b" ")[0].decode()
     return found
 
 
@@ -380,6 +381,57 @@ def test_a_killed_mount_is_cleared_by_the_next(ws, mnt):
         assert mounts == 1  # the stale one was cleared, not buried under the new one
 
 
+def test_a_mount_point_named_in_any_bytes_elsewhere_breaks_nothing(ws, mnt, tmp_path):
+    make_tree(ws.source, files=3)
+    snapshot(ws)
+    odd = os.fsencode(tmp_path) + b"/caf\xe9 \xff"   # not UTF-8, and a space mountinfo escapes
+    os.mkdir(odd)
+    subprocess.run([b"mount", b"-t", b"tmpfs", b"odd", odd], check=True)
+    try:
+        with mount(ws, mnt) as proc:
+            ws.ok("umount", str(mnt))
+            assert proc.wait(30) == 0, proc.stderr.read()
+        with mount(ws, mnt) as proc:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0, proc.stderr.read()
+            assert mounted_type(mnt) is None   # not left stale
+    finally:
+        subprocess.run([b"umount", odd], check=True)
+
+
+def test_a_stopped_mount_process_is_cleared_without_hanging(ws, mnt):
+    make_tree(ws.source, files=3)
+    snapshot(ws)
+    with mount(ws, mnt) as proc:
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            r = ws.run("mount", str(mnt), timeout=60)
+            assert r.returncode == 1 and "does not answer" in one_error_line(r.stderr)
+            ws.ok("umount", str(mnt))
+            assert mounted_type(mnt) is None
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        # Its connection aborted, the process ends once it runs again.
+        assert proc.wait(30) == 0, proc.stderr.read()
+
+
+def test_a_dead_mount_of_another_program_is_refused_not_cleared(ws, mnt, tmp_path):
+    (tmp_path / "shown").mkdir()
+    bindfs = subprocess.Popen(["bindfs", "-f", tmp_path / "shown", mnt])
+    try:
+        wait_for(lambda: mounted_type(mnt) is not None, what="bindfs")
+        bindfs.kill()
+        bindfs.wait()
+        r = ws.run("mount", str(mnt))
+        assert r.returncode == 1 and "already a mount point (fuse" in one_error_line(r.stderr)
+        assert mounted_type(mnt) is not None
+    finally:
+        if bindfs.poll() is None:
+            bindfs.kill()
+            bindfs.wait()
+        subprocess.run(["fusermount3", "-u", "-z", mnt], check=True)
+
+
 def test_daemon_returns_once_mounted_and_umount_ends_it(ws, mnt):
     make_tree(ws.source, files=3)
     sid = snapshot(ws)
@@ -399,8 +451,9 @@ def test_daemon_returns_once_mounted_and_umount_ends_it(ws, mnt):
 
 def test_bad_mount_points_and_volumes_get_one_line_errors(ws, mnt, tmp_path):
     cases = [
-        (("mount", str(tmp_path / "missing")), 2, "is not a directory"),
+        (("mount", str(tmp_path / "missing")), 2, "does not exist"),
         (("mount", str(ws.config)), 2, "is not a directory"),
+        (("mount", str(ws.root)), 2, "is not empty"),
         (("mount", str(mnt), "nosuch"), 2, "unknown volume 'nosuch'"),
         (("mount", str(mnt), "--idle", "soon"), 2, "--idle"),
         (("umount", str(mnt)), 1, "is not mounted"),

@@ -5,6 +5,7 @@ first, --dry-run changes nothing, and paths are mapped or refused."""
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 
 import pytest
@@ -130,6 +131,58 @@ def test_in_place_delete_removes_only_what_the_snapshot_lacks(volume):
     assert not (live / "docs" / "stray.txt").exists()
     assert (live / "cache" / "later").exists() and (live / "cache" / "blob").exists()
     assert subtree(fingerprint(live), b"docs") == expected
+
+
+def test_in_place_never_touches_snapmgrs_own_state_in_the_volume(ws):
+    # As by default: the state dir (journal, records) and the run dir on the volume restored.
+    ws.write_config({"data": {"backend": "rsync", "source": ws.source, "repository": ws.repo, "manifest": "off"}},
+                    state_dir=ws.source / "var" / "lib" / "snapmgr", run_dir=ws.source / "run" / "snapmgr")
+    (ws.source / "file").write_bytes(b"old")
+    old = snapshot(ws)
+    (ws.source / "file").write_bytes(b"new")
+    snapshot(ws)
+
+    out = ws.ok("restore", old, ".", "--in-place", "--delete").stdout
+    assert (ws.source / "file").read_bytes() == b"old"
+    assert "var/lib/snapmgr" not in out and "run/snapmgr" not in out
+    # The journal is the live one, not the snapshot's older copy: it holds every run.
+    with sqlite3.connect(ws.source / "var" / "lib" / "snapmgr" / "journal.db") as db:
+        runs = db.execute("SELECT action, status FROM runs ORDER BY id").fetchall()
+    assert runs == [("snapshot", "ok")] * 3 + [("restore", "ok")]
+
+    for args, place in [(["var/lib/snapmgr/journal.db", "--in-place"], "state directory"),
+                        (["run/snapmgr/x", "--in-place"], "run directory"),
+                        (["file", "--to", str(ws.source / "var" / "lib" / "snapmgr" / "x")], "state directory")]:
+        r = ws.run("restore", old, *args)
+        assert r.returncode == 2, r.stderr
+        [line] = r.stderr.splitlines()
+        assert place in line, line
+    assert len(ws.snapshots()) == 3   # refused before any pre-rollback snapshot
+
+
+def test_a_failed_in_place_restore_names_the_pre_rollback_snapshot(ws):
+    ws.write_config({"data": {"backend": "rsync", "source": ws.source, "repository": ws.repo, "manifest": "off"}})
+    (ws.source / "file").write_bytes(b"old")
+    old = snapshot(ws)
+    (ws.source / "file").write_bytes(b"new")
+    subprocess.run(["chattr", "+i", ws.source / "file"], check=True)   # not even root replaces it
+    try:
+        r = ws.run("restore", old, "file", "--in-place")
+    finally:
+        subprocess.run(["chattr", "-i", ws.source / "file"], check=True)
+    assert r.returncode == 1
+    [pre] = [s for s in ws.snapshots() if s != old]
+    line = one_line_error(r.stderr)
+    assert f"the volume as it was before is in {pre}: snapmgr restore {pre} PATH --in-place puts it back" in line
+    with sqlite3.connect(ws.root / "state" / "journal.db") as db:
+        [(error,)] = db.execute("SELECT error FROM runs WHERE action = 'restore'").fetchall()
+    assert pre in error
+
+
+def one_line_error(stderr: str) -> str:
+    [line] = stderr.splitlines()
+    assert line.startswith("snapmgr: error: ")
+    return line
 
 
 @pytest.mark.parametrize("path, message", [
