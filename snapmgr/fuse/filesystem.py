@@ -208,7 +208,11 @@ class Filesystem(pyfuse3.Operations):
     async def listxattr(self, inode, ctx):
         if not await self._has_contents(inode, ctx.uid):
             return []
-        return await self.files.listxattr(inode)
+        names = await self.files.listxattr(inode)
+        # Local filesystems list trusted.* names to privileged callers only; this list is
+        # read as root, so it must leave them out for everyone else (their values the
+        # kernel refuses by itself).
+        return names if ctx.uid == 0 else [n for n in names if not n.startswith(b"trusted.")]
 
     async def _has_contents(self, ino: int, uid: int) -> bool:
         """Whether `ino` is a file of a snapshot, entered: not a virtual node, nor the

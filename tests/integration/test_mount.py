@@ -217,6 +217,8 @@ def guarded(ws):
     s.chmod(0o755)
     (s / "public").write_text("public")
     (s / "public").chmod(0o644)
+    os.setxattr(s / "public", "user.note", b"for everyone")
+    os.setxattr(s / "public", "trusted.hidden", b"for root")
     (s / "root-only").write_text("secret")
     (s / "root-only").chmod(0o600)
     (s / "nobodys").write_text("nobody's own")
@@ -255,6 +257,12 @@ def test_allow_other_enforces_the_snapshots_own_modes_owners_and_acls(ws, mnt, g
                 assert r.stdout == (snap / name).read_text()
         assert as_nobody("ls", via / "closed").returncode != 0
         assert as_nobody("ls", mnt / "data").returncode == 0
+        # Extended attribute names too: trusted.* are listed to root only, as in the snapshot.
+        listed = "import os, sys; print(sorted(os.listxattr(sys.argv[1])))"
+        in_snapshot = as_nobody("/usr/bin/python3", "-c", listed, snap / "public")
+        assert in_snapshot.stdout == "['user.note']\n", in_snapshot.stderr
+        assert as_nobody("/usr/bin/python3", "-c", listed, via / "public").stdout == in_snapshot.stdout
+        assert sorted(os.listxattr(via / "public")) == ["trusted.hidden", "user.note"]
         for name in expected:
             assert (as_nobody("cat", mnt / "data" / "latest" / name).returncode == 0) == expected[name]
 
