@@ -155,6 +155,10 @@ class Hashing:
             # executor has no terminate(); its processes are its own attribute.
             for process in list(self._pool._processes.values()):
                 process.kill()
+            # Batches still queued for the dead workers may fill the pipe to them; the
+            # queue's feeder thread then blocks for good, and shutdown, or Python's exit,
+            # would wait for it (CPython gh-94777): let them go without it.
+            self._pool._call_queue.cancel_join_thread()
             self._pool.shutdown(wait=True, cancel_futures=True)
 
     def add(self, key: object, path: bytes, size: int) -> None:

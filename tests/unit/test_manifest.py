@@ -115,6 +115,32 @@ def test_a_killed_hashing_process_is_a_scan_error_not_a_hang(tmp_path):
     assert out.stdout == "ScanError: a hashing process died (killed, or out of memory?)\n", out.stderr
 
 
+STOPPED_WITH_BATCHES_QUEUED = """
+import os, sys
+from snapmgr.manifest import hashing
+# Opening a fifo waits for a writer: the workers stay busy and the batches queue up, each
+# far bigger than a pipe holds.
+fifo = os.path.join(sys.argv[1], "x" * 200 + "/" + "fifo")
+try:
+    with hashing.Hashing("sha256", workers=2) as h:
+        for i in range(hashing.BATCH_FILES * 2 * hashing.IN_FLIGHT):
+            h.add(i, os.fsencode(os.path.dirname(fifo) + "/" * 1000 + "fifo"), 1)
+        raise KeyboardInterrupt   # Ctrl-C, SIGTERM: stopped with every worker busy
+except KeyboardInterrupt:
+    print("stopped")
+"""
+
+
+def test_stopping_with_batches_queued_for_busy_workers_does_not_hang(tmp_path):
+    (tmp_path / ("x" * 200)).mkdir()
+    os.mkfifo(tmp_path / ("x" * 200) / "fifo")
+    # The timeout only guards the test run from the hang it tests for (CPython gh-94777:
+    # a queue's feeder thread blocked on a full pipe no live process reads).
+    out = subprocess.run([sys.executable, "-c", STOPPED_WITH_BATCHES_QUEUED, tmp_path], capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(Path(manifest.__file__).parents[2])})
+    assert (out.returncode, out.stdout) == (0, "stopped\n"), out.stderr
+
+
 def test_the_walk_waits_when_the_workers_have_enough_batches(tmp_path, monkeypatch):
     files = []
     for i in range(hashing.BATCH_FILES * 24):
