@@ -613,8 +613,7 @@ class Engine:
                 raise UsageError(f"{old_text} and {new_text} are snapshots of different volumes; compare two "
                                  f"snapshots of one volume, or one with 'live'")
         path = volume_paths.relative(path_text, live, volume.name) if path_text else b""
-        records = backend.records_dir(self.config.settings.state_dir)
-        manifests = [self._stored_manifest(records, s) for s in (old, new)]
+        manifests = [self._usable_manifest(s) for s in (old, new)]
         algorithm = next((m.algorithm for m in manifests if m), ALGORITHMS[0])
         with ExitStack() as stack:
             sides = []
@@ -634,9 +633,8 @@ class Engine:
         volume, backend, live, path = self._volume_holding(path_text)
         if not path:
             raise UsageError(f"{quote(path_text)} is the root of volume {volume.name}; name a file in it")
-        records = backend.records_dir(self.config.settings.state_dir)
         snapshots = sorted((s for s in backend.list() if not s.invalid), key=lambda s: s.id, reverse=True)
-        manifests = {s.id: self._stored_manifest(records, s) for s in snapshots}
+        manifests = {s.id: self._usable_manifest(s) for s in snapshots}
         algorithm = next((m.algorithm for m in manifests.values() if m), ALGORITHMS[0])
         reader = versions.Reader(algorithm)
         current = reader.state(live, path, LIVE)
@@ -682,14 +680,13 @@ class Engine:
                              f"(volumes: {', '.join(self.config.volumes) or 'none'})")
         return best[1]
 
-    @staticmethod
-    def _stored_manifest(records: Path, snapshot: Snapshot | None) -> Manifest | None:
+    def _usable_manifest(self, snapshot: Snapshot | None) -> Manifest | None:
         """The snapshot's manifest; None for the live volume, or when it has none or a
         damaged one (then the snapshot is walked instead)."""
         if snapshot is None:
             return None
         try:
-            return manifest.load(records, snapshot.id)
+            return self.stored_manifest(snapshot)
         except ManifestDamaged as e:
             log.warning("%s; reading the snapshot itself instead", e)
             return None
