@@ -99,7 +99,7 @@ def _entries(side: Side, path: bytes) -> Iterator[Entry]:
             return iter(())
         raise
     entries = scan(volume_paths.joined(side.root, path), None, strict=False)
-    return _as_snapshotted(side, (replace(e, path=_below(path, e.path)) for e in entries))
+    return _as_snapshotted(side, (e._replace(path=_below(path, e.path)) for e in entries))
 
 
 def _as_snapshotted(side: Side, entries: Iterator[Entry]) -> Iterator[Entry]:
@@ -147,7 +147,7 @@ def _hash_where_needed(old: Side, new: Side, algorithm: str, shares_inodes: bool
             continue
         if o.ino == n.ino and (shares_inodes or o.ctime_ns == n.ctime_ns):
             digest = o.digest or n.digest   # one inode, unchanged: one content
-            old.entries[i], new.entries[j] = replace(o, digest=digest), replace(n, digest=digest)
+            old.entries[i], new.entries[j] = o._replace(digest=digest), n._replace(digest=digest)
             continue
         # A side read from its manifest has no directory here: a file it could not
         # hash when the snapshot was taken stays unknown.
@@ -163,5 +163,5 @@ def _hash_where_needed(old: Side, new: Side, algorithm: str, shares_inodes: bool
         if isinstance(digest, Unreadable):
             raise SnapmgrError(f"cannot compare {volume_paths.shown(entries[k].path)} in {sides[s].name}: "
                                f"{digest.reason}")
-        entries[k] = replace(entries[k], digest=digest)
+        entries[k] = entries[k]._replace(digest=digest)
     return len(jobs)

@@ -107,7 +107,7 @@ def read_entries(f: IO[bytes], path: Path) -> Iterator[Entry]:
                 row[0] = decode_name(row[0])
                 if row[11] is not None:
                     row[11] = decode_name(row[11])
-                yield Entry(*row)
+                yield Entry._make(row)
         except (TypeError, IndexError, AttributeError, UnicodeError):
             raise ManifestDamaged(f"manifest {quote(path)}, line {number}: not a list of entries") from None
         count += len(rows)

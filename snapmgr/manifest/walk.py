@@ -22,22 +22,20 @@ never taken from it (`previous_taken`)."""
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import os
 import stat
 import time
 from collections import deque
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
-from snapmgr.manifest import longpath
+from snapmgr.manifest import longpath, xattrs
 from snapmgr.manifest.entry import Entry, display, walk_key
-from snapmgr.manifest.hashing import Hashing, ScanError, Unreadable
+from snapmgr.manifest.hashing import Content, Hashing, ScanError, Unreadable
 
-PATH, KIND, SIZE, DIGEST = ([f.name for f in fields(Entry)].index(n) for n in ("path", "kind", "size", "digest"))
+PATH, SIZE, XATTRS, DIGEST = (Entry._fields.index(n) for n in ("path", "size", "xattrs", "digest"))
 PROGRESS_EVERY = 4096
-PENDING = object()   # a digest being computed
+PENDING = object()   # a digest being computed (and the xattrs read with it)
 GIVE_OUT_EVERY = 512  # entries walked between two looks at what the pool has hashed
 # Coarser than any timestamp granularity Linux filesystems have (FAT's 2 s).
 RACY_MARGIN_NS = 2_000_000_000
@@ -96,20 +94,21 @@ def stream(root: str | os.PathLike, algorithm: str | None, previous: Iterable[En
             old = before.at(rel)
             unchanged = old is not None and (old.ino, old.size, old.mtime_ns) == (st.st_ino, st.st_size, st.st_mtime_ns) \
                 and (shares_inodes or (old.ctime_ns == st.st_ctime_ns and old.ctime_ns < settled))
-            # Where inodes are shared their ctime says nothing, nor do size and mtime of an
-            # xattr's change: the xattrs are read again.
-            xattrs = old.xattrs if unchanged and not shares_inodes else _xattrs(absolute, rel, stats, strict)
-            row = _row(absolute, rel, st, xattrs)
-            if row[KIND] == "f":
+            kind = _KIND.get(stat.S_IFMT(st.st_mode), "?")
+            if kind == "f":
                 stats.bytes += st.st_size
-            if row[KIND] == "f" and algorithm:
-                if unchanged and old.kind == "f" and old.digest:
+            row = _row(absolute, rel, kind, st)
+            if kind == "f" and algorithm and not (unchanged and old.kind == "f" and old.digest):
+                row[XATTRS] = row[DIGEST] = PENDING
+                waiting[walked] = row
+                hashing.add(walked, absolute, st.st_size)
+            else:
+                if kind == "f" and algorithm:
                     row[DIGEST] = old.digest
                     stats.reused += 1
-                else:
-                    row[DIGEST] = PENDING
-                    waiting[walked] = row
-                    hashing.add(walked, absolute, st.st_size)
+                # Where inodes are shared their ctime says nothing, nor do size and mtime
+                # of an xattr's change: the xattrs are read again.
+                row[XATTRS] = old.xattrs if unchanged and not shares_inodes else _xattrs(absolute, rel, stats, strict)
             rows.append(row)
             walked += 1
             if walked % GIVE_OUT_EVERY == 0:
@@ -127,13 +126,14 @@ def stream(root: str | os.PathLike, algorithm: str | None, previous: Iterable[En
     stats.seconds = time.monotonic() - started
 
 
-def _put(row: list, digest: str | Unreadable, stats: ScanStats, strict: bool,
+def _put(row: list, found: Content | Unreadable, stats: ScanStats, strict: bool,
          progress: Callable[[str], None] | None) -> None:
-    if isinstance(digest, Unreadable):
+    row[XATTRS] = found.xattrs
+    if isinstance(found, Unreadable):
         row[DIGEST] = None
-        _unreadable(stats, strict, row[PATH], digest.reason)
+        _unreadable(stats, strict, row[PATH], found.reason)
         return
-    row[DIGEST] = digest
+    row[DIGEST] = found.digest
     stats.hashed += 1
     stats.hashed_bytes += row[SIZE]
     if progress and stats.hashed % PROGRESS_EVERY == 0:
@@ -143,7 +143,7 @@ def _put(row: list, digest: str | Unreadable, stats: ScanStats, strict: bool,
 def _ready(rows: deque[list]) -> Iterator[Entry]:
     """The entries at the head of `rows` that have their digest."""
     while rows and rows[0][DIGEST] is not PENDING:
-        yield Entry(*rows.popleft())
+        yield Entry._make(rows.popleft())
 
 
 class _Cursor:
@@ -211,48 +211,19 @@ def _unreadable(stats: ScanStats, strict: bool, path: bytes, reason: str) -> Non
     stats.unreadable.append((path, reason))
 
 
-def _row(absolute: bytes, rel: bytes, st: os.stat_result, xattrs: str | None) -> list:
-    """An Entry's fields, without the digest yet."""
-    kind = _KIND.get(stat.S_IFMT(st.st_mode), "?")
+def _row(absolute: bytes, rel: bytes, kind: str, st: os.stat_result) -> list:
+    """An Entry's fields, without the xattrs and the digest yet."""
     return [rel, kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns,
             st.st_ino, st.st_ctime_ns, st.st_nlink, st.st_rdev, longpath.readlink(absolute) if kind == "l" else None,
-            xattrs, None]
+            None, None]
 
 
 def _xattrs(absolute: bytes, rel: bytes, stats: ScanStats, strict: bool) -> str | None:
     try:
-        return xattrs_digest(absolute)
+        return xattrs.of_path(absolute)
     except FileNotFoundError:
         return None
     except OSError as e:
         _unreadable(stats, strict, rel, f"extended attributes: {e.strerror or e}")
         return None
 
-
-def xattrs_digest(path: bytes) -> str | None:
-    """One digest of every extended attribute's name and value (POSIX ACLs are xattrs),
-    or None when the entry has none."""
-    if len(path) < longpath.LIMIT:
-        return _xattrs_digest(path, follow=False)
-    fd = longpath.open_entry(path)
-    try:
-        return _xattrs_digest(b"/proc/self/fd/%d" % fd, follow=True)
-    finally:
-        os.close(fd)
-
-
-def _xattrs_digest(path: bytes, follow: bool) -> str | None:
-    try:
-        names = os.listxattr(path, follow_symlinks=follow)
-    except OSError as e:
-        if e.errno == errno.ENOTSUP:  # a filesystem without xattrs
-            return None
-        raise
-    if not names:
-        return None
-    h = hashlib.blake2b(digest_size=16)
-    for name in sorted(names):
-        value = os.getxattr(path, name, follow_symlinks=follow)
-        encoded = name.encode("utf-8", "surrogateescape")
-        h.update(b"%d:%s%d:%s" % (len(encoded), encoded, len(value), value))
-    return h.hexdigest()

@@ -17,7 +17,7 @@ import pytest
 from snapmgr import manifest
 from snapmgr.manifest import Change, Entry, ManifestDamaged, ScanError, ScanStats, compare, scan
 from snapmgr.manifest import hashing
-from snapmgr.manifest.walk import xattrs_digest
+from snapmgr.manifest import xattrs
 
 
 SID = "data@20261121T140501Z"
@@ -234,7 +234,7 @@ def test_xattrs_set_in_place_on_a_shared_inode_are_read_again(tmp_path):
     a = root / "dir" / "sub" / "a.txt"
     os.setxattr(a, "user.note", b"set in the repository, in place")
     [found] = [e for e in entries(root, previous=first, shares_inodes=True) if e.path == b"dir/sub/a.txt"]
-    assert found.xattrs is not None and found.xattrs == xattrs_digest(os.fsencode(a))
+    assert found.xattrs is not None and found.xattrs == xattrs.of_path(os.fsencode(a))
 
 
 def test_a_new_inode_at_the_same_path_is_hashed_even_with_the_same_size_and_mtime(tmp_path):
