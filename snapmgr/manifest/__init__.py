@@ -2,8 +2,9 @@
 recorded when a snapshot is taken and checked by `verify`.
 
 entry: what is recorded and how two states compare; walk: a tree into entries;
-hashing: content hashes in parallel; fileformat: the file; store: where it lives;
-verify: a snapshot against its manifest; export: the formats of b3sum and sha256sum."""
+hashing: content hashes in parallel; xattrs: one digest of an entry's xattrs; longpath:
+paths deeper than PATH_MAX; fileformat: the file; store: where it lives; verify: a
+snapshot against its manifest; export: the formats of b3sum and sha256sum."""
 
 from snapmgr.manifest.entry import Change, Entry, compare, display, path_text, walk_key
 from snapmgr.manifest.fileformat import ManifestDamaged
