@@ -266,11 +266,13 @@ def verify(c: Context, targets):
         click.echo("\r\033[K", nl=False, err=True)
     lines = [line for v in results for line in render.verification_lines(v)] + passed_over
     unrecorded = engine.journal_failure
+    failed = [v for v in results if v.result not in ("intact", "unverifiable")]
+    # "intact" says what the exit status says; "checked" how many were compared with a
+    # manifest, so that a script can tell "nothing damaged" from "nothing checked".
     c.emit({"results": [render.verify_json(v) for v in results], "passed_over": passed_over,
-            "intact": all(v.result == "intact" for v in results),
+            "intact": not failed, "checked": sum(v.result in ("intact", "damaged") for v in results),
             "journal_error": str(unrecorded) if unrecorded else None},
            "\n".join(lines) or "no snapshots to verify")
-    failed = [v for v in results if v.result not in ("intact", "unverifiable")]
     if failed:
         _error(f"{len(failed)} of {len(results)} snapshots are not intact: "
                + ", ".join(f"{v.snapshot.id} ({v.result})" for v in failed))

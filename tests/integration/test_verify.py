@@ -171,6 +171,14 @@ def test_snapshots_that_never_had_a_manifest_are_told_of_but_fail_no_verify(ws):
     assert r.stdout.splitlines()[0] == (f"{old}: UNVERIFIABLE: it has no manifest: it was taken before snapmgr "
                                         f"recorded manifests, or its run was stopped before the manifest was written")
     assert r.stdout.splitlines()[1].startswith(f"{new}: intact")
+    # The JSON says what the exit status says, and how many were really checked.
+    assert ws.run("--json", "verify").json() | {"results": None} == {
+        "results": None, "passed_over": [], "intact": True, "checked": 1, "journal_error": None}
+    manifest.delete(ws.repo, new)
+    record = ws.repo / f"{new}.record.json"
+    record.write_text(record.read_text().replace('"manifest"', '"not-the-manifest"'))
+    nothing = ws.run("--json", "verify")
+    assert nothing.returncode == 0 and (nothing.json()["intact"], nothing.json()["checked"]) == (True, 0)
 
 
 def test_a_volume_whose_repository_is_gone_is_passed_over_and_said_so(ws):
