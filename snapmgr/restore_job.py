@@ -14,7 +14,7 @@ from snapmgr.backends.base import Backend
 from snapmgr.config import Settings, Volume
 from snapmgr.engine import Engine
 from snapmgr.errors import Interrupted, SnapmgrError, UsageError
-from snapmgr.restore import SHOWN_CONFLICTS, Restored, conflicts, copy, kept_out
+from snapmgr.restore import SHOWN_CONFLICTS, Restored, check_dest, conflicts, copy, kept_out
 
 
 def restore(engine: Engine, snapshot_text: str, paths: Sequence[str], dest: Path | None, overwrite: bool = False,
@@ -32,6 +32,8 @@ def restore(engine: Engine, snapshot_text: str, paths: Sequence[str], dest: Path
             raise SnapmgrError(f"volume {volume.name} is not mounted now: there is nowhere to restore in place")
         dest = live
     dest = Path(os.path.abspath(dest))
+    if not in_place:
+        check_dest(dest)
     kept = kept_out(dest, wanted, _own_places(engine.config.settings, volume, backend))
     with ExitStack() as stack:
         if in_place and not dry_run:
