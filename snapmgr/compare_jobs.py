@@ -42,13 +42,14 @@ def diff(engine: Engine, old_text: str, new_text: str, path_text: str | None = N
     with ExitStack() as stack:
         sides = []
         for snapshot, found in zip((old, new), manifests):
-            if found and found.algorithm == algorithm:
-                sides.append(Side(str(snapshot.id), found, None))
-            elif snapshot is None:
-                sides.append(Side(LIVE, None, live, left_out=backend.left_out(),
+            if snapshot is None:
+                sides.append(Side(LIVE, None, live, None, left_out=backend.left_out(),
                                   crosses_mounts=backend.crosses_mounts()))
+            elif found and found.algorithm == algorithm:
+                sides.append(Side(str(snapshot.id), found, None, snapshot.created.timestamp()))
             else:
-                sides.append(Side(str(snapshot.id), None, stack.enter_context(backend.browse_root(snapshot))))
+                root = stack.enter_context(backend.browse_root(snapshot))
+                sides.append(Side(str(snapshot.id), None, root, snapshot.created.timestamp()))
         return differences(*sides, path, algorithm, quick, backend.shares_inodes and new is not None)
 
 
