@@ -1,4 +1,5 @@
-"""The command line: parse, call the engine, render. No snapshot logic lives here."""
+"""The command line: parse, call the engine (restore, diff and versions: their jobs, with
+the engine), render. No snapshot logic lives here."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Sequence
 import click
 
 from snapmgr import config as configuration
-from snapmgr import render
+from snapmgr import compare_jobs, render, restore_job
 from snapmgr.engine import Engine, Outcome
 from snapmgr.journal import JournalError
 from snapmgr.manifest import export
@@ -136,7 +137,7 @@ def restore(c: Context, snapshot, paths, dest, in_place, overwrite, delete, dry_
     (e.g. /srv/data/uploads/a.jpg). Give --to DEST, or --in-place."""
     if (dest is None) == (not in_place):
         raise UsageError("give either --to DEST or --in-place")
-    done = c.engine().restore(snapshot, paths, dest, overwrite, in_place, delete, dry_run)
+    done = restore_job.restore(c.engine(), snapshot, paths, dest, overwrite, in_place, delete, dry_run)
     c.emit(render.restored_json(done), render.restored_text(done))
 
 
@@ -163,7 +164,7 @@ def diff_(c: Context, old, new, path, quick):
     e.g. 'c....m /etc/app.conf', '.p.... /srv/data/private'.
     Uses the snapshots' manifests when both have one; otherwise walks the trees and
     reads a file only where size and inode do not show it unchanged (--quick: never)."""
-    changes = c.engine().diff(old, new, path, quick)
+    changes = compare_jobs.diff(c.engine(), old, new, path, quick)
     c.emit(render.diff_json(changes), render.diff_text(changes))
 
 
@@ -177,7 +178,7 @@ def versions_(c: Context, path):
     PATH is absolute or relative to the current directory; the volume is the one whose
     live files hold it. Versions are told apart by content hash (from the manifests, or
     read from the snapshot)."""
-    history = c.engine().versions(path)
+    history = compare_jobs.versions(c.engine(), path)
     c.emit(render.history_json(history), render.history_text(history))
 
 

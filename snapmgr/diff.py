@@ -7,7 +7,9 @@ sides would cost as much as copying the volume. A file's content is compared onl
 it can have changed unseen: both sides regular files of the same size, not the same
 inode with the same ctime (btrfs, ZFS and LVM snapshots keep inode numbers and ctimes;
 between two rsync snapshots, whose unchanged files are hardlinks, the same inode), and
-without a hash on both sides. The mtime is not trusted (`touch -r`, `rsync -t` and
+without a hash on both sides. A ctime shows nothing where it falls in the racy-clean
+margin before the older snapshot was taken (manifest.settled_before): a write in that
+clock tick can leave it as it was. The mtime is not trusted (`touch -r`, `rsync -t` and
 archivers set it back), so correctness costs one read of each file that was written.
 `quick` reads nothing: a file whose size is the same shows its content as changed only
 where both sides have a hash (a manifest); otherwise its new mtime (m) is all that shows."""
@@ -22,7 +24,7 @@ from typing import Iterator
 from snapmgr import volume_paths
 from snapmgr.backends import rsync_filters
 from snapmgr.errors import SnapmgrError
-from snapmgr.manifest import Change, Entry, Manifest, compare, scan
+from snapmgr.manifest import Change, Entry, Manifest, compare, scan, settled_before
 from snapmgr.manifest.hashing import Unreadable, hash_many
 
 # The flag columns, as `snapper status` prints them: the first says what happened to the
@@ -39,6 +41,7 @@ class Side:
     name: str
     manifest: Manifest | None
     root: Path | None
+    taken: float | None            # when the snapshot was taken (seconds since the epoch); None: live
     entries: list[Entry] | None = None
     # The live volume holds more than its snapshots can: what they leave out (rsync
     # filter rules) and, unless they cross mounts, what other filesystems mounted in it hold.
@@ -72,7 +75,8 @@ def differences(old: Side, new: Side, path: bytes, algorithm: str, quick: bool, 
     if not old.entries and not new.entries:
         raise SnapmgrError(f"{volume_paths.shown(path)} exists neither in {old.name} nor in {new.name}")
     walked = old.manifest is None or new.manifest is None
-    hashed = 0 if quick else _hash_where_needed(old, new, algorithm, shares_inodes)
+    settled = settled_before(min((s.taken for s in (old, new) if s.taken is not None), default=None))
+    hashed = 0 if quick else _hash_where_needed(old, new, algorithm, shares_inodes, settled)
     return Diff(old.name, new.name, path, "walk" if walked else "manifests", hashed,
                 tuple(_without_directory_sizes(compare(old.entries, new.entries), new.entries)))
 
@@ -139,13 +143,13 @@ def _pairs(old: Side, new: Side) -> Iterator[tuple[int, int]]:
             yield i, j
 
 
-def _hash_where_needed(old: Side, new: Side, algorithm: str, shares_inodes: bool) -> int:
+def _hash_where_needed(old: Side, new: Side, algorithm: str, shares_inodes: bool, settled: float) -> int:
     jobs: list[tuple[int, int]] = []    # (side, index) of each file to read
     for i, j in _pairs(old, new):
         o, n = old.entries[i], new.entries[j]
         if o.digest is not None and n.digest is not None:
             continue
-        if o.ino == n.ino and (shares_inodes or o.ctime_ns == n.ctime_ns):
+        if o.ino == n.ino and (shares_inodes or (o.ctime_ns == n.ctime_ns and o.ctime_ns < settled)):
             digest = o.digest or n.digest   # one inode, unchanged: one content
             old.entries[i], new.entries[j] = o._replace(digest=digest), n._replace(digest=digest)
             continue

@@ -1,29 +1,31 @@
 """The engine sequences every job: lock -> (quiesce) -> snapshot -> (resume) -> record -> prune.
 
 It is the only module that knows the order of steps. Each volume's job runs under that
-volume's lock; a failure of one volume is reported and does not stop the others."""
+volume's lock; a failure of one volume is reported and does not stop the others.
+
+What other jobs build on is here too: the lookups (a snapshot by its id, its manifest),
+the volume's lock and the protected pre-rollback snapshot. Those jobs live beside it
+(restore_job, compare_jobs), as does the manifest a snapshot run records (manifest_recording)."""
 
 from __future__ import annotations
 
 import logging
 import os
 import sys
-import time
 from collections import defaultdict
-from contextlib import ExitStack, contextmanager, suppress
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable
 
-from snapmgr import diff, manifest, quiesce, restore, retention, sh, versions, volume_paths
+from snapmgr import manifest, manifest_recording, quiesce, retention, sh
 from snapmgr.backends import BACKENDS
 from snapmgr.backends.base import Backend, Progress, taken_with_another
 from snapmgr.config import Config, Group, Volume
 from snapmgr.errors import Interrupted, LockBusy, SnapmgrError, UsageError, as_error, quote
 from snapmgr.journal import Journal, JournalError, Run, Verify, VolumeHistory
 from snapmgr.lock import volume_lock
-from snapmgr.manifest import ALGORITHMS, Manifest, ManifestDamaged
 from snapmgr.manifest.verify import Problem, check as check_snapshot
 from snapmgr.model import ForeignSnapshot, Snapshot, SnapshotId
 from snapmgr.quiesce.watchdog import Watchdog, perform_all
@@ -34,7 +36,6 @@ from snapmgr.schema import did_you_mean
 log = logging.getLogger(__name__)
 DEFAULT_TAG = "manual"
 PRE_ROLLBACK_TAG = "pre-rollback"
-LIVE = "live"   # the volume as it is now, where a snapshot could be named
 
 
 @dataclass
@@ -129,10 +130,7 @@ class Engine:
     def delete(self, ids: Iterable[str], dry_run: bool = False) -> list[Outcome]:
         wanted: dict[str, list[SnapshotId]] = defaultdict(list)
         for text in ids:
-            try:
-                sid = SnapshotId.parse(text)
-            except ValueError as e:
-                raise UsageError(str(e)) from None
+            sid = _parsed(text)
             wanted[sid.volume].append(sid)
         volumes = self.volumes(wanted)
         return [self._each(v, lambda o, v=v: self._delete(v, wanted[v.name], dry_run, o)) for v in volumes]
@@ -184,10 +182,7 @@ class Engine:
             if "@" not in text:
                 wanted.setdefault(text, set())
                 continue
-            try:
-                sid = SnapshotId.parse(text)
-            except ValueError as e:
-                raise UsageError(str(e)) from None
+            sid = _parsed(text)
             wanted.setdefault(sid.volume, set()).add(sid)
         volumes = self.volumes(wanted)
         passed_over = []
@@ -208,35 +203,15 @@ class Engine:
                 results.append(self._verify_one(backend, snapshots[sid], progress))
         return results, passed_over
 
-    def manifest(self, text: str) -> manifest.Manifest:
-        """The manifest of the snapshot `VOLUME@ID`, or an error saying why it has none."""
-        try:
-            sid = SnapshotId.parse(text)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-        [volume] = self.volumes([sid.volume])
-        snapshot = next((s for s in self._listed(volume) if s.id == sid), None)
-        if snapshot is None:
-            raise SnapmgrError(f"no such snapshot: {sid}")
-        found = self.stored_manifest(snapshot)
-        if found is None:
-            raise SnapmgrError(f"{sid} is unverifiable: {_why_no_manifest(snapshot)}")
-        return found
-
-    def stored_manifest(self, snapshot: Snapshot) -> manifest.Manifest | None:
-        """The manifest recorded when `snapshot` was taken, None when it has none;
-        manifest.ManifestDamaged when it cannot be read. For diff and mount --verify too."""
-        backend = self.backend(self.config.volumes[snapshot.volume])
-        return manifest.load(self._records(backend).directory, snapshot.id)
-
     def _verify_one(self, backend: Backend, snapshot: Snapshot, progress: Progress | None) -> Verification:
         started = self.clock()
         try:
             stored = self.stored_manifest(snapshot)
             if stored is None:
                 # Never written is no failure (an old snapshot, manifests off); lost is.
-                written = "algorithm" in ((snapshot.record or {}).get("manifest") or {})
-                done = Verification(snapshot, "error" if written else "unverifiable", reason=_why_no_manifest(snapshot))
+                lost = manifest_recording.was_written(snapshot.record)
+                done = Verification(snapshot, "error" if lost else "unverifiable",
+                                    reason=manifest_recording.why_none(snapshot.record))
             else:
                 told = progress and (lambda line: progress(f"{snapshot.id}: {line}"))
                 with backend.browse_root(snapshot) as root:
@@ -294,7 +269,7 @@ class Engine:
         return outcome
 
     @contextmanager
-    def _locked(self, volume: Volume):
+    def locked(self, volume: Volume):
         """The volume's lock, held also by every program run meanwhile, so that no
         program left running by a killed run can race the next one."""
         settings = self.config.settings
@@ -308,7 +283,7 @@ class Engine:
             with ExitStack() as locks:
                 # One fixed order: two overlapping groups never wait for each other.
                 for volume in sorted(volumes, key=lambda v: v.name):
-                    locks.enter_context(self._locked(volume))
+                    locks.enter_context(self.locked(volume))
                 self._take(volumes, group, tags, dry_run, progress, outcomes)
                 if prune:
                     for volume, outcome in zip(volumes, outcomes):
@@ -356,17 +331,21 @@ class Engine:
             results += [taken_with_another(t) or stopped for t in takes[len(results):]]
             results += [stopped] * (len(volumes) - len(results))
         meta = window.report.as_meta() | {"group": group.name if group else None}
-        recorded = []
+        recorded: list[tuple[Outcome, manifest_recording.Taken]] = []
         for outcome, run, volume, backend, result in zip(outcomes, runs, volumes, backends, results):
             record = dict(meta)
             outcome.error = self._record(run, volume, backend, result, record, window.report.resume_failures)
             if isinstance(result, Snapshot):
+                # This very record gets the manifest's part below: the outcome shows it too.
                 outcome.created = replace(result, record=record)
-                recorded.append((outcome, volume, backend, result, record))
+                recorded.append((outcome, manifest_recording.Taken(result, backend, self._records(backend),
+                                                                   volume.manifest, record)))
         # The manifests last, each possibly hours long: a stop meanwhile finds every
         # snapshot of the group recorded and every run finished.
         if not isinstance(failure, Interrupted):
-            self._record_manifests(recorded)
+            unrecorded = manifest_recording.record_all([taken for _, taken in recorded])
+            for (outcome, _), error in zip(recorded, unrecorded):
+                outcome.error = outcome.error or error
         if failure is not None:
             raise failure
 
@@ -431,86 +410,16 @@ class Engine:
         if isinstance(result, SnapmgrError):
             run.finish(result)
             return result
-        error = None
-        # What the record says until the manifest is written, if snapmgr is stopped first.
-        record["manifest"] = MANIFESTS_OFF if volume.manifest == "off" else \
-            {"unverified": "its run was stopped before its manifest was written"}
-        try:
-            self._records(backend).write(result.id, record)
-        except OSError as e:
-            error = SnapmgrError(f"{result.id} was taken, but its record could not be written: {as_error(e)}")
+        record["manifest"] = manifest_recording.pending(volume.manifest)
+        error = self._records(backend).write_taken(result.id, record)
         if resume_failures:
             error = SnapmgrError(f"{result.id} was taken, but resuming failed: {'; '.join(resume_failures)}")
         run.created(str(result.id))
         run.finish(error)
         return error
 
-    def _record_manifests(self, recorded: list[tuple[Outcome, Volume, Backend, Snapshot, dict]]) -> None:
-        """Write each snapshot's manifest and say in its record how that went. Stopped
-        (SIGTERM, Ctrl-C): the records of this one and of those not reached say so."""
-        for i, (outcome, volume, backend, snapshot, record) in enumerate(recorded):
-            try:
-                record["manifest"] = self._manifest(volume, backend, snapshot)
-            except Interrupted:
-                for _, _, later_backend, later, later_record in recorded[i:]:
-                    later_record["manifest"] = {"unverified": "interrupted before its manifest was complete"}
-                    with suppress(OSError):  # the record of the snapshot itself is written already
-                        self._records(later_backend).write(later.id, later_record)
-                raise
-            try:
-                self._records(backend).write(snapshot.id, record)
-            except OSError as e:
-                outcome.error = outcome.error or SnapmgrError(
-                    f"{snapshot.id} was taken, but its record could not be written: {as_error(e)}")
-            outcome.created = replace(snapshot, record=record)
-
-    def _manifest(self, volume: Volume, backend: Backend, snapshot: Snapshot) -> dict:
-        """Write the snapshot's manifest, read from the snapshot itself; for its record,
-        what that took, or why the snapshot is unverified."""
-        if volume.manifest == "off":
-            return MANIFESTS_OFF
-        directory = self._records(backend).directory
-        previous = self._previous_manifest(backend, snapshot, volume.manifest)
-        stats = manifest.ScanStats()
-        started = time.monotonic()
-        try:
-            with backend.browse_root(snapshot) as root:
-                try:
-                    manifest.save(directory, snapshot.id, volume.manifest, manifest.stream(
-                        root, volume.manifest, previous.entries() if previous else None,
-                        shares_inodes=backend.shares_inodes, stats=stats,
-                        previous_taken=previous and SnapshotId.parse(previous.snapshot).created.timestamp()))
-                except manifest.ManifestDamaged as e:  # the previous one, found damaged past its first line
-                    log.warning("%s: %s; hashing every file", snapshot.id, e)
-                    previous, stats = None, manifest.ScanStats()
-                    manifest.save(directory, snapshot.id, volume.manifest,
-                                  manifest.stream(root, volume.manifest, stats=stats))
-        except Interrupted:
-            raise
-        except (SnapmgrError, OSError) as e:
-            log.debug("manifest of %s failed", snapshot.id, exc_info=True)
-            reason = f"its manifest could not be written: {as_error(e)}"
-            log.warning("%s is unverified: %s", snapshot.id, reason)
-            return {"unverified": reason}
-        return {"algorithm": volume.manifest, "previous": previous.snapshot if previous else None,
-                **stats.as_record(), "seconds": round(time.monotonic() - started, 3)}  # the file written too
-
-    def _previous_manifest(self, backend: Backend, snapshot: Snapshot, algorithm: str) -> manifest.Manifest | None:
-        """The manifest of the newest older snapshot that still exists (so that, where
-        snapshots share inodes, its inode numbers are still its files') and has one."""
-        directory = self._records(backend).directory
-        for older in sorted((s for s in backend.list() if s.id < snapshot.id), key=lambda s: s.id, reverse=True):
-            try:
-                found = manifest.load(directory, older.id)
-            except manifest.ManifestDamaged as e:
-                log.warning("%s: %s; not reused", older.id, e)
-                continue
-            if found is not None and found.algorithm == algorithm:
-                return found
-        return None
-
     def _prune(self, volume: Volume, dry_run: bool, outcome: Outcome) -> None:
-        with self._locked(volume):
+        with self.locked(volume):
             self._prune_locked(volume, self.backend(volume), dry_run, outcome)
 
     def _prune_locked(self, volume: Volume, backend: Backend, dry_run: bool, outcome: Outcome) -> None:
@@ -530,7 +439,7 @@ class Engine:
 
     def _delete(self, volume: Volume, ids: list[SnapshotId], dry_run: bool, outcome: Outcome) -> None:
         backend = self.backend(volume)
-        with self._locked(volume):
+        with self.locked(volume):
             existing = {s.id: s for s in backend.list()}
             missing = [str(i) for i in ids if i not in existing]
             if missing:
@@ -544,158 +453,26 @@ class Engine:
                     run.deleted(str(sid))
                     outcome.deleted.append(str(sid))
 
-
     def _delete_one(self, backend: Backend, snapshot: Snapshot) -> None:
         backend.delete(snapshot)
         records = self._records(backend)
         records.delete(snapshot.id)
         manifest.delete(records.directory, snapshot.id)
 
-    # Restore, diff, versions -----------------------------------------------------------
+    def pre_rollback(self, volume: Volume) -> str:
+        """A protected snapshot of the volume as it is, taken under the lock already held:
+        what a restore in place (or a rollback) can be undone with."""
+        outcome = Outcome(volume.name)
+        self._take([volume], None, frozenset({PRE_ROLLBACK_TAG}), False, None, [outcome])
+        if outcome.error or outcome.created is None:
+            raise SnapmgrError(f"the {PRE_ROLLBACK_TAG} snapshot failed, so nothing was restored: {outcome.error}")
+        return str(outcome.created.id)
 
-    def restore(self, snapshot_text: str, paths: Sequence[str], dest: Path | None, overwrite: bool = False,
-                in_place: bool = False, delete: bool = False, dry_run: bool = False) -> restore.Restored:
-        """Copy PATHS out of a snapshot into DEST, or with `in_place` back into the live
-        volume, after a protected pre-rollback snapshot of it."""
-        if delete and not in_place:
-            raise UsageError("--delete only goes with --in-place, where the pre-rollback snapshot keeps what it "
-                             "deletes; restore into an empty DEST instead")
-        volume, backend, snapshot = self._snapshot_of(snapshot_text)
-        live = backend.live_root()
-        wanted = list(dict.fromkeys(volume_paths.relative(p, live, volume.name) for p in paths))
-        if in_place:
-            if live is None:
-                raise SnapmgrError(f"volume {volume.name} is not mounted now: there is nowhere to restore in place")
-            dest = live
-        dest = Path(os.path.abspath(dest))
-        kept = restore.kept_out(dest, wanted, self._own_places(volume, backend))
-        with ExitStack() as stack:
-            if in_place and not dry_run:
-                stack.enter_context(self._locked(volume))
-            root = stack.enter_context(backend.browse_root(snapshot))
-            for path in wanted:
-                volume_paths.located(root, path, str(snapshot.id))
-            if not (overwrite or in_place):
-                self._refuse_overwriting(root, wanted, dest)
-            pre_rollback = None
-            if in_place and not dry_run:
-                pre_rollback = self._pre_rollback(volume)
-                stack.enter_context(self.journal.run(volume.name, "restore", os.getpid()))
-            try:
-                changes = restore.copy(root, wanted, dest, dry_run, delete, backend.left_out(), kept)
-            except SnapmgrError as e:
-                if pre_rollback is None or isinstance(e, Interrupted):   # a stop is said as such
-                    raise
-                # Raised inside the journal's run, so the journal keeps this line too.
-                raise SnapmgrError(f"{e}; the volume as it was before is in {pre_rollback}: snapmgr restore "
-                                   f"{pre_rollback} PATH --in-place puts it back") from None
-        return restore.Restored(str(snapshot.id), dest, tuple(wanted), dry_run, tuple(changes), pre_rollback)
+    # Lookups ------------------------------------------------------------------------------
 
-    def _own_places(self, volume: Volume, backend: Backend) -> list[tuple[Path, str]]:
-        """What a restore must never write into, as real paths, each with what it is."""
-        settings = self.config.settings
-        places = [(settings.state_dir, "snapmgr's state directory (its journal and records)"),
-                  (settings.run_dir, "snapmgr's run directory (its locks)"),
-                  *((storage, f"where volume {volume.name} keeps its snapshots") for storage in backend.written_paths())]
-        return [(Path(os.path.realpath(place)), what) for place, what in places]
-
-    def diff(self, old_text: str, new_text: str, path_text: str | None = None, quick: bool = False) -> diff.Diff:
-        """What changed from snapshot OLD to snapshot NEW (or to the live volume, LIVE)."""
-        volume, backend, old = self._snapshot_of(old_text)
-        live = backend.live_root()
-        new = None
-        if new_text == LIVE:
-            if live is None:
-                raise SnapmgrError(f"volume {volume.name} is not mounted now: there is no live state to compare with")
-        else:
-            other, _, new = self._snapshot_of(new_text)
-            if other.name != volume.name:
-                raise UsageError(f"{old_text} and {new_text} are snapshots of different volumes; compare two "
-                                 f"snapshots of one volume, or one with 'live'")
-        path = volume_paths.relative(path_text, live, volume.name) if path_text else b""
-        manifests = [self._usable_manifest(s) for s in (old, new)]
-        algorithm = next((m.algorithm for m in manifests if m), ALGORITHMS[0])
-        with ExitStack() as stack:
-            sides = []
-            for snapshot, found in zip((old, new), manifests):
-                if found and found.algorithm == algorithm:
-                    sides.append(diff.Side(str(snapshot.id), found, None))
-                elif snapshot is None:
-                    sides.append(diff.Side(LIVE, None, live, left_out=backend.left_out(),
-                                           crosses_mounts=backend.crosses_mounts()))
-                else:
-                    sides.append(diff.Side(str(snapshot.id), None, stack.enter_context(backend.browse_root(snapshot))))
-            return diff.differences(*sides, path, algorithm, quick, backend.shares_inodes and new is not None)
-
-    def versions(self, path_text: str) -> versions.History:
-        """Each distinct version of a live volume's file in its snapshots, newest first;
-        also of a file deleted from the live volume since."""
-        volume, backend, live, path = self._volume_holding(path_text)
-        if not path:
-            raise UsageError(f"{quote(path_text)} is the root of volume {volume.name}; name a file in it")
-        snapshots = sorted((s for s in backend.list() if not s.invalid), key=lambda s: s.id, reverse=True)
-        manifests = {s.id: self._usable_manifest(s) for s in snapshots}
-        algorithm = next((m.algorithm for m in manifests.values() if m), ALGORITHMS[0])
-        reader = versions.Reader(algorithm)
-        current = reader.state(live, path, LIVE)
-        if current is not None and current.kind == "d":
-            raise UsageError(f"{quote(path_text)} is a directory; versions lists the versions of a file")
-        found = []
-        for snapshot in snapshots:
-            held = manifests[snapshot.id]
-            if held is not None and held.algorithm == algorithm:
-                entry = held.lookup(path)
-                state = versions.State.of(entry) if entry else None
-            else:
-                with backend.browse_root(snapshot) as root:
-                    state = reader.state(root, path, str(snapshot.id))
-            if state is not None:
-                found.append((str(snapshot.id), state))
-        return versions.History(volume.name, path, current, versions.distinct(found, current))
-
-    def _volume_holding(self, path_text: str) -> tuple[Volume, Backend, Path, bytes]:
-        """The volume whose live files hold the path (absolute, or relative to the current
-        directory), and the path relative to its root; the innermost such volume."""
-        absolute = os.path.abspath(path_text)
-        parent, name = os.path.split(absolute)
-        spellings = dict.fromkeys([absolute, os.path.join(os.path.realpath(parent), name)])
-        best = None
-        for volume in self.volumes():
-            backend = self.backend(volume)
-            try:
-                live = backend.live_root()
-            except (SnapmgrError, OSError) as e:
-                log.debug("volume %s: no live root: %s", volume.name, e)
-                continue
-            for spelling in spellings:
-                try:
-                    path = volume_paths.relative(spelling, live, volume.name)
-                except UsageError:
-                    continue
-                depth = len(os.fsencode(live).split(b"/"))
-                if best is None or depth > best[0]:
-                    best = (depth, (volume, backend, live, path))
-        if best is None:
-            raise UsageError(f"{quote(path_text)} is in no configured volume's live files "
-                             f"(volumes: {', '.join(self.config.volumes) or 'none'})")
-        return best[1]
-
-    def _usable_manifest(self, snapshot: Snapshot | None) -> Manifest | None:
-        """The snapshot's manifest; None for the live volume, or when it has none or a
-        damaged one (then the snapshot is walked instead)."""
-        if snapshot is None:
-            return None
-        try:
-            return self.stored_manifest(snapshot)
-        except ManifestDamaged as e:
-            log.warning("%s; reading the snapshot itself instead", e)
-            return None
-
-    def _snapshot_of(self, text: str) -> tuple[Volume, Backend, Snapshot]:
-        try:
-            sid = SnapshotId.parse(text)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
+    def snapshot_of(self, text: str) -> tuple[Volume, Backend, Snapshot]:
+        """The snapshot `VOLUME@ID` names, with its record, and its volume and backend."""
+        sid = _parsed(text)
         [volume] = self.volumes([sid.volume])
         backend = self.backend(volume)
         snapshots = {s.id: s for s in backend.list()}
@@ -703,26 +480,21 @@ class Engine:
             newest = max(snapshots, default=None)
             raise SnapmgrError(f"no such snapshot: {sid} (volume {volume.name} has {len(snapshots)}"
                                + (f", the newest {newest})" if newest else ")"))
-        return volume, backend, snapshots[sid]
+        return volume, backend, replace(snapshots[sid], record=self._records(backend).read(sid))
 
-    @staticmethod
-    def _refuse_overwriting(root: Path, paths: list[bytes], dest: Path) -> None:
-        existing = restore.conflicts(root, paths, dest)
-        if existing:
-            shown = ", ".join(volume_paths.shown(p) for p in existing[:restore.SHOWN_CONFLICTS])
-            more = " and more" if len(existing) > restore.SHOWN_CONFLICTS else ""
-            raise SnapmgrError(f"refusing to overwrite what exists in {dest}: {shown}{more} "
-                               f"(--overwrite replaces them; nothing was copied)")
+    def manifest(self, text: str) -> manifest.Manifest:
+        """The manifest of the snapshot `VOLUME@ID`, or an error saying why it has none."""
+        _, _, snapshot = self.snapshot_of(text)
+        found = self.stored_manifest(snapshot)
+        if found is None:
+            raise SnapmgrError(f"{snapshot.id} is unverifiable: {manifest_recording.why_none(snapshot.record)}")
+        return found
 
-    def _pre_rollback(self, volume: Volume) -> str:
-        """A protected snapshot of the volume as it is, taken under the lock already held."""
-        outcome = Outcome(volume.name)
-        self._take([volume], None, frozenset({PRE_ROLLBACK_TAG}), False, None, [outcome])
-        if outcome.error or outcome.created is None:
-            raise SnapmgrError(f"the {PRE_ROLLBACK_TAG} snapshot failed, so nothing was restored: {outcome.error}")
-        return str(outcome.created.id)
-
-    # Browsing -----------------------------------------------------------------------------
+    def stored_manifest(self, snapshot: Snapshot) -> manifest.Manifest | None:
+        """The manifest recorded when `snapshot` was taken, None when it has none;
+        manifest.ManifestDamaged when it cannot be read. For diff and mount --verify too."""
+        backend = self.backend(self.config.volumes[snapshot.volume])
+        return manifest.load(self._records(backend).directory, snapshot.id)
 
     def browsable(self, names: Iterable[str] = ()) -> dict[str, Backend]:
         """The backend of each named volume (all when none are named), for the FUSE mount:
@@ -730,21 +502,18 @@ class Engine:
         return {v.name: self.backend(v) for v in self.volumes(names)}
 
 
-MANIFESTS_OFF = {"unverified": 'manifests are off for this volume (manifest = "off")'}
+def _parsed(text: str) -> SnapshotId:
+    """A `VOLUME@ID` typed by the user; refused as a usage error when it is none."""
+    try:
+        return SnapshotId.parse(text)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def _verify_state(verifies: list[Verify], existing: set[str]) -> tuple[Verify | None, tuple[str, ...]]:
     """Of the snapshots that still exist: the latest verify, and those found damaged."""
     mine = [v for v in verifies if v.snapshot in existing]
     return (mine[-1] if mine else None), tuple(sorted(v.snapshot for v in mine if v.result == "damaged"))
-
-
-def _why_no_manifest(snapshot: Snapshot) -> str:
-    state = (snapshot.record or {}).get("manifest")
-    if state is None:
-        return ("it has no manifest: it was taken before snapmgr recorded manifests, or its run "
-                "was stopped before the manifest was written")
-    return state.get("unverified") or "its manifest file is missing (deleted by hand?)"
 
 
 def _attempt(take: Callable[[], Snapshot]) -> Snapshot | SnapmgrError:

@@ -15,6 +15,7 @@ import logging
 import os
 from pathlib import Path
 
+from snapmgr.errors import SnapmgrError, as_error
 from snapmgr.model import SnapshotId
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,15 @@ class Records:
     def write(self, snapshot_id: SnapshotId, record: dict) -> None:
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         write_json(self.path(snapshot_id), record)
+
+    def write_taken(self, snapshot_id: SnapshotId, record: dict) -> SnapmgrError | None:
+        """Write the record of a snapshot just taken; what its volume reports if it cannot
+        be (the snapshot exists all the same)."""
+        try:
+            self.write(snapshot_id, record)
+        except OSError as e:
+            return SnapmgrError(f"{snapshot_id} was taken, but its record could not be written: {as_error(e)}")
+        return None
 
     def read(self, snapshot_id: SnapshotId) -> dict | None:
         try:

@@ -15,13 +15,28 @@ from typing import Iterator, Sequence
 
 from snapmgr import sh
 from snapmgr.backends.rsync_filters import anchored
-from snapmgr.errors import UsageError, quote
+from snapmgr.errors import SnapmgrError, UsageError, quote
 from snapmgr.volume_paths import joined, shown, under
 
 # How many existing paths a refusal to overwrite names.
 SHOWN_CONFLICTS = 5
 # Marks rsync's itemized lines among its other messages ("created directory DEST").
 ITEM = "item: "
+
+
+def check_dest(dest: Path) -> None:
+    """Refuse a DEST rsync cannot copy into: it makes DEST itself, not the directories
+    above it. Checked before anything is done, since a dry run makes nothing and rsync
+    would not notice then."""
+    if dest.is_dir():
+        return
+    if os.path.lexists(dest):
+        raise SnapmgrError(f"--to {quote(str(dest))} is not a directory")
+    parent = dest.parent
+    if not parent.is_dir():
+        why = "is not a directory" if os.path.lexists(parent) else "does not exist"
+        raise SnapmgrError(f"--to {quote(str(dest))}: {quote(str(parent))} {why} (a restore creates DEST, "
+                           f"not the directories above it)")
 
 
 def kept_out(dest: Path, paths: Sequence[bytes], places: Sequence[tuple[Path, str]]) -> list[str]:

@@ -9,8 +9,9 @@ snapshot against its manifest; export: the formats of b3sum and sha256sum."""
 from snapmgr.manifest.entry import Change, Entry, compare, display, path_text, walk_key
 from snapmgr.manifest.fileformat import ManifestDamaged
 from snapmgr.manifest.hashing import ALGORITHMS, hash_file
-from snapmgr.manifest.walk import ScanError, ScanStats, scan, stream
+from snapmgr.manifest.walk import ScanError, ScanStats, scan, settled_before, stream
 from snapmgr.manifest.store import Manifest, delete, load, manifest_path, save
 
 __all__ = ["ALGORITHMS", "Change", "Entry", "Manifest", "ManifestDamaged", "ScanError", "ScanStats", "compare",
-           "delete", "display", "path_text", "hash_file", "load", "manifest_path", "save", "scan", "stream", "walk_key"]
+           "delete", "display", "path_text", "hash_file", "load", "manifest_path", "save", "scan", "settled_before",
+           "stream", "walk_key"]

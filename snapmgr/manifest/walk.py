@@ -18,7 +18,8 @@ Timestamps are coarse on some filesystems (ext4 with 128-byte inodes: one second
 file rewritten in place in the same tick as the previous snapshot was taken keeps its
 ctime, and would keep its stale hash forever. As git does with its index ("racy clean"),
 an entry whose ctime is not older than the previous snapshot's creation by a margin is
-never taken from it (`previous_taken`)."""
+never taken from it (`previous_taken`, settled_before()). diff trusts an unchanged inode
+and ctime under the same rule."""
 
 from __future__ import annotations
 
@@ -85,7 +86,7 @@ def stream(root: str | os.PathLike, algorithm: str | None, previous: Iterable[En
     started = time.monotonic()
     base = os.fsencode(root)
     before = _Cursor(previous or ())
-    settled = float("inf") if previous_taken is None else int(previous_taken * 1e9) - RACY_MARGIN_NS
+    settled = settled_before(previous_taken)
     rows: deque[list] = deque()   # Entry's fields, in walk order, of the entries not given out yet
     waiting: dict[int, list] = {}  # the rows whose digest is PENDING, by the key hashing knows them by
     walked = 0
@@ -124,6 +125,14 @@ def stream(root: str | os.PathLike, algorithm: str | None, previous: Iterable[En
         yield from _ready(rows)
     stats.entries = walked
     stats.seconds = time.monotonic() - started
+
+
+def settled_before(taken: float | None) -> float:
+    """The ctime (ns) below which an inode's ctime, found as it was in a state taken at
+    `taken` (seconds since the epoch), shows the inode unwritten since: a write in the
+    clock tick that state was taken in can leave the ctime as it was. None: no such
+    state (nothing taken from this tree), so no guard."""
+    return float("inf") if taken is None else int(taken * 1e9) - RACY_MARGIN_NS
 
 
 def _put(row: list, found: Content | Unreadable, stats: ScanStats, strict: bool,

@@ -176,7 +176,8 @@ def test_manifest_of_a_snapshot_without_one_or_of_none_is_a_clear_error(ws):
     assert (r.returncode, r.stderr) == (1, f"snapmgr: error: {sid} is unverifiable: its manifest file is missing "
                                            f"(deleted by hand?)\n")
     r = ws.run("manifest", "data@20200101T000000Z")
-    assert (r.returncode, r.stderr) == (1, "snapmgr: error: no such snapshot: data@20200101T000000Z\n")
+    assert (r.returncode, r.stderr) == (1, f"snapmgr: error: no such snapshot: data@20200101T000000Z (volume data "
+                                           f"has 1, the newest {sid})\n")
     r = ws.run("manifest", "data@yesterday")
     assert r.returncode == 2 and r.stderr.startswith("snapmgr: error: 'data@yesterday' is not a snapshot id")
 

@@ -91,6 +91,25 @@ def test_dry_run_changes_nothing_and_lists_what_would(volume, tmp_path):
     assert [line for line in in_place.splitlines() if "report.txt" in line] == [">f.st...... docs/report.txt"]
 
 
+@pytest.mark.parametrize("dry_run", [False, True], ids=["real", "dry-run"])
+def test_a_dest_rsync_could_not_create_is_refused_as_by_a_real_restore(volume, tmp_path, dry_run):
+    ws, live = volume
+    rich_tree(live)
+    sid = snapshot(ws)
+    (tmp_path / "a-file").write_bytes(b"x")
+    os.symlink("nowhere", tmp_path / "dangling")
+    for dest, message in [
+        (tmp_path / "missing" / "dest", f"--to '{tmp_path}/missing/dest': '{tmp_path}/missing' does not exist "
+                                        f"(a restore creates DEST, not the directories above it)"),
+        (tmp_path / "a-file" / "dest", f"--to '{tmp_path}/a-file/dest': '{tmp_path}/a-file' is not a directory "
+                                       f"(a restore creates DEST, not the directories above it)"),
+        (tmp_path / "dangling", f"--to '{tmp_path}/dangling' is not a directory"),
+    ]:
+        r = ws.run("restore", *(["--dry-run"] if dry_run else []), sid, "docs", "--to", str(dest))
+        assert (r.returncode, r.stdout, r.stderr) == (1, "", f"snapmgr: error: {message}\n")
+    assert not (tmp_path / "missing").exists() and os.readlink(tmp_path / "dangling") == "nowhere"
+
+
 def test_in_place_takes_a_pre_rollback_snapshot_first(volume):
     ws, live = volume
     rich_tree(live)
