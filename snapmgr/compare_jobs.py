@@ -62,7 +62,7 @@ def versions(engine: Engine, path_text: str) -> History:
     snapshots = sorted((s for s in backend.list() if not s.invalid), key=lambda s: s.id, reverse=True)
     manifests = {s.id: _usable_manifest(engine, s) for s in snapshots}
     algorithm = next((m.algorithm for m in manifests.values() if m), ALGORITHMS[0])
-    reader = Reader(algorithm)
+    reader = Reader(algorithm, backend.shares_inodes)
     current = reader.state(live, path, LIVE)
     if current is not None and current.kind == "d":
         raise UsageError(f"{quote(path_text)} is a directory; versions lists the versions of a file")
@@ -74,7 +74,7 @@ def versions(engine: Engine, path_text: str) -> History:
             state = State.of(entry) if entry else None
         else:
             with backend.browse_root(snapshot) as root:
-                state = reader.state(root, path, str(snapshot.id))
+                state = reader.state(root, path, str(snapshot.id), snapshot.id.created.timestamp())
         if state is not None:
             found.append((str(snapshot.id), state))
     return History(volume.name, path, current, distinct(found, current))

@@ -4,7 +4,10 @@ Two snapshots hold the same version when the content is the same: the same hash 
 regular file, the same target for a symlink. A snapshot's manifest gives the hash without
 reading anything; without a manifest the file is read, once per inode (an rsync
 snapshot's unchanged file is a hardlink to the previous one, and btrfs, ZFS and LVM keep
-inode numbers and ctimes), so a thousand snapshots of an unchanged file cost one read."""
+inode numbers and ctimes), so a thousand snapshots of an unchanged file cost one read.
+Where snapshots do not share inodes, an unchanged ctime proves nothing within the
+racy-clean margin of the older state's time (manifest.settled_before), as for manifests
+and diff: a file written in that clock tick is read again."""
 
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from typing import Iterable
 
 from snapmgr import volume_paths
 from snapmgr.errors import SnapmgrError
-from snapmgr.manifest import Entry, hash_file
+from snapmgr.manifest import Entry, hash_file, settled_before
 
 
 @dataclass(frozen=True)
@@ -53,27 +56,31 @@ class History:
 
 
 class Reader:
-    """States read from directories, hashing each inode once."""
+    """States read from directories, each newer than the next (the live volume first),
+    hashing each inode once."""
 
-    def __init__(self, algorithm: str):
+    def __init__(self, algorithm: str, shares_inodes: bool):
         self.algorithm = algorithm
+        self.shares_inodes = shares_inodes
         self._hashes: dict[tuple[int, int, int, int], str] = {}
 
-    def state(self, root: Path, path: bytes, where: str) -> State | None:
+    def state(self, root: Path, path: bytes, where: str, taken: float | None = None) -> State | None:
+        """taken: when the state at `root` was taken (seconds since the epoch); None: live."""
         try:
             st = volume_paths.located(root, path, where)
         except SnapmgrError:
             return None   # not there, or not reachable without a symlink
         absolute = volume_paths.joined(root, path)
         if stat.S_ISREG(st.st_mode):
-            return State("f", st.st_size, st.st_mtime_ns, self._hash(absolute, st))
+            return State("f", st.st_size, st.st_mtime_ns, self._hash(absolute, st, taken))
         if stat.S_ISLNK(st.st_mode):
             return State("l", st.st_size, st.st_mtime_ns, os.readlink(absolute))
         return State("d" if stat.S_ISDIR(st.st_mode) else "?", st.st_size, st.st_mtime_ns, None)
 
-    def _hash(self, absolute: bytes, st: os.stat_result) -> str:
+    def _hash(self, absolute: bytes, st: os.stat_result, taken: float | None) -> str:
         inode = (st.st_ino, st.st_ctime_ns, st.st_size, st.st_mtime_ns)
-        if inode not in self._hashes:
+        # Every hash known is of a newer state: this one is the older of the two.
+        if inode not in self._hashes or not (self.shares_inodes or st.st_ctime_ns < settled_before(taken)):
             self._hashes[inode] = hash_file(absolute, self.algorithm)
         return self._hashes[inode]
 
