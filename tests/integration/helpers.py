@@ -141,6 +141,17 @@ def wait_for(predicate, timeout: float = 20, what: str = "condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def in_one_second(attempts: int = 3) -> Iterator[None]:
+    """Yields at the start of a wall-clock second, up to `attempts` times, for steps that
+    must fall within one second (timestamps of one-second granularity); the caller
+    breaks out once they did."""
+    for _ in range(attempts):
+        while time.time() % 1 > 0.05:
+            time.sleep(0.005)
+        yield
+    pytest.fail(f"the steps never fell within one second in {attempts} attempts")
+
+
 def pids_of(program: str, needle: str) -> list[int]:
     """Pids of running `program` processes whose command line mentions `needle`."""
     pids = []
