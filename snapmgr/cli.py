@@ -229,7 +229,10 @@ def mount(c: Context, mountpoint, volumes, allow_other, daemon, idle, verify):
     backends = engine.browsable(volumes)
     verifier = lifecycle.Verifier(engine.stored_manifest, engine.journal.verify_failed) if verify else None
     path = lifecycle.prepare(mountpoint)
-    ready = lifecycle.detach() if daemon else None
+    ready = None
+    if daemon:
+        engine.journal.close()   # an SQLite connection must not cross a fork: the daemon opens its own
+        ready = lifecycle.detach()
     lifecycle.serve(path, backends, lifecycle.MountOptions(allow_other, idle_s), ready, verifier)
 
 
