@@ -7,12 +7,13 @@ from __future__ import annotations
 import os
 import signal
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests.integration.helpers import wait_for
-from tests.integration.test_mount import label, mount, snapshot
+from tests.integration.test_mount import as_nobody, label, mnt, mount, snapshot  # noqa: F401 (mnt: a fixture)
 from tests.lab.conftest import VG, lv_report, lvm_volume, zfs_volume
 
 IDLE = "2s"
@@ -30,13 +31,6 @@ def active(host, lv_name: str) -> bool:
     return row["lv_attr"][4] == "a"
 
 
-@pytest.fixture
-def mnt(tmp_path) -> Path:
-    path = tmp_path / "mnt"
-    path.mkdir()
-    return path
-
-
 @pytest.mark.parametrize("kind", ["thick", "thin"])
 def test_lvm_snapshots_are_mounted_lazily_and_released(host, ws, mnt, kind, request):
     lv = request.getfixturevalue(f"{kind}_lv")
@@ -46,11 +40,13 @@ def test_lvm_snapshots_are_mounted_lazily_and_released(host, ws, mnt, kind, requ
     lv.write("kept", b"changed since")
     second = snapshot(ws, "data")
     snapshot_lv = f"{lv.name}-{label(first)}"
-    with mount(ws, mnt, "--idle", IDLE) as proc:
+    with mount(ws, mnt, "--idle", IDLE, "--allow-other") as proc:
         volume = mnt / "data"
-        # Root's `ls -l` shows every snapshot and mounts none of them.
+        # Anyone's `ls` and root's `ls -l` show every snapshot and mount none of them.
+        assert sorted(as_nobody("ls", "-A", volume).stdout.split()) == \
+            sorted([".by-tag", "latest", label(first), label(second)])
+        assert subprocess.run(["ls", "-l", volume], capture_output=True).returncode == 0
         listed = {e.name: e.stat(follow_symlinks=False) for e in os.scandir(volume)}
-        assert {label(first), label(second), "latest"} <= set(listed)
         assert stat.S_IMODE(listed[label(first)].st_mode) == 0o700  # the placeholder: root's alone
         assert lazy_mounts(ws) == []
         if kind == "thin":
