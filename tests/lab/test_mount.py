@@ -1,6 +1,7 @@
 """`snapmgr mount` of LVM (thick and thin) and ZFS snapshots, inside the lab guest: LVM
 snapshots are activated and mounted only when walked into, released when idle and at
-unmount; ZFS snapshots are browsed through their .zfs directory."""
+unmount, and after a kill -9 by the next snapmgr; ZFS snapshots are browsed through
+their .zfs directory."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from tests.integration.helpers import wait_for
-from tests.integration.test_mount import as_nobody, label, mnt, mount, snapshot  # noqa: F401 (mnt: a fixture)
+from tests.integration.test_mount import (as_nobody, label, mnt, mount, mounted_type,  # noqa: F401 (mnt: a fixture)
+                                          serving, snapshot)
 from tests.lab.conftest import VG, lv_report, lvm_volume, zfs_volume
 
 IDLE = "2s"
@@ -86,6 +88,66 @@ def test_lvm_snapshots_are_mounted_lazily_and_released(host, ws, mnt, kind, requ
     assert lazy_mounts(ws) == []
     if kind == "thin":
         assert not active(host, snapshot_lv)
+
+
+def killed_inside(ws, mnt: Path, path: Path) -> None:
+    """A `snapmgr mount` killed with SIGKILL once `path` (inside a snapshot) was read
+    through it: it releases nothing."""
+    killed = ws.start("mount", str(mnt))
+    try:
+        wait_for(lambda: serving(mnt) or killed.poll() is not None, what="the mount")
+        (mnt / path).read_bytes()
+    finally:
+        killed.kill()
+        killed.communicate()
+
+
+def test_an_lvm_snapshot_left_by_a_killed_mount_is_used_once_and_released(host, ws, mnt, thin_lv):
+    ws.write_config({"data": lvm_volume(thin_lv)})
+    thin_lv.write("kept", b"as it was")
+    sid = snapshot(ws, "data")
+    snapshot_lv, kept = f"{thin_lv.name}-{label(sid)}", Path("data", label(sid), "kept")
+    left = [str(ws.root / "run" / "mounts" / sid)]
+
+    # Another command browsing the snapshot uses what the killed mount left, not a mount
+    # of its own on top, and releases it as its last user.
+    killed_inside(ws, mnt, kept)
+    assert lazy_mounts(ws) == left and active(host, snapshot_lv)
+    ws.ok("verify", sid)
+    assert lazy_mounts(ws) == [] and not active(host, snapshot_lv)
+
+    # The next mount releases it before serving, and mounts it once when walked into;
+    # a verify meanwhile shares that mount and leaves it to the mount.
+    killed_inside(ws, mnt, kept)
+    with mount(ws, mnt) as proc:
+        assert lazy_mounts(ws) == [] and not active(host, snapshot_lv)
+        assert (mnt / kept).read_bytes() == b"as it was"
+        assert lazy_mounts(ws) == left
+        ws.ok("verify", sid)
+        assert lazy_mounts(ws) == left and (mnt / kept).read_bytes() == b"as it was"
+        ws.ok("umount", str(mnt))
+        assert proc.wait(60) == 0
+    assert f"{sid}: released the browse mount a killed snapmgr left" in proc.log
+    assert lazy_mounts(ws) == [] and not active(host, snapshot_lv)
+
+    # `snapmgr umount` of the stale mount releases it too.
+    killed_inside(ws, mnt, kept)
+    ws.ok("umount", str(mnt))
+    assert mounted_type(mnt) is None and lazy_mounts(ws) == [] and not active(host, snapshot_lv)
+
+
+def test_a_zfs_snapshot_left_mounted_by_a_killed_mount_is_not_mounted_again(host, ws, mnt, dataset):
+    # ZFS mounts a snapshot under .zfs itself on access and unmounts it when idle; snapmgr
+    # mounts nothing there, so a killed mount leaves nothing to stack a second mount on.
+    ws.write_config({"data": zfs_volume(dataset)})
+    (Path("/" + dataset) / "file").write_bytes(b"first")
+    sid = snapshot(ws, "data")
+    killed_inside(ws, mnt, Path("data", label(sid), "file"))
+    with mount(ws, mnt):
+        assert (mnt / "data" / label(sid) / "file").read_bytes() == b"first"
+        at = f"/{dataset}/.zfs/snapshot/snapmgr-{label(sid)}"
+        assert [line.split(" ")[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()
+                if line.split(" ")[4] == at] == [at]
 
 
 def test_zfs_snapshots_are_browsed(host, ws, mnt, dataset):
