@@ -229,7 +229,11 @@ def mount(c: Context, mountpoint, volumes, allow_other, daemon, idle, verify):
     backends = engine.browsable(volumes)
     verifier = lifecycle.Verifier(engine.stored_manifest, engine.journal.verify_failed) if verify else None
     path = lifecycle.prepare(mountpoint)
-    ready = lifecycle.detach() if daemon else None
+    lifecycle.release_abandoned(backends.values())
+    ready = None
+    if daemon:
+        engine.journal.close()   # an SQLite connection must not cross a fork: the daemon opens its own
+        ready = lifecycle.detach()
     lifecycle.serve(path, backends, lifecycle.MountOptions(allow_other, idle_s), ready, verifier)
 
 
@@ -238,7 +242,12 @@ def mount(c: Context, mountpoint, volumes, allow_other, daemon, idle, verify):
 @pass_ctx
 def umount(c: Context, mountpoint):
     """Unmount a snapmgr mount; its process then exits."""
-    path = _fuse_lifecycle().unmount(mountpoint)
+    lifecycle = _fuse_lifecycle()
+    path, answered = lifecycle.unmount(mountpoint)
+    if not answered:
+        # Its process may have died with snapshots entered; which volumes it served is not
+        # known, so every volume's leftovers are looked for.
+        lifecycle.release_abandoned(c.engine().browsable().values())
     c.emit({"unmounted": str(path)}, None)
 
 

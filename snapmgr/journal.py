@@ -162,8 +162,10 @@ class Journal:
         self._db: sqlite3.Connection | None = None
 
     def close(self) -> None:
+        """Close the connection; the next use opens another."""
         if self._db is not None:
             self._db.close()
+            self._db = None
 
     # Reading: raises JournalError ---------------------------------------------------
 

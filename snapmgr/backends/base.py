@@ -83,6 +83,11 @@ class Backend(abc.ABC):
     def browse_root(self, snapshot: Snapshot) -> AbstractContextManager[Path]:
         """A read-only directory showing the snapshot's files, for as long as the context lasts."""
 
+    def release_abandoned(self) -> list[SnapshotId]:
+        """Release what browse_root() left in place when its process was killed, as far as
+        no live process uses it: the snapshots released."""
+        return []
+
     @abc.abstractmethod
     def live_root(self) -> Path | None:
         """Where the volume's files are as it is now (what its snapshots are taken of), or

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from snapmgr import schema, sh
-from snapmgr.backends import mounts
+from snapmgr.backends import mounts, shared_mounts
 from snapmgr.backends.base import Backend, Progress
 from snapmgr.errors import SnapmgrError, quote
 from snapmgr.model import Snapshot, SnapshotId
@@ -146,26 +146,54 @@ class LvmBackend(Backend):
     def browse_root(self, snapshot: Snapshot) -> Iterator[Path]:
         if snapshot.invalid:
             raise SnapmgrError(f"{snapshot.id} is invalid ({snapshot.invalid}); it has no data to show")
-        lv, device = snapshot.meta["lv"], snapshot.path
-        mountpoint = self.run_dir / "mounts" / str(snapshot.id)
-        # Thin snapshots are created with the activation-skip flag: -K overrides it.
-        activate = not snapshot.meta["active"]
-        if activate:
-            lvm(["lvchange", "--activate", "y", "--ignoreactivationskip", lv], timeout=120)
-        try:
-            fstype = sh.run(["blkid", "-o", "value", "-s", "TYPE", device], timeout=60).stdout.strip()
-            mountpoint.mkdir(parents=True, exist_ok=True)
-            sh.run(["mount", "-t", fstype, "-o", MOUNT_OPTIONS.get(fstype, "ro"), device, mountpoint], timeout=120)
-            try:
-                yield mountpoint
-            finally:
-                sh.run(["umount", mountpoint], timeout=120)
-                mountpoint.rmdir()
-        finally:
-            if activate:
-                lvm(["lvchange", "--activate", "n", lv], timeout=120)
+        with shared_mounts.used(self._browse_dir(snapshot.id), lambda: self._mount(snapshot),
+                                lambda: self._release(snapshot.id)) as root:
+            yield root
+
+    def release_abandoned(self) -> list[SnapshotId]:
+        released = []
+        for lock in sorted(self._browse_dirs.glob(f"{self.volume}@*{shared_mounts.LOCK_SUFFIX}")):
+            sid = SnapshotId.try_parse(lock.name.removesuffix(shared_mounts.LOCK_SUFFIX))
+            if sid is not None and shared_mounts.release_unused(self._browse_dir(sid), lambda: self._release(sid)):
+                released.append(sid)
+        return released
 
     # Helpers ------------------------------------------------------------------------
+
+    @property
+    def _browse_dirs(self) -> Path:
+        return self.run_dir / "mounts"
+
+    def _browse_dir(self, snapshot_id: SnapshotId) -> Path:
+        return self._browse_dirs / str(snapshot_id)
+
+    def _activated(self, snapshot_id: SnapshotId) -> Path:
+        """Holds the snapshot's LV while it is active only to be browsed."""
+        return self._browse_dirs / f"{snapshot_id}.activated"
+
+    def _mount(self, snapshot: Snapshot) -> None:
+        lv, directory = snapshot.meta["lv"], self._browse_dir(snapshot.id)
+        # Asked now, not taken from the listing: another process may have released it since.
+        if lvs(lv)[0]["lv_attr"][4] != "a":
+            # Written first, so that a release after a kill at any point deactivates it.
+            self._activated(snapshot.id).write_text(lv + "\n")
+            # Thin snapshots are created with the activation-skip flag: -K overrides it.
+            lvm(["lvchange", "--activate", "y", "--ignoreactivationskip", lv], timeout=120)
+        fstype = sh.run(["blkid", "-o", "value", "-s", "TYPE", snapshot.path], timeout=60).stdout.strip()
+        directory.mkdir(exist_ok=True)
+        sh.run(["mount", "-t", fstype, "-o", MOUNT_OPTIONS.get(fstype, "ro"), snapshot.path, directory], timeout=120)
+
+    def _release(self, snapshot_id: SnapshotId) -> bool:
+        directory, activated = self._browse_dir(snapshot_id), self._activated(snapshot_id)
+        left = os.path.lexists(directory) or activated.exists()
+        if os.path.ismount(directory):
+            sh.run(["umount", directory], timeout=120)
+        if os.path.lexists(directory):
+            directory.rmdir()
+        if activated.exists():
+            lvm(["lvchange", "--activate", "n", activated.read_text().strip()], timeout=120)
+            activated.unlink()
+        return left
 
     def _checked_origin(self) -> dict:
         """The origin's report row, once the space guard has passed. One report of the

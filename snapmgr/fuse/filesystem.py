@@ -2,11 +2,13 @@
 contents (passthrough). Every change is refused with EROFS, whatever the mount options.
 
 A snapshot's LABEL entry needs attributes before anyone walks into it, and for an LVM
-snapshot the real ones cost an activation and a mount. Root's `ls -l` of a volume must
-not mount every snapshot, so until a lazily mounted snapshot has been entered once, root
-is shown a placeholder (root-owned, mode 0700, never cached): nothing more than root may
-do anyway. Anyone else is shown the real attributes, which are what the kernel's
-permission check (default_permissions) must judge them by, so for them it is entered."""
+snapshot the real ones cost an activation and a mount. Listing a volume must not mount
+every snapshot, so until a lazily mounted snapshot has been entered once, its LABEL is
+shown as a placeholder (root-owned, mode 0700, never cached) in every listing, whoever
+lists it, and to root's lookups: nothing more than root may do anyway. Anyone else's
+lookup is answered with the real attributes, which are what the kernel's permission
+check (default_permissions) must judge them by, so for them it is entered; the
+placeholder a listing gave them is not cached, so the kernel looks it up before judging."""
 
 from __future__ import annotations
 
@@ -69,11 +71,11 @@ class Filesystem(pyfuse3.Operations):
 
     # Attributes ------------------------------------------------------------------------
 
-    async def _attributes(self, ino: int, uid: int) -> pyfuse3.EntryAttributes:
+    async def _attributes(self, ino: int, uid: int, listing: bool = False) -> pyfuse3.EntryAttributes:
         if self._is_virtual(ino):
             return await self._virtual_attributes(ino)
         if self.inodes.is_snapshot_root(ino):
-            return await self._label_attributes(ino, uid)
+            return await self._label_attributes(ino, uid, listing)
         return await self.files.getattr(ino)
 
     async def _virtual_attributes(self, ino: int) -> pyfuse3.EntryAttributes:
@@ -85,13 +87,13 @@ class Filesystem(pyfuse3.Operations):
             return made_up(ino, stat.S_IFLNK | 0o777, len(target), t, TOP_TIMEOUT)
         return made_up(ino, stat.S_IFDIR | 0o555, 0, t, TOP_TIMEOUT)
 
-    async def _label_attributes(self, ino: int, uid: int) -> pyfuse3.EntryAttributes:
+    async def _label_attributes(self, ino: int, uid: int, listing: bool = False) -> pyfuse3.EntryAttributes:
         slot = ino >> SLOT_SHIFT
         listed = self.tree.snapshot(slot)
         if listed is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         st = self.roots.known_stat(slot)
-        if st is None and (uid != 0 or not listed.backend.browse_mounts):
+        if st is None and (not listed.backend.browse_mounts or (uid != 0 and not listing)):
             await self.roots.enter(slot)
             st = self.roots.known_stat(slot)
         if st is None:
@@ -132,7 +134,7 @@ class Filesystem(pyfuse3.Operations):
     @_os_errors
     async def opendir(self, inode, ctx):
         if self._is_virtual(inode):
-            entries = [Entry(name, await self._attributes(ino, ctx.uid))
+            entries = [Entry(name, await self._attributes(ino, ctx.uid, listing=True))
                        for name, ino in await self.tree.children(inode)]
         else:
             entries = await self.files.listdir(inode)

@@ -1,6 +1,7 @@
 """The life of a mount: refuse a busy mount point, clear a stale one left by a killed
-snapmgr, mount, detach (--daemon), serve until a signal or an unmount, and always
-unmount and release the browse roots on the way out, also after an error."""
+snapmgr and the browse roots it left entered, mount, detach (--daemon), serve until a
+signal or an unmount, and always unmount and release the browse roots on the way out,
+also after an error."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import pyfuse3
 import trio
@@ -18,7 +19,7 @@ import trio
 from snapmgr import sh
 from snapmgr.backends.base import Backend
 from snapmgr.backends.mounts import mounted_at
-from snapmgr.errors import SnapmgrError, UsageError, quote
+from snapmgr.errors import SnapmgrError, UsageError, as_error, quote
 from snapmgr.fuse import connection
 from snapmgr.fuse.filesystem import Filesystem
 from snapmgr.fuse.inodes import Inodes
@@ -78,7 +79,23 @@ def prepare(mountpoint: Path) -> Path:
     return path
 
 
-def unmount(mountpoint: Path) -> Path:
+def release_abandoned(backends: Iterable[Backend]) -> None:
+    """Release what killed snapmgr processes left entered (an LVM snapshot still active
+    and mounted, which kill -9 leaves behind), as far as no live process uses it."""
+    for backend in backends:
+        try:
+            released = backend.release_abandoned()
+        except (SnapmgrError, OSError) as e:
+            log.warning("volume %s: cannot release what a killed snapmgr left mounted: %s", backend.volume,
+                        as_error(e))
+            continue
+        for snapshot_id in released:
+            log.warning("%s: released the browse mount a killed snapmgr left", snapshot_id)
+
+
+def unmount(mountpoint: Path) -> tuple[Path, bool]:
+    """Unmount a snapmgr mount: its path, and whether its process answered (and so
+    releases what it entered as it exits)."""
     path = _canonical(mountpoint)
     existing = mounted_at(path)
     if existing is None:
@@ -91,7 +108,7 @@ def unmount(mountpoint: Path) -> Path:
         connection.abort(existing)
     # Lazily when nothing serves it any more: a plain unmount would wait on the dead connection.
     sh.run(["fusermount3", "-u", *(["-z"] if found is not connection.State.LIVE else []), path], timeout=60)
-    return path
+    return path, found is connection.State.LIVE
 
 
 def detach() -> Callable[[], None]:

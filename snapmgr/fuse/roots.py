@@ -5,7 +5,11 @@ mounted): that is done on first access, in a worker thread so the rest of the mo
 answering, and undone once nothing has used it for `idle` seconds and no file in it is
 open, and at unmount. A file the kernel still knows inside a released root is served by
 entering it again. The root's own attributes are kept once seen: a snapshot is immutable,
-so they stay true after the release."""
+so they stay true after the release.
+
+Each snapshot has one lock for the life of the mount, held while it is entered and while
+it is left: requests that find it entered use it as it is, the others wait their turn,
+and none enters it beside another or while it is still being left."""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import errno
 import logging
 import os
 import time
+from collections import defaultdict
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Callable
@@ -41,7 +46,7 @@ class Roots:
     idle: float
     clock: Callable[[], float] = time.monotonic
     _entered: dict[int, _Entered] = field(default_factory=dict)
-    _locks: dict[int, trio.Lock] = field(default_factory=dict)
+    _locks: defaultdict[int, trio.Lock] = field(default_factory=lambda: defaultdict(trio.Lock))
     _stats: dict[int, os.stat_result] = field(default_factory=dict)
 
     def known_stat(self, slot: int) -> os.stat_result | None:
@@ -52,12 +57,8 @@ class Roots:
         """The snapshot's browse root as a path, entering it first if needed."""
         entered = self._entered.get(slot)
         if entered is None:
-            lock = self._locks.setdefault(slot, trio.Lock())
-            try:
-                async with lock:
-                    entered = self._entered.get(slot) or await self._enter(slot)
-            finally:
-                self._locks.pop(slot, None)
+            async with self._locks[slot]:
+                entered = self._entered.get(slot) or await self._enter(slot)
         entered.last_used = self.clock()
         return entered.path
 
@@ -90,11 +91,16 @@ class Roots:
         """Leave every root unused for `idle` seconds; runs until cancelled."""
         while True:
             await trio.sleep(max(self.idle / 4, 0.1))
-            now = self.clock()
             for slot, e in list(self._entered.items()):
-                if e.open_files == 0 and now - e.last_used >= self.idle and slot not in self._locks:
-                    del self._entered[slot]
-                    await trio.to_thread.run_sync(self._leave, e)
+                if self._unused(e):
+                    async with self._locks[slot]:
+                        # Rechecked: a request may have used it while this waited.
+                        if self._entered.get(slot) is e and self._unused(e):
+                            del self._entered[slot]
+                            await trio.to_thread.run_sync(self._leave, e)
+
+    def _unused(self, entered: _Entered) -> bool:
+        return entered.open_files == 0 and self.clock() - entered.last_used >= self.idle
 
     def release_all(self) -> None:
         """Leave every root (at unmount)."""

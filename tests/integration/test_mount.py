@@ -48,7 +48,22 @@ def serving(path: Path) -> bool:
 def mount(ws, mountpoint: Path, *args: str) -> Iterator[subprocess.Popen]:
     """`snapmgr mount` in the foreground, ready when this yields; stopped, and the
     mount gone, afterwards whatever the test did. Its stderr is then `proc.log`."""
-    proc = ws.start("mount", str(mountpoint), *args)
+    with served(ws.start("mount", str(mountpoint), *args), mountpoint) as proc:
+        yield proc
+
+
+@contextmanager
+def counting_mount(ws, mountpoint: Path, log: Path) -> Iterator[subprocess.Popen]:
+    """As mount(), with --allow-other, its volumes entered lazily and each entry counted
+    in `log` (tests.integration.counting_mount)."""
+    argv = [sys.executable, "-m", "tests.integration.counting_mount", str(ws.config), str(mountpoint), str(log)]
+    with served(subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ws.env),
+                mountpoint) as proc:
+        yield proc
+
+
+@contextmanager
+def served(proc: subprocess.Popen, mountpoint: Path) -> Iterator[subprocess.Popen]:
     try:
         wait_for(lambda: serving(mountpoint) or proc.poll() is not None, what="the mount")
         assert proc.poll() is None, proc.communicate()[1]
@@ -265,6 +280,28 @@ def test_allow_other_enforces_the_snapshots_own_modes_owners_and_acls(ws, mnt, g
         assert sorted(os.listxattr(via / "public")) == ["trusted.hidden", "user.note"]
         for name in expected:
             assert (as_nobody("cat", mnt / "data" / "latest" / name).returncode == 0) == expected[name]
+
+
+# Lazy snapshots ---------------------------------------------------------------------------------
+
+def test_listing_a_volume_enters_no_lazy_snapshot_whoever_lists_it(ws, mnt, guarded):
+    newer = label(snapshot(ws))
+    entered = ws.root / "entered"
+    entered.touch()
+    with counting_mount(ws, mnt, entered):
+        volume = mnt / "data"
+        listing = as_nobody("ls", "-A", volume)
+        assert sorted(listing.stdout.split()) == sorted([".by-tag", "latest", guarded, newer]), listing.stderr
+        placeholders = {e.name: e.stat(follow_symlinks=False) for e in os.scandir(volume)}   # root's `ls -l`
+        assert stat.S_IMODE(placeholders[guarded].st_mode) == 0o700
+        assert subprocess.run(["ls", "-l", volume], capture_output=True).returncode == 0
+        assert entered.read_text() == ""
+        # Walking in enters that snapshot and no other, for root as for anyone else: the
+        # placeholder the listing showed them does not keep them out.
+        assert (volume / newer / "public").read_text() == "public"
+        assert entered.read_text().split() == [f"data@{newer}"]
+        assert as_nobody("cat", volume / guarded / "public").stdout == "public"
+        assert entered.read_text().split() == [f"data@{newer}", f"data@{guarded}"]
 
 
 # Files as stored -------------------------------------------------------------------------------

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from snapmgr.journal import Journal
-from tests.integration.helpers import make_tree, needs_root
-from tests.integration.test_mount import label, mnt, mount, snapshot  # noqa: F401 (mnt: a fixture)
+from tests.integration.helpers import make_tree, needs_root, pids_of, wait_for
+from tests.integration.test_mount import label, mnt, mount, mounted_type, snapshot  # noqa: F401 (mnt: a fixture)
 from tests.integration.test_verify import flip_a_byte
 
 pytestmark = needs_root
@@ -49,3 +52,28 @@ def test_without_verify_and_without_a_manifest_files_are_served(ws, mnt):
     with mount(ws, mnt):
         assert (mnt / "data" / label(hashed) / "d4" / "f0004").read_bytes() == \
             (ws.repo / hashed / "d4" / "f0004").read_bytes()
+
+
+def test_a_daemon_journals_through_a_connection_of_its_own(ws, mnt):
+    make_tree(ws.source, files=5, size=5000)
+    sid = snapshot(ws)
+    flip_a_byte(ws.repo / sid / "d1" / "f0001")
+    journal = ws.root / "state" / "journal.db"
+    r = ws.run("mount", "--daemon", "--verify", str(mnt))
+    try:
+        assert r.returncode == 0, r.stderr
+        [daemon] = pids_of(Path(sys.executable).name, str(mnt))
+        # SQLite connections must not cross a fork: the daemon has opened none yet, though
+        # its parent read the journal before forking (every command resumes interrupted windows).
+        assert not [fd for fd in Path(f"/proc/{daemon}/fd").iterdir()
+                    if os.readlink(fd).startswith(str(journal))]
+        with open(mnt / "data" / label(sid) / "d1" / "f0001", "rb") as f, pytest.raises(OSError) as e:
+            f.read()
+        assert e.value.errno == errno.EIO
+        [rotten] = [v for v in Journal(journal).latest_verifies() if v.snapshot == sid]
+        assert rotten.source == "read" and rotten.detail[0].startswith("/d1/f0001: content does not match")
+        ws.ok("umount", str(mnt))
+        wait_for(lambda: not pids_of(Path(sys.executable).name, str(mnt)), what="the daemon to exit")
+    finally:
+        if mounted_type(mnt):
+            subprocess.run(["fusermount3", "-u", "-z", mnt])

@@ -1,18 +1,21 @@
 """`snapmgr mount` of LVM (thick and thin) and ZFS snapshots, inside the lab guest: LVM
 snapshots are activated and mounted only when walked into, released when idle and at
-unmount; ZFS snapshots are browsed through their .zfs directory."""
+unmount, and after a kill -9 by the next snapmgr; ZFS snapshots are browsed through
+their .zfs directory."""
 
 from __future__ import annotations
 
 import os
 import signal
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests.integration.helpers import wait_for
-from tests.integration.test_mount import label, mount, snapshot
+from tests.integration.test_mount import (as_nobody, label, mnt, mount, mounted_type,  # noqa: F401 (mnt: a fixture)
+                                          serving, snapshot)
 from tests.lab.conftest import VG, lv_report, lvm_volume, zfs_volume
 
 IDLE = "2s"
@@ -30,13 +33,6 @@ def active(host, lv_name: str) -> bool:
     return row["lv_attr"][4] == "a"
 
 
-@pytest.fixture
-def mnt(tmp_path) -> Path:
-    path = tmp_path / "mnt"
-    path.mkdir()
-    return path
-
-
 @pytest.mark.parametrize("kind", ["thick", "thin"])
 def test_lvm_snapshots_are_mounted_lazily_and_released(host, ws, mnt, kind, request):
     lv = request.getfixturevalue(f"{kind}_lv")
@@ -46,11 +42,13 @@ def test_lvm_snapshots_are_mounted_lazily_and_released(host, ws, mnt, kind, requ
     lv.write("kept", b"changed since")
     second = snapshot(ws, "data")
     snapshot_lv = f"{lv.name}-{label(first)}"
-    with mount(ws, mnt, "--idle", IDLE) as proc:
+    with mount(ws, mnt, "--idle", IDLE, "--allow-other") as proc:
         volume = mnt / "data"
-        # Root's `ls -l` shows every snapshot and mounts none of them.
+        # Anyone's `ls` and root's `ls -l` show every snapshot and mount none of them.
+        assert sorted(as_nobody("ls", "-A", volume).stdout.split()) == \
+            sorted([".by-tag", "latest", label(first), label(second)])
+        assert subprocess.run(["ls", "-l", volume], capture_output=True).returncode == 0
         listed = {e.name: e.stat(follow_symlinks=False) for e in os.scandir(volume)}
-        assert {label(first), label(second), "latest"} <= set(listed)
         assert stat.S_IMODE(listed[label(first)].st_mode) == 0o700  # the placeholder: root's alone
         assert lazy_mounts(ws) == []
         if kind == "thin":
@@ -90,6 +88,66 @@ def test_lvm_snapshots_are_mounted_lazily_and_released(host, ws, mnt, kind, requ
     assert lazy_mounts(ws) == []
     if kind == "thin":
         assert not active(host, snapshot_lv)
+
+
+def killed_inside(ws, mnt: Path, path: Path) -> None:
+    """A `snapmgr mount` killed with SIGKILL once `path` (inside a snapshot) was read
+    through it: it releases nothing."""
+    killed = ws.start("mount", str(mnt))
+    try:
+        wait_for(lambda: serving(mnt) or killed.poll() is not None, what="the mount")
+        (mnt / path).read_bytes()
+    finally:
+        killed.kill()
+        killed.communicate()
+
+
+def test_an_lvm_snapshot_left_by_a_killed_mount_is_used_once_and_released(host, ws, mnt, thin_lv):
+    ws.write_config({"data": lvm_volume(thin_lv)})
+    thin_lv.write("kept", b"as it was")
+    sid = snapshot(ws, "data")
+    snapshot_lv, kept = f"{thin_lv.name}-{label(sid)}", Path("data", label(sid), "kept")
+    left = [str(ws.root / "run" / "mounts" / sid)]
+
+    # Another command browsing the snapshot uses what the killed mount left, not a mount
+    # of its own on top, and releases it as its last user.
+    killed_inside(ws, mnt, kept)
+    assert lazy_mounts(ws) == left and active(host, snapshot_lv)
+    ws.ok("verify", sid)
+    assert lazy_mounts(ws) == [] and not active(host, snapshot_lv)
+
+    # The next mount releases it before serving, and mounts it once when walked into;
+    # a verify meanwhile shares that mount and leaves it to the mount.
+    killed_inside(ws, mnt, kept)
+    with mount(ws, mnt) as proc:
+        assert lazy_mounts(ws) == [] and not active(host, snapshot_lv)
+        assert (mnt / kept).read_bytes() == b"as it was"
+        assert lazy_mounts(ws) == left
+        ws.ok("verify", sid)
+        assert lazy_mounts(ws) == left and (mnt / kept).read_bytes() == b"as it was"
+        ws.ok("umount", str(mnt))
+        assert proc.wait(60) == 0
+    assert f"{sid}: released the browse mount a killed snapmgr left" in proc.log
+    assert lazy_mounts(ws) == [] and not active(host, snapshot_lv)
+
+    # `snapmgr umount` of the stale mount releases it too.
+    killed_inside(ws, mnt, kept)
+    ws.ok("umount", str(mnt))
+    assert mounted_type(mnt) is None and lazy_mounts(ws) == [] and not active(host, snapshot_lv)
+
+
+def test_a_zfs_snapshot_left_mounted_by_a_killed_mount_is_not_mounted_again(host, ws, mnt, dataset):
+    # ZFS mounts a snapshot under .zfs itself on access and unmounts it when idle; snapmgr
+    # mounts nothing there, so a killed mount leaves nothing to stack a second mount on.
+    ws.write_config({"data": zfs_volume(dataset)})
+    (Path("/" + dataset) / "file").write_bytes(b"first")
+    sid = snapshot(ws, "data")
+    killed_inside(ws, mnt, Path("data", label(sid), "file"))
+    with mount(ws, mnt):
+        assert (mnt / "data" / label(sid) / "file").read_bytes() == b"first"
+        at = f"/{dataset}/.zfs/snapshot/snapmgr-{label(sid)}"
+        assert [line.split(" ")[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()
+                if line.split(" ")[4] == at] == [at]
 
 
 def test_zfs_snapshots_are_browsed(host, ws, mnt, dataset):
