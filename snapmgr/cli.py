@@ -209,7 +209,7 @@ def status(c: Context, volumes):
 @click.argument("volumes", nargs=-1)
 @click.option("--allow-other", is_flag=True,
               help="Let other users in; the kernel still enforces each file's own modes, owners and ACLs.")
-@click.option("--daemon", is_flag=True, help="Detach once the mount is ready (its log then goes nowhere).")
+@click.option("--daemon", is_flag=True, help="Detach once the mount is ready (its log then goes to syslog).")
 @click.option("--idle", default="5min", show_default=True, metavar="DURATION",
               help="Release a lazily mounted snapshot (LVM, ZFS) unused this long.")
 @click.option("--verify", is_flag=True,

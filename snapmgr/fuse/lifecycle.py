@@ -6,6 +6,7 @@ also after an error."""
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import os
 import signal
 import sys
@@ -35,6 +36,7 @@ FSTYPE = "fuse.snapmgr"
 # through Python per 128 KiB; at 1 MiB (libfuse's largest request) a cold read of a big
 # file went from 0.37x to about bindfs's speed here.
 READ_AHEAD_KIB = 1024
+SYSLOG = "/dev/log"
 
 
 @dataclass(frozen=True)
@@ -136,7 +138,22 @@ def detach() -> Callable[[], None]:
         for fd in (0, 1, 2):
             os.dup2(null, fd)
         os.close(null)
+        _log_to_syslog()
     return ready
+
+
+def _log_to_syslog() -> None:
+    """A daemon has no terminal left to log to: its log (a rotten file --verify refused, a
+    snapshot it cannot enter) goes to syslog, the journal under systemd, where there is
+    one, in the lines it had on stderr."""
+    try:
+        handler = logging.handlers.SysLogHandler(SYSLOG, facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+    except OSError:
+        log.debug("no syslog at %s: the daemon's log goes nowhere", SYSLOG)
+        return
+    root = logging.getLogger()
+    handler.setFormatter(root.handlers[0].formatter if root.handlers else None)
+    root.handlers = [handler]
 
 
 def serve(mountpoint: Path, backends: dict[str, Backend], options: MountOptions,

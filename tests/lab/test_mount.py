@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.helpers import wait_for
+from tests.integration.helpers import make_tree, wait_for
 from tests.integration.test_mount import (as_nobody, label, mnt, mount, mounted_type,  # noqa: F401 (mnt: a fixture)
                                           serving, snapshot)
+from tests.integration.test_verify import flip_a_byte
 from tests.lab.conftest import VG, lv_report, lvm_volume, zfs_volume
 
 IDLE = "2s"
@@ -165,3 +166,20 @@ def test_zfs_snapshots_are_browsed(host, ws, mnt, dataset):
         assert (volume / ".by-tag" / "daily" / label(second) / "file").read_bytes() == b"second"
         with pytest.raises(OSError):
             (volume / label(first) / "file").write_bytes(b"x")
+
+
+def test_a_daemons_log_goes_to_the_journal(host, ws, mnt):
+    """Detached, the mount has no stderr: what it logs (here, the rotten file --verify
+    refused) must reach syslog, which journald serves in the guest."""
+    make_tree(ws.source, files=3, size=5000)
+    sid = snapshot(ws)
+    flip_a_byte(ws.repo / sid / "d1" / "f0001")
+    cursor = host.check_output("journalctl -n 0 --show-cursor -q | sed -n 's/^-- cursor: //p'")
+    assert ws.run("mount", "--daemon", "--verify", str(mnt)).returncode == 0
+    try:
+        with open(mnt / "data" / label(sid) / "d1" / "f0001", "rb") as f, pytest.raises(OSError):
+            f.read()
+        logged = lambda: host.run(f"journalctl -q -o cat -t snapmgr --after-cursor '{cursor}'").stdout  # noqa: E731
+        wait_for(lambda: "/d1/f0001" in logged() and "reads fail with EIO" in logged(), what="the line in the journal")
+    finally:
+        ws.ok("umount", str(mnt))
