@@ -3,6 +3,7 @@ so a mount made by hand, by fstab or by `zfs mount` is found alike)."""
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,12 @@ def whole_mount(match) -> Path | None:
 def mounted_at(path: Path) -> Mount | None:
     """The topmost mount at `path` (the one a lookup of `path` reaches), if any."""
     return next((m for m in reversed(mounts()) if m.mountpoint == path), None)
+
+
+def below(path: Path) -> list[Mount]:
+    """The mounts at `path` and below it, in the order they were made."""
+    real = Path(os.path.realpath(path))
+    return [m for m in mounts() if m.mountpoint == real or real in m.mountpoint.parents]
 
 
 def _unescaped(field: bytes) -> bytes:
