@@ -321,15 +321,19 @@ def config_group():
 @config_group.command("check")
 @pass_ctx
 def config_check(c: Context):
-    """Validate the config file and print a summary."""
+    """Validate the config file and print a summary; warn of volumes whose snapshots could
+    not be browsed whole as things are mounted now."""
     cfg = configuration.load(configuration.locate(c.config_option))
+    problems = Engine(cfg).browse_problems()
+    for volume, problem in problems.items():
+        log.warning("volume %s: its snapshots cannot be browsed whole: %s", volume, problem)
     rows = [(v.name, v.backend, v.retention.name if v.retention else "-", ",".join(sorted(v.tags)) or "-")
             for v in cfg.volumes.values()]
     c.emit({"config": str(cfg.path), "valid": True,
             "volumes": {v.name: {"backend": v.backend, "retention": v.retention and v.retention.name,
                                  "tags": sorted(v.tags)} for v in cfg.volumes.values()},
             "policies": sorted(cfg.policies), "quiesce": sorted(cfg.quiescers),
-            "groups": sorted(cfg.groups), "schedules": sorted(cfg.schedules)},
+            "groups": sorted(cfg.groups), "schedules": sorted(cfg.schedules), "browse_problems": problems},
            f"{cfg.path}: valid\n" + (render.table(("VOLUME", "BACKEND", "RETENTION", "TAGS"), rows) if rows
                                       else "no volumes configured"))
 

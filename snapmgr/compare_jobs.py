@@ -44,7 +44,7 @@ def diff(engine: Engine, old_text: str, new_text: str, path_text: str | None = N
         for snapshot, found in zip((old, new), manifests):
             if snapshot is None:
                 sides.append(Side(LIVE, None, live, None, left_out=backend.left_out(),
-                                  crosses_mounts=backend.crosses_mounts()))
+                                  crosses_mounts=backend.crosses_mounts(), own_mounts=backend.own_mounts()))
             elif found and found.algorithm == algorithm:
                 sides.append(Side(str(snapshot.id), found, None, snapshot.created.timestamp()))
             else:

@@ -44,9 +44,11 @@ class Side:
     taken: float | None            # when the snapshot was taken (seconds since the epoch); None: live
     entries: list[Entry] | None = None
     # The live volume holds more than its snapshots can: what they leave out (rsync
-    # filter rules) and, unless they cross mounts, what other filesystems mounted in it hold.
+    # filter rules) and, unless they cross mounts, what other filesystems mounted in it
+    # hold, but for the volume's own (a ZFS volume's child datasets).
     left_out: tuple[str, ...] = ()
     crosses_mounts: bool = True
+    own_mounts: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,7 @@ def _as_snapshotted(side: Side, entries: Iterator[Entry]) -> Iterator[Entry]:
         yield from entries
         return
     excluded = rsync_filters.matcher(side.left_out)
-    device = os.lstat(side.root).st_dev
+    devices = {os.lstat(place).st_dev for place in (side.root, *side.own_mounts)}
     skipping: bytes | None = None
     for e in entries:
         if skipping is not None and volume_paths.under(e.path, skipping) and e.path != skipping:
@@ -124,7 +126,7 @@ def _as_snapshotted(side: Side, entries: Iterator[Entry]) -> Iterator[Entry]:
             skipping = e.path
             continue
         if e.kind == "d" and not side.crosses_mounts and \
-                os.lstat(volume_paths.joined(side.root, e.path)).st_dev != device:
+                os.lstat(volume_paths.joined(side.root, e.path)).st_dev not in devices:
             skipping = e.path
         yield e
 

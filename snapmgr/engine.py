@@ -95,6 +95,17 @@ class Engine:
     def backend(self, volume: Volume) -> Backend:
         return BACKENDS[volume.backend](volume.name, volume.options, self.config.settings.run_dir)
 
+    def browse_problems(self) -> dict[str, str]:
+        """The volumes whose snapshots, if taken now, could not be browsed whole (they
+        would get no manifest, and could be neither verified, mounted nor restored from),
+        each with why."""
+        found = {}
+        for volume in self.volumes():
+            problem = self.backend(volume).browse_problem()
+            if problem:
+                found[volume.name] = problem
+        return found
+
     def volumes(self, names: Iterable[str] = ()) -> list[Volume]:
         """The named volumes (all of them when none are named); unknown names are refused
         before anything is done."""

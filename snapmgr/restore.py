@@ -14,6 +14,7 @@ from pathlib import Path, PurePosixPath
 from typing import Iterator, Sequence
 
 from snapmgr import sh
+from snapmgr.backends import mounts
 from snapmgr.backends.rsync_filters import anchored
 from snapmgr.errors import SnapmgrError, UsageError, quote
 from snapmgr.volume_paths import joined, shown, under
@@ -109,7 +110,7 @@ def _kind(path: bytes) -> str | None:
 
 
 def argv(root: Path, paths: Sequence[bytes], dest: Path, dry_run: bool, delete: bool,
-         left_out: Sequence[str], kept: Sequence[str]) -> list[str]:
+         left_out: Sequence[str], kept: Sequence[str], own_mounts: Sequence[Path]) -> list[str]:
     # --modify-window=-1: mtimes compared to the nanosecond; otherwise a symlink or fifo
     # made within the second of its original's mtime keeps the time of its making.
     argv = ["rsync", "-aHAX", "--numeric-ids", "--sparse", "--relative", "--modify-window=-1",
@@ -119,22 +120,35 @@ def argv(root: Path, paths: Sequence[bytes], dest: Path, dry_run: bool, delete: 
     # Excluded, the places are neither written nor deleted.
     argv += [f"--exclude={rule}" for rule in kept]
     if delete:
-        # -x: the deletion stops at every mount inside DEST (a nested subvolume, a child
-        # dataset): the snapshot shows those as empty directories. What the snapshots
-        # leave out on purpose is excluded, so it is not deleted either.
-        argv += ["--delete", "--one-file-system", *(f"--exclude={rule}" for rule in left_out)]
+        # The deletion stops at every other filesystem mounted inside DEST (a nested
+        # subvolume, a dataset not in the volume): the snapshot shows those as empty
+        # directories. What the snapshots leave out on purpose is excluded, so it is not
+        # deleted either.
+        argv += ["--delete", *_within(dest, own_mounts), *(f"--exclude={rule}" for rule in left_out)]
     # Every source starts with '/', so none can be read as an option or a remote host.
     sources = [joined(root, b"./" + (p or b".")) for p in paths]
     return argv + [os.fsdecode(p) for p in sources] + [f"{dest}/"]
 
 
 def copy(root: Path, paths: Sequence[bytes], dest: Path, dry_run: bool = False, delete: bool = False,
-         left_out: Sequence[str] = (), kept: Sequence[str] = ()) -> list[str]:
+         left_out: Sequence[str] = (), kept: Sequence[str] = (), own_mounts: Sequence[Path] = ()) -> list[str]:
     """Copy, or with dry_run only say what would change: rsync's itemized lines
     ('>f+++++++++ a/b' a new file, '*deleting c'), names escaped by rsync (\\#012 for a
-    newline) so each stays one line."""
-    result = sh.run(argv(root, paths, dest, dry_run, delete, left_out, kept))
+    newline) so each stays one line. `own_mounts`: the volume's other filesystems inside
+    DEST (its snapshots hold them), into which a deletion goes too."""
+    result = sh.run(argv(root, paths, dest, dry_run, delete, left_out, kept, own_mounts))
     return [line[len(ITEM):] for line in result.stdout.splitlines() if line.startswith(ITEM)]
+
+
+def _within(dest: Path, own_mounts: Sequence[Path]) -> list[str]:
+    """rsync options that keep a deletion in DEST on the volume's own filesystems."""
+    if not own_mounts:
+        return ["--one-file-system"]
+    # -x would stop at the volume's other filesystems too, in DEST and in the snapshot's
+    # tree alike: every other mount below DEST is excluded instead.
+    real = Path(os.path.realpath(dest))
+    return [f"--exclude={anchored(PurePosixPath(m.mountpoint.relative_to(real)))}"
+            for m in mounts.below(real) if m.mountpoint != real and m.mountpoint not in own_mounts]
 
 
 @dataclass(frozen=True)

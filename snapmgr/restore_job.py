@@ -48,7 +48,7 @@ def restore(engine: Engine, snapshot_text: str, paths: Sequence[str], dest: Path
             pre_rollback = engine.pre_rollback(volume)
             stack.enter_context(engine.journal.run(volume.name, "restore", os.getpid()))
         try:
-            changes = copy(root, wanted, dest, dry_run, delete, backend.left_out(), kept)
+            changes = copy(root, wanted, dest, dry_run, delete, backend.left_out(), kept, backend.own_mounts())
         except SnapmgrError as e:
             if pre_rollback is None or isinstance(e, Interrupted):   # a stop is said as such
                 raise

@@ -103,6 +103,17 @@ class Backend(abc.ABC):
         a copy-on-write snapshot shows their mountpoints empty."""
         return False
 
+    def own_mounts(self) -> tuple[Path, ...]:
+        """Where the volume's other filesystems are mounted below live_root (a ZFS
+        volume's datasets below the first one): its snapshots hold them as they hold
+        live_root, so comparing and restoring go into them, as into no other mount."""
+        return ()
+
+    def browse_problem(self) -> str | None:
+        """Why, with things mounted as they are now, a snapshot taken now could not be
+        browsed whole (see browse_root), or None."""
+        return None
+
     @abc.abstractmethod
     def plan_create(self, snapshot_id: SnapshotId) -> str:
         """One line saying what create() would do, for --dry-run."""

@@ -9,7 +9,14 @@ volume needs its own): one transaction group for all of them, or none. libzfs_co
 cannot list, so listing reads `zfs list`.
 
 A snapshot without snapmgr's properties was made by someone else (sanoid, an admin): it
-is listed as foreign and never touched."""
+is listed as foreign and never touched.
+
+A snapshot is browsed as the live tree looks: each dataset's snapshot (in its own .zfs
+directory) where the dataset is mounted, relative to the first dataset's mountpoint. A
+snapshot of one dataset is its .zfs directory itself; one of several is a tree of
+read-only bind mounts under the run directory. A dataset mounted anywhere else, or not
+at all, has no place in that tree: browsing the snapshot is then an error naming it, so
+that no manifest, verify or restore silently leaves its files out."""
 
 from __future__ import annotations
 
@@ -20,7 +27,7 @@ from collections import defaultdict
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from snapmgr import schema, sh
 from snapmgr.backends import mounts
@@ -37,6 +44,7 @@ PROP_ID = "snapmgr:id"
 PROP_TAGS = "snapmgr:tags"
 UNSET = "-"                     # how `zfs list` shows a property that is not set
 DATASET_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*(/[A-Za-z0-9_.:-]+)*")
+MOUNT_TIMEOUT = 60
 INSTALL_HINT = "install Debian's python3-pyzfs (contrib): apt install python3-pyzfs"
 
 
@@ -123,6 +131,8 @@ class ZfsBackend(Backend):
 
     def delete(self, snapshot: Snapshot) -> None:
         lzc = _lzc()
+        # A tree of its snapshots left mounted by a killed snapmgr keeps them busy.
+        mounts.release_unused(self._tree(snapshot))
         names = snapshot.meta["snapshots"]
         try:
             lzc.lzc_destroy_snaps([n.encode() for n in names], defer=False)
@@ -132,29 +142,85 @@ class ZfsBackend(Backend):
     def live_root(self) -> Path | None:
         # Where the kernel has the first dataset mounted, whether by its mountpoint
         # property or by hand (mountpoint=legacy); None when it is not mounted.
-        first = self.datasets[0]
-        return mounts.whole_mount(lambda m: m.fstype == "zfs" and m.source == first)
+        return _mounted().get(self.datasets[0])
+
+    def own_mounts(self) -> tuple[Path, ...]:
+        mounted = _mounted()
+        root = mounted.get(self.datasets[0])
+        return tuple(where for d in self._targets() if (where := mounted.get(d)) and root in where.parents)
 
     @contextmanager
     def browse_root(self, snapshot: Snapshot) -> Iterator[Path]:
-        root = self.live_root()
-        if root is None:
-            raise SnapmgrError(f"{self.datasets[0]} is not mounted: its snapshots have no .zfs directory to browse")
-        # ZFS mounts the snapshot on first access and unmounts it when idle by itself. An
-        # lstat() is no access (it shows the unmounted stub's inode): opening it is.
-        root = root / ".zfs" / "snapshot" / (PREFIX + snapshot.id.label)
-        os.close(os.open(root, os.O_RDONLY | os.O_DIRECTORY))
-        yield root
+        name = PREFIX + snapshot.id.label
+        sources = []
+        for where, place in self._places(n.split("@")[0] for n in snapshot.meta["snapshots"]):
+            source = where / ".zfs" / "snapshot" / name
+            # ZFS mounts the snapshot on first access and unmounts it when idle by itself. An
+            # lstat() is no access (it shows the unmounted stub's inode): opening it is.
+            os.close(os.open(source, os.O_RDONLY | os.O_DIRECTORY))
+            sources.append((source, place))
+        if len(sources) == 1:
+            yield sources[0][0]
+            return
+        # Each dataset's snapshot is a filesystem of its own: they are bound into one tree,
+        # each where its dataset is in the live one.
+        tree = self._tree(snapshot)
+
+        def build() -> None:
+            for source, place in sources:
+                sh.run(["mount", "--bind", "-o", "ro", source, tree / place], timeout=MOUNT_TIMEOUT)
+
+        with mounts.shared(tree, build) as root:
+            yield root
+
+    def browse_problem(self) -> str | None:
+        try:
+            self._places(self._targets())
+        except SnapmgrError as e:
+            return str(e)
+        return None
 
     # Helpers ------------------------------------------------------------------------
 
+    def _tree(self, snapshot: Snapshot) -> Path:
+        """Where browse_root builds the tree of a snapshot of several datasets."""
+        return self.run_dir / "mounts" / str(snapshot.id)
+
     def _snapshot_names(self, snapshot_id: SnapshotId) -> list[str]:
-        targets = self.datasets
-        if self.opts["recursive"]:
-            out = sh.run(["zfs", "list", "-H", "-o", "name", "-t", "filesystem,volume", "-r", *self.datasets],
-                         timeout=60).stdout
-            targets = list(dict.fromkeys(out.split()))
-        return [f"{t}@{PREFIX}{snapshot_id.label}" for t in targets]
+        return [f"{t}@{PREFIX}{snapshot_id.label}" for t in self._targets()]
+
+    def _targets(self) -> list[str]:
+        """The datasets a snapshot taken now covers."""
+        if not self.opts["recursive"]:
+            return list(self.datasets)
+        out = sh.run(["zfs", "list", "-H", "-o", "name", "-t", "filesystem,volume", "-r", *self.datasets],
+                     timeout=60).stdout
+        return list(dict.fromkeys(out.split()))
+
+    def _places(self, datasets: Iterable[str]) -> list[tuple[Path, Path]]:
+        """(where it is mounted, where that is relative to the first dataset's mountpoint)
+        of each dataset, parents first; an error naming a dataset that has no such place,
+        whose files the volume's tree would leave out."""
+        mounted = _mounted()
+        first = self.datasets[0]
+        root = mounted.get(first)
+        if root is None:
+            raise SnapmgrError(f"{first} is not mounted: its snapshots have no .zfs directory to browse")
+        places = {root: first}
+        for d in dict.fromkeys(datasets):
+            if d == first:
+                continue
+            where = mounted.get(d)
+            if where is None:
+                raise SnapmgrError(_unmounted(d))
+            if where in places:
+                raise SnapmgrError(f"{d} and {places[where]} are both mounted at {where}, so the files of one "
+                                   f"cannot be seen")
+            if root not in where.parents:
+                raise SnapmgrError(f"{d} is mounted at {where}, outside {root} where {first} is, so its files "
+                                   f"have no place in the volume's tree")
+            places[where] = d
+        return sorted(((where, where.relative_to(root)) for where in places), key=lambda p: p[1].parts)
 
     def _rows(self) -> list[tuple[str, str, str, str, str]]:
         """(name, creation, snapmgr:volume, snapmgr:id, snapmgr:tags) of every snapshot of
@@ -253,6 +319,26 @@ def _snapshot(batch: list[_Pending], names: dict[_Pending, list[str]]) -> None:
     if refused:
         [(name, errno)] = refused.items()
         raise SnapmgrError(f"{what}: {name.decode()}: {os.strerror(errno)}")
+
+
+def _mounted() -> dict[str, Path]:
+    """Where the kernel has each dataset mounted (the whole of it: not a bind mount of a
+    directory inside it), by its mountpoint property or by hand (mountpoint=legacy)."""
+    found: dict[str, Path] = {}
+    for m in mounts.mounts():
+        if m.fstype == "zfs" and m.root == b"/":
+            found.setdefault(m.source, m.mountpoint)
+    return found
+
+
+def _unmounted(dataset: str) -> str:
+    """Why a dataset that is not mounted has no place in its volume's tree."""
+    kind, mountpoint, canmount = sh.run(["zfs", "list", "-H", "-o", "type,mountpoint,canmount", dataset],
+                                        timeout=60).stdout.rstrip("\n").split("\t")
+    if kind == "volume":
+        return f"{dataset} is a ZFS volume (a block device), so its snapshot has no files to browse"
+    return f"{dataset} is not mounted (mountpoint={mountpoint}, canmount={canmount}), so its files have no " \
+           f"place in the volume's tree"
 
 
 def _encoded(props: dict[str, str]) -> dict[bytes, bytes]:

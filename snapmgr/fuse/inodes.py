@@ -4,11 +4,15 @@ A file inside a snapshot gets (the snapshot's slot << SLOT_SHIFT) | its own inod
 so the number is the same every time the kernel looks the file up, a hardlinked pair
 shows one number, and an LVM snapshot mounted again after an idle release keeps its
 numbers. The snapshot's root directory is inner number 0, known before the snapshot is
-entered. Slot 0 holds the virtual top levels (from 1, the FUSE root) and, above
-OVERFLOW_BASE, the few files whose own inode number does not fit in SLOT_SHIFT bits:
-only those are remembered in a table, for the life of the mount."""
+entered. Another filesystem mounted inside a snapshot's tree (a ZFS volume's child
+dataset) numbers its files by itself, so its files get a slot of their own, named by
+where it is mounted in the tree. Slot 0 holds the virtual top levels (from 1, the FUSE
+root) and, above OVERFLOW_BASE, the few files whose own inode number does not fit in
+SLOT_SHIFT bits: only those are remembered in a table, for the life of the mount."""
 
 from __future__ import annotations
+
+from typing import Hashable
 
 SLOT_SHIFT = 40
 INNER_MASK = (1 << SLOT_SHIFT) - 1
@@ -23,6 +27,18 @@ class Inodes:
         self._keys: dict[int, tuple] = {ROOT: ("root",)}
         self._overflow: dict[tuple[int, int], int] = {}
         self._overflow_slots: dict[int, int] = {}
+        self._slots: dict[Hashable, int] = {}
+        self._owners: dict[int, int] = {}   # the slot of a filesystem inside a snapshot -> the snapshot's
+
+    def slot(self, snapshot: Hashable) -> int:
+        """The snapshot's slot, the same for the life of the mount."""
+        return self._slots.setdefault(snapshot, len(self._slots) + 1)
+
+    def inner_slot(self, slot: int, place: bytes) -> int:
+        """The slot of the files of the filesystem mounted at `place` in snapshot `slot`."""
+        inner = self._slots.setdefault((slot, place), len(self._slots) + 1)
+        self._owners[inner] = slot
+        return inner
 
     def virtual(self, key: tuple) -> int:
         """The inode of a virtual node, named by a tuple such as ("volume", "data")."""
@@ -44,8 +60,9 @@ class Inodes:
             raise OverflowError(f"snapshot slot {slot} out of range")
         return slot << SLOT_SHIFT
 
-    def of_file(self, slot: int, st_ino: int, root_ino: int) -> int:
-        """The FUSE inode of the file whose own inode is `st_ino` in snapshot `slot`."""
+    def of_file(self, slot: int, st_ino: int, root_ino: int | None) -> int:
+        """The FUSE inode of the file whose own inode is `st_ino` in `slot`, whose root
+        directory (if it is a snapshot's) has the inode `root_ino`."""
         if st_ino == root_ino:
             return self.snapshot_root(slot)
         if 0 < st_ino <= INNER_MASK:
@@ -60,9 +77,8 @@ class Inodes:
 
     def slot_of(self, ino: int) -> int | None:
         """The snapshot slot a file inode belongs to; None for a virtual node."""
-        if ino >> SLOT_SHIFT:
-            return ino >> SLOT_SHIFT
-        return self._overflow_slots.get(ino)
+        slot = ino >> SLOT_SHIFT or self._overflow_slots.get(ino)
+        return self._owners.get(slot, slot)
 
     @staticmethod
     def is_snapshot_root(ino: int) -> bool:

@@ -96,8 +96,12 @@ class Passthrough:
         return slot, path, root + b"/" + path if path else root
 
     def _attributes(self, slot: int, st: os.stat_result) -> pyfuse3.EntryAttributes:
-        root = self.roots.known_stat(slot)
-        return attributes(self.inodes.of_file(slot, st.st_ino, root.st_ino), st, LONG_TIMEOUT)
+        place = self.roots.place(slot, st.st_dev)
+        if place:
+            ino = self.inodes.of_file(self.inodes.inner_slot(slot, place), st.st_ino, None)
+        else:
+            ino = self.inodes.of_file(slot, st.st_ino, self.roots.known_stat(slot).st_ino)
+        return attributes(ino, st, LONG_TIMEOUT)
 
     # Operations ---------------------------------------------------------------------------
 

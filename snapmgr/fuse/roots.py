@@ -20,11 +20,13 @@ import time
 from collections import defaultdict
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import pyfuse3
 import trio
 
+from snapmgr.backends import mounts
 from snapmgr.errors import SnapmgrError, as_error
 from snapmgr.fuse.tree import Listed
 
@@ -37,6 +39,7 @@ class _Entered:
     path: bytes
     stack: ExitStack
     last_used: float
+    places: dict[int, bytes]   # device -> where in the tree it is mounted, for each filesystem below the root
     open_files: int = 0
 
 
@@ -76,8 +79,14 @@ class Roots:
             stack.close()
             log.error("%s: cannot browse it: %s", listed.snapshot.id, as_error(e))
             raise pyfuse3.FUSEError(errno.EIO) from None
-        entered = self._entered[slot] = _Entered(str(listed.snapshot.id), os.fsencode(path), stack, self.clock())
+        entered = self._entered[slot] = _Entered(str(listed.snapshot.id), os.fsencode(path), stack, self.clock(),
+                                                 _places(Path(path)))
         return entered
+
+    def place(self, slot: int, device: int) -> bytes:
+        """Where in the entered snapshot's tree the filesystem of `device` is mounted; b""
+        for the root's own (or one unknown: its inode numbers are taken as the root's)."""
+        return self._entered[slot].places.get(device, b"")
 
     def opened(self, slot: int) -> None:
         self._entered[slot].open_files += 1
@@ -113,3 +122,10 @@ class Roots:
             entered.stack.close()
         except (SnapmgrError, OSError) as e:
             log.warning("%s: releasing its browse root failed: %s", entered.name, as_error(e))
+
+
+def _places(root: Path) -> dict[int, bytes]:
+    # Read each time the root is entered: a snapshot mounted again may get another device.
+    real = Path(os.path.realpath(root))
+    return {os.lstat(m.mountpoint).st_dev: os.fsencode(m.mountpoint.relative_to(real))
+            for m in mounts.below(real) if m.mountpoint != real}

@@ -19,7 +19,7 @@ import trio
 from snapmgr.backends.base import Backend
 from snapmgr.errors import SnapmgrError, as_error
 from snapmgr.fuse.inodes import Inodes
-from snapmgr.model import Snapshot, SnapshotId
+from snapmgr.model import Snapshot
 
 log = logging.getLogger(__name__)
 REFRESH = 1.0
@@ -53,7 +53,6 @@ class Tree:
         self.inodes = inodes
         self._clock = clock
         self._volumes = {name: _Volume(backend) for name, backend in backends.items()}
-        self._slots: dict[SnapshotId, int] = {}
         self._current: dict[int, Listed] = {}
 
     # What the filesystem asks --------------------------------------------------------
@@ -126,6 +125,6 @@ class Tree:
         for snapshot in sorted(snapshots, key=lambda s: s.id):
             if snapshot.invalid:
                 continue  # an overflowed LVM snapshot has no data to show
-            slot = self._slots.setdefault(snapshot.id, len(self._slots) + 1)
+            slot = self.inodes.slot(snapshot.id)
             listed = self._current[slot] = Listed(slot, snapshot, v.backend)
             v.labels[listed.label] = listed

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from snapmgr import config
+import pytest
+
+from snapmgr import config, manifest
 from snapmgr.engine import Engine
+from tests.integration.test_mount import label, mount, snapshot
 from tests.lab.conftest import POOL, sh, zfs_volume
+
+# A file in the dataset and one in each of its children (the `dataset` fixture's a and b,
+# mounted inside it by their inherited mountpoints).
+FILES = {"top": b"in the dataset", "a/fa": b"in child a", "b/fb": b"in child b"}
 
 
 def zfs_snapshots(host, *datasets: str) -> dict[str, dict[str, str]]:
@@ -123,3 +131,131 @@ def test_without_pyzfs_the_error_says_how_to_install_it(ws, dataset):
                        capture_output=True, text=True, env=ws.env)
     assert p.returncode == 1
     assert p.stderr.strip().endswith("apt install python3-pyzfs") and len(p.stderr.splitlines()) == 1
+
+
+# Several datasets browsed as one tree ---------------------------------------------------
+
+@pytest.fixture
+def tree(dataset) -> Path:
+    root = Path(f"/{dataset}")
+    for path, data in FILES.items():
+        (root / path).write_bytes(data)
+    return root
+
+
+def snapmgrs_mounts(ws, snapshot_id: str = "", field: int = 4) -> list[str]:
+    """Where something is mounted under snapmgr's run directory (the trees of several
+    datasets' snapshots), or in the tree of one snapshot; or another mountinfo field of each."""
+    under = str(ws.root / "run" / "mounts" / snapshot_id)
+    return [line.split(" ")[field] for line in Path("/proc/self/mountinfo").read_text().splitlines()
+            if line.split(" ")[4].startswith(under)]
+
+
+def test_a_recursive_snapshots_manifest_covers_every_dataset_and_verify_checks_them(ws, dataset, tree):
+    ws.write_config({"data": zfs_volume(dataset, recursive=True)})
+    created = ws.ok("--json", "snapshot", "data").json()["results"][0]["created"]
+    sid = created["id"]
+    assert created["consistency"]["manifest"]["hashed"] == len(FILES)
+    records = ws.root / "state" / "records" / "data"
+    assert {e.path for e in manifest.load(records, sid).entries() if e.kind == "f"} == {p.encode() for p in FILES}
+    assert ws.ok("verify", sid).stdout.startswith(f"{sid}: intact")
+
+    # A snapshot cannot be written to: a digest recorded wrong for a child dataset's file
+    # stands for its data gone bad, and verify must read that file to tell.
+    entries = [e._replace(digest="0" * 64) if e.path == b"a/fa" else e for e in manifest.load(records, sid).entries()]
+    manifest.save(records, sid, "blake3", entries)
+    r = ws.run("verify", sid)
+    assert r.returncode == 1 and r.stdout.splitlines() == [f"{sid}: DAMAGED, 1 problem:",
+                                                           "  changed    '/a/fa' (content)"]
+    assert snapmgrs_mounts(ws) == []
+
+
+def test_mount_shows_each_child_dataset_where_it_is_live(ws, dataset, tree, tmp_path):
+    ws.write_config({"data": zfs_volume(dataset, recursive=True)})
+    sid = snapshot(ws, "data")
+    for path in FILES:
+        (tree / path).write_bytes(b"changed since")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with mount(ws, mnt):
+        root = mnt / "data" / label(sid)
+        assert {path: (root / path).read_bytes() for path in FILES} == FILES
+        assert sorted(os.listdir(root)) == ["a", "b", "top"] and os.listdir(root / "a") == ["fa"]
+        # Each dataset numbers its files from the same start: here each is a file of its own.
+        paths = [root, root / "a", root / "b", *(root / path for path in FILES)]
+        assert len({os.stat(p).st_ino for p in paths}) == len(paths)
+        with pytest.raises(OSError):
+            (root / "a" / "fa").write_bytes(b"x")
+        assert len(snapmgrs_mounts(ws)) == 3   # the dataset's snapshot, with a's and b's inside it
+        assert [options.split(",")[0] for options in snapmgrs_mounts(ws, field=5)] == ["ro"] * 3
+    assert snapmgrs_mounts(ws) == []
+
+
+def test_trees_left_by_a_killed_mount_are_cleared_by_the_next_use(ws, dataset, tree, tmp_path):
+    ws.write_config({"data": zfs_volume(dataset, recursive=True)})
+    first, second = snapshot(ws, "data"), snapshot(ws, "data")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with mount(ws, mnt) as proc:
+        for sid in (first, second):
+            assert (mnt / "data" / label(sid) / "a" / "fa").read_bytes() == FILES["a/fa"]
+        proc.kill()
+        proc.wait()
+    assert [len(snapmgrs_mounts(ws, sid)) for sid in (first, second)] == [3, 3]
+
+    # Browsing the first again clears what was left and builds it once, not on top.
+    with mount(ws, mnt):
+        assert (mnt / "data" / label(first) / "b" / "fb").read_bytes() == FILES["b/fb"]
+        assert len(snapmgrs_mounts(ws, first)) == 3
+    assert ws.ok("verify", first).stdout.startswith(f"{first}: intact")
+    assert snapmgrs_mounts(ws, first) == []
+    ws.ok("delete", second)   # the tree left of it would keep its snapshots busy
+    assert snapmgrs_mounts(ws) == []
+
+
+def test_restore_diff_and_versions_reach_into_child_datasets_and_no_foreign_mount(host, ws, dataset, tree,
+                                                                                    tmp_path):
+    ws.write_config({"data": zfs_volume(dataset, recursive=True)})
+    (tree / "foreign").mkdir()
+    sid = snapshot(ws, "data")
+    # Another filesystem mounted inside the volume: not the volume's, never compared or deleted.
+    sh(host, "mount", "-t", "tmpfs", "tmpfs", tree / "foreign")
+    try:
+        (tree / "foreign" / "theirs").write_bytes(b"not the volume's")
+        (tree / "a" / "fa").write_bytes(b"ruined")
+        (tree / "b" / "new").write_bytes(b"made since")
+
+        ws.ok("restore", sid, str(tree / "a" / "fa"), "--to", str(tmp_path / "out"))
+        assert (tmp_path / "out" / "a" / "fa").read_bytes() == FILES["a/fa"]
+        lines = ws.ok("diff", sid, "live").stdout.splitlines()
+        assert {"c....m /a/fa", "+..... /b/new"} <= set(lines) and not [l for l in lines if "/foreign/" in l]
+        versions = ws.ok("--json", "versions", str(tree / "a" / "fa")).json()["versions"]
+        assert [v["snapshots"] for v in versions] == [[sid]] and versions[0]["current"] is False
+
+        ws.ok("restore", sid, str(tree), "--in-place", "--delete")
+        assert (tree / "a" / "fa").read_bytes() == FILES["a/fa"] and not (tree / "b" / "new").exists()
+        assert (tree / "foreign" / "theirs").read_bytes() == b"not the volume's"
+    finally:
+        sh(host, "umount", tree / "foreign")
+    assert snapmgrs_mounts(ws) == []
+
+
+@pytest.mark.parametrize("where", ["elsewhere", "legacy"])
+def test_a_dataset_without_a_place_in_the_tree_leaves_the_snapshot_unverified(host, ws, dataset, tree, where,
+                                                                               tmp_path):
+    if where == "elsewhere":
+        sh(host, "zfs", "set", f"mountpoint={tmp_path / 'elsewhere'}", f"{dataset}/b")
+        reason = f"{dataset}/b is mounted at {tmp_path / 'elsewhere'}, outside /{dataset} where {dataset} is"
+    else:
+        sh(host, "zfs", "set", "mountpoint=legacy", f"{dataset}/b")
+        reason = f"{dataset}/b is not mounted (mountpoint=legacy, canmount=on)"
+    ws.write_config({"data": zfs_volume(dataset, recursive=True)})
+    check = ws.ok("--json", "config", "check")
+    assert reason in check.json()["browse_problems"]["data"] and reason in check.stderr
+
+    r = ws.ok("--json", "snapshot", "data")
+    record = r.json()["results"][0]["created"]["consistency"]["manifest"]
+    assert list(record) == ["unverified"] and reason in record["unverified"]
+    assert reason in r.stderr and len(r.stderr.splitlines()) == 1
+    assert "UNVERIFIABLE" in ws.ok("verify", "data").stdout
+    assert snapmgrs_mounts(ws) == []
