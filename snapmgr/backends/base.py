@@ -11,6 +11,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Callable, ClassVar, Mapping
 
+from snapmgr.backends import shared_mounts
 from snapmgr.model import ForeignSnapshot, Snapshot, SnapshotId
 from snapmgr.schema import Field
 
@@ -84,9 +85,14 @@ class Backend(abc.ABC):
         """A read-only directory showing the snapshot's files, for as long as the context lasts."""
 
     def release_abandoned(self) -> list[SnapshotId]:
-        """Release what browse_root() left in place when its process was killed, as far as
+        """Release what browse_root() left mounted when its process was killed, as far as
         no live process uses it: the snapshots released."""
-        return []
+        released = []
+        for target in shared_mounts.in_place(self._browse_dirs, f"{self.volume}@"):
+            sid = SnapshotId.try_parse(target.name)
+            if sid is not None and self._release_browsed(sid):
+                released.append(sid)
+        return released
 
     @abc.abstractmethod
     def live_root(self) -> Path | None:
@@ -117,6 +123,30 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def plan_create(self, snapshot_id: SnapshotId) -> str:
         """One line saying what create() would do, for --dry-run."""
+
+    # For a browse_root() that mounts ----------------------------------------------------
+
+    @property
+    def _browse_dirs(self) -> Path:
+        return self.run_dir / "mounts"
+
+    def _browse_dir(self, snapshot_id: SnapshotId) -> Path:
+        return self._browse_dirs / str(snapshot_id)
+
+    def _browsed(self, snapshot_id: SnapshotId, build: Callable[[], None]) -> AbstractContextManager[Path]:
+        """The snapshot's browse directory, with what build() mounts there, shared with
+        every snapmgr process that browses the snapshot meanwhile (shared_mounts)."""
+        return shared_mounts.used(self._browse_dir(snapshot_id), build, self._take_down(snapshot_id))
+
+    def _release_browsed(self, snapshot_id: SnapshotId) -> bool:
+        """Take down the snapshot's browse directory if no process uses it (a killed one
+        left it): before a deletion, which what is mounted would keep busy."""
+        return shared_mounts.release_unused(self._browse_dir(snapshot_id), self._take_down(snapshot_id))
+
+    def _take_down(self, snapshot_id: SnapshotId) -> shared_mounts.TakeDown | None:
+        """What undoes a build of the snapshot's browse directory; None: unmounting
+        everything in it."""
+        return None
 
 
 def taken_with_another(step: Callable[[], Snapshot]) -> Snapshot | None:

@@ -133,6 +133,7 @@ class LvmBackend(Backend):
         return [s for s in map(self._snapshot, rows) if s is not None]
 
     def delete(self, snapshot: Snapshot) -> None:
+        self._release_browsed(snapshot.id)
         lvm(["lvremove", "--yes", snapshot.meta["lv"]], timeout=300)
 
     def live_root(self) -> Path | None:
@@ -146,26 +147,13 @@ class LvmBackend(Backend):
     def browse_root(self, snapshot: Snapshot) -> Iterator[Path]:
         if snapshot.invalid:
             raise SnapmgrError(f"{snapshot.id} is invalid ({snapshot.invalid}); it has no data to show")
-        with shared_mounts.used(self._browse_dir(snapshot.id), lambda: self._mount(snapshot),
-                                lambda: self._release(snapshot.id)) as root:
+        with self._browsed(snapshot.id, lambda: self._mount(snapshot)) as root:
             yield root
 
-    def release_abandoned(self) -> list[SnapshotId]:
-        released = []
-        for lock in sorted(self._browse_dirs.glob(f"{self.volume}@*{shared_mounts.LOCK_SUFFIX}")):
-            sid = SnapshotId.try_parse(lock.name.removesuffix(shared_mounts.LOCK_SUFFIX))
-            if sid is not None and shared_mounts.release_unused(self._browse_dir(sid), lambda: self._release(sid)):
-                released.append(sid)
-        return released
+    def _take_down(self, snapshot_id: SnapshotId) -> shared_mounts.TakeDown:
+        return lambda: self._release(snapshot_id)
 
     # Helpers ------------------------------------------------------------------------
-
-    @property
-    def _browse_dirs(self) -> Path:
-        return self.run_dir / "mounts"
-
-    def _browse_dir(self, snapshot_id: SnapshotId) -> Path:
-        return self._browse_dirs / str(snapshot_id)
 
     def _activated(self, snapshot_id: SnapshotId) -> Path:
         """Holds the snapshot's LV while it is active only to be browsed."""
@@ -180,12 +168,10 @@ class LvmBackend(Backend):
             # Thin snapshots are created with the activation-skip flag: -K overrides it.
             lvm(["lvchange", "--activate", "y", "--ignoreactivationskip", lv], timeout=120)
         fstype = sh.run(["blkid", "-o", "value", "-s", "TYPE", snapshot.path], timeout=60).stdout.strip()
-        directory.mkdir(exist_ok=True)
         sh.run(["mount", "-t", fstype, "-o", MOUNT_OPTIONS.get(fstype, "ro"), snapshot.path, directory], timeout=120)
 
-    def _release(self, snapshot_id: SnapshotId) -> bool:
+    def _release(self, snapshot_id: SnapshotId) -> None:
         directory, activated = self._browse_dir(snapshot_id), self._activated(snapshot_id)
-        left = os.path.lexists(directory) or activated.exists()
         if os.path.ismount(directory):
             sh.run(["umount", directory], timeout=120)
         if os.path.lexists(directory):
@@ -193,7 +179,6 @@ class LvmBackend(Backend):
         if activated.exists():
             lvm(["lvchange", "--activate", "n", activated.read_text().strip()], timeout=120)
             activated.unlink()
-        return left
 
     def _checked_origin(self) -> dict:
         """The origin's report row, once the space guard has passed. One report of the

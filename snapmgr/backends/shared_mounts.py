@@ -1,93 +1,138 @@
-"""Mounts that browse_root() makes under the run directory (an LVM snapshot, activated
-and mounted), shared by every snapmgr process that browses the snapshot at once (a
-mount, a verify, a restore) and released by the last one to leave it. A process killed
-while it browsed (kill -9 skips every release) leaves the mount behind: the next one to
-browse the snapshot uses it, and release_unused() releases it.
+"""Mounts that browse_root() makes under the run directory (an LVM snapshot activated and
+mounted, a ZFS snapshot of several datasets bound into one tree), shared by every
+snapmgr process that browses the snapshot at once (a mount, a verify, a restore) and
+taken down by the last one to leave. A process killed while it browsed (kill -9 skips
+every release) leaves its mounts behind: the next one to browse the snapshot, or
+release_unused(), takes them down.
 
-Each mount's directory has a lock file beside it. Its users hold a shared flock(2) on it
-for as long as they use the mount; mounting and releasing happen under an exclusive one.
-Whoever gets the lock exclusively without waiting is the only one left, so it may release
-the mount: that is how the last user leaves, and how a killed user's mount is found (the
-kernel drops a dead process's locks). The lock files stay: removing one would let two
-processes lock two different files."""
+Each mount's users hold a shared flock(2) on a file beside it (`<name>.users`) for as
+long as they use it, and the kernel drops a lock however its holder dies: a users' file
+whose lock nobody holds was left by a killed process. Who builds, joins, leaves or
+clears a mount decides under an exclusive flock of a second file (`<name>.lock`), so the
+first user builds it, after taking down what a killed one left, and the last one takes
+it down. The guard files stay: removing one would let two processes lock two different
+files."""
 
 from __future__ import annotations
 
 import fcntl
+import glob
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Callable, Iterator
 
-from snapmgr import trust
+from snapmgr import sh, trust
+from snapmgr.backends import mounts
 from snapmgr.errors import SnapmgrError
 
-LOCK_SUFFIX = ".lock"
+GUARD = ".lock"
+USERS = ".users"
+UMOUNT_TIMEOUT = 60
+_OPEN = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+
+TakeDown = Callable[[], None]
 
 
 @contextmanager
-def used(directory: Path, mount: Callable[[], None], release: Callable[[], bool]) -> Iterator[Path]:
-    """`directory` with the mount in it, for the duration: `mount()` mounts it there
-    unless another process has it mounted already; `release()` undoes whatever of that
-    is in place (after a kill, any part of it) and says whether anything was."""
-    fd = _open_lock(directory)
-    try:
-        _share(fd, directory, mount, release)
+def used(target: Path, build: Callable[[], None], take_down: TakeDown | None = None) -> Iterator[Path]:
+    """`target`, a directory in which build() mounts what is to be browsed, for the
+    duration, shared with whoever browses it at the same time, in this process or
+    another. take_down() undoes whatever of a build is in place, after a kill any part
+    of it (by default: every mount at and below `target`, and the directory)."""
+    take_down = take_down or (lambda: unmount_tree(target))
+    users = _beside(target, USERS)
+    with _guard(target):
+        fd = os.open(users, _OPEN, 0o600)
         try:
-            yield directory
-        finally:
-            _release_if_alone(fd, release)
+            if _alone(fd):
+                take_down()   # what a killed user left, if anything: never built upon
+                target.mkdir(exist_ok=True)
+                try:
+                    build()
+                except BaseException:
+                    _finish(target, take_down)
+                    raise
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        except BaseException:
+            os.close(fd)
+            raise
+    try:
+        yield target
     finally:
-        os.close(fd)
-
-
-def release_unused(directory: Path, release: Callable[[], bool]) -> bool:
-    """Release the mount at `directory` if no process uses it; whether anything was left."""
-    try:
-        fd = os.open(lock_of(directory), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        return False   # never browsed
-    try:
-        return _release_if_alone(fd, release)
-    finally:
-        os.close(fd)
-
-
-def lock_of(directory: Path) -> Path:
-    return directory.with_name(directory.name + LOCK_SUFFIX)
-
-
-def _open_lock(directory: Path) -> int:
-    directory.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    try:
-        trust.check(directory.parent)  # root creates lock files and mounts here
-    except trust.Untrusted as e:
-        raise SnapmgrError(f"{directory.parent}: {e}") from None
-    return os.open(lock_of(directory), os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-
-
-def _share(fd: int, directory: Path, mount: Callable[[], None], release: Callable[[], bool]) -> None:
-    """Hold the lock shared, with the mount in place."""
-    while True:
-        # Waits only while another process mounts or releases it.
-        fcntl.flock(fd, fcntl.LOCK_SH)
-        if os.path.ismount(directory):
-            return
-        # Not mounted, so used by no one: mount it holding the lock alone. Taking it drops
-        # the shared lock first, and so does giving it back: another process may mount or
-        # release it in between, so look again each time.
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        if not os.path.ismount(directory):
+        with _guard(target):
             try:
-                mount()
-            except BaseException:
-                release()
-                raise
+                if _alone(fd):
+                    _finish(target, take_down)
+            finally:
+                os.close(fd)
 
 
-def _release_if_alone(fd: int, release: Callable[[], bool]) -> bool:
+def release_unused(target: Path, take_down: TakeDown | None = None) -> bool:
+    """Take down the mount at `target` if no process uses it (what a killed one left);
+    whether there was one."""
+    users = _beside(target, USERS)
+    if not users.exists():
+        return False   # never built, or taken down
+    with _guard(target):
+        try:
+            fd = os.open(users, _OPEN & ~os.O_CREAT)
+        except FileNotFoundError:
+            return False
+        try:
+            if not _alone(fd):
+                return False   # in use: its last user takes it down
+            _finish(target, take_down or (lambda: unmount_tree(target)))
+            return True
+        finally:
+            os.close(fd)
+
+
+def in_place(directory: Path, prefix: str) -> list[Path]:
+    """The targets in `directory` whose name starts with `prefix` that are built, or were
+    left by a killed process."""
+    return sorted(directory / p.name.removesuffix(USERS) for p in directory.glob(f"{glob.escape(prefix)}*{USERS}"))
+
+
+def unmount_tree(target: Path) -> None:
+    """Every mount at and below `target`, innermost first (of two at one place, the
+    later), lazily, so that a file still open there cannot stop it; then the directory."""
+    for m in sorted(reversed(mounts.below(target)), key=lambda m: len(m.mountpoint.parts), reverse=True):
+        sh.run(["umount", "--lazy", m.mountpoint], timeout=UMOUNT_TIMEOUT)
+    with suppress(FileNotFoundError):
+        target.rmdir()
+
+
+def _finish(target: Path, take_down: TakeDown) -> None:
+    """Under the guard, by the users' lock's only holder: the users' file goes last,
+    since whoever finds it may find the mount too."""
+    take_down()
+    _beside(target, USERS).unlink(missing_ok=True)
+
+
+@contextmanager
+def _guard(target: Path) -> Iterator[None]:
+    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        trust.check(target.parent)  # root creates lock files and mounts here
+    except trust.Untrusted as e:
+        raise SnapmgrError(f"{target.parent}: {e}") from None
+    fd = os.open(_beside(target, GUARD), _OPEN, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _alone(fd: int) -> bool:
+    """Whether no one else holds the users' lock; if so, this descriptor now holds it alone."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        return False   # another process uses it: the last one to leave releases it
-    return release()
+        return False
+    return True
+
+
+def _beside(target: Path, suffix: str) -> Path:
+    return target.with_name(target.name + suffix)

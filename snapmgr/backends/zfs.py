@@ -131,8 +131,7 @@ class ZfsBackend(Backend):
 
     def delete(self, snapshot: Snapshot) -> None:
         lzc = _lzc()
-        # A tree of its snapshots left mounted by a killed snapmgr keeps them busy.
-        mounts.release_unused(self._tree(snapshot))
+        self._release_browsed(snapshot.id)
         names = snapshot.meta["snapshots"]
         try:
             lzc.lzc_destroy_snaps([n.encode() for n in names], defer=False)
@@ -164,13 +163,13 @@ class ZfsBackend(Backend):
             return
         # Each dataset's snapshot is a filesystem of its own: they are bound into one tree,
         # each where its dataset is in the live one.
-        tree = self._tree(snapshot)
+        tree = self._browse_dir(snapshot.id)
 
         def build() -> None:
             for source, place in sources:
                 sh.run(["mount", "--bind", "-o", "ro", source, tree / place], timeout=MOUNT_TIMEOUT)
 
-        with mounts.shared(tree, build) as root:
+        with self._browsed(snapshot.id, build) as root:
             yield root
 
     def browse_problem(self) -> str | None:
@@ -181,10 +180,6 @@ class ZfsBackend(Backend):
         return None
 
     # Helpers ------------------------------------------------------------------------
-
-    def _tree(self, snapshot: Snapshot) -> Path:
-        """Where browse_root builds the tree of a snapshot of several datasets."""
-        return self.run_dir / "mounts" / str(snapshot.id)
 
     def _snapshot_names(self, snapshot_id: SnapshotId) -> list[str]:
         return [f"{t}@{PREFIX}{snapshot_id.label}" for t in self._targets()]

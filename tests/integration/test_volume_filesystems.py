@@ -1,15 +1,13 @@
 """A volume whose tree spans several filesystems (a ZFS volume's child datasets, which only
-the lab has): the pieces that do not need ZFS, on real mounts here. Shared browse mounts
-(built once, taken down by the last user, cleared after a killed one), the FUSE mount's
+the lab has): the pieces that do not need ZFS, on real mounts here. The FUSE mount's
 inode numbers for filesystems mounted inside a snapshot's tree, and diff and restore
-against a live tree holding the volume's own mounts and foreign ones."""
+against a live tree holding the volume's own mounts and foreign ones (the shared browse
+mounts that bind such a tree: test_shared_mounts)."""
 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -17,16 +15,11 @@ from typing import Iterator
 import pytest
 
 from snapmgr import diff, restore
-from snapmgr.backends import mounts
 from snapmgr.manifest import Change
-from tests.integration.helpers import REPO, loop_mount, needs_root
+from tests.integration.helpers import loop_mount, needs_root
 from tests.integration.test_mount import label, mount, snapshot
 
 pytestmark = needs_root
-
-
-def mounted_below(path: Path) -> list[str]:
-    return [str(m.mountpoint) for m in mounts.below(path)]
 
 
 @contextmanager
@@ -37,91 +30,6 @@ def tmpfs(path: Path) -> Iterator[Path]:
         yield path
     finally:
         subprocess.run(["umount", "--lazy", path], check=True)
-
-
-def build(target: Path) -> None:
-    """What the shared mounts of these tests hold: a tmpfs, and another inside it, as a
-    ZFS tree has its child datasets inside the first one's snapshot."""
-    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", target], check=True)
-    (target / "inner").mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", target / "inner"], check=True)
-
-
-def holder(target: Path) -> subprocess.Popen:
-    """Another process using the shared mount at `target`, until its stdin closes."""
-    script = f"""
-import sys
-from pathlib import Path
-from snapmgr.backends import mounts
-from tests.integration.test_volume_filesystems import build
-target = Path({str(target)!r})
-with mounts.shared(target, lambda: build(target)):
-    print("ready", flush=True)
-    sys.stdin.read()
-"""
-    proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
-    assert proc.stdout.readline() == "ready\n"
-    return proc
-
-
-def test_a_shared_mount_is_built_once_and_taken_down_by_its_last_user(tmp_path):
-    target = tmp_path / "mounts" / "data@20261121T140501Z"
-    built = []
-
-    def counted() -> None:
-        built.append(target)
-        build(target)
-
-    with mounts.shared(target, counted):
-        with mounts.shared(target, counted):
-            assert mounted_below(target) == [str(target), str(target / "inner")]
-        assert len(built) == 1 and mounted_below(target) == [str(target), str(target / "inner")]
-        other = holder(target)           # another process joins, and leaves
-        other.communicate("")
-        assert other.returncode == 0 and len(mounted_below(target)) == 2
-    assert mounted_below(target) == [] and not target.exists()
-    assert sorted(p.name for p in target.parent.iterdir()) == [mounts.GUARD]
-
-
-def test_what_a_killed_user_left_is_cleared_by_the_next_not_stacked(tmp_path):
-    target = tmp_path / "mounts" / "data@20261121T140501Z"
-    killed = holder(target)
-    killed.kill()
-    killed.wait()
-    assert mounted_below(target) == [str(target), str(target / "inner")]
-
-    with mounts.shared(target, lambda: build(target)):
-        assert mounted_below(target) == [str(target), str(target / "inner")]
-    assert mounted_below(target) == [] and not target.exists()
-
-
-def test_release_unused_clears_a_killed_users_mount_and_leaves_a_live_one(tmp_path):
-    live, dead = (tmp_path / "mounts" / f"data@2026112{i}T140501Z" for i in (1, 2))
-    alive, killed = holder(live), holder(dead)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    try:
-        mounts.release_unused(dead)
-        mounts.release_unused(live)
-        mounts.release_unused(tmp_path / "mounts" / "never-built")
-        assert mounted_below(dead) == [] and not dead.exists()
-        assert len(mounted_below(live)) == 2
-    finally:
-        alive.communicate("")
-    assert mounted_below(live) == []
-
-
-def test_a_build_that_fails_half_way_leaves_nothing_mounted(tmp_path):
-    target = tmp_path / "mounts" / "data@20261121T140501Z"
-
-    def half() -> None:
-        subprocess.run(["mount", "-t", "tmpfs", "tmpfs", target], check=True)
-        raise OSError("the second mount failed")
-
-    with pytest.raises(OSError, match="second mount"), mounts.shared(target, half):
-        pass
-    assert mounted_below(target) == [] and not target.exists()
 
 
 def test_filesystems_inside_a_snapshots_tree_get_inode_numbers_of_their_own(ws, tmp_path):
