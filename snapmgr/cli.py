@@ -268,8 +268,9 @@ def recover(c: Context):
 def verify(c: Context, targets):
     """Re-hash snapshots and compare them with the manifests recorded when they were
     taken: every snapshot of the named volumes, the named snapshots, or (none named) of
-    every volume with manifests. Exit 1 when one is damaged or cannot be checked; a
-    snapshot that never had a manifest is told of, and no failure."""
+    every volume with manifests. Exit 1 when one is damaged or in error (its manifest
+    lost, its files unreadable); a snapshot that never had a manifest is told of, and no
+    failure."""
     engine = c.engine()
     results, passed_over = engine.verify(targets, _progress(c))
     if sys.stderr.isatty():
@@ -277,8 +278,9 @@ def verify(c: Context, targets):
     lines = [line for v in results for line in render.verification_lines(v)] + passed_over
     unrecorded = engine.journal_failure
     failed = [v for v in results if v.result not in ("intact", "unverifiable")]
-    # "intact" says what the exit status says; "checked" how many were compared with a
-    # manifest, so that a script can tell "nothing damaged" from "nothing checked".
+    # "intact": no snapshot checked is damaged or in error, as the exit status says unless
+    # the journal failed too; "checked": how many were compared with a manifest, so that a
+    # script can tell "nothing damaged" from "nothing checked".
     c.emit({"results": [render.verify_json(v) for v in results], "passed_over": passed_over,
             "intact": not failed, "checked": sum(v.result in ("intact", "damaged") for v in results),
             "journal_error": str(unrecorded) if unrecorded else None},

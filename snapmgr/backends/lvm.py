@@ -163,8 +163,9 @@ class LvmBackend(Backend):
         lv, directory = snapshot.meta["lv"], self._browse_dir(snapshot.id)
         # Asked now, not taken from the listing: another process may have released it since.
         if lvs(lv)[0]["lv_attr"][4] != "a":
-            # Written first, so that a release after a kill at any point deactivates it.
-            self._activated(snapshot.id).write_text(lv + "\n")
+            # Made first, so that a release after a kill at any point deactivates it; empty,
+            # so that no kill or full /run can leave it half written.
+            self._activated(snapshot.id).touch()
             # Thin snapshots are created with the activation-skip flag: -K overrides it.
             lvm(["lvchange", "--activate", "y", "--ignoreactivationskip", lv], timeout=120)
         fstype = sh.run(["blkid", "-o", "value", "-s", "TYPE", snapshot.path], timeout=60).stdout.strip()
@@ -177,7 +178,7 @@ class LvmBackend(Backend):
         if os.path.lexists(directory):
             directory.rmdir()
         if activated.exists():
-            lvm(["lvchange", "--activate", "n", activated.read_text().strip()], timeout=120)
+            lvm(["lvchange", "--activate", "n", f"{self.vg}/{self._lv_name(snapshot_id)}"], timeout=120)
             activated.unlink()
 
     def _checked_origin(self) -> dict:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import fcntl
 import glob
 import os
+import time
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Callable, Iterator
@@ -29,6 +30,8 @@ from snapmgr.errors import SnapmgrError
 GUARD = ".lock"
 USERS = ".users"
 UMOUNT_TIMEOUT = 60
+# Longer than any build or take-down should take (an lvchange and a mount, a few binds).
+GUARD_TIMEOUT = 300
 _OPEN = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
 
 TakeDown = Callable[[], None]
@@ -53,6 +56,12 @@ def used(target: Path, build: Callable[[], None], take_down: TakeDown | None = N
                 except BaseException:
                     _finish(target, take_down)
                     raise
+            elif not os.path.ismount(target):
+                # Built by a process that sees other mounts than this one (a systemd unit with
+                # PrivateMounts= or ProtectSystem=): here the directory is empty, and a verify
+                # would call every file missing, a restore --delete delete them.
+                raise SnapmgrError(f"{target} is in use by a snapmgr process in another mount namespace; "
+                                   f"browse this snapshot again once it is done")
             fcntl.flock(fd, fcntl.LOCK_SH)
         except BaseException:
             os.close(fd)
@@ -60,12 +69,12 @@ def used(target: Path, build: Callable[[], None], take_down: TakeDown | None = N
     try:
         yield target
     finally:
-        with _guard(target):
-            try:
+        try:
+            with _guard(target):
                 if _alone(fd):
                     _finish(target, take_down)
-            finally:
-                os.close(fd)
+        finally:
+            os.close(fd)
 
 
 def release_unused(target: Path, take_down: TakeDown | None = None) -> bool:
@@ -117,9 +126,22 @@ def _guard(target: Path) -> Iterator[None]:
         trust.check(target.parent)  # root creates lock files and mounts here
     except trust.Untrusted as e:
         raise SnapmgrError(f"{target.parent}: {e}") from None
-    fd = os.open(_beside(target, GUARD), _OPEN, 0o600)
+    guard = _beside(target, GUARD)
+    fd = os.open(guard, _OPEN, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        # Held only while a mount is built or taken down: a holder that takes longer is
+        # stopped or stuck in the kernel, and waiting for it would stop a prune, a mount
+        # or a verify with no word.
+        deadline = time.monotonic() + GUARD_TIMEOUT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise SnapmgrError(f"{guard} is held by another snapmgr process for over {GUARD_TIMEOUT} s "
+                                       f"(stopped, or stuck mounting?)") from None
+                time.sleep(0.05)
         yield
     finally:
         os.close(fd)

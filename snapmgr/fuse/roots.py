@@ -75,12 +75,13 @@ class Roots:
             path = (await trio.to_thread.run_sync(stack.enter_context, root) if listed.backend.browse_mounts
                     else stack.enter_context(root))
             self._stats[slot] = os.lstat(path)
+            places = _places(Path(path))
         except (SnapmgrError, OSError) as e:
             stack.close()
             log.error("%s: cannot browse it: %s", listed.snapshot.id, as_error(e))
             raise pyfuse3.FUSEError(errno.EIO) from None
         entered = self._entered[slot] = _Entered(str(listed.snapshot.id), os.fsencode(path), stack, self.clock(),
-                                                 _places(Path(path)))
+                                                 places)
         return entered
 
     def place(self, slot: int, device: int) -> bytes:

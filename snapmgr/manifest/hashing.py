@@ -116,14 +116,16 @@ def hash_file(path: bytes | str | os.PathLike, algorithm: str) -> str:
         os.close(fd)
 
 
-def _read_or_why(new, path: bytes, large: bool = False) -> Content | Unreadable:
+def _read_or_why(new, path: bytes, large: bool = False, with_xattrs: bool = True) -> Content | Unreadable:
     try:
         fd = _open(path)
     except OSError as e:
-        return Unreadable("is a symlink now" if e.errno == errno.ELOOP else e.strerror or str(e))
+        why = "is a symlink now" if e.errno == errno.ELOOP else e.strerror or str(e)
+        # Its xattrs as they are, so that an unreadable file is not also called changed.
+        return Unreadable(why, _xattrs_or_none(path) if with_xattrs else None)
     try:
         try:
-            found = xattrs.of_fd(fd)
+            found = xattrs.of_fd(fd) if with_xattrs else None
         except OSError as e:
             return Unreadable(f"extended attributes: {e.strerror or e}")
         try:
@@ -145,23 +147,32 @@ def _worker_start(parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _read_batch(job: tuple[str, list[bytes]]) -> list[Content | Unreadable]:
-    algorithm, paths = job
+def _xattrs_or_none(path: bytes) -> str | None:
+    try:
+        return xattrs.of_path(path)
+    except OSError:
+        return None
+
+
+def _read_batch(job: tuple[str, bool, list[bytes]]) -> list[Content | Unreadable]:
+    algorithm, with_xattrs, paths = job
     new = hasher_factory(algorithm)
-    return [_read_or_why(new, p) for p in paths]
+    return [_read_or_why(new, p, with_xattrs=with_xattrs) for p in paths]
 
 
 class Hashing:
     """Files handed in one by one are read meanwhile by a pool of processes, in batches;
     results() gives each file's key with its Content (or why there is none) as they are
     done, in the order the files were added. With algorithm None nothing may be added:
-    a walk that hashes nothing. A worker that dies (killed, out of memory) is a ScanError,
-    never a wait for what it will not send."""
+    a walk that hashes nothing. with_xattrs False: contents only (no Content has xattrs).
+    A worker that dies (killed, out of memory) is a ScanError, never a wait for what it
+    will not send."""
 
-    def __init__(self, algorithm: str | None, workers: int | None = None):
+    def __init__(self, algorithm: str | None, workers: int | None = None, with_xattrs: bool = True):
         # An unknown algorithm or a missing module fails here, before any work.
         self.new = hasher_factory(algorithm) if algorithm else None
         self.algorithm = algorithm
+        self.with_xattrs = with_xattrs
         self.workers = workers or os.cpu_count() or 1
         self._batch: list[tuple[object, bytes]] = []
         self._batch_bytes = 0
@@ -186,7 +197,7 @@ class Hashing:
     def add(self, key: object, path: bytes, size: int) -> None:
         if _large(self.algorithm, size):
             # At once, on BLAKE3's threads, while the pool goes on with what it has.
-            self._sent.append(([key], [_read_or_why(self.new, path, large=True)]))
+            self._sent.append(([key], [_read_or_why(self.new, path, large=True, with_xattrs=self.with_xattrs)]))
             return
         self._batch.append((key, path))
         self._batch_bytes += size
@@ -197,7 +208,7 @@ class Hashing:
         keys, paths = [k for k, _ in self._batch], [p for _, p in self._batch]
         self._batch, self._batch_bytes = [], 0
         if inline:
-            self._sent.append((keys, _read_batch((self.algorithm, paths))))
+            self._sent.append((keys, _read_batch((self.algorithm, self.with_xattrs, paths))))
             return
         if self._pool is None:
             # fork: the workers need nothing but this module, and start in a millisecond.
@@ -207,7 +218,7 @@ class Hashing:
         if len(pending) >= self.workers * IN_FLIGHT:
             wait(pending, return_when=FIRST_COMPLETED)   # the walk waits for the hashing
         try:
-            future = self._pool.submit(_read_batch, (self.algorithm, paths))
+            future = self._pool.submit(_read_batch, (self.algorithm, self.with_xattrs, paths))
         except BrokenProcessPool:
             raise _broken() from None
         self._sent.append((keys, future))
@@ -235,7 +246,8 @@ def hash_many(files: Sequence[tuple[bytes, int]], algorithm: str, workers: int |
               ) -> list[str | Unreadable]:
     """The digest (or why there is none) of each (absolute path, size), in order."""
     results: list[str | Unreadable | None] = [None] * len(files)
-    with Hashing(algorithm, workers) as hashing:
+    # Content only: a comparison of contents must not fail on an xattr changing meanwhile.
+    with Hashing(algorithm, workers, with_xattrs=False) as hashing:
         for i, (path, size) in enumerate(files):
             hashing.add(i, path, size)
         for i, found in hashing.results():

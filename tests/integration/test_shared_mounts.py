@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from snapmgr.backends import mounts, shared_mounts
-from tests.integration.helpers import REPO, needs_root
+from snapmgr.errors import SnapmgrError
+from tests.integration.helpers import REPO, needs_root, wait_for
 
 pytestmark = needs_root
 
@@ -133,3 +134,46 @@ def test_a_take_down_of_its_own_undoes_a_killed_users_build_and_the_last_users(t
     assert len(taken_down) == 2 and mounted_below(target) == []
     killed_holder(target)
     assert shared_mounts.release_unused(target, take_down) and len(taken_down) == 3
+
+
+def test_a_mount_built_in_another_mount_namespace_is_not_joined_as_an_empty_directory(target):
+    """A hardened systemd unit (PrivateMounts=, ProtectSystem=) has mounts of its own: its
+    build is an empty directory here, which a verify would call all missing."""
+    script = f"""
+import sys
+from pathlib import Path
+from snapmgr.backends import shared_mounts
+from tests.integration.test_shared_mounts import build
+target = Path({str(target)!r})
+with shared_mounts.used(target, lambda: build(target)):
+    print("ready", flush=True)
+    sys.stdin.read()
+"""
+    other = subprocess.Popen(["unshare", "--mount", "--propagation", "private", sys.executable, "-c", script],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                             env=dict(os.environ, PYTHONPATH=str(REPO)))
+    try:
+        assert other.stdout.readline() == "ready\n" and mounted_below(target) == []   # not seen here
+        with pytest.raises(SnapmgrError, match="in use by a snapmgr process in another mount namespace"):
+            with shared_mounts.used(target, lambda: build(target)):
+                pass
+    finally:
+        other.communicate("")
+    assert other.returncode == 0
+    with shared_mounts.used(target, lambda: build(target)):   # once it is done, built here
+        assert len(mounted_below(target)) == 2
+
+
+def test_a_guard_held_too_long_is_an_error_naming_it_not_a_silent_wait(target, monkeypatch):
+    monkeypatch.setattr(shared_mounts, "GUARD_TIMEOUT", 0.5)
+    target.parent.mkdir(parents=True)
+    guard = target.with_name(target.name + shared_mounts.GUARD)
+    stuck = subprocess.Popen(["flock", guard, "sleep", "30"])   # as a holder stopped mid-build
+    try:
+        wait_for(lambda: subprocess.run(["flock", "-n", guard, "true"]).returncode != 0, what="the guard taken")
+        with pytest.raises(SnapmgrError, match=f"{guard} is held by another snapmgr process for over 0.5 s"):
+            with shared_mounts.used(target, lambda: build(target)):
+                pass
+    finally:
+        stuck.kill()
+        stuck.wait()
