@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import stat
 from collections import defaultdict
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -152,21 +153,22 @@ class ZfsBackend(Backend):
     def browse_root(self, snapshot: Snapshot) -> Iterator[Path]:
         name = PREFIX + snapshot.id.label
         sources = []
-        for where, place in self._places(n.split("@")[0] for n in snapshot.meta["snapshots"]):
+        for d, where, place in self._places(n.split("@")[0] for n in snapshot.meta["snapshots"]):
             source = where / ".zfs" / "snapshot" / name
             # ZFS mounts the snapshot on first access and unmounts it when idle by itself. An
             # lstat() is no access (it shows the unmounted stub's inode): opening it is.
             os.close(os.open(source, os.O_RDONLY | os.O_DIRECTORY))
-            sources.append((source, place))
+            sources.append((d, source, place))
         if len(sources) == 1:
-            yield sources[0][0]
+            yield sources[0][1]
             return
         # Each dataset's snapshot is a filesystem of its own: they are bound into one tree,
         # each where its dataset is in the live one.
         tree = self._browse_dir(snapshot.id)
 
         def build() -> None:
-            for source, place in sources:
+            for d, source, place in sources:
+                _check_place(tree, place, d)
                 sh.run(["mount", "--bind", "-o", "ro", source, tree / place], timeout=MOUNT_TIMEOUT)
 
         with self._browsed(snapshot.id, build) as root:
@@ -192,10 +194,10 @@ class ZfsBackend(Backend):
                      timeout=60).stdout
         return list(dict.fromkeys(out.split()))
 
-    def _places(self, datasets: Iterable[str]) -> list[tuple[Path, Path]]:
-        """(where it is mounted, where that is relative to the first dataset's mountpoint)
-        of each dataset, parents first; an error naming a dataset that has no such place,
-        whose files the volume's tree would leave out."""
+    def _places(self, datasets: Iterable[str]) -> list[tuple[str, Path, Path]]:
+        """(the dataset, where it is mounted, where that is relative to the first
+        dataset's mountpoint) of each dataset, parents first; an error naming a dataset
+        that has no such place, whose files the volume's tree would leave out."""
         mounted = _mounted()
         first = self.datasets[0]
         root = mounted.get(first)
@@ -215,7 +217,7 @@ class ZfsBackend(Backend):
                 raise SnapmgrError(f"{d} is mounted at {where}, outside {root} where {first} is, so its files "
                                    f"have no place in the volume's tree")
             places[where] = d
-        return sorted(((where, where.relative_to(root)) for where in places), key=lambda p: p[1].parts)
+        return sorted(((d, where, where.relative_to(root)) for where, d in places.items()), key=lambda p: p[2].parts)
 
     def _rows(self) -> list[tuple[str, str, str, str, str]]:
         """(name, creation, snapmgr:volume, snapmgr:id, snapmgr:tags) of every snapshot of
@@ -324,6 +326,26 @@ def _mounted() -> dict[str, Path]:
         if m.fstype == "zfs" and m.root == b"/":
             found.setdefault(m.source, m.mountpoint)
     return found
+
+
+def _check_place(tree: Path, place: Path, dataset: str) -> None:
+    """Refuse to bind a dataset's snapshot at tree/place unless every component of that
+    path is a directory: the parent dataset's snapshot holds whatever was there when it
+    was taken, a user's symlink too, which mount would follow out of the tree (onto
+    /etc), where nothing takes the bind down. Snapshots are immutable: what is checked
+    stays so until the mount."""
+    at = tree
+    for part in place.parts:
+        at = at / part
+        try:
+            mode = os.lstat(at).st_mode
+        except FileNotFoundError:
+            what = "missing"
+        else:
+            what = None if stat.S_ISDIR(mode) else "a symlink" if stat.S_ISLNK(mode) else "not a directory"
+        if what:
+            raise SnapmgrError(f"{dataset} has no place in the snapshot's tree: {quote(str(at.relative_to(tree)))} "
+                               f"is {what} in the snapshot, where {dataset} is mounted at {quote(str(place))}")
 
 
 def _unmounted(dataset: str) -> str:

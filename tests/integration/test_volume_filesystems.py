@@ -15,7 +15,10 @@ from typing import Iterator
 import pytest
 
 from snapmgr import diff, restore, sh
+from snapmgr.backends import mounts, zfs
+from snapmgr.errors import SnapmgrError
 from snapmgr.manifest import Change
+from snapmgr.model import Snapshot, SnapshotId
 from tests.integration.helpers import loop_mount, needs_root
 from tests.integration.test_mount import label, mount, snapshot
 
@@ -154,3 +157,37 @@ def test_restore_delete_leaves_alone_an_own_mount_the_snapshot_does_not_hold(liv
         (newer / "data").write_text("made since")
         restore.copy(stored, [b"own"], live, delete=True, own_mounts=[live / "own", newer])
         assert (newer / "data").read_text() == "made since"
+
+
+@pytest.mark.parametrize("kind", ["symlink", "file"])
+def test_a_child_datasets_place_that_is_no_directory_in_the_snapshot_is_refused(tmp_path, kind):
+    """A ZFS tree of several datasets' snapshots, here of plain directories: where the
+    child is mounted now, the parent's snapshot held a symlink (to a directory outside,
+    standing for /etc), which mount would follow, or a file. Nothing is bound, outside
+    the tree or in it."""
+    sid = SnapshotId.parse("data@20261121T140501Z")
+    name = zfs.PREFIX + sid.label
+    parent, child, outside = tmp_path / "parent", tmp_path / "child", tmp_path / "outside"
+    (outside / "db").mkdir(parents=True)
+    (outside / "db" / "precious").write_text("the host's")
+    parent_snapshot = parent / ".zfs" / "snapshot" / name
+    parent_snapshot.mkdir(parents=True)
+    if kind == "symlink":
+        (parent_snapshot / "sub").symlink_to(outside)
+    else:
+        (parent_snapshot / "sub").write_text("a file")
+    (child / ".zfs" / "snapshot" / name).mkdir(parents=True)
+
+    class Backend(zfs.ZfsBackend):
+        def _places(self, datasets):   # as mountinfo would say: tank/data/db is at sub/db
+            return [("tank/data", parent, Path(".")), ("tank/data/db", child, Path("sub/db"))]
+
+    backend = Backend("data", {"datasets": ("tank/data",), "recursive": True}, tmp_path / "run")
+    snap = Snapshot(sid, Path(f"tank/data@{name}"), meta={"snapshots": [f"tank/data@{name}", f"tank/data/db@{name}"]})
+    with pytest.raises(SnapmgrError) as e:
+        with backend.browse_root(snap):
+            pass
+    what = "a symlink" if kind == "symlink" else "not a directory"
+    assert str(e.value) == f"tank/data/db has no place in the snapshot's tree: 'sub' is {what} in the snapshot, " \
+                           f"where tank/data/db is mounted at 'sub/db'"
+    assert mounts.below(tmp_path) == [] and os.listdir(outside / "db") == ["precious"]
