@@ -14,9 +14,11 @@ is listed as foreign and never touched.
 A snapshot is browsed as the live tree looks: each dataset's snapshot (in its own .zfs
 directory) where the dataset is mounted, relative to the first dataset's mountpoint. A
 snapshot of one dataset is its .zfs directory itself; one of several is a tree of
-read-only bind mounts under the run directory. A dataset mounted anywhere else, or not
-at all, has no place in that tree: browsing the snapshot is then an error naming it, so
-that no manifest, verify or restore silently leaves its files out."""
+read-only bind mounts under the run directory. A ZFS volume (a block device) and a
+dataset with canmount=off have no files anyone sees live: the tree leaves them out. A
+dataset mounted anywhere else, or mountable but not mounted, has no place in that tree:
+browsing the snapshot is then an error naming it, so that no manifest, verify or
+restore silently leaves its files out."""
 
 from __future__ import annotations
 
@@ -209,7 +211,10 @@ class ZfsBackend(Backend):
                 continue
             where = mounted.get(d)
             if where is None:
-                raise SnapmgrError(_unmounted(d))
+                reason = _unmounted(d)
+                if reason is None:
+                    continue
+                raise SnapmgrError(reason)
             if where in places:
                 raise SnapmgrError(f"{d} and {places[where]} are both mounted at {where}, so the files of one "
                                    f"cannot be seen")
@@ -348,12 +353,15 @@ def _check_place(tree: Path, place: Path, dataset: str) -> None:
                                f"is {what} in the snapshot, where {dataset} is mounted at {quote(str(place))}")
 
 
-def _unmounted(dataset: str) -> str:
-    """Why a dataset that is not mounted has no place in its volume's tree."""
+def _unmounted(dataset: str) -> str | None:
+    """Why a dataset that is not mounted has no place in its volume's tree; None when it
+    has no files anyone sees live, which the tree then leaves out as the live one does:
+    a ZFS volume (a block device) and a dataset that cannot be mounted (canmount=off,
+    there for its children to inherit from)."""
     kind, mountpoint, canmount = sh.run(["zfs", "list", "-H", "-o", "type,mountpoint,canmount", dataset],
                                         timeout=60).stdout.rstrip("\n").split("\t")
-    if kind == "volume":
-        return f"{dataset} is a ZFS volume (a block device), so its snapshot has no files to browse"
+    if kind == "volume" or canmount == "off":
+        return None
     return f"{dataset} is not mounted (mountpoint={mountpoint}, canmount={canmount}), so its files have no " \
            f"place in the volume's tree"
 

@@ -259,3 +259,25 @@ def test_a_dataset_without_a_place_in_the_tree_leaves_the_snapshot_unverified(ho
     assert reason in r.stderr and len(r.stderr.splitlines()) == 1
     assert "UNVERIFIABLE" in ws.ok("verify", "data").stdout
     assert snapmgrs_mounts(ws) == []
+
+
+def test_a_zvol_and_a_dataset_that_cannot_be_mounted_are_left_out_of_the_tree(host, ws, dataset, tree, tmp_path):
+    # Neither has files anyone sees live; a child of the one that cannot be mounted has
+    # (its mountpoint, inherited through it, is a directory in the first dataset).
+    sh(host, "zfs", "create", "-s", "-V", "8M", f"{dataset}/vol")
+    sh(host, "zfs", "create", "-o", "canmount=off", f"{dataset}/off")
+    sh(host, "zfs", "create", f"{dataset}/off/on")
+    (tree / "off" / "on" / "fo").write_bytes(b"below the one that cannot be mounted")
+    ws.write_config({"data": zfs_volume(dataset, recursive=True)})
+    assert ws.ok("--json", "config", "check").json()["browse_problems"] == {}
+
+    created = ws.ok("--json", "snapshot", "data").json()["results"][0]["created"]
+    sid = created["id"]
+    assert set(zfs_snapshots(host, f"{dataset}/vol", f"{dataset}/off")) == \
+        {f"{d}@snapmgr-{sid.split('@')[1]}" for d in (f"{dataset}/vol", f"{dataset}/off", f"{dataset}/off/on")}
+    assert created["consistency"]["manifest"]["hashed"] == len(FILES) + 1
+    assert ws.ok("verify", sid).stdout.startswith(f"{sid}: intact")
+    (tree / "off" / "on" / "fo").write_bytes(b"ruined")
+    ws.ok("restore", sid, str(tree / "off" / "on" / "fo"), "--in-place")
+    assert (tree / "off" / "on" / "fo").read_bytes() == b"below the one that cannot be mounted"
+    assert snapmgrs_mounts(ws) == []
