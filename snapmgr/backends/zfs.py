@@ -29,13 +29,14 @@ import stat
 from collections import defaultdict
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterable, Iterator
 
 from snapmgr import schema, sh
 from snapmgr.backends import mounts
 from snapmgr.signals import signals_held
 from snapmgr.backends.base import Backend, Progress
+from snapmgr.backends.rsync_filters import anchored
 from snapmgr.errors import SnapmgrError, quote
 from snapmgr.model import ForeignSnapshot, Snapshot, SnapshotId
 
@@ -145,6 +146,14 @@ class ZfsBackend(Backend):
         # Where the kernel has the first dataset mounted, whether by its mountpoint
         # property or by hand (mountpoint=legacy); None when it is not mounted.
         return _mounted().get(self.datasets[0])
+
+    def left_out(self) -> tuple[str, ...]:
+        # Each dataset's .zfs directory (listed with snapdir=visible) is in no snapshot:
+        # a restore --delete would remove what it holds (rmdir in .zfs/snapshot destroys
+        # a snapshot), and diff against live would list it as added.
+        root = self.live_root()
+        places = [PurePosixPath(), *(PurePosixPath(where.relative_to(root)) for where in self.own_mounts())]
+        return tuple(anchored(place / ".zfs") for place in places)
 
     def own_mounts(self) -> tuple[Path, ...]:
         mounted = _mounted()

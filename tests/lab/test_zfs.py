@@ -281,3 +281,18 @@ def test_a_zvol_and_a_dataset_that_cannot_be_mounted_are_left_out_of_the_tree(ho
     ws.ok("restore", sid, str(tree / "off" / "on" / "fo"), "--in-place")
     assert (tree / "off" / "on" / "fo").read_bytes() == b"below the one that cannot be mounted"
     assert snapmgrs_mounts(ws) == []
+
+
+def test_with_snapdir_visible_diff_and_restore_leave_every_zfs_directory_alone(host, ws, dataset, tree):
+    sh(host, "zfs", "set", "snapdir=visible", dataset)   # a and b inherit it
+    ws.write_config({"data": zfs_volume(dataset, recursive=True)})
+    sid = snapshot(ws, "data")
+    (tree / "a" / "new").write_bytes(b"made since")
+    lines = ws.ok("diff", sid, "live").stdout.splitlines()
+    assert "+..... /a/new" in lines and not [line for line in lines if ".zfs" in line]
+
+    # rmdir in .zfs/snapshot destroys a snapshot: a deletion there would take sid's.
+    ws.ok("restore", sid, str(tree), "--in-place", "--delete")
+    assert not (tree / "a" / "new").exists()
+    assert len(zfs_snapshots(host, dataset)) == 6   # sid's and the pre-rollback snapshot's, on 3 datasets
+    assert snapmgrs_mounts(ws) == []
