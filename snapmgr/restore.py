@@ -14,7 +14,6 @@ from pathlib import Path, PurePosixPath
 from typing import Iterator, Sequence
 
 from snapmgr import sh
-from snapmgr.backends import mounts
 from snapmgr.backends.rsync_filters import anchored
 from snapmgr.errors import SnapmgrError, UsageError, quote
 from snapmgr.volume_paths import joined, shown, under
@@ -110,7 +109,7 @@ def _kind(path: bytes) -> str | None:
 
 
 def argv(root: Path, paths: Sequence[bytes], dest: Path, dry_run: bool, delete: bool,
-         left_out: Sequence[str], kept: Sequence[str], own_mounts: Sequence[Path]) -> list[str]:
+         left_out: Sequence[str], kept: Sequence[str]) -> list[str]:
     # --modify-window=-1: mtimes compared to the nanosecond; otherwise a symlink or fifo
     # made within the second of its original's mtime keeps the time of its making.
     argv = ["rsync", "-aHAX", "--numeric-ids", "--sparse", "--relative", "--modify-window=-1",
@@ -121,10 +120,11 @@ def argv(root: Path, paths: Sequence[bytes], dest: Path, dry_run: bool, delete: 
     argv += [f"--exclude={rule}" for rule in kept]
     if delete:
         # The deletion stops at every other filesystem mounted inside DEST (a nested
-        # subvolume, a dataset not in the volume): the snapshot shows those as empty
-        # directories. What the snapshots leave out on purpose is excluded, so it is not
-        # deleted either.
-        argv += ["--delete", *_within(dest, own_mounts), *(f"--exclude={rule}" for rule in left_out)]
+        # subvolume, a dataset not in the volume, whatever is mounted while rsync runs):
+        # the snapshot shows those as empty directories. rsync looks at each mount as it
+        # walks, where a list of mounts read beforehand would miss one made meanwhile.
+        # What the snapshots leave out on purpose is excluded, so it is not deleted either.
+        argv += ["--delete", "--one-file-system", *(f"--exclude={rule}" for rule in left_out)]
     # Every source starts with '/', so none can be read as an option or a remote host.
     sources = [joined(root, b"./" + (p or b".")) for p in paths]
     return argv + [os.fsdecode(p) for p in sources] + [f"{dest}/"]
@@ -135,20 +135,28 @@ def copy(root: Path, paths: Sequence[bytes], dest: Path, dry_run: bool = False, 
     """Copy, or with dry_run only say what would change: rsync's itemized lines
     ('>f+++++++++ a/b' a new file, '*deleting c'), names escaped by rsync (\\#012 for a
     newline) so each stays one line. `own_mounts`: the volume's other filesystems inside
-    DEST (its snapshots hold them), into which a deletion goes too."""
-    result = sh.run(argv(root, paths, dest, dry_run, delete, left_out, kept, own_mounts))
-    return [line[len(ITEM):] for line in result.stdout.splitlines() if line.startswith(ITEM)]
+    DEST (each a filesystem of its own in the snapshot's tree too), into which a
+    deletion goes too."""
+    changes = []
+    for sources in runs(root, paths, dest, own_mounts if delete else ()):
+        result = sh.run(argv(root, sources, dest, dry_run, delete, left_out, kept))
+        changes += [line[len(ITEM):] for line in result.stdout.splitlines() if line.startswith(ITEM)]
+    return changes
 
 
-def _within(dest: Path, own_mounts: Sequence[Path]) -> list[str]:
-    """rsync options that keep a deletion in DEST on the volume's own filesystems."""
-    if not own_mounts:
-        return ["--one-file-system"]
-    # -x would stop at the volume's other filesystems too, in DEST and in the snapshot's
-    # tree alike: every other mount below DEST is excluded instead.
+def runs(root: Path, paths: Sequence[bytes], dest: Path, own_mounts: Sequence[Path]) -> list[list[bytes]]:
+    """The PATHs of each rsync run of a copy: the first run takes them all; then each of
+    the volume's own filesystems below one of them gets a run of its own, parents first,
+    since a deletion stops at every filesystem boundary (-x) and so no run crosses into a
+    filesystem that is not the volume's, even one mounted while it runs. An own
+    filesystem that is no filesystem of its own in the snapshot's tree (a dataset made
+    since the snapshot) is left alone, as -x leaves it: a run there would empty it."""
     real = Path(os.path.realpath(dest))
-    return [f"--exclude={anchored(PurePosixPath(m.mountpoint.relative_to(real)))}"
-            for m in mounts.below(real) if m.mountpoint != real and m.mountpoint not in own_mounts]
+    places = sorted((m.relative_to(real) for m in own_mounts if real in m.parents), key=lambda p: p.parts)
+    inner = [os.fsencode(p) for p in places]
+    return [list(paths), *([place] for place in inner
+                           if any(place != p and under(place, p) for p in paths)
+                           and os.path.ismount(joined(root, place)))]
 
 
 @dataclass(frozen=True)

@@ -14,25 +14,29 @@ is listed as foreign and never touched.
 A snapshot is browsed as the live tree looks: each dataset's snapshot (in its own .zfs
 directory) where the dataset is mounted, relative to the first dataset's mountpoint. A
 snapshot of one dataset is its .zfs directory itself; one of several is a tree of
-read-only bind mounts under the run directory. A dataset mounted anywhere else, or not
-at all, has no place in that tree: browsing the snapshot is then an error naming it, so
-that no manifest, verify or restore silently leaves its files out."""
+read-only bind mounts under the run directory. A ZFS volume (a block device) and a
+dataset with canmount=off have no files anyone sees live: the tree leaves them out. A
+dataset mounted anywhere else, or mountable but not mounted, has no place in that tree:
+browsing the snapshot is then an error naming it, so that no manifest, verify or
+restore silently leaves its files out."""
 
 from __future__ import annotations
 
 import logging
 import os
 import re
+import stat
 from collections import defaultdict
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterable, Iterator
 
 from snapmgr import schema, sh
 from snapmgr.backends import mounts
 from snapmgr.signals import signals_held
 from snapmgr.backends.base import Backend, Progress
+from snapmgr.backends.rsync_filters import anchored
 from snapmgr.errors import SnapmgrError, quote
 from snapmgr.model import ForeignSnapshot, Snapshot, SnapshotId
 
@@ -143,6 +147,14 @@ class ZfsBackend(Backend):
         # property or by hand (mountpoint=legacy); None when it is not mounted.
         return _mounted().get(self.datasets[0])
 
+    def left_out(self) -> tuple[str, ...]:
+        # Each dataset's .zfs directory (listed with snapdir=visible) is in no snapshot:
+        # a restore --delete would remove what it holds (rmdir in .zfs/snapshot destroys
+        # a snapshot), and diff against live would list it as added.
+        root = self.live_root()
+        places = [PurePosixPath(), *(PurePosixPath(where.relative_to(root)) for where in self.own_mounts())]
+        return tuple(anchored(place / ".zfs") for place in places)
+
     def own_mounts(self) -> tuple[Path, ...]:
         mounted = _mounted()
         root = mounted.get(self.datasets[0])
@@ -152,21 +164,22 @@ class ZfsBackend(Backend):
     def browse_root(self, snapshot: Snapshot) -> Iterator[Path]:
         name = PREFIX + snapshot.id.label
         sources = []
-        for where, place in self._places(n.split("@")[0] for n in snapshot.meta["snapshots"]):
+        for d, where, place in self._places(n.split("@")[0] for n in snapshot.meta["snapshots"]):
             source = where / ".zfs" / "snapshot" / name
             # ZFS mounts the snapshot on first access and unmounts it when idle by itself. An
             # lstat() is no access (it shows the unmounted stub's inode): opening it is.
             os.close(os.open(source, os.O_RDONLY | os.O_DIRECTORY))
-            sources.append((source, place))
+            sources.append((d, source, place))
         if len(sources) == 1:
-            yield sources[0][0]
+            yield sources[0][1]
             return
         # Each dataset's snapshot is a filesystem of its own: they are bound into one tree,
         # each where its dataset is in the live one.
         tree = self._browse_dir(snapshot.id)
 
         def build() -> None:
-            for source, place in sources:
+            for d, source, place in sources:
+                _check_place(tree, place, d)
                 sh.run(["mount", "--bind", "-o", "ro", source, tree / place], timeout=MOUNT_TIMEOUT)
 
         with self._browsed(snapshot.id, build) as root:
@@ -192,10 +205,10 @@ class ZfsBackend(Backend):
                      timeout=60).stdout
         return list(dict.fromkeys(out.split()))
 
-    def _places(self, datasets: Iterable[str]) -> list[tuple[Path, Path]]:
-        """(where it is mounted, where that is relative to the first dataset's mountpoint)
-        of each dataset, parents first; an error naming a dataset that has no such place,
-        whose files the volume's tree would leave out."""
+    def _places(self, datasets: Iterable[str]) -> list[tuple[str, Path, Path]]:
+        """(the dataset, where it is mounted, where that is relative to the first
+        dataset's mountpoint) of each dataset, parents first; an error naming a dataset
+        that has no such place, whose files the volume's tree would leave out."""
         mounted = _mounted()
         first = self.datasets[0]
         root = mounted.get(first)
@@ -207,7 +220,10 @@ class ZfsBackend(Backend):
                 continue
             where = mounted.get(d)
             if where is None:
-                raise SnapmgrError(_unmounted(d))
+                reason = _unmounted(d)
+                if reason is None:
+                    continue
+                raise SnapmgrError(reason)
             if where in places:
                 raise SnapmgrError(f"{d} and {places[where]} are both mounted at {where}, so the files of one "
                                    f"cannot be seen")
@@ -215,7 +231,7 @@ class ZfsBackend(Backend):
                 raise SnapmgrError(f"{d} is mounted at {where}, outside {root} where {first} is, so its files "
                                    f"have no place in the volume's tree")
             places[where] = d
-        return sorted(((where, where.relative_to(root)) for where in places), key=lambda p: p[1].parts)
+        return sorted(((d, where, where.relative_to(root)) for where, d in places.items()), key=lambda p: p[2].parts)
 
     def _rows(self) -> list[tuple[str, str, str, str, str]]:
         """(name, creation, snapmgr:volume, snapmgr:id, snapmgr:tags) of every snapshot of
@@ -326,12 +342,35 @@ def _mounted() -> dict[str, Path]:
     return found
 
 
-def _unmounted(dataset: str) -> str:
-    """Why a dataset that is not mounted has no place in its volume's tree."""
+def _check_place(tree: Path, place: Path, dataset: str) -> None:
+    """Refuse to bind a dataset's snapshot at tree/place unless every component of that
+    path is a directory: the parent dataset's snapshot holds whatever was there when it
+    was taken, a user's symlink too, which mount would follow out of the tree (onto
+    /etc), where nothing takes the bind down. Snapshots are immutable: what is checked
+    stays so until the mount."""
+    at = tree
+    for part in place.parts:
+        at = at / part
+        try:
+            mode = os.lstat(at).st_mode
+        except FileNotFoundError:
+            what = "missing"
+        else:
+            what = None if stat.S_ISDIR(mode) else "a symlink" if stat.S_ISLNK(mode) else "not a directory"
+        if what:
+            raise SnapmgrError(f"{dataset} has no place in the snapshot's tree: {quote(str(at.relative_to(tree)))} "
+                               f"is {what} in the snapshot, where {dataset} is mounted at {quote(str(place))}")
+
+
+def _unmounted(dataset: str) -> str | None:
+    """Why a dataset that is not mounted has no place in its volume's tree; None when it
+    has no files anyone sees live, which the tree then leaves out as the live one does:
+    a ZFS volume (a block device) and a dataset that cannot be mounted (canmount=off,
+    there for its children to inherit from)."""
     kind, mountpoint, canmount = sh.run(["zfs", "list", "-H", "-o", "type,mountpoint,canmount", dataset],
                                         timeout=60).stdout.rstrip("\n").split("\t")
-    if kind == "volume":
-        return f"{dataset} is a ZFS volume (a block device), so its snapshot has no files to browse"
+    if kind == "volume" or canmount == "off":
+        return None
     return f"{dataset} is not mounted (mountpoint={mountpoint}, canmount={canmount}), so its files have no " \
            f"place in the volume's tree"
 

@@ -259,3 +259,40 @@ def test_a_dataset_without_a_place_in_the_tree_leaves_the_snapshot_unverified(ho
     assert reason in r.stderr and len(r.stderr.splitlines()) == 1
     assert "UNVERIFIABLE" in ws.ok("verify", "data").stdout
     assert snapmgrs_mounts(ws) == []
+
+
+def test_a_zvol_and_a_dataset_that_cannot_be_mounted_are_left_out_of_the_tree(host, ws, dataset, tree, tmp_path):
+    # Neither has files anyone sees live; a child of the one that cannot be mounted has
+    # (its mountpoint, inherited through it, is a directory in the first dataset).
+    sh(host, "zfs", "create", "-s", "-V", "8M", f"{dataset}/vol")
+    sh(host, "zfs", "create", "-o", "canmount=off", f"{dataset}/off")
+    sh(host, "zfs", "create", f"{dataset}/off/on")
+    (tree / "off" / "on" / "fo").write_bytes(b"below the one that cannot be mounted")
+    ws.write_config({"data": zfs_volume(dataset, recursive=True)})
+    assert ws.ok("--json", "config", "check").json()["browse_problems"] == {}
+
+    created = ws.ok("--json", "snapshot", "data").json()["results"][0]["created"]
+    sid = created["id"]
+    assert set(zfs_snapshots(host, f"{dataset}/vol", f"{dataset}/off")) == \
+        {f"{d}@snapmgr-{sid.split('@')[1]}" for d in (f"{dataset}/vol", f"{dataset}/off", f"{dataset}/off/on")}
+    assert created["consistency"]["manifest"]["hashed"] == len(FILES) + 1
+    assert ws.ok("verify", sid).stdout.startswith(f"{sid}: intact")
+    (tree / "off" / "on" / "fo").write_bytes(b"ruined")
+    ws.ok("restore", sid, str(tree / "off" / "on" / "fo"), "--in-place")
+    assert (tree / "off" / "on" / "fo").read_bytes() == b"below the one that cannot be mounted"
+    assert snapmgrs_mounts(ws) == []
+
+
+def test_with_snapdir_visible_diff_and_restore_leave_every_zfs_directory_alone(host, ws, dataset, tree):
+    sh(host, "zfs", "set", "snapdir=visible", dataset)   # a and b inherit it
+    ws.write_config({"data": zfs_volume(dataset, recursive=True)})
+    sid = snapshot(ws, "data")
+    (tree / "a" / "new").write_bytes(b"made since")
+    lines = ws.ok("diff", sid, "live").stdout.splitlines()
+    assert "+..... /a/new" in lines and not [line for line in lines if ".zfs" in line]
+
+    # rmdir in .zfs/snapshot destroys a snapshot: a deletion there would take sid's.
+    ws.ok("restore", sid, str(tree), "--in-place", "--delete")
+    assert not (tree / "a" / "new").exists()
+    assert len(zfs_snapshots(host, dataset)) == 6   # sid's and the pre-rollback snapshot's, on 3 datasets
+    assert snapmgrs_mounts(ws) == []
