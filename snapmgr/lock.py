@@ -76,15 +76,20 @@ def _write_pid(fd: int) -> None:
 
 
 def _acquire(fd: int, path: Path, wait: float) -> None:
+    if not take_within(fd, wait):
+        raise LockBusy(f"busy: another snapmgr run ({_holder(path)}) holds {path}; gave up after waiting {wait:g}s")
+
+
+def take_within(fd: int, wait: float) -> bool:
+    """flock(2) `fd` exclusively, waiting at most `wait` seconds: whether it was taken."""
     deadline = time.monotonic() + wait
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
+            return True
         except BlockingIOError:
             if time.monotonic() >= deadline:
-                raise LockBusy(f"busy: another snapmgr run ({_holder(path)}) holds {path}; "
-                               f"gave up after waiting {wait:g}s") from None
+                return False
             time.sleep(POLL_S)
 
 

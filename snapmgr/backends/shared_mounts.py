@@ -18,7 +18,6 @@ from __future__ import annotations
 import fcntl
 import glob
 import os
-import time
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Callable, Iterator
@@ -26,6 +25,7 @@ from typing import Callable, Iterator
 from snapmgr import sh, trust
 from snapmgr.backends import mounts
 from snapmgr.errors import SnapmgrError
+from snapmgr.lock import take_within
 
 GUARD = ".lock"
 USERS = ".users"
@@ -132,16 +132,9 @@ def _guard(target: Path) -> Iterator[None]:
         # Held only while a mount is built or taken down: a holder that takes longer is
         # stopped or stuck in the kernel, and waiting for it would stop a prune, a mount
         # or a verify with no word.
-        deadline = time.monotonic() + GUARD_TIMEOUT
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise SnapmgrError(f"{guard} is held by another snapmgr process for over {GUARD_TIMEOUT} s "
-                                       f"(stopped, or stuck mounting?)") from None
-                time.sleep(0.05)
+        if not take_within(fd, GUARD_TIMEOUT):
+            raise SnapmgrError(f"{guard} is held by another snapmgr process for over {GUARD_TIMEOUT:g} s "
+                               f"(stopped, or stuck mounting?)")
         yield
     finally:
         os.close(fd)
