@@ -74,7 +74,7 @@ def versions(engine: Engine, path_text: str) -> History:
             state = State.of(entry) if entry else None
         else:
             with backend.browse_root(snapshot) as root:
-                state = reader.state(root, path, str(snapshot.id), snapshot.id.created.timestamp())
+                state = reader.state(root, path, str(snapshot.id), snapshot.created.timestamp())
         if state is not None:
             found.append((str(snapshot.id), state))
     return History(volume.name, path, current, distinct(found, current))

@@ -32,10 +32,14 @@ def mounts() -> list[Mount]:
     return found
 
 
+def whole_mounts() -> list[Mount]:
+    """The mounts that show a whole filesystem (not a bind mount of a directory inside it)."""
+    return [m for m in mounts() if m.root == b"/"]
+
+
 def whole_mount(match) -> Path | None:
-    """The mountpoint of the first mount for which `match(mount)` holds that shows the whole
-    filesystem (not a bind mount of a directory inside it)."""
-    return next((m.mountpoint for m in mounts() if m.root == b"/" and match(m)), None)
+    """The mountpoint of the first whole mount for which `match(mount)` holds."""
+    return next((m.mountpoint for m in whole_mounts() if match(m)), None)
 
 
 def mounted_at(path: Path) -> Mount | None:

@@ -336,8 +336,8 @@ def _mounted() -> dict[str, Path]:
     """Where the kernel has each dataset mounted (the whole of it: not a bind mount of a
     directory inside it), by its mountpoint property or by hand (mountpoint=legacy)."""
     found: dict[str, Path] = {}
-    for m in mounts.mounts():
-        if m.fstype == "zfs" and m.root == b"/":
+    for m in mounts.whole_mounts():
+        if m.fstype == "zfs":
             found.setdefault(m.source, m.mountpoint)
     return found
 
