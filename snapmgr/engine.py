@@ -443,10 +443,22 @@ class Engine:
         if dry_run or not doomed:
             return
         with self.journal.run(volume.name, "prune", os.getpid()) as run:
+            refused = []
             for snapshot in doomed:
-                self._delete_one(backend, snapshot)
+                try:
+                    self._delete_one(backend, snapshot)
+                except Interrupted:
+                    raise
+                except (SnapmgrError, OSError) as e:
+                    # One that cannot go now (a mount or a verify browsing it keeps an LVM or
+                    # ZFS snapshot busy) must not keep every other: the next prune tries again.
+                    refused.append(f"{snapshot.id}: {as_error(e)}")
+                    continue
                 run.deleted(str(snapshot.id))
                 outcome.deleted.append(str(snapshot.id))
+            if refused:
+                raise SnapmgrError(f"{len(refused)} of {len(doomed)} snapshots to prune could not be deleted: "
+                                   + "; ".join(refused))
 
     def _delete(self, volume: Volume, ids: list[SnapshotId], dry_run: bool, outcome: Outcome) -> None:
         backend = self.backend(volume)

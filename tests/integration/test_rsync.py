@@ -335,3 +335,23 @@ def test_a_run_killed_at_any_point_never_blocks_or_breaks_the_next(ws):
     expected = tree(ws.source)
     for sid in ws.snapshots():
         assert tree(ws.repo / sid) == expected, f"seed {seed}: {sid} is not a complete copy"
+
+
+def test_a_snapshot_that_cannot_be_deleted_now_does_not_keep_the_others_from_prune(ws):
+    """As an LVM or ZFS snapshot that a mount or a verify is browsing: here a snapshot
+    directory made immutable, which not even root can rename or remove."""
+    make_tree(ws.source, files=3)
+    ws.write_config(policies={"default": {"keep_last": 1}})
+    ids = [ws.ok("--json", "snapshot", "--tag", "hourly").json()["results"][0]["created"]["id"] for _ in range(4)]
+    stuck = ws.repo / ids[1]
+    subprocess.run(["chattr", "+i", stuck], check=True)
+    try:
+        r = ws.run("--json", "prune")
+        assert r.returncode == 1
+        assert r.stderr.startswith(f"snapmgr: error: volume data: 1 of 3 snapshots to prune could not be deleted: "
+                                   f"{ids[1]}: ")
+        assert sorted(r.json()["results"][0]["deleted"]) == [ids[0], ids[2]] and ws.snapshots() == [ids[1], ids[3]]
+    finally:
+        subprocess.run(["chattr", "-i", stuck], check=True)
+    ws.ok("prune")   # the next prune tries it again
+    assert ws.snapshots() == [ids[3]]
