@@ -16,7 +16,7 @@ from snapmgr import quiesce, schema, trust
 from snapmgr.backends import BACKENDS
 from snapmgr.errors import ConfigError, UsageError, as_error, quote
 from snapmgr.manifest.hashing import ALGORITHMS
-from snapmgr.model import Policy
+from snapmgr.model import MinFree, Policy
 from snapmgr.schema import Field, check_table, dotted
 
 DEFAULT_PATH = Path("/etc/snapmgr/snapmgr.toml")
@@ -30,6 +30,7 @@ class Settings:
     lock_wait: timedelta = timedelta(seconds=60)
     timezone: tzinfo | None = None  # None: the system's local time, as borg uses
     manifest: str = "blake3"        # the hash of snapshot manifests, or "off"
+    metrics_textfile: Path | None = None  # rewritten after every run, for node_exporter
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,11 @@ class Volume:
     tags: frozenset[str]
     quiesce: tuple[str, ...]
     manifest: str = Settings.manifest   # the [settings] value unless the volume sets its own
+    min_free: MinFree | None = None     # refuse a snapshot when less is free where it draws from
+    # How old the newest snapshot may grow before `snapmgr check` warns / goes critical;
+    # None: derived from the schedules that cover the volume.
+    warn_age: timedelta | None = None
+    crit_age: timedelta | None = None
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,7 @@ class Schedule:
     prune: bool
     randomized_delay: timedelta
     persistent: bool
+    accuracy: timedelta
 
 
 @dataclass(frozen=True)
@@ -92,6 +99,7 @@ SETTINGS = {
     "lock_wait": Field(schema.duration, default=Settings.lock_wait),
     "timezone": Field(_timezone, default=None),
     "manifest": Field(schema.choice(*MANIFEST_CHOICES), default=Settings.manifest),
+    "metrics_textfile": Field(schema.path()),
 }
 POLICY = {
     "keep_within": Field(schema.duration),
@@ -104,6 +112,9 @@ VOLUME = {
     "tags": Field(schema.names, default=()),
     "quiesce": Field(schema.names, default=()),
     "manifest": Field(schema.choice(*MANIFEST_CHOICES)),
+    "min_free": Field(schema.min_free),
+    "warn_age": Field(schema.duration),
+    "crit_age": Field(schema.duration),
 }
 DEFAULT_MAX_WINDOW = timedelta(seconds=60)
 # The keys of every [quiesce.NAME] table; each kind adds its own (quiesce.KINDS).
@@ -122,6 +133,8 @@ SCHEDULE = {
     "prune": Field(schema.boolean, default=True),
     "randomized_delay": Field(schema.duration, default=timedelta(0)),
     "persistent": Field(schema.boolean, default=True),
+    # systemd's own default; a timer that may fire up to a minute late lets it batch wakeups.
+    "accuracy": Field(schema.duration, default=timedelta(minutes=1)),
 }
 TOP = ("settings", "volumes", "retention", "quiesce", "groups", "schedules")
 
@@ -218,8 +231,12 @@ def _volume(path: Path, name: str, table: Any, policies: dict, quiescers: dict, 
     _check_refs(path, where + ("retention",), [values["retention"]] if values["retention"] else [], policies, "retention")
     _check_refs(path, where + ("quiesce",), values["quiesce"], quiescers, "quiesce")
     common = {k: values.pop(k) for k in VOLUME}
+    warn, crit = common["warn_age"], common["crit_age"]
+    if warn is not None and crit is not None and warn >= crit:
+        raise ConfigError(path, dotted(*where, "warn_age"), "must be shorter than crit_age")
     return Volume(name, backend, values, policies.get(common["retention"]),
-                  frozenset(common["tags"]), common["quiesce"], common["manifest"] or settings.manifest)
+                  frozenset(common["tags"]), common["quiesce"], common["manifest"] or settings.manifest,
+                  common["min_free"], warn, crit)
 
 
 def _group(path: Path, name: str, table: Any, volumes: dict, quiescers: dict) -> Group:

@@ -147,6 +147,35 @@ def parse_duration(text: str) -> timedelta:
 
 
 @dataclass(frozen=True)
+class MinFree:
+    """A free-space floor: bytes ("10G") or a share of the filesystem or pool ("5%")."""
+
+    text: str
+    size: int | None = None
+    percent: float | None = None
+
+    def bytes_of(self, total: int) -> int:
+        return self.size if self.size is not None else int(total * self.percent / 100)
+
+
+_SIZE_RE = re.compile(r"([0-9]{1,15}(?:\.[0-9]{1,6})?)([KMGTP]?)i?B?", re.I)
+_PERCENT_RE = re.compile(r"([0-9]{1,3}(?:\.[0-9]{1,3})?)%")
+_SIZE_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4, "p": 5}  # binary, as df -h and LVM count
+
+
+def parse_min_free(text: str) -> MinFree:
+    """'10G', '512M', '1.5T' (binary units; a bare number is bytes) or '5%'."""
+    stripped = text.strip()
+    if m := _PERCENT_RE.fullmatch(stripped):
+        if not 0 < float(m[1]) < 100:
+            raise ValueError(f"{quote(text)}: a share must be between 0% and 100%")
+        return MinFree(stripped, percent=float(m[1]))
+    if m := _SIZE_RE.fullmatch(stripped):
+        return MinFree(stripped, size=int(float(m[1]) * 1024 ** _SIZE_POWERS[m[2].lower()]))
+    raise ValueError(f"{quote(text)} is not a size or a share (e.g. 10G, 512M, 5%)")
+
+
+@dataclass(frozen=True)
 class Policy:
     """Keep rules of one `[retention.NAME]` table; a count of 0 switches a rule off."""
 

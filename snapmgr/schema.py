@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from snapmgr.errors import ConfigError, one_line, quote
-from snapmgr.model import NAME_RULE, is_valid_name, parse_duration
+from snapmgr.model import NAME_RULE, MinFree, is_valid_name, parse_duration, parse_min_free
 
 Converter = Callable[[Any], Any]
 _MISSING = object()
@@ -119,6 +119,10 @@ def port(value: Any) -> int:
 
 def duration(value: Any) -> timedelta:
     return parse_duration(string(value))
+
+
+def min_free(value: Any) -> MinFree:
+    return parse_min_free(string(value))
 
 
 def name(value: Any) -> str:

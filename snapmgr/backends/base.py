@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ClassVar, Mapping
 
@@ -16,6 +17,20 @@ from snapmgr.model import ForeignSnapshot, Snapshot, SnapshotId
 from snapmgr.schema import Field
 
 Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Space:
+    """The storage a volume's snapshots draw from, as its backend sees it: what a space
+    guard (min_free) compares with, what status and the metrics show."""
+
+    where: str                   # what it is, for people: "thin pool vg0/pool", "pool tank", "/srv (btrfs)"
+    size: int                    # bytes in all
+    free: int                    # bytes a new snapshot can still consume
+    held: int | None = None      # bytes the volume's snapshots hold, where the backend can tell
+    # Per snapshot, where the backend can tell: the bytes it alone holds (ZFS `written`,
+    # rsync's newly copied bytes, an LVM snapshot's used share).
+    held_each: Mapping[SnapshotId, int] = field(default_factory=dict)
 
 
 class Backend(abc.ABC):
@@ -118,6 +133,11 @@ class Backend(abc.ABC):
     def browse_problem(self) -> str | None:
         """Why, with things mounted as they are now, a snapshot taken now could not be
         browsed whole (see browse_root), or None."""
+        return None
+
+    def space(self) -> Space | None:
+        """Where the snapshots draw space from and how much is free there; None when the
+        backend cannot tell."""
         return None
 
     @abc.abstractmethod

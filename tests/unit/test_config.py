@@ -79,6 +79,17 @@ def test_good_config_loads_typed(write):
     assert cfg.groups["all"].max_window == timedelta(seconds=60)
 
 
+def test_monitoring_and_space_keys(write):
+    cfg = config.load(write(GOOD.replace('tags = ["home"]', 'tags = ["home"]\nmin_free = "1.5G"\nwarn_age = "2h"')
+                            .replace('[volumes.data]', '[volumes.data]\nmin_free = "5%"')
+                            .replace('timezone = "UTC"', 'timezone = "UTC"\nmetrics_textfile = "/var/lib/m.prom"')))
+    home, data = cfg.volumes["home"], cfg.volumes["data"]
+    assert home.min_free.bytes_of(10 << 30) == 3 << 29 and home.warn_age == timedelta(hours=2)
+    assert home.crit_age is None and data.min_free.bytes_of(1000) == 50
+    assert cfg.settings.metrics_textfile == Path("/var/lib/m.prom")
+    assert cfg.schedules["hourly"].accuracy == timedelta(minutes=1)
+
+
 def test_example_config_is_valid(tmp_path):
     path = tmp_path / "snapmgr.toml"
     path.write_text(resources.files("snapmgr").joinpath("example.toml").read_text())
@@ -165,6 +176,13 @@ BAD = [
     ("schedule names unknown group", replace('groups = ["all"]', 'groups = ["al"]'), "schedules.hourly.groups",
      "no [groups.al] table"),
     ("schedule bool", GOOD + "prune = 1\n", "schedules.hourly.prune", "expected a boolean, got an integer"),
+    ("min_free unit", replace('tags = ["home"]', 'tags = ["home"]\nmin_free = "10X"'), "volumes.home.min_free",
+     "'10X' is not a size or a share (e.g. 10G, 512M, 5%)"),
+    ("min_free share", replace('tags = ["home"]', 'tags = ["home"]\nmin_free = "100%"'), "volumes.home.min_free",
+     "between 0% and 100%"),
+    ("ages in the wrong order", replace('tags = ["home"]', 'tags = ["home"]\nwarn_age = "2d"\ncrit_age = "1d"'),
+     "volumes.home.warn_age", "must be shorter than crit_age"),
+    ("accuracy", GOOD + 'accuracy = "soon"\n', "schedules.hourly.accuracy", "'soon' is not a duration"),
     ("lvm without vg", GOOD + LVM.format(lv='"data"'), "volumes.lv.lv", "'data' is not VG/LV"),
     ("lvm option name", GOOD + LVM.format(lv='"vg0/-x"'), "volumes.lv.lv", "is not VG/LV"),
     ("lvm size unit", GOOD + LVM.format(lv='"vg0/data"') + 'snapshot_size = "1X"\n', "volumes.lv.snapshot_size",

@@ -1,0 +1,46 @@
+"""OnCalendar expressions, read by systemd itself (`systemd-analyze calendar`): what a
+timer accepts is exactly what systemd accepts, and its next elapses are systemd's."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timedelta, timezone
+
+from snapmgr import sh
+from snapmgr.errors import SnapmgrError, quote
+
+PROGRAM = "systemd-analyze"
+# Enough elapses to span a week's and a month's irregular gaps (Mon..Fri skips a weekend).
+SPAN = 16
+_ELAPSE_RE = re.compile(r"^\s*(?:Next elapse|Iter\. #\d+): \w+ (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) UTC$", re.M)
+
+
+class CalendarError(SnapmgrError):
+    """An expression systemd refuses, or one that never elapses."""
+
+
+def elapses(expression: str, count: int = 1) -> list[datetime]:
+    """The next `count` times (UTC) a timer with OnCalendar=`expression` elapses."""
+    try:
+        done = sh.run([PROGRAM, "calendar", f"--iterations={count}", "--", expression],
+                      timeout=10, check=False, env={"TZ": "UTC", "LC_ALL": "C"})
+    except sh.CommandNotFound:
+        raise CalendarError(f"cannot check OnCalendar {quote(expression)}: {PROGRAM} is not installed "
+                            f"(Debian: apt install systemd)") from None
+    if done.returncode != 0:
+        reason = done.stderr.strip().rsplit(": ", 1)[-1] or f"{PROGRAM} exited {done.returncode}"
+        raise CalendarError(f"{quote(expression)} is not a systemd calendar expression ({reason}; "
+                            f"see man systemd.time, e.g. hourly, daily, *:0/15, Mon..Fri 09:00)")
+    found = [datetime.fromisoformat(m).replace(tzinfo=timezone.utc) for m in _ELAPSE_RE.findall(done.stdout)]
+    if not found:
+        raise CalendarError(f"{quote(expression)} never elapses again")
+    return found
+
+
+def interval(expression: str) -> timedelta:
+    """The longest gap between two elapses: how long a volume on this schedule can rightly
+    go without a new snapshot."""
+    times = elapses(expression, SPAN)
+    if len(times) < 2:
+        raise CalendarError(f"{quote(expression)} elapses once only: it is no schedule")
+    return max(b - a for a, b in zip(times, times[1:]))

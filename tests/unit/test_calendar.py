@@ -1,0 +1,37 @@
+"""OnCalendar expressions read by systemd-analyze: the next elapses, the longest gap, and
+a one-line error for what systemd refuses."""
+
+from datetime import timedelta
+
+import pytest
+
+from snapmgr import calendar
+
+
+def test_interval_is_the_longest_gap():
+    assert calendar.interval("*:0/15") == timedelta(minutes=15)
+    assert calendar.interval("hourly") == timedelta(hours=1)
+    assert calendar.interval("Mon..Fri 09:00") == timedelta(days=3)   # over the weekend
+
+
+def test_elapses_are_in_order_and_utc():
+    times = calendar.elapses("daily", 3)
+    assert len(times) == 3 and times == sorted(times)
+    assert all(t.utcoffset() == timedelta(0) and (t.hour, t.minute) == (0, 0) for t in times)
+
+
+@pytest.mark.parametrize("expression, reason", [
+    ("bogus", "'bogus' is not a systemd calendar expression"),
+    ("--help", "'--help' is not a systemd calendar expression"),
+    ("2020-01-01", "'2020-01-01' never elapses again"),
+    ("daily\nhourly", "is not a systemd calendar expression"),
+])
+def test_refused(expression, reason):
+    with pytest.raises(calendar.CalendarError, match=reason) as e:
+        calendar.interval(expression)
+    assert "\n" not in str(e.value)
+
+
+def test_once_is_no_schedule():
+    with pytest.raises(calendar.CalendarError, match="elapses once only"):
+        calendar.interval("2100-01-01 00:00:00")
