@@ -186,20 +186,23 @@ class ZfsBackend(Backend):
             yield root
 
     def space(self) -> Space:
-        """What the dataset with the least `available` can still take (its quota or the
-        pool's free space); held: usedbysnapshots summed over the volume's datasets (every
-        snapshot of them, snapmgr's or not); each snapshot: `written`, what was written to
-        its datasets since the snapshot before it, summed over them."""
-        out = sh.run(["zfs", "list", "-H", "-p", "-o", "name,used,available,usedbysnapshots", *self._targets()],
-                     timeout=60).stdout
-        rows = [line.split("\t") for line in out.splitlines() if line]
-        name, used, available, _ = min(rows, key=lambda row: int(row[2]))
+        """Free: what the dataset with the least `available` can still take (its quota, or
+        the pool's free space); size: the pool's usable size (its root dataset's used +
+        available), what a share of min_free is of. Held: usedbysnapshots summed over the
+        volume's datasets (every snapshot of them, snapmgr's or not); each snapshot:
+        `written`, what was written to its datasets since the snapshot before it."""
+        pool, names = self.datasets[0].split("/")[0], self._targets()
+        out = sh.run(["zfs", "list", "-H", "-p", "-o", "name,used,available,usedbysnapshots",
+                      *dict.fromkeys([pool, *names])], timeout=60).stdout
+        rows = {row[0]: row for row in (line.split("\t") for line in out.splitlines() if line)}
+        targets = [rows[name] for name in names]
+        name, _, available, _ = min(targets, key=lambda row: int(row[2]))
         held_each: dict[SnapshotId, int] = defaultdict(int)
         for _, _, volume, sid, _, written in self._rows("written"):
             if volume == self.volume and (parsed := SnapshotId.try_parse(sid)) and written.isdigit():
                 held_each[parsed] += int(written)
-        return Space(f"dataset {name}", int(used) + int(available), int(available),
-                     held=sum(int(row[3]) for row in rows), held_each=dict(held_each),
+        return Space(f"dataset {name}", int(rows[pool][1]) + int(rows[pool][2]), int(available),
+                     held=sum(int(row[3]) for row in targets), held_each=dict(held_each),
                      note="held: usedbysnapshots of the datasets; each: what was written since the snapshot "
                           "before it")
 

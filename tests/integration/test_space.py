@@ -58,7 +58,11 @@ def test_a_snapshot_below_min_free_is_refused_as_a_failed_run_with_the_figures(w
     assert ws.snapshots() == []
     # Nothing was copied: the refusal came before rsync ran.
     assert not (small_repo / "snaps").exists() or list((small_repo / "snaps").iterdir()) == []
-    last_run_failed_with(ws, "below min_free 96%")
+    status = last_run_failed_with(ws, "below min_free 96%")
+    assert status["space"]["below_min_free"] and status["space"]["min_free_bytes"] == int(size * 0.96)
+    assert "BELOW min_free 96%" in ws.ok("status").stdout
+    dry = ws.run("snapshot", "--dry-run")
+    assert dry.returncode == 1 and "refusing to snapshot: " in dry.stderr
 
     # A floor the filesystem meets lets the snapshot through, in bytes as in a share.
     ws.write_config(rsync_volume(ws, small_repo, min_free="8M"))

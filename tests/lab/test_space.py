@@ -100,10 +100,13 @@ def test_zfs_figures_are_the_datasets_and_each_snapshots_written(host, ws, datas
     sh(host, "zpool", "sync", dataset.split("/")[0])
 
     space = space_of(ws)
-    used, available, by_snapshots = (int(v) for v in sh(
-        host, "zfs", "get", "-H", "-p", "-o", "value", "used,available,usedbysnapshots", dataset).split())
+    available, by_snapshots = (int(v) for v in sh(
+        host, "zfs", "get", "-H", "-p", "-o", "value", "available,usedbysnapshots", dataset).split())
+    pool_used, pool_available = (int(v) for v in sh(
+        host, "zfs", "get", "-H", "-p", "-o", "value", "used,available", dataset.split("/")[0]).split())
+    # A share of min_free is of the pool's usable size; free is what the dataset can take.
     assert (space.where, space.size, space.free, space.held) == \
-        (f"dataset {dataset}", used + available, available, by_snapshots)
+        (f"dataset {dataset}", pool_used + pool_available, available, by_snapshots)
     assert 3 * MiB <= space.held < 4 * MiB
     each = {str(k): v for k, v in space.held_each.items()}
     assert set(each) == {first, second}
@@ -111,7 +114,7 @@ def test_zfs_figures_are_the_datasets_and_each_snapshots_written(host, ws, datas
     shown = status_space(ws)
     assert (shown["where"], shown["held_bytes"], shown["free_bytes"]) == (space.where, space.held, space.free)
 
-    refused(ws, zfs_volume(dataset, min_free="99%"), f"dataset {dataset} has ", "below min_free 99% (")
+    refused(ws, zfs_volume(dataset, min_free="99.9%"), f"dataset {dataset} has ", "below min_free 99.9% (")
 
 
 def test_zfs_floor_follows_a_quota(host, ws, dataset):
