@@ -19,15 +19,15 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable, Iterable
 
-from snapmgr import manifest, manifest_recording, quiesce, retention, sh
+from snapmgr import manifest, manifest_recording, quiesce, retention, sh, space_guard
 from snapmgr.backends import BACKENDS
-from snapmgr.backends.base import Backend, Progress, taken_with_another
+from snapmgr.backends.base import Backend, Progress, Space, taken_with_another
 from snapmgr.config import Config, Group, Volume
 from snapmgr.errors import Interrupted, LockBusy, SnapmgrError, UsageError, as_error, quote
 from snapmgr.journal import Journal, JournalError, Run, Verify, VolumeHistory
 from snapmgr.lock import volume_lock
 from snapmgr.manifest.verify import Problem, check as check_snapshot
-from snapmgr.model import ForeignSnapshot, Snapshot, SnapshotId
+from snapmgr.model import ForeignSnapshot, MinFree, Snapshot, SnapshotId
 from snapmgr.quiesce.watchdog import Watchdog, perform_all
 from snapmgr.quiesce.window import Window, WindowOverrun
 from snapmgr.records import Records
@@ -62,6 +62,9 @@ class VolumeStatus:
     invalid: tuple[str, ...] = ()
     last_verify: Verify | None = None
     damaged: tuple[str, ...] = ()  # existing snapshots whose latest verify found them damaged
+    space: Space | None = None     # where its snapshots draw space from, when the backend can tell
+    space_problem: str | None = None  # why that could not be read
+    min_free: MinFree | None = None
 
 
 @dataclass(frozen=True)
@@ -93,7 +96,8 @@ class Engine:
         return self._journal.failure if self._journal else None
 
     def backend(self, volume: Volume) -> Backend:
-        return BACKENDS[volume.backend](volume.name, volume.options, self.config.settings.run_dir)
+        return BACKENDS[volume.backend](volume.name, volume.options, self.config.settings.run_dir,
+                                        min_free=volume.min_free)
 
     def browse_problems(self) -> dict[str, str]:
         """The volumes whose snapshots, if taken now, could not be browsed whole (they
@@ -167,18 +171,32 @@ class Engine:
         verifies = self.journal.latest_verifies()
         for volume in self.volumes(names):
             history = self.journal.history(volume.name)
+            space = self._space(volume)
             try:
                 snapshots = self._listed(volume)
             except (SnapmgrError, OSError) as e:
-                statuses.append(VolumeStatus(volume.name, volume.backend, None, None, history, str(as_error(e))))
+                statuses.append(VolumeStatus(volume.name, volume.backend, None, None, history, str(as_error(e)),
+                                             **space))
                 continue
             invalid = sorted((s for s in snapshots if s.invalid), key=lambda s: s.id)
             problem = "; ".join(f"{s.id} is invalid ({s.invalid})" for s in invalid) or None
             statuses.append(VolumeStatus(volume.name, volume.backend, len(snapshots),
                                          max(snapshots, key=lambda s: s.id, default=None), history,
                                          problem, tuple(str(s.id) for s in invalid),
-                                         *_verify_state(verifies, {str(s.id) for s in snapshots})))
+                                         *_verify_state(verifies, {str(s.id) for s in snapshots}), **space))
         return statuses
+
+    def _space(self, volume: Volume) -> dict:
+        """The space fields of the volume's status: a failure to read them is shown, and
+        never fails the status."""
+        try:
+            space = self.backend(volume).space()
+        except Interrupted:
+            raise
+        except (SnapmgrError, OSError) as e:
+            log.debug("space of %s unreadable", volume.name, exc_info=True)
+            return {"space_problem": str(as_error(e)), "min_free": volume.min_free}
+        return {"space": space, "min_free": volume.min_free}
 
     def verify(self, targets: Iterable[str], progress: Progress | None = None
                ) -> tuple[list[Verification], list[str]]:
@@ -317,6 +335,8 @@ class Engine:
         ids = [SnapshotId.next_free(v.name, now, (s.id for s in b.list())) for v, b in zip(volumes, backends)]
         window = self._window(volumes, backends, ids, group, dry_run)
         if dry_run:
+            if refused := space_guard.refusal(volumes, backends, group):
+                raise refused
             quiesce_plan = "; ".join(f"{q.name}: {q.describe()}" for q in window.quiescers) or "none"
             for outcome, backend, sid in zip(outcomes, backends, ids):
                 outcome.planned = f"would create {sid}: {backend.plan_create(sid)} (quiesce: {quiesce_plan})"
@@ -327,6 +347,10 @@ class Engine:
         results: list[Snapshot | SnapmgrError] = []
         failure: BaseException | None = None
         try:
+            # Once the runs are begun, so that a refusal is a failed run monitoring sees;
+            # before anything is copied or paused.
+            if refused := space_guard.refusal(volumes, backends, group):
+                raise refused
             takes = [b.stage(sid, tags | v.tags, progress, prepass=bool(window.quiescers))
                      for v, b, sid in zip(volumes, backends, ids)]
             for kind in {type(b) for b in backends}:

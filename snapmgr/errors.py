@@ -30,6 +30,10 @@ class SnapmgrError(Exception):
     exit_code = EXIT_FAILED
 
 
+class SpaceRefused(SnapmgrError):
+    """A snapshot refused, or a copy stopped, at the volume's free-space floor (min_free)."""
+
+
 class UsageError(SnapmgrError):
     exit_code = EXIT_USAGE
 

@@ -163,6 +163,14 @@ _PERCENT_RE = re.compile(r"([0-9]{1,3}(?:\.[0-9]{1,3})?)%")
 _SIZE_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4, "p": 5}  # binary, as df -h and LVM count
 
 
+def human_size(size: int) -> str:
+    """Bytes in binary units, as LVM and df -h count them: '12.0MiB'."""
+    for unit, power in (("T", 40), ("G", 30), ("M", 20), ("K", 10)):
+        if size >= 1 << power:
+            return f"{size / (1 << power):.1f}{unit}iB"
+    return f"{size}B"
+
+
 def parse_min_free(text: str) -> MinFree:
     """'10G', '512M', '1.5T' (binary units; a bare number is bytes) or '5%'."""
     stripped = text.strip()

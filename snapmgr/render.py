@@ -18,7 +18,7 @@ from snapmgr.manifest.entry import KINDS
 from snapmgr.restore import Restored
 from snapmgr.versions import History, State
 from snapmgr.errors import one_line
-from snapmgr.model import ForeignSnapshot, Snapshot
+from snapmgr.model import ForeignSnapshot, Snapshot, human_size
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -145,7 +145,21 @@ def status_json(s: VolumeStatus, now: datetime) -> dict:
         "newest_manifest": manifest_state(s.newest) if s.newest else None,
         "last_verify": last_verify_json(s.last_verify),
         "damaged": list(s.damaged),
+        "space": space_json(s),
+        "space_error": s.space_problem,
     }
+
+
+def space_json(s: VolumeStatus) -> dict | None:
+    """Where the volume's snapshots draw space from (see Backend.space), in bytes."""
+    sp = s.space
+    if sp is None:
+        return None
+    return {"where": sp.where, "size_bytes": sp.size, "free_bytes": sp.free, "held_bytes": sp.held,
+            "needs_bytes": sp.needs, "note": sp.note,
+            "min_free": s.min_free.text if s.min_free else None,
+            "min_free_bytes": s.min_free.bytes_of(sp.size) if s.min_free else None,
+            "below_min_free": bool(s.min_free and sp.shortfall(s.min_free))}
 
 
 def state(s: VolumeStatus) -> str:
@@ -227,10 +241,20 @@ def status_table(statuses: Sequence[VolumeStatus], now: datetime) -> str:
         h = s.history
         now_state = state(s)
         rows.append((s.volume, s.backend, now_state, "?" if s.snapshots is None else str(s.snapshots),
-                     age(h.last_success, now), _window(s.newest), _verified(s, now),
+                     age(h.last_success, now), _window(s.newest), _verified(s, now), _space(s),
                      (s.problem or h.last_error) if now_state == "failing" else "-"))
     return table(("VOLUME", "BACKEND", "STATE", "SNAPSHOTS", "LAST SUCCESS", "NEWEST (GRADE, WINDOWS)", "LAST VERIFY",
-                  "LAST ERROR"), rows)
+                  "SPACE (HELD; FREE)", "LAST ERROR"), rows)
+
+
+def _space(s: VolumeStatus) -> str:
+    """What the snapshots hold, and what is free where they draw from."""
+    sp = s.space
+    if sp is None:
+        return f"? ({s.space_problem})" if s.space_problem else "-"
+    held = "?" if sp.held is None else human_size(sp.held)
+    low = " BELOW min_free " + s.min_free.text if s.min_free and sp.shortfall(s.min_free) else ""
+    return f"{held}; {human_size(sp.free)} of {human_size(sp.size)} free in {sp.where}{low}"
 
 
 def _verified(s: VolumeStatus, now: datetime) -> str:

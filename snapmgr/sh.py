@@ -22,6 +22,7 @@ from snapmgr.errors import SnapmgrError, quote
 log = logging.getLogger(__name__)
 
 STDERR_EXCERPT_LINES = 5
+STOP_POLL = 0.1   # seconds between two asks of a run's stop_when
 _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
 _held: ContextVar[tuple[int, ...]] = ContextVar("held", default=())
@@ -97,6 +98,7 @@ def run(
     on_stdout: Callable[[str], None] | None = None,
     holds_locks: bool = True,
     env: Mapping[str, str] | None = None,
+    stop_when: Callable[[], Exception | None] | None = None,
 ) -> Completed:
     """Run argv and wait for it.
 
@@ -106,6 +108,8 @@ def run(
     that close what they inherit anyway (LVM, with a warning), or that may rightly leave
     a process running (one that starts a service).
     env adds variables to the environment snapmgr was started with.
+    stop_when is asked every STOP_POLL seconds while the program runs (with capture);
+    when it returns an error, the program is killed and that error raised.
     """
     argv = tuple(os.fspath(a) for a in argv)
     log.debug("run: %s", shlex.join(argv))
@@ -120,7 +124,7 @@ def run(
         raise CommandNotFound(argv[0]) from None
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
-        out, err = _collect(proc, deadline, on_stdout) if capture else ("", "")
+        out, err = _collect(proc, deadline, on_stdout, stop_when) if capture else ("", "")
         try:
             proc.wait(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:  # the pipes closed, but the program still runs
@@ -143,17 +147,25 @@ class _Deadline(Exception):
         self.stderr = stderr
 
 
-def _collect(proc: subprocess.Popen, deadline: float | None, on_stdout) -> tuple[str, str]:
+def _collect(proc: subprocess.Popen, deadline: float | None, on_stdout, stop_when) -> tuple[str, str]:
     """Read stdout and stderr until both close, without letting either pipe fill up."""
     chunks = {proc.stdout: [], proc.stderr: []}
     pending = ""
+    asked = time.monotonic()
     with selectors.DefaultSelector() as sel:
         for stream in chunks:
             sel.register(stream, selectors.EVENT_READ)
         while sel.get_map():
-            wait = None if deadline is None else deadline - time.monotonic()
+            now = time.monotonic()
+            wait = None if deadline is None else deadline - now
             if wait is not None and wait <= 0:
                 raise _Deadline(_decode(chunks[proc.stderr]))
+            if stop_when is not None:
+                if now - asked >= STOP_POLL:
+                    asked = now
+                    if (stop := stop_when()) is not None:
+                        raise stop
+                wait = STOP_POLL if wait is None else min(wait, STOP_POLL)
             for key, _ in sel.select(wait):
                 data = os.read(key.fd, 65536)
                 if not data:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable, ClassVar, Mapping
 
 from snapmgr.backends import shared_mounts
-from snapmgr.model import ForeignSnapshot, Snapshot, SnapshotId
+from snapmgr.model import ForeignSnapshot, MinFree, Snapshot, SnapshotId, human_size
 from snapmgr.schema import Field
 
 Progress = Callable[[str], None]
@@ -31,6 +31,20 @@ class Space:
     # Per snapshot, where the backend can tell: the bytes it alone holds (ZFS `written`,
     # rsync's newly copied bytes, an LVM snapshot's used share).
     held_each: Mapping[SnapshotId, int] = field(default_factory=dict)
+    # Bytes a new snapshot takes from `free` the moment it is made (a thick LVM snapshot's
+    # whole snapshot_size); 0 where a snapshot grows only as data changes.
+    needs: int = 0
+    note: str | None = None      # why `held` is unknown or only approximate, for people
+
+    def shortfall(self, min_free: MinFree) -> str | None:
+        """How the floor is not met, with the figures, or None when it is: what stays
+        free once a new snapshot has taken what it needs at once is below min_free."""
+        floor = min_free.bytes_of(self.size)
+        if self.free - self.needs >= floor:
+            return None
+        taken = f" and the snapshot would take {human_size(self.needs)} of it at once" if self.needs else ""
+        return (f"{self.where} has {human_size(self.free)} free{taken}, below min_free {min_free.text} "
+                f"({human_size(floor)}{' of ' + human_size(self.size) if min_free.percent is not None else ''})")
 
 
 class Backend(abc.ABC):
@@ -53,10 +67,13 @@ class Backend(abc.ABC):
         """Check what no single field can: how the volume's keys fit together. Raise
         schema.InvalidKey naming the key to change."""
 
-    def __init__(self, volume: str, options: Mapping, run_dir: Path):
+    def __init__(self, volume: str, options: Mapping, run_dir: Path, min_free: MinFree | None = None):
         self.volume = volume
         self.opts = options
         self.run_dir = run_dir   # where browse_root may mount things
+        # The volume's free-space floor: the engine checks it before a snapshot; a backend
+        # whose copy can fill its storage while it runs (rsync) watches it meanwhile.
+        self.min_free = min_free
 
     @abc.abstractmethod
     def create(self, snapshot_id: SnapshotId, tags: frozenset[str], progress: Progress | None = None) -> Snapshot:
@@ -137,7 +154,7 @@ class Backend(abc.ABC):
 
     def space(self) -> Space | None:
         """Where the snapshots draw space from and how much is free there; None when the
-        backend cannot tell."""
+        backend cannot tell. Raises SnapmgrError or OSError when it cannot be read."""
         return None
 
     @abc.abstractmethod

@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import errno
 import os
+import re
+from dataclasses import replace
 from pathlib import Path
 
 from snapmgr import schema, sh
-from snapmgr.backends.base import Progress
+from snapmgr.backends.base import Progress, Space
 from snapmgr.backends.directory import DirectoryBackend
 from snapmgr.errors import SnapmgrError
 from snapmgr.model import SnapshotId
 
 # The root directory of every btrfs subvolume has this inode number.
 SUBVOLUME_ROOT_INODE = 256
+# A level-0 qgroup (one per subvolume, named by its id): id, referenced, exclusive bytes.
+_QGROUP_RE = re.compile(r"^0/(\d+)\s+(\d+)\s+(\d+)\b", re.M)
 
 
 class BtrfsBackend(DirectoryBackend):
@@ -60,6 +64,27 @@ class BtrfsBackend(DirectoryBackend):
 
     def _clean_leftovers(self) -> None:
         """Nothing to do: creating and deleting a subvolume are each one transaction."""
+
+    def space(self) -> Space:
+        """The filesystem's free space as the kernel estimates it for df (statfs): it
+        counts the data profile (RAID1 halves it) and unallocated space, and drops to 0
+        when metadata space runs out, which is what a copy-on-write snapshot needs. What
+        each snapshot alone holds is its qgroup's exclusive bytes, when quotas are on."""
+        space = self._filesystem_space()
+        result = sh.run(["btrfs", "qgroup", "show", "--raw", self.snapshot_dir], check=False, timeout=120)
+        if "quotas not enabled" in result.stderr:
+            return replace(space, note="held: unknown, quotas are off (btrfs quota enable)")
+        if result.returncode != 0:
+            raise sh.CommandError(result.argv, result.returncode, result.stderr)
+        exclusive = {int(m[1]): int(m[3]) for m in _QGROUP_RE.finditer(result.stdout)}
+        btrfsutil = _btrfsutil()
+        held_each = {s.id: exclusive[sid] for s in self.list()
+                     if (sid := btrfsutil.subvolume_id(s.path)) in exclusive}
+        # btrfs warns when its accounting is out of date (a rescan is due or running).
+        stale = "inconsistent" in result.stderr or "rescan" in result.stderr
+        return replace(space, held=sum(held_each.values()), held_each=held_each,
+                       note="held: each snapshot's qgroup exclusive bytes"
+                            + ("; btrfs says they are out of date (btrfs quota rescan)" if stale else ""))
 
 
 def _btrfsutil():

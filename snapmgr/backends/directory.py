@@ -17,7 +17,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
 
-from snapmgr.backends.base import Backend, Progress
+from snapmgr.backends import mounts
+from snapmgr.backends.base import Backend, Progress, Space
 from snapmgr.model import Snapshot, SnapshotId
 from snapmgr.records import write_json
 
@@ -90,6 +91,19 @@ class DirectoryBackend(Backend):
 
     def written_paths(self) -> tuple[Path, ...]:
         return (self.snapshot_dir,)
+
+    def _filesystem_space(self, where: str | None = None) -> Space:
+        """The filesystem the snapshots are on, as df shows it (free: what is available
+        to other users than root, so root's reserve is kept for the system); `where`
+        when already known, for a watch that asks many times."""
+        at = self.snapshot_dir
+        while not at.exists():
+            at = at.parent   # the folder is made by the first snapshot
+        st = os.statvfs(at)
+        if where is None:
+            mount = mounts.containing(at)
+            where = f"{mount.mountpoint} ({mount.fstype})" if mount else str(at)
+        return Space(where, st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize)
 
     def records_dir(self, state_dir: Path) -> Path:
         return self.snapshot_dir

@@ -24,16 +24,16 @@ from typing import Any, Iterator
 
 from snapmgr import schema, sh
 from snapmgr.backends import mounts, shared_mounts
-from snapmgr.backends.base import Backend, Progress
+from snapmgr.backends.base import Backend, Progress, Space
 from snapmgr.errors import SnapmgrError, quote
-from snapmgr.model import Snapshot, SnapshotId
+from snapmgr.model import Snapshot, SnapshotId, human_size
 
 TAG_OWNER = "snapmgr"
 TAG_VOLUME = "snapmgr.volume."
 TAG_LABEL = "snapmgr.id."
 TAG_TAG = "snapmgr.tag."
 REPORT = ("lv_name,vg_name,lv_attr,lv_tags,origin,pool_lv,segtype,lv_size,snap_percent,data_percent,"
-          "metadata_percent,vg_free")
+          "metadata_percent,vg_free,vg_size")
 # lv_attr character 5 is the state: I = invalid snapshot, S = invalid suspended snapshot.
 INVALID_STATES = "IS"
 # A snapshot of a mounted filesystem looks like a crashed one: its journal must not be
@@ -181,9 +181,41 @@ class LvmBackend(Backend):
             lvm(["lvchange", "--activate", "n", f"{self.vg}/{self._lv_name(snapshot_id)}"], timeout=120)
             activated.unlink()
 
+    def space(self) -> Space:
+        """A thick origin's snapshots draw from the volume group: each takes its whole
+        snapshot_size at once and holds what writes to the origin have used of it. A thin
+        origin's draw from its pool as data changes; LVM cannot tell what a thin snapshot
+        alone holds (its mapped blocks are mostly shared with the origin)."""
+        rows, origin = self._report()
+        if _is_thin(origin):
+            pool = rows[origin["pool_lv"]]
+            size = int(pool["lv_size"])
+            return Space(f"thin pool {self.vg}/{pool['lv_name']}", size,
+                         int(size * (100 - float(pool["data_percent"])) / 100),
+                         note="held: unknown, LVM cannot tell what a thin snapshot alone holds")
+        snapshots = [(row, s) for row in rows.values() if TAG_VOLUME + self.volume in row["lv_tags"].split(",")
+                     and (s := self._snapshot(row)) is not None]
+        # An overflowed snapshot reports no use: it is full.
+        held_each = {s.id: int(int(row["lv_size"]) * float(row["snap_percent"] or 100) / 100) for row, s in snapshots}
+        size = self.opts["snapshot_size"]
+        return Space(f"volume group {self.vg}", int(origin["vg_size"]), int(origin["vg_free"]),
+                     held=sum(int(row["lv_size"]) for row, _ in snapshots), held_each=held_each,
+                     needs=size.bytes_for(int(origin["lv_size"])) if size else 0,
+                     note="held: the space the snapshots take from the volume group; each: how much of it "
+                          "writes have used")
+
     def _checked_origin(self) -> dict:
-        """The origin's report row, once the space guard has passed. One report of the
-        whole VG has all it needs: the origin, its thin pool, the VG's free space."""
+        """The origin's report row, once the space guard has passed."""
+        rows, origin = self._report()
+        if _is_thin(origin):
+            self._check_pool(rows[origin["pool_lv"]])
+        else:
+            self._check_free(origin)
+        return origin
+
+    def _report(self) -> tuple[dict[str, dict], dict]:
+        """Every LV of the VG by name, and the origin's row. One report of the whole VG
+        has all the space figures: the origin, its thin pool, the VG's free space."""
         try:
             rows = {r["lv_name"]: r for r in lvs(self.vg)}
         except sh.CommandError as e:
@@ -191,11 +223,7 @@ class LvmBackend(Backend):
         origin = rows.get(self.opts["lv"][1])
         if origin is None:
             raise SnapmgrError(f"volume {self.volume}: logical volume {self.origin_name} does not exist")
-        if _is_thin(origin):
-            self._check_pool(rows[origin["pool_lv"]])
-        else:
-            self._check_free(origin)
-        return origin
+        return rows, origin
 
     def _lv_name(self, snapshot_id: SnapshotId) -> str:
         return f"{self.opts['lv'][1]}-{snapshot_id.label}"
@@ -221,8 +249,8 @@ class LvmBackend(Backend):
         size = self._size()
         needed, free = size.bytes_for(int(origin["lv_size"])), int(origin["vg_free"])
         if needed > free:
-            raise SnapmgrError(f"refusing to snapshot {self.origin_name}: the snapshot needs {_human(needed)} "
-                               f"(snapshot_size {size.text}) but volume group {self.vg} has {_human(free)} free")
+            raise SnapmgrError(f"refusing to snapshot {self.origin_name}: the snapshot needs {human_size(needed)} "
+                               f"(snapshot_size {size.text}) but volume group {self.vg} has {human_size(free)} free")
 
     def _check_pool(self, pool: dict) -> None:
         limit = self.opts["thin_pool_threshold"]
@@ -244,7 +272,7 @@ class LvmBackend(Backend):
         thin = _is_thin(row)
         invalid = None
         if attr[4] in INVALID_STATES:
-            size = _human(int(row["lv_size"]))
+            size = human_size(int(row["lv_size"]))
             invalid = f"overflowed: writes to {self.origin_name} filled its {size} of snapshot space"
         meta = {"lv": f"{row['vg_name']}/{row['lv_name']}", "kind": "thin" if thin else "thick",
                 "active": attr[4] == "a", "origin": row["origin"],
@@ -255,10 +283,3 @@ class LvmBackend(Backend):
 
 def _is_thin(row: dict) -> bool:
     return row["segtype"] == "thin"
-
-
-def _human(size: int) -> str:
-    for unit, power in (("T", 40), ("G", 30), ("M", 20), ("K", 10)):
-        if size >= 1 << power:
-            return f"{size / (1 << power):.1f}{unit}iB"
-    return f"{size}B"

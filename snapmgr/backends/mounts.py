@@ -47,6 +47,15 @@ def mounted_at(path: Path) -> Mount | None:
     return next((m for m in reversed(mounts()) if m.mountpoint == path), None)
 
 
+def containing(path: Path) -> Mount | None:
+    """The mount whose filesystem holds `path`: the deepest mountpoint on its way (by
+    path, not device: a btrfs subvolume has a device number of its own)."""
+    real = Path(os.path.realpath(path))
+    # Latest first: of two mounts at one place, the later one hides the earlier.
+    return max((m for m in reversed(mounts()) if m.mountpoint == real or m.mountpoint in real.parents),
+               key=lambda m: len(m.mountpoint.parts), default=None)
+
+
 def below(path: Path) -> list[Mount]:
     """The mounts at `path` and below it, in the order they were made."""
     real = Path(os.path.realpath(path))

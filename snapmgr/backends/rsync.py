@@ -3,6 +3,7 @@ hardlinks into the previous one (`--link-dest`), as rsnapshot makes them."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -11,14 +12,15 @@ import shlex
 import shutil
 from collections import Counter
 from pathlib import Path, PurePosixPath
-from typing import Iterable, Mapping, Sequence
+from dataclasses import replace
+from typing import Callable, Iterable, Mapping, Sequence
 
 from snapmgr import schema, sh
 from snapmgr.backends import changes, rsync_filters
-from snapmgr.backends.base import Progress
+from snapmgr.backends.base import Progress, Space
 from snapmgr.backends.directory import DirectoryBackend, syncfs
-from snapmgr.errors import SnapmgrError, quote
-from snapmgr.model import SnapshotId
+from snapmgr.errors import SnapmgrError, SpaceRefused, quote
+from snapmgr.model import SnapshotId, human_size
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +29,7 @@ DELETING = ".deleting"
 NAMES = ".names"  # the names the pass in the window copies, while it runs
 RSYNC_PARTIAL = 23   # "some files/attrs were not transferred"
 RSYNC_VANISHED = 24  # "some files vanished before they could be transferred": normal on a live system
+ENOSPC_TEXT = os.strerror(errno.ENOSPC)   # "No space left on device", as rsync reports a full filesystem
 # A file deleted between rsync's listing and its reading of the file's ACLs or xattrs is
 # reported as a partial transfer (23), not as vanished; these lines say it was that.
 _VANISHED_ATTR_RE = re.compile(r"^rsync: \[sender\] (get_acl|get_xattr|[a-z_]+xattr)\b.*No such file or directory \(2\)$")
@@ -62,10 +65,11 @@ class RsyncBackend(DirectoryBackend):
                               f"copy all earlier ones into itself; exclude it ({_exclude_advice(inside)}) or move "
                               f"it out of the source")
 
-    def __init__(self, *args):
-        super().__init__(*args)
-        # Each prebuilt snapshot's mark, or None when the pass in the window compares the whole tree.
-        self._prebuilt: dict[SnapshotId, changes.Mark | None] = {}
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Each prebuilt snapshot's mark (None when the pass in the window compares the whole
+        # tree), and the bytes its prepass copied.
+        self._prebuilt: dict[SnapshotId, tuple[changes.Mark | None, int]] = {}
 
     @property
     def snapshot_dir(self) -> Path:
@@ -92,26 +96,30 @@ class RsyncBackend(DirectoryBackend):
         self._take_over_partials(partial, seeding=latest is None)
         mark = self._mark(snapshot_id)
         # Files changing meanwhile are expected: the pass in the window copies them again.
-        result = self._rsync(self._argv(partial, latest, progress is not None), progress,
-                             accept=(0, RSYNC_VANISHED, RSYNC_PARTIAL))
+        result = self._rsync(partial, latest, progress, accept=(0, RSYNC_VANISHED, RSYNC_PARTIAL))
         syncfs(partial)
         if mark and result.returncode == RSYNC_PARTIAL:
             log.debug("%s: the prepass left files out (rsync exit 23); the pass in the window compares the "
                       "whole tree", snapshot_id)
             mark = None
-        self._prebuilt[snapshot_id] = mark
+        self._prebuilt[snapshot_id] = mark, _copied(result)
 
     def _build(self, snapshot_id: SnapshotId, progress: Progress | None) -> dict:
         """The copy, or after _prebuild the short pass that brings it up to date."""
         partial, latest = self._partial(snapshot_id), self._latest()
+        prepass_copied = 0
         if snapshot_id in self._prebuilt:
-            results = self._update(snapshot_id, partial, latest, progress, self._prebuilt.pop(snapshot_id))
+            mark, prepass_copied = self._prebuilt.pop(snapshot_id)
+            results = self._update(snapshot_id, partial, latest, progress, mark)
         else:
             self._take_over_partials(partial, seeding=latest is None)
-            results = [self._rsync(self._argv(partial, latest, progress is not None), progress)]
+            results = [self._rsync(partial, latest, progress)]
         syncfs(partial)
+        # copied_bytes: what this snapshot holds that no earlier one shares (the files
+        # rsync copied rather than hardlinked), over its prepass and its pass in the window.
         meta = {"source": str(self.opts["source"]), "link_dest": latest.name if latest else None,
-                "rsync_stats": _summed(_parse_stats(r.stdout) for r in results)}
+                "rsync_stats": _summed(_parse_stats(r.stdout) for r in results),
+                "copied_bytes": prepass_copied + sum(map(_copied, results))}
         if failed := [r.returncode for r in results if r.returncode]:
             log.warning("%s: some files vanished while rsync copied them", snapshot_id)
             meta["warnings"] = [f"some files vanished during the copy (rsync exit {failed[0]})"]
@@ -137,7 +145,7 @@ class RsyncBackend(DirectoryBackend):
             log.debug("%s: the pass in the window compares the whole tree: %s", snapshot_id, why)
             passes = None
         if not passes:
-            return [self._rsync(self._argv(partial, latest, progress is not None), progress)]
+            return [self._rsync(partial, latest, progress)]
         log.debug("%s: the pass in the window lists %d names and copies %d directories whole", snapshot_id,
                   len(passes.names), len(passes.trees))
         return [self._rsync_listed(partial, latest, progress, names, recursive)
@@ -155,22 +163,62 @@ class RsyncBackend(DirectoryBackend):
         path.write_bytes(b"".join(os.fsencode(name) + b"\0" for name in names))
         try:
             listing = [f"--files-from={path}", "--from0", "--delete-missing-args", *(["-r"] if recursive else [])]
-            return self._rsync(self._argv(partial, latest, progress is not None, listing), progress)
+            return self._rsync(partial, latest, progress, listing)
         finally:
             path.unlink()
 
-    def _rsync(self, argv: list[str], progress: Progress | None,
+    def _rsync(self, partial: Path, latest: Path | None, progress: Progress | None, listing: Sequence[str] = (),
                accept: tuple[int, ...] = (0, RSYNC_VANISHED)) -> sh.Completed:
-        result = sh.run(argv, check=False, on_stdout=progress and _progress_lines_only(progress))
+        """One rsync run into `partial`. With min_free, the repository's filesystem is
+        watched meanwhile: at the floor rsync is killed and the partial copy removed, so
+        that neither a full filesystem nor half a snapshot is left behind."""
+        argv = self._argv(partial, latest, progress is not None, listing)
+        short = self._space_watch(partial)
+        try:
+            result = sh.run(argv, check=False, on_stdout=progress and _progress_lines_only(progress),
+                            stop_when=short)
+        except SpaceRefused:
+            self._discard(partial)
+            raise
         if result.returncode not in accept and not _vanished_only(result):
+            # A burst of writes can fill the filesystem between two looks: rsync then
+            # fails with ENOSPC (and removes the file it was writing), and that is the floor too.
+            if short and (refused := short(filled=ENOSPC_TEXT in result.stderr)):
+                self._discard(partial)
+                raise refused from None
             raise _failure(result)
         return result
+
+    def _space_watch(self, partial: Path) -> Callable[..., SpaceRefused | None] | None:
+        """What tells, cheaply enough to ask ten times a second, that the repository's
+        filesystem is below min_free (or, `filled`, that it was full); None without a floor."""
+        if self.min_free is None:
+            return None
+        where = self._filesystem_space().where
+
+        def short(filled: bool = False) -> SpaceRefused | None:
+            space = self._filesystem_space(where)
+            why = space.shortfall(self.min_free) or (filled and f"{where} filled up (rsync: {ENOSPC_TEXT}; "
+                                                                f"now {human_size(space.free)} free, min_free "
+                                                                f"{self.min_free.text})")
+            return SpaceRefused(f"stopped copying into {partial.name} and removed it: {why}") if why else None
+        return short
+
+    def space(self) -> Space:
+        """The repository's filesystem; what each snapshot holds is what it copied when it
+        was taken (the rest are hardlinks to earlier snapshots), as its metadata recorded."""
+        held_each = {s.id: copied for s in self.list() if (copied := _recorded_copy(s.meta)) is not None}
+        return replace(self._filesystem_space(), held=sum(held_each.values()), held_each=held_each,
+                       note="held: what each snapshot copied when taken; a file it shared with a pruned "
+                            "snapshot is counted in none")
 
     def _publish(self, snapshot_id: SnapshotId) -> None:
         self._partial(snapshot_id).rename(self.snapshot_dir / str(snapshot_id))
 
     def _discard(self, path: Path) -> None:
         # Renamed first, so a delete cut short leaves nothing that looks like a snapshot.
+        if not os.path.lexists(path):
+            return   # a copy stopped before rsync made its directory
         doomed = path.with_name(path.name + DELETING)
         path.rename(doomed)
         shutil.rmtree(doomed)
@@ -255,6 +303,21 @@ def _summed(stats: Iterable[dict[str, int]]) -> dict[str, int]:
     for one in stats:
         total.update(one)
     return dict(total)
+
+
+def _copied(result: sh.Completed) -> int:
+    """The bytes of the files a run copied (its apparent sizes: a sparse file's holes count)."""
+    return _parse_stats(result.stdout).get("total_transferred_file_size", 0)
+
+
+def _recorded_copy(meta: dict) -> int | None:
+    """The bytes a snapshot copied when taken, from its metadata; a snapshot made before
+    copied_bytes was recorded has rsync's figure of its last pass, exact unless a prepass
+    copied most of it beforehand."""
+    copied = meta.get("copied_bytes")
+    if copied is None:
+        copied = (meta.get("rsync_stats") or {}).get("total_transferred_file_size")
+    return copied if isinstance(copied, int) else None
 
 
 def _parse_stats(stdout: str) -> dict[str, int]:

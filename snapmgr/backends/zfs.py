@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterable, Iterator
 from snapmgr import schema, sh
 from snapmgr.backends import mounts
 from snapmgr.signals import signals_held
-from snapmgr.backends.base import Backend, Progress
+from snapmgr.backends.base import Backend, Progress, Space
 from snapmgr.backends.rsync_filters import anchored
 from snapmgr.errors import SnapmgrError, quote
 from snapmgr.model import ForeignSnapshot, Snapshot, SnapshotId
@@ -185,6 +185,27 @@ class ZfsBackend(Backend):
         with self._browsed(snapshot.id, build) as root:
             yield root
 
+    def space(self) -> Space:
+        """Free: what the dataset with the least `available` can still take (its quota, or
+        the pool's free space); size: the pool's usable size (its root dataset's used +
+        available), what a share of min_free is of. Held: usedbysnapshots summed over the
+        volume's datasets (every snapshot of them, snapmgr's or not); each snapshot:
+        `written`, what was written to its datasets since the snapshot before it."""
+        pool, names = self.datasets[0].split("/")[0], self._targets()
+        out = sh.run(["zfs", "list", "-H", "-p", "-o", "name,used,available,usedbysnapshots",
+                      *dict.fromkeys([pool, *names])], timeout=60).stdout
+        rows = {row[0]: row for row in (line.split("\t") for line in out.splitlines() if line)}
+        targets = [rows[name] for name in names]
+        name, _, available, _ = min(targets, key=lambda row: int(row[2]))
+        held_each: dict[SnapshotId, int] = defaultdict(int)
+        for _, _, volume, sid, _, written in self._rows("written"):
+            if volume == self.volume and (parsed := SnapshotId.try_parse(sid)) and written.isdigit():
+                held_each[parsed] += int(written)
+        return Space(f"dataset {name}", int(rows[pool][1]) + int(rows[pool][2]), int(available),
+                     held=sum(int(row[3]) for row in targets), held_each=dict(held_each),
+                     note="held: usedbysnapshots of the datasets; each: what was written since the snapshot "
+                          "before it")
+
     def browse_problem(self) -> str | None:
         try:
             self._places(self._targets())
@@ -233,13 +254,14 @@ class ZfsBackend(Backend):
             places[where] = d
         return sorted(((d, where, where.relative_to(root)) for where, d in places.items()), key=lambda p: p[2].parts)
 
-    def _rows(self) -> list[tuple[str, str, str, str, str]]:
-        """(name, creation, snapmgr:volume, snapmgr:id, snapmgr:tags) of every snapshot of
-        the volume's datasets (and those below them, if recursive)."""
+    def _rows(self, *more: str) -> list[tuple[str, ...]]:
+        """(name, creation, snapmgr:volume, snapmgr:id, snapmgr:tags, and the `more`
+        properties) of every snapshot of the volume's datasets (and those below them, if
+        recursive)."""
         depth = [] if self.opts["recursive"] else ["-d", "1"]
         out = sh.run(["zfs", "list", "-H", "-p", "-t", "snapshot", "-o",
-                      f"name,creation,{PROP_VOLUME},{PROP_ID},{PROP_TAGS}", "-r", *depth, *self.datasets],
-                     timeout=120).stdout
+                      ",".join(["name", "creation", PROP_VOLUME, PROP_ID, PROP_TAGS, *more]), "-r", *depth,
+                      *self.datasets], timeout=120).stdout
         return [tuple(line.split("\t")) for line in out.splitlines() if line]
 
 

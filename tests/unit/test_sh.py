@@ -6,6 +6,7 @@ import time
 import pytest
 
 from snapmgr import sh
+from snapmgr.errors import SnapmgrError
 
 
 def test_captures_output_and_status():
@@ -100,3 +101,20 @@ def test_programs_inherit_the_held_descriptors_unless_told_not_to(tmp_path):
         assert held not in inherited()
     finally:
         os.close(fd)
+
+
+def test_stop_when_kills_the_program_and_raises_its_error():
+    asked = []
+
+    def stop():
+        asked.append(1)
+        return SnapmgrError("enough") if len(asked) == 3 else None
+
+    with pytest.raises(SnapmgrError, match="^enough$"):
+        sh.run(["sleep", "600"], stop_when=stop)
+    assert len(asked) == 3
+
+
+def test_stop_when_that_never_stops_lets_the_program_finish():
+    result = sh.run(["sh", "-c", "sleep 0.3; echo done"], stop_when=lambda: None)
+    assert (result.returncode, result.stdout) == (0, "done\n")
