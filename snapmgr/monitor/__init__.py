@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from snapmgr.engine import Engine
 from snapmgr.errors import SnapmgrError, as_error
+from snapmgr.journal import JournalError
 from snapmgr.monitor import metrics, state
 
 
@@ -19,6 +20,8 @@ def publish(engine: Engine) -> SnapmgrError | None:
         if path is not None:
             metrics.write_textfile(path, metrics.exposition(health))
     except (SnapmgrError, OSError) as e:
+        if isinstance(e, JournalError) and engine.journal_failure is not None:
+            return None   # the run reports the journal's failure itself, once
         what = f"the metrics textfile {path} was not rewritten" if path else "the monitoring state was not recorded"
         return SnapmgrError(f"{what}: {as_error(e)}")
     return None
