@@ -217,9 +217,10 @@ class Engine:
         problem = "; ".join(f"{s.id} is invalid ({s.invalid})" for s in invalid) or None
         last_verify, damaged = _verify_state(verifies, {str(s.id) for s in snapshots})
         good = [s for s in snapshots if not s.invalid and str(s.id) not in damaged]
-        return VolumeStatus(volume.name, volume.backend, len(snapshots), max(snapshots, key=lambda s: s.id, default=None),
-                            problem=problem, invalid=tuple(str(s.id) for s in invalid), last_verify=last_verify,
-                            damaged=damaged, newest_good=max(good, key=lambda s: s.id, default=None), **common)
+        newest = max(snapshots, key=lambda s: s.id, default=None)
+        return VolumeStatus(volume.name, volume.backend, len(snapshots), newest, problem=problem,
+                            invalid=tuple(str(s.id) for s in invalid), last_verify=last_verify, damaged=damaged,
+                            newest_good=max(good, key=lambda s: s.id, default=None), **common)
 
     def verify(self, targets: Iterable[str], progress: Progress | None = None
                ) -> tuple[list[Verification], list[str]]:

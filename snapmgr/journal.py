@@ -199,7 +199,8 @@ class Journal:
         self.read_only = read_only
         self.failure: JournalError | None = None   # the first write that failed
         self._db: sqlite3.Connection | None = None
-        self._immutable = False
+        # Of a read-only connection to the file alone: the file as it was when opened.
+        self._immutable: tuple[int, int, int] | None = None
 
     def close(self) -> None:
         """Close the connection; the next use opens another."""
@@ -386,11 +387,12 @@ class Journal:
         and SQLite reads it without writing. When no writer has it open, its last
         connection has folded the -wal file into the database and removed both: the
         file alone is then the whole journal, read as immutable (no locks, no -shm).
-        A writer starting meanwhile makes a -wal file appear: see `raced`."""
-        self._immutable = not Path(f"{self.path}-wal").exists()
-        mode = "immutable=1" if self._immutable else "mode=ro"
+        A writer starting meanwhile makes a -wal file appear, or changes the file: see
+        `raced`."""
         if not self.path.is_file():
             raise JournalError(f"journal {self.path} does not exist: no run has been recorded yet")
+        self._immutable = None if Path(f"{self.path}-wal").exists() else _identity(self.path)
+        mode = "mode=ro" if self._immutable is None else "immutable=1"
         uri = "file:" + urllib.parse.quote(str(self.path)) + "?" + mode
         db = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None)
         try:
@@ -407,9 +409,10 @@ class Journal:
 
     def raced(self) -> bool:
         """Whether a writer may have changed the journal under a read-only connection that
-        read the file alone (a -wal file appeared since): read again after close()."""
-        return self.read_only and self._db is not None and self._immutable and \
-            Path(f"{self.path}-wal").exists()
+        read the file alone (a -wal file appeared, or the file changed, since it was
+        opened): then read again after close()."""
+        return self._db is not None and self._immutable is not None and \
+            (Path(f"{self.path}-wal").exists() or _identity(self.path) != self._immutable)
 
     def _migrate(self, db: sqlite3.Connection) -> None:
         with self._transaction(db):
@@ -486,6 +489,12 @@ def _columns(db: sqlite3.Connection) -> set[tuple[str, str]]:
     tables = [row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
     return {(t, "*") for t in tables} | {
         (t, row[0]) for t in tables for row in db.execute("SELECT name FROM pragma_table_info(?)", (t,))}
+
+
+def _identity(path: Path) -> tuple[int, int, int]:
+    """What changes when a file is replaced or written."""
+    st = os.stat(path)
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _now() -> str:

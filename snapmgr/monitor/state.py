@@ -194,7 +194,8 @@ def _age(s: VolumeStatus, ages: Ages, now: datetime) -> list[Finding]:
     good = s.newest_good
     if good is None:
         state = CRITICAL if ages.crit is not None else WARNING
-        return [Finding(state, "it has no good snapshot" + (f" ({s.snapshots} invalid or damaged)" if s.snapshots else ""))]
+        bad = f" (its {s.snapshots} are invalid or damaged)" if s.snapshots else ""
+        return [Finding(state, f"it has no good snapshot{bad}")]
     age = now - good.created
     for state, limit in ((CRITICAL, ages.crit), (WARNING, ages.warn)):
         if limit is not None and age > limit:

@@ -116,8 +116,7 @@ def fresh_snapshot(ws):
 
 def no_snapshot_yet_under_a_schedule(ws):
     configure(ws, HOURLY)
-    ws.ok("prune")   # a run that records nothing: the journal exists, the volume has no snapshot
-    ws.ok("status")
+    ws.ok("status")   # creates the journal
     return 2, "SNAPMGR CRITICAL - data: it has no good snapshot"
 
 

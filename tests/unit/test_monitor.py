@@ -39,9 +39,9 @@ def test_worst_puts_unknown_between_ok_and_warning():
 
 def config(tmp_path: Path, volume: dict | None = None, schedules: dict | None = None, groups: dict | None = None):
     (tmp_path / "src").mkdir()
-    doc = {"volumes": {"data": {"backend": "rsync", "source": str(tmp_path / "src"), "repository": str(tmp_path / "r"),
-                                **(volume or {})},
-                       "other": {"backend": "rsync", "source": str(tmp_path / "src"), "repository": str(tmp_path / "o")}},
+    rsync = {"backend": "rsync", "source": str(tmp_path / "src")}
+    doc = {"volumes": {"data": {**rsync, "repository": str(tmp_path / "r"), **(volume or {})},
+                       "other": {**rsync, "repository": str(tmp_path / "o")}},
            "groups": groups or {}, "schedules": schedules or {}}
     return configuration.parse(tmp_path / "snapmgr.toml", doc)
 
