@@ -185,8 +185,8 @@ class Engine:
                 if record:
                     self.journal.observed(volume.name, observed.dump(listing))
             elif volume.name in recorded:
-                at, data = recorded[volume.name]
-                listing = observed.load(data, at)
+                at, text = recorded[volume.name]
+                listing = observed.load(text, at)
             else:
                 listing = observed.Listing(None, "no run has recorded its snapshots yet")
             statuses.append(self._status(volume, listing, verifies))

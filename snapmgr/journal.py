@@ -260,11 +260,11 @@ class Journal:
                 "json_each(w.volumes) v WHERE v.value = ? ORDER BY w.id DESC LIMIT 1", (volume,)).fetchone()
         return row and WindowRecord(_parse(row[0]), _parse(row[1]), *row[2:])
 
-    def observations(self) -> dict[str, tuple[datetime, dict]]:
-        """Volume -> when a run last listed its snapshots, and what it saw."""
+    def observations(self) -> dict[str, tuple[datetime, str]]:
+        """Volume -> when a run last listed its snapshots, and what it saw (JSON text)."""
         with self._guard():
             rows = self._connection().execute("SELECT volume, at, listing FROM observations").fetchall()
-        return {volume: (_parse(at), json.loads(listing)) for volume, at, listing in rows}
+        return {volume: (_parse(at), listing) for volume, at, listing in rows}
 
     # Recording: best effort ---------------------------------------------------------
 

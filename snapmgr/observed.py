@@ -7,6 +7,7 @@ reader who cannot list reads that instead, stated with its time."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -39,12 +40,16 @@ def dump(listing: Listing) -> dict:
             "space": space and {"where": space.where, "size": space.size, "free": space.free, "held": space.held}}
 
 
-def load(data: dict, at: datetime) -> Listing:
-    """The listing a run recorded at `at`. Its snapshots have no path: a reader of it
-    cannot enter them anyway."""
-    snapshots = data.get("snapshots")
-    space = data.get("space")
-    return Listing(None if snapshots is None else [
-                       Snapshot(SnapshotId.parse(s["id"]), Path(), invalid=s.get("invalid"), record=s.get("record"))
-                       for s in snapshots],
-                   data.get("problem"), space and Space(**space), at)
+def load(text: str, at: datetime) -> Listing:
+    """The listing a run recorded at `at`; one that cannot be read says so as its
+    problem. Its snapshots have no path: a reader of it cannot enter them anyway."""
+    try:
+        data = json.loads(text)
+        snapshots, space = data["snapshots"], data["space"]
+        return Listing(None if snapshots is None else [
+                           Snapshot(SnapshotId.parse(s["id"]), Path(), invalid=s["invalid"], record=s["record"])
+                           for s in snapshots],
+                       data["problem"], space and Space(**space), at)
+    except (ValueError, TypeError, KeyError) as e:
+        return Listing(None, f"what the run at {at:%Y-%m-%d %H:%M:%S} UTC recorded of its snapshots cannot be read "
+                             f"({type(e).__name__}: {e})")

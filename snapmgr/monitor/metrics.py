@@ -36,8 +36,9 @@ def families(health: Health) -> list[Family]:
     for v in health.volumes:
         _volume(v, health, lambda name, kind, text, value, **labels: put(name, kind, text, {"volume": v.status.volume,
                                                                                    **labels}, value))
+    shown = {v.status.volume for v in health.volumes}
     for (volume, action, status), count in sorted(health.run_counts.items()):
-        if status != "running":
+        if status != "running" and volume in shown:
             put("snapmgr_runs_total", "counter", "Runs the journal holds, by action and how they ended.",
                 {"volume": volume, "action": action, "status": status}, count)
     return list(found.values())

@@ -31,7 +31,7 @@ PERF_RE = re.compile(r"'[^'=]+'=(U|-?[0-9]+(\.[0-9]+)?(s|B|%)?)(;(-?[0-9.]+)?){0
 @pytest.fixture
 def ws():
     """A workspace the user nobody can reach (pytest's own temporary directories are
-    root's alone)."""
+    root's alone); the lab's tests use it too."""
     root = Path(tempfile.mkdtemp(prefix="snapmgr-monitor-", dir="/tmp"))
     root.chmod(0o755)
     try:

@@ -3,6 +3,7 @@ status gives, the plugin's number and perfdata format, the exposition format."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from snapmgr import config as configuration
+from snapmgr import config as configuration, observed
 from snapmgr.backends.base import Space
 from snapmgr.engine import VolumeStatus
 from snapmgr.journal import RunRecord, VolumeHistory, WindowRecord
@@ -163,3 +164,20 @@ def test_the_exposition_passes_promtool_and_escapes_label_values():
     p = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
     assert (p.returncode, p.stdout, p.stderr) == (0, "", "")
     assert metrics._label('a"b\\c\nd') == '"a\\"b\\\\c\\nd"'
+
+
+def test_a_listing_goes_through_the_journal_whole_or_says_it_cannot_be_read():
+    listing = observed.Listing([replace(GOOD, invalid="overflowed", record={"grade": "frozen", "quiesce_window_s": 1.5,
+                                                                            "quiescers": {"pg": "a backup label"}})],
+                               space=Space("pool tank", 100, 40, held=7))
+    back = observed.load(json.dumps(observed.dump(listing)), NOW)
+    [s] = back.snapshots
+    assert (s.id, s.invalid, s.record, back.space, back.at) == (
+        GOOD.id, "overflowed", {"grade": "frozen", "quiesce_window_s": 1.5}, listing.space, NOW)
+    failed = observed.load(json.dumps(observed.dump(observed.Listing(None, "lvs failed"))), NOW)
+    assert (failed.snapshots, failed.problem) == (None, "lvs failed")
+    for text in ("not json", "{}", '{"snapshots": [{"id": "nonsense"}], "problem": null, "space": null}'):
+        unreadable = observed.load(text, NOW)
+        assert unreadable.snapshots is None and unreadable.at is None
+        assert unreadable.problem.startswith("what the run at 2026-11-24 12:00:00 UTC recorded of its snapshots "
+                                             "cannot be read (")
