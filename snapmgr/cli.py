@@ -292,8 +292,8 @@ def check(c: Context, volumes):
     snapshot or prune run failed (a space guard's refusal too) or was killed, a snapshot
     is invalid, a verify found damage, a quiesce window was cut by the watchdog.
     WARNING: older than warn_age, or the newest snapshot is degraded.
-    Ages not set on the volume are 1.5x / 3x the gap between runs of the shortest
-    schedule covering it; a volume no schedule covers raises no age alarm.
+    Ages not set on the volume are 1.5x / 3x the longest gap between runs of the
+    shortest schedule covering it; a volume no schedule covers raises no age alarm.
     Run as another user than root, it reads the snapshots as the last run recorded them
     in the journal (see the README: Monitoring)."""
     health = health_state.gather(c.reader(), volumes)

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Callable, Iterable
 
 from snapmgr import calendar
-from snapmgr.config import Config, Volume
+from snapmgr.config import Config, Schedule, Volume
 from snapmgr.engine import Engine, VolumeStatus
 from snapmgr.errors import SnapmgrError
 from snapmgr.journal import JournalError, RunRecord
@@ -116,13 +116,14 @@ def _read(engine: Engine, names: list[str], live: bool, record: bool):
 
 def ages_of(config: Config, volume: Volume, interval: Callable[[str], timedelta] = calendar.interval) -> Ages:
     """The volume's own warn_age and crit_age, the rest derived from the shortest of the
-    schedules that snapshot it; a volume no schedule covers has no age it must keep to
+    schedules that snapshot it (WARN_FACTOR and CRIT_FACTOR times the longest gap between
+    its runs); a volume no schedule covers has no age it must keep to
     (sanoid #562, #654: no alarm for a period nobody configured)."""
     covering = sorted(s.name for s in config.schedules.values()
                       if volume.name in s.volumes or any(volume.name in config.groups[g].volumes for g in s.groups))
     warn, crit, source = volume.warn_age, volume.crit_age, "warn_age / crit_age of the volume"
     if covering and (warn is None or crit is None):
-        gap, name = min((interval(config.schedules[n].on_calendar), n) for n in covering)
+        gap, name = min((_gap(config.schedules[n], interval), n) for n in covering)
         derived = f"{WARN_FACTOR:g}x / {CRIT_FACTOR:g}x the {span(gap)} between runs of schedule {name}"
         source = derived if warn is None and crit is None else f"{source}, else {derived}"
         warn = warn if warn is not None else gap * WARN_FACTOR
@@ -132,6 +133,13 @@ def ages_of(config: Config, volume: Volume, interval: Callable[[str], timedelta]
     if warn is not None and crit is not None and warn >= crit:
         warn = None   # its own crit_age is below what the schedule would warn at: critical says it all
     return Ages(warn, crit, source)
+
+
+def _gap(schedule: Schedule, interval: Callable[[str], timedelta]) -> timedelta:
+    """The longest time between two runs of the schedule: its timer may fire up to its
+    randomized delay plus its accuracy after each elapse (a daily run with a 12h random
+    delay can follow the previous one by 36h)."""
+    return interval(schedule.on_calendar) + schedule.randomized_delay + schedule.accuracy
 
 
 def assess(s: VolumeStatus, ages: Ages | None, now: datetime, live: bool,

@@ -243,10 +243,11 @@ def test_perfdata_and_the_detail_lines(ws):
     code, head, details = check(ws)
     assert code == 0
     perf = perfdata(head)
-    assert perf[0].startswith("'data age'=") and perf[0].endswith("s;5400;10800;0")
+    assert perf[0].startswith("'data age'=") and perf[0].endswith("s;5490;10980;0")
     assert perf[1:] == ["'data snapshots'=1;;;0", "'data invalid'=0;;0;0", "'data damaged'=0;;0;0"]
     assert details[0].startswith("data: OK - 1 snapshots; newest good data@")
-    assert "warning after 1h30min, critical after 3h (1.5x / 3x the 1h between runs of schedule hourly)" in details[0]
+    assert "warning after 1h31min, critical after 3h3min (1.5x / 3x the 1h1min between runs of schedule hourly)" \
+        in details[0]
 
 
 # Failures of the check itself: always UNKNOWN, exit 3, on stdout -----------------------

@@ -21,7 +21,7 @@ from snapmgr.monitor.state import (CRITICAL, OK, UNKNOWN, WARNING, Ages, Health,
                                    span, worst)
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=timezone.utc)
-H = timedelta(hours=1)
+H, M, S = timedelta(hours=1), timedelta(minutes=1), timedelta(seconds=1)
 INTERVALS = {"hourly": H, "daily": 24 * H, "*:0/15": timedelta(minutes=15)}
 
 
@@ -50,11 +50,14 @@ def config(tmp_path: Path, volume: dict | None = None, schedules: dict | None = 
 @pytest.mark.parametrize("volume,schedules,groups,warn,crit,source", [
     ({}, {}, {}, None, None, "no schedule covers it and it sets no warn_age or crit_age"),
     ({}, {"s": {"on_calendar": "hourly", "volumes": ["other"]}}, {}, None, None, "no schedule covers it"),
-    ({}, {"h": {"on_calendar": "hourly", "volumes": ["data"]}}, {}, 1.5 * H, 3 * H,
-     "1.5x / 3x the 1h between runs of schedule h"),
+    # The gap: the calendar's, plus the schedule's accuracy (1min by default) and random delay.
+    ({}, {"h": {"on_calendar": "hourly", "volumes": ["data"]}}, {}, 1.5 * (H + M), 3 * (H + M),
+     "1.5x / 3x the 1h1min between runs of schedule h"),
+    ({}, {"d": {"on_calendar": "daily", "volumes": ["data"], "randomized_delay": "12h", "accuracy": "1s"}}, {},
+     1.5 * (36 * H + S), 3 * (36 * H + S), "the 1d12h between runs of schedule d"),
     ({}, {"d": {"on_calendar": "daily", "volumes": ["data"]}, "q": {"on_calendar": "*:0/15", "groups": ["g"]}},
-     {"g": {"volumes": ["data", "other"]}}, timedelta(minutes=22.5), timedelta(minutes=45), "schedule q"),
-    ({"warn_age": "2h"}, {"h": {"on_calendar": "hourly", "volumes": ["data"]}}, {}, 2 * H, 3 * H,
+     {"g": {"volumes": ["data", "other"]}}, 1.5 * 16 * M, 3 * 16 * M, "schedule q"),
+    ({"warn_age": "2h"}, {"h": {"on_calendar": "hourly", "volumes": ["data"]}}, {}, 2 * H, 3 * (H + M),
      "warn_age / crit_age of the volume, else 1.5x / 3x"),
     ({"crit_age": "1h"}, {"h": {"on_calendar": "hourly", "volumes": ["data"]}}, {}, None, H, "of the volume, else"),
     ({"warn_age": "1d", "crit_age": "2d"}, {"h": {"on_calendar": "hourly", "volumes": ["data"]}}, {}, 24 * H, 48 * H,
