@@ -167,3 +167,17 @@ def test_a_reader_names_a_journal_of_another_schema(tmp_path):
     with pytest.raises(JournalError, match=f"has schema version {SCHEMA_VERSION - 1}, not this snapmgr's "
                                            f"\\({SCHEMA_VERSION}\\): run any snapmgr command as root to upgrade it"):
         Journal(path, read_only=True).history("x")
+
+
+def test_an_older_journal_gains_the_observations_table(tmp_path):
+    path = tmp_path / "journal.db"
+    with Journal(path).run("home", "snapshot", 1):
+        pass
+    with sqlite3.connect(path) as db:
+        db.execute("DROP TABLE observations")
+        db.execute("PRAGMA user_version=3")
+    db.close()
+    j = Journal(path)
+    j.observed("home", {"snapshots": []})
+    assert j.history("home").last_success is not None and j.failure is None
+    assert [(v, text) for v, (_, text) in j.observations().items()] == [("home", '{"snapshots": []}')]
