@@ -56,7 +56,7 @@ def _volume_lines(v: VolumeHealth) -> list[str]:
     s = v.status
     facts = []
     if s.snapshots is not None:
-        facts.append(f"{s.snapshots} snapshots")
+        facts.append(f"{s.snapshots} snapshot{'' if s.snapshots == 1 else 's'}")
     if s.newest_good is not None and v.age is not None:
         facts.append(f"newest good {s.newest_good.id} ({s.newest_good.grade}) {span(v.age)} old")
     if v.ages is not None:

@@ -245,7 +245,7 @@ def test_perfdata_and_the_detail_lines(ws):
     perf = perfdata(head)
     assert perf[0].startswith("'data age'=") and perf[0].endswith("s;5490;10980;0")
     assert perf[1:] == ["'data snapshots'=1;;;0", "'data invalid'=0;;0;0", "'data damaged'=0;;0;0"]
-    assert details[0].startswith("data: OK - 1 snapshots; newest good data@")
+    assert details[0].startswith("data: OK - 1 snapshot; newest good data@")
     assert "warning after 1h31min, critical after 3h3min (1.5x / 3x the 1h1min between runs of schedule hourly)" \
         in details[0]
 
