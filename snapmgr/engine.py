@@ -181,9 +181,10 @@ class Engine:
         statuses = []
         for volume in self.volumes(names):
             if recorded is None:
+                listed_at = datetime.now(timezone.utc)
                 listing = self.listing(volume)
                 if record:
-                    self.journal.observed(volume.name, observed.dump(listing))
+                    self.journal.observed(volume.name, listed_at, observed.dump(listing))
             elif volume.name in recorded:
                 at, text = recorded[volume.name]
                 listing = observed.load(text, at)

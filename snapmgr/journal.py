@@ -315,10 +315,13 @@ class Journal:
                         "reported = ? WHERE id = ? AND status = 'open'",
                         (_now(), status, detail, grade, quiesce_s, freeze_s, int(status == "closed"), window_id))
 
-    def observed(self, volume: str, listing: dict) -> None:
-        """What listing the volume's snapshots showed now (replacing what an earlier run saw)."""
-        self._write("INSERT OR REPLACE INTO observations (volume, at, listing) VALUES (?, ?, ?)",
-                    (volume, _now(), json.dumps(listing, sort_keys=True)))
+    def observed(self, volume: str, at: datetime, listing: dict) -> None:
+        """What listing the volume's snapshots at `at` showed. It replaces what was seen
+        before, never what was seen after (two runs ending together)."""
+        self._write("INSERT INTO observations (volume, at, listing) VALUES (?, ?, ?) ON CONFLICT (volume) DO UPDATE "
+                    "SET at = excluded.at, listing = excluded.listing WHERE excluded.at > observations.at",
+                    (volume, at.astimezone(timezone.utc).isoformat(timespec="microseconds"),
+                     json.dumps(listing, sort_keys=True)))
 
     def window_reported(self, window_id: int) -> None:
         self._write("UPDATE windows SET reported = 1 WHERE id = ?", (window_id,))

@@ -1,5 +1,6 @@
 import multiprocessing
 import sqlite3
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
@@ -178,6 +179,11 @@ def test_an_older_journal_gains_the_observations_table(tmp_path):
         db.execute("PRAGMA user_version=3")
     db.close()
     j = Journal(path)
-    j.observed("home", {"snapshots": []})
+    now = datetime.now(timezone.utc)
+    j.observed("home", now, {"snapshots": []})
     assert j.history("home").last_success is not None and j.failure is None
-    assert [(v, text) for v, (_, text) in j.observations().items()] == [("home", '{"snapshots": []}')]
+    assert j.observations() == {"home": (now, '{"snapshots": []}')}
+    # A listing older than the one recorded (its run ended later) does not replace it.
+    j.observed("home", now - timedelta(seconds=1), {"snapshots": None})
+    j.observed("home", now + timedelta(seconds=1), {"snapshots": [1]})
+    assert j.observations() == {"home": (now + timedelta(seconds=1), '{"snapshots": [1]}')}
