@@ -7,19 +7,21 @@ import json
 import logging
 import signal
 import sys
+import traceback
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
-from typing import Sequence
+from typing import NoReturn, Sequence
 
 import click
 
 from snapmgr import config as configuration
-from snapmgr import compare_jobs, render, restore_job
+from snapmgr import compare_jobs, monitor, render, restore_job
 from snapmgr.engine import Engine, Outcome
 from snapmgr.journal import JournalError
 from snapmgr.manifest import export
+from snapmgr.monitor import check as plugin, metrics, state as health_state
 from snapmgr.errors import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_SOFTWARE, EXIT_USAGE, Interrupted, SnapmgrError,
                             UsageError, as_error, one_line, quote)
 from snapmgr.model import NAME_RULE, is_valid_name, parse_duration
@@ -46,6 +48,11 @@ class Context:
                 except JournalError as e:
                     log.debug("no recovery of interrupted windows: %s", e)
         return self._engine
+
+    def reader(self) -> Engine:
+        """An engine that changes nothing, not even the journal: for check and metrics,
+        which a monitoring user runs."""
+        return Engine(configuration.load(configuration.locate(self.config_option)), read_only=True)
 
     def emit(self, data: dict, human: str | None) -> None:
         if self.json:
@@ -138,7 +145,12 @@ def restore(c: Context, snapshot, paths, dest, in_place, overwrite, delete, dry_
     if (dest is None) == (not in_place):
         raise UsageError("give either --to DEST or --in-place")
     done = restore_job.restore(c.engine(), snapshot, paths, dest, overwrite, in_place, delete, dry_run)
-    c.emit(render.restored_json(done), render.restored_text(done))
+    unpublished = _publish(c) if done.pre_rollback else None
+    c.emit(render.restored_json(done) | {"monitoring_error": str(unpublished) if unpublished else None},
+           render.restored_text(done))
+    if unpublished:
+        _error(str(unpublished))
+        sys.exit(EXIT_FAILED)
 
 
 @cli.command("diff")
@@ -257,7 +269,47 @@ def recover(c: Context):
     """Resume whatever an interrupted quiesce window left paused (also done by every
     other command, and at boot)."""
     told = c.engine(recover=False).recover()
-    c.emit({"recovered": told}, "\n".join(told) or "nothing to recover")
+    unpublished = _publish(c) if told else None
+    c.emit({"recovered": told, "monitoring_error": str(unpublished) if unpublished else None},
+           "\n".join(told) or "nothing to recover")
+    if unpublished:
+        _error(str(unpublished))
+        sys.exit(EXIT_FAILED)
+
+
+# Monitoring -----------------------------------------------------------------------------
+
+@cli.command()
+@click.argument("volumes", nargs=-1)
+@pass_ctx
+def check(c: Context, volumes):
+    """A Nagios/Icinga plugin: one status line 'SNAPMGR OK|WARNING|CRITICAL|UNKNOWN - ...'
+    with performance data, then a line per volume and per finding; the exit code is the
+    state (0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN, also when the check itself fails).
+
+    \b
+    CRITICAL: the newest good snapshot is older than the volume's crit_age, the last
+    snapshot or prune run failed (a space guard's refusal too) or was killed, a snapshot
+    is invalid, a verify found damage, a quiesce window was cut by the watchdog.
+    WARNING: older than warn_age, or the newest snapshot is degraded.
+    Ages not set on the volume are 1.5x / 3x the longest gap between runs of the
+    shortest schedule covering it; a volume no schedule covers raises no age alarm.
+    Run as another user than root, it reads the snapshots as the last run recorded them
+    in the journal (see the README: Monitoring)."""
+    health = health_state.gather(c.reader(), volumes)
+    click.echo(json.dumps(plugin.as_json(health), indent=2, sort_keys=True) if c.json else plugin.text(health))
+    sys.exit(health.state)
+
+
+@cli.command("metrics")
+@click.argument("volumes", nargs=-1)
+@pass_ctx
+def metrics_(c: Context, volumes):
+    """Print the Prometheus text exposition of VOLUMES (all when none are named): what
+    settings.metrics_textfile receives after every run that changes something."""
+    health = health_state.gather(c.reader(), volumes)
+    click.echo(json.dumps(metrics.as_json(health), indent=2, sort_keys=True) if c.json
+               else metrics.exposition(health), nl=c.json)
 
 
 # Manifests: verify and export ----------------------------------------------------------
@@ -276,6 +328,7 @@ def verify(c: Context, targets):
     if sys.stderr.isatty():
         click.echo("\r\033[K", nl=False, err=True)
     lines = [line for v in results for line in render.verification_lines(v)] + passed_over
+    unpublished = _publish(c) if results else None
     unrecorded = engine.journal_failure
     failed = [v for v in results if v.result not in ("intact", "unverifiable")]
     # "intact": no snapshot checked is damaged or in error, as the exit status says unless
@@ -283,14 +336,17 @@ def verify(c: Context, targets):
     # script can tell "nothing damaged" from "nothing checked".
     c.emit({"results": [render.verify_json(v) for v in results], "passed_over": passed_over,
             "intact": not failed, "checked": sum(v.result in ("intact", "damaged") for v in results),
-            "journal_error": str(unrecorded) if unrecorded else None},
+            "journal_error": str(unrecorded) if unrecorded else None,
+            "monitoring_error": str(unpublished) if unpublished else None},
            "\n".join(lines) or "no snapshots to verify")
     if failed:
         _error(f"{len(failed)} of {len(results)} snapshots are not intact: "
                + ", ".join(f"{v.snapshot.id} ({v.result})" for v in failed))
+    if unpublished:
+        _error(str(unpublished))
     if unrecorded:
         _error(f"this verify was not recorded: {unrecorded}")
-    if failed or unrecorded:
+    if failed or unrecorded or unpublished:
         sys.exit(EXIT_FAILED)
 
 
@@ -404,20 +460,30 @@ def _describe_prune(o: Outcome, dry_run: bool) -> str:
 
 
 def _finish(c: Context, outcomes: Sequence[Outcome], data: dict, human: str) -> None:
-    """Show what a job did, then report its failures: each volume's, and the journal's
-    when the run could not all be recorded."""
+    """Show what a job did, then report its failures: each volume's, the monitoring's
+    (after a job that changed something), and the journal's when the run could not all
+    be recorded."""
+    unpublished = _publish(c) if any(o.created or o.deleted or o.error for o in outcomes) else None
     unrecorded = c.engine().journal_failure
     c.emit(data | {"results": [render.outcome_json(o) for o in outcomes],
-                   "journal_error": str(unrecorded) if unrecorded else None}, human)
+                   "journal_error": str(unrecorded) if unrecorded else None,
+                   "monitoring_error": str(unpublished) if unpublished else None}, human)
     if sys.stderr.isatty():
         click.echo("\r\033[K", nl=False, err=True)
     failures = [(f"volume {o.volume}: {o.error}", o.error) for o in outcomes if o.error]
+    if unpublished:
+        failures.append((str(unpublished), unpublished))
     if unrecorded:
         failures.append((f"this run was not recorded: {unrecorded}", unrecorded))
     for message, _ in failures:
         _error(message)
     if failures:
         sys.exit(failures[0][1].exit_code)
+
+
+def _publish(c: Context) -> SnapmgrError | None:
+    """Leave what the run changed for monitoring (snapmgr.monitor.publish)."""
+    return monitor.publish(c.engine())
 
 
 def _error(message: str) -> None:
@@ -446,28 +512,58 @@ def _terminate(signum, frame):
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the CLI: errors are one line on stderr and a documented exit code."""
     signal.signal(signal.SIGTERM, _terminate)
+    args = list(sys.argv[1:] if argv is None else argv)
     debug = False
     try:
-        with cli.make_context("snapmgr", list(sys.argv[1:] if argv is None else argv)) as ctx:
+        with cli.make_context("snapmgr", list(args)) as ctx:
             # As click parsed it: an argument spelt '--debug' (a volume after '--') is not the option.
             debug = ctx.params["debug"]
             cli.invoke(ctx)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except click.ClickException as e:
-        _error(f"{e.format_message()} (see 'snapmgr --help')")
-        sys.exit(EXIT_USAGE if isinstance(e, click.UsageError) else EXIT_FAILED)
+        _fail(args, f"{e.format_message()} (see 'snapmgr --help')",
+              EXIT_USAGE if isinstance(e, click.UsageError) else EXIT_FAILED)
     except (click.Abort, KeyboardInterrupt):
-        _error("interrupted")
-        sys.exit(EXIT_INTERRUPTED)
+        _fail(args, "interrupted", EXIT_INTERRUPTED)
     except (SnapmgrError, OSError) as e:
-        if debug:
+        if debug and not _is_check(args):
             raise
         error = as_error(e)
-        _error(str(error))
-        sys.exit(error.exit_code)
+        _fail(args, str(error), error.exit_code, debug)
     except Exception as e:  # a bug: still one line, and the exit code says so
-        if debug:
+        if debug and not _is_check(args):
             raise
-        _error(f"internal error: {type(e).__name__}: {e} (a bug in snapmgr; --debug shows where)")
-        sys.exit(EXIT_SOFTWARE)
+        _fail(args, f"internal error: {type(e).__name__}: {e} (a bug in snapmgr; --debug shows where)", EXIT_SOFTWARE,
+              debug)
+
+
+def _fail(args: list[str], message: str, code: int, debug: bool = False) -> NoReturn:
+    """Report a failure and exit; `check` answers as a monitoring plugin that cannot
+    tell: its UNKNOWN line on stdout (all a monitoring system reads) and exit 3, never a
+    code it would take for WARNING or CRITICAL."""
+    _error(message)
+    options = _check_options(args)
+    if options is not None:
+        if debug:
+            traceback.print_exc()
+        click.echo(json.dumps(plugin.failure_json(one_line(message)), indent=2, sort_keys=True)
+                   if options.get("as_json") else plugin.failure_text(one_line(message)))
+        sys.exit(health_state.UNKNOWN)
+    sys.exit(code)
+
+
+def _is_check(args: list[str]) -> bool:
+    return _check_options(args) is not None
+
+
+def _check_options(args: list[str]) -> dict | None:
+    """The global options, as click reads them however wrong the rest, when the command
+    line runs `check`; None when it runs another command."""
+    try:
+        with cli.make_context("snapmgr", list(args), resilient_parsing=True) as ctx:
+            # Click 8 keeps the subcommand's name apart from its arguments; click 9 will not.
+            rest = [*getattr(ctx, "_protected_args", ()), *ctx.args]
+            return ctx.params if rest[:1] == ["check"] else None
+    except (click.ClickException, click.exceptions.Exit):
+        return None

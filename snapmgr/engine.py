@@ -19,12 +19,12 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable, Iterable
 
-from snapmgr import manifest, manifest_recording, quiesce, retention, sh, space_guard
+from snapmgr import manifest, manifest_recording, observed, quiesce, retention, sh, space_guard
 from snapmgr.backends import BACKENDS
 from snapmgr.backends.base import Backend, Progress, Space, taken_with_another
 from snapmgr.config import Config, Group, Volume
 from snapmgr.errors import Interrupted, LockBusy, SnapmgrError, UsageError, as_error, quote
-from snapmgr.journal import Journal, JournalError, Run, Verify, VolumeHistory
+from snapmgr.journal import Journal, JournalError, Run, RunRecord, Verify, VolumeHistory, WindowRecord
 from snapmgr.lock import volume_lock
 from snapmgr.manifest.verify import Problem, check as check_snapshot
 from snapmgr.model import ForeignSnapshot, MinFree, Snapshot, SnapshotId
@@ -62,9 +62,13 @@ class VolumeStatus:
     invalid: tuple[str, ...] = ()
     last_verify: Verify | None = None
     damaged: tuple[str, ...] = ()  # existing snapshots whose latest verify found them damaged
-    space: Space | None = None     # where its snapshots draw space from, when the backend can tell
-    space_problem: str | None = None  # why that could not be read
+    newest_good: Snapshot | None = None   # the newest neither invalid nor found damaged
+    space: Space | None = None
+    space_problem: str | None = None      # why the space figures could not be read
     min_free: MinFree | None = None
+    runs: tuple[RunRecord, ...] = ()      # per action, the latest run of each status
+    last_window: WindowRecord | None = None
+    observed_at: datetime | None = None   # when the snapshots were listed, if not now (status(live=False))
 
 
 @dataclass(frozen=True)
@@ -79,15 +83,19 @@ class Verification:
 
 
 class Engine:
-    def __init__(self, config: Config, clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc)):
+    def __init__(self, config: Config, clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+                 read_only: bool = False):
+        """`read_only`: for readers who must change nothing (monitoring): the journal is
+        opened read-only."""
         self.config = config
         self.clock = clock
+        self.read_only = read_only
         self._journal: Journal | None = None
 
     @property
     def journal(self) -> Journal:
         if self._journal is None:
-            self._journal = Journal(self.config.settings.state_dir / "journal.db")
+            self._journal = Journal(self.config.settings.state_dir / "journal.db", self.read_only)
         return self._journal
 
     @property
@@ -166,37 +174,61 @@ class Engine:
         return sorted((f for v in self.volumes(names) for f in self.backend(v).foreign()),
                       key=lambda f: (f.volume, f.created, f.name))
 
-    def status(self, names: Iterable[str] = ()) -> list[VolumeStatus]:
-        statuses = []
+    def status(self, names: Iterable[str] = (), live: bool = True, record: bool = False) -> list[VolumeStatus]:
+        """Per volume: its snapshots, and what the journal says of its runs, windows and
+        verifies. `live` False: the snapshots as the last run that changed them listed
+        them (snapmgr.observed), for a reader who cannot list them (a monitoring user);
+        `record`: keep what was listed in the journal for such readers."""
         verifies = self.journal.latest_verifies()
+        recorded = None if live else self.journal.observations()
+        statuses = []
         for volume in self.volumes(names):
-            history = self.journal.history(volume.name)
-            space = self._space(volume)
-            try:
-                snapshots = self._listed(volume)
-            except (SnapmgrError, OSError) as e:
-                statuses.append(VolumeStatus(volume.name, volume.backend, None, None, history, str(as_error(e)),
-                                             **space))
-                continue
-            invalid = sorted((s for s in snapshots if s.invalid), key=lambda s: s.id)
-            problem = "; ".join(f"{s.id} is invalid ({s.invalid})" for s in invalid) or None
-            statuses.append(VolumeStatus(volume.name, volume.backend, len(snapshots),
-                                         max(snapshots, key=lambda s: s.id, default=None), history,
-                                         problem, tuple(str(s.id) for s in invalid),
-                                         *_verify_state(verifies, {str(s.id) for s in snapshots}), **space))
+            if recorded is None:
+                listed_at = datetime.now(timezone.utc)
+                listing = self.listing(volume)
+                if record:
+                    self.journal.observed(volume.name, listed_at, observed.dump(listing))
+            elif volume.name in recorded:
+                at, text = recorded[volume.name]
+                listing = observed.load(text, at)
+            else:
+                listing = observed.Listing(None, "no run has recorded its snapshots yet")
+            statuses.append(self._status(volume, listing, verifies))
         return statuses
 
-    def _space(self, volume: Volume) -> dict:
-        """The space fields of the volume's status: a failure to read them is shown, and
-        never fails the status."""
+    def listing(self, volume: Volume) -> observed.Listing:
+        """The volume's snapshots and space as the backend lists them now."""
+        try:
+            snapshots = self._listed(volume)
+        except Interrupted:
+            raise
+        except (SnapmgrError, OSError) as e:
+            return observed.Listing(None, str(as_error(e)))
         try:
             space = self.backend(volume).space()
         except Interrupted:
             raise
         except (SnapmgrError, OSError) as e:
-            log.debug("space of %s unreadable", volume.name, exc_info=True)
-            return {"space_problem": str(as_error(e)), "min_free": volume.min_free}
-        return {"space": space, "min_free": volume.min_free}
+            log.debug("volume %s: no space figures", volume.name, exc_info=True)
+            return observed.Listing(snapshots, space_problem=str(as_error(e)))
+        return observed.Listing(snapshots, space=space)
+
+    def _status(self, volume: Volume, listing: observed.Listing, verifies: list[Verify]) -> VolumeStatus:
+        journal = self.journal
+        common = {"history": journal.history(volume.name), "space": listing.space,
+                  "space_problem": listing.space_problem, "min_free": volume.min_free, "observed_at": listing.at,
+                  "runs": tuple(journal.last_runs(volume.name)), "last_window": journal.last_window(volume.name)}
+        snapshots = listing.snapshots
+        if snapshots is None:
+            return VolumeStatus(volume.name, volume.backend, None, None, problem=listing.problem, **common)
+        invalid = sorted((s for s in snapshots if s.invalid), key=lambda s: s.id)
+        problem = "; ".join(f"{s.id} is invalid ({s.invalid})" for s in invalid) or None
+        last_verify, damaged = _verify_state(verifies, {str(s.id) for s in snapshots})
+        good = [s for s in snapshots if not s.invalid and str(s.id) not in damaged]
+        newest = max(snapshots, key=lambda s: s.id, default=None)
+        return VolumeStatus(volume.name, volume.backend, len(snapshots), newest, problem=problem,
+                            invalid=tuple(str(s.id) for s in invalid), last_verify=last_verify, damaged=damaged,
+                            newest_good=max(good, key=lambda s: s.id, default=None), **common)
 
     def verify(self, targets: Iterable[str], progress: Progress | None = None
                ) -> tuple[list[Verification], list[str]]:

@@ -16,6 +16,7 @@ import functools
 import json
 import os
 import sqlite3
+import urllib.parse
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -82,6 +83,13 @@ MIGRATIONS = (
     );
     CREATE INDEX verifies_by_volume ON verifies (volume, finished);
     """,
+    """
+    CREATE TABLE observations (
+        volume   TEXT PRIMARY KEY,
+        at       TEXT NOT NULL,          -- when a run last listed the volume's snapshots
+        listing  TEXT NOT NULL           -- JSON: what it saw (snapmgr.observed), for readers who cannot list
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 MAX_DETAIL = 100  # problems of one verify kept in the journal; the count is kept whole
@@ -107,6 +115,34 @@ class VolumeHistory:
     last_success: datetime | None
     last_failure: datetime | None
     last_error: str | None
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One run of one action on one volume, as the journal has it."""
+
+    action: str
+    pid: int
+    started: datetime
+    ended: datetime | None
+    status: str                     # running, ok, failed
+    error: str | None
+
+    @property
+    def seconds(self) -> float | None:
+        return (self.ended - self.started).total_seconds() if self.ended else None
+
+
+@dataclass(frozen=True)
+class WindowRecord:
+    """How a quiesce window a volume was snapshotted in went."""
+
+    started: datetime
+    ended: datetime | None
+    status: str                     # open, closed, undone (by the watchdog), recovered
+    detail: str | None
+    quiesce_s: float | None
+    freeze_s: float | None
 
 
 @dataclass(frozen=True)
@@ -156,10 +192,15 @@ class Run:
 
 
 class Journal:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, read_only: bool = False):
+        """`read_only`: for readers who may not write (a monitoring user): nothing is
+        created, migrated or written, and an outdated schema is an error."""
         self.path = path
+        self.read_only = read_only
         self.failure: JournalError | None = None   # the first write that failed
         self._db: sqlite3.Connection | None = None
+        # Of a read-only connection to the file alone: the file as it was when opened.
+        self._immutable: tuple[int, int, int] | None = None
 
     def close(self) -> None:
         """Close the connection; the next use opens another."""
@@ -194,6 +235,36 @@ class Journal:
                 "SELECT volume, snapshot, source, finished, result, entries, problems, detail FROM verifies "
                 "WHERE id IN (SELECT max(id) FROM verifies GROUP BY snapshot) ORDER BY id").fetchall()
         return [Verify(r[0], r[1], r[2], _parse(r[3]), r[4], r[5], r[6], json.loads(r[7] or "[]")) for r in rows]
+
+    def last_runs(self, volume: str) -> list[RunRecord]:
+        """Per action, the latest run of each status (running, ok, failed), oldest first."""
+        with self._guard():
+            rows = self._connection().execute(
+                "SELECT action, pid, started, ended, status, error FROM runs WHERE id IN "
+                "(SELECT max(id) FROM runs WHERE volume = ? GROUP BY action, status) ORDER BY id", (volume,)).fetchall()
+        return [RunRecord(a, pid, _parse(started), _parse(ended), status, error)
+                for a, pid, started, ended, status, error in rows]
+
+    def run_counts(self) -> dict[tuple[str, str, str], int]:
+        """(volume, action, status) -> how many runs the journal holds."""
+        with self._guard():
+            rows = self._connection().execute(
+                "SELECT volume, action, status, count(*) FROM runs GROUP BY volume, action, status").fetchall()
+        return {(v, a, s): n for v, a, s, n in rows}
+
+    def last_window(self, volume: str) -> WindowRecord | None:
+        """The latest quiesce window the volume was snapshotted in."""
+        with self._guard():
+            row = self._connection().execute(
+                "SELECT w.started, w.ended, w.status, w.detail, w.quiesce_s, w.freeze_s FROM windows w, "
+                "json_each(w.volumes) v WHERE v.value = ? ORDER BY w.id DESC LIMIT 1", (volume,)).fetchone()
+        return row and WindowRecord(_parse(row[0]), _parse(row[1]), *row[2:])
+
+    def observations(self) -> dict[str, tuple[datetime, str]]:
+        """Volume -> when a run last listed its snapshots, and what it saw (JSON text)."""
+        with self._guard():
+            rows = self._connection().execute("SELECT volume, at, listing FROM observations").fetchall()
+        return {volume: (_parse(at), listing) for volume, at, listing in rows}
 
     # Recording: best effort ---------------------------------------------------------
 
@@ -244,6 +315,14 @@ class Journal:
                         "reported = ? WHERE id = ? AND status = 'open'",
                         (_now(), status, detail, grade, quiesce_s, freeze_s, int(status == "closed"), window_id))
 
+    def observed(self, volume: str, at: datetime, listing: dict) -> None:
+        """What listing the volume's snapshots at `at` showed. It replaces what was seen
+        before, never what was seen after (two runs ending together)."""
+        self._write("INSERT INTO observations (volume, at, listing) VALUES (?, ?, ?) ON CONFLICT (volume) DO UPDATE "
+                    "SET at = excluded.at, listing = excluded.listing WHERE excluded.at > observations.at",
+                    (volume, at.astimezone(timezone.utc).isoformat(timespec="microseconds"),
+                     json.dumps(listing, sort_keys=True)))
+
     def window_reported(self, window_id: int) -> None:
         self._write("UPDATE windows SET reported = 1 WHERE id = ?", (window_id,))
 
@@ -281,6 +360,8 @@ class Journal:
     # The database -----------------------------------------------------------------
 
     def _connection(self) -> sqlite3.Connection:
+        if self._db is None and self.read_only:
+            self._db = self._open_read_only()
         if self._db is None:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             try:
@@ -301,6 +382,40 @@ class Journal:
                 raise
             self._db = db
         return self._db
+
+    def _open_read_only(self) -> sqlite3.Connection:
+        """A connection that writes nothing, not even the -wal and -shm files. A WAL
+        reader needs the -shm file: while a writer has the journal open it exists (with
+        the journal's own mode and group, so whoever may read the journal may read it),
+        and SQLite reads it without writing. When no writer has it open, its last
+        connection has folded the -wal file into the database and removed both: the
+        file alone is then the whole journal, read as immutable (no locks, no -shm).
+        A writer starting meanwhile makes a -wal file appear, or changes the file: see
+        `raced`."""
+        if not self.path.is_file():
+            raise JournalError(f"journal {self.path} does not exist: no run has been recorded yet")
+        self._immutable = None if Path(f"{self.path}-wal").exists() else _identity(self.path)
+        mode = "mode=ro" if self._immutable is None else "immutable=1"
+        uri = "file:" + urllib.parse.quote(str(self.path)) + "?" + mode
+        db = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        try:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version != SCHEMA_VERSION:
+                raise JournalError(f"journal {self.path} has schema version {version}, not this snapmgr's "
+                                   f"({SCHEMA_VERSION}): " + ("run any snapmgr command as root to upgrade it"
+                                                              if version < SCHEMA_VERSION else "upgrade snapmgr"))
+            self._check_schema(db)
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def raced(self) -> bool:
+        """Whether a writer may have changed the journal under a read-only connection that
+        read the file alone (a -wal file appeared, or the file changed, since it was
+        opened): then read again after close()."""
+        return self._db is not None and self._immutable is not None and \
+            (Path(f"{self.path}-wal").exists() or _identity(self.path) != self._immutable)
 
     def _migrate(self, db: sqlite3.Connection) -> None:
         with self._transaction(db):
@@ -377,6 +492,12 @@ def _columns(db: sqlite3.Connection) -> set[tuple[str, str]]:
     tables = [row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
     return {(t, "*") for t in tables} | {
         (t, row[0]) for t in tables for row in db.execute("SELECT name FROM pragma_table_info(?)", (t,))}
+
+
+def _identity(path: Path) -> tuple[int, int, int]:
+    """What changes when a file is replaced or written."""
+    st = os.stat(path)
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _now() -> str:

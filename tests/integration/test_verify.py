@@ -173,7 +173,7 @@ def test_snapshots_that_never_had_a_manifest_are_told_of_but_fail_no_verify(ws):
     assert r.stdout.splitlines()[1].startswith(f"{new}: intact")
     # The JSON says what the exit status says, and how many were really checked.
     assert ws.run("--json", "verify").json() | {"results": None} == {
-        "results": None, "passed_over": [], "intact": True, "checked": 1, "journal_error": None}
+        "results": None, "passed_over": [], "intact": True, "checked": 1, "journal_error": None, "monitoring_error": None}
     manifest.delete(ws.repo, new)
     record = ws.repo / f"{new}.record.json"
     record.write_text(record.read_text().replace('"manifest"', '"not-the-manifest"'))

@@ -1,5 +1,6 @@
 import multiprocessing
 import sqlite3
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
@@ -130,3 +131,59 @@ def test_a_full_database_is_reported_full_not_damaged(tmp_path):
     assert isinstance(j.failure, JournalError) and not isinstance(j.failure, JournalDamaged)
     assert "database or disk is full" in str(j.failure)
     assert j.history("home").last_success is not None  # what fitted is there, and readable
+
+
+def test_a_reader_writes_nothing_and_knows_when_a_writer_raced_it(tmp_path):
+    path = tmp_path / "journal.db"
+    with pytest.raises(JournalError, match="does not exist: no run has been recorded yet"):
+        Journal(path, read_only=True).history("home")
+    assert not path.exists()
+    writer = Journal(path)
+    with writer.run("home", "snapshot", 1):
+        pass
+    writer.close()   # the last connection folds the -wal file into the journal and removes it
+    reader = Journal(path, read_only=True)
+    assert reader.history("home").last_success is not None and not reader.raced()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["journal.db"]
+    # A writer starts after the reader read the bare file: the reader may have missed its
+    # writes, and says so; read again, it sees them through the -wal file.
+    writer = Journal(path)
+    with pytest.raises(SnapmgrError):
+        with writer.run("home", "prune", 2):
+            raise SnapmgrError("busy")
+    assert reader.raced() and reader.history("home").last_failure is None
+    reader.close()
+    assert reader.history("home").last_error == "busy" and not reader.raced()
+    reader.close()
+    writer.close()
+
+
+def test_a_reader_names_a_journal_of_another_schema(tmp_path):
+    path = tmp_path / "journal.db"
+    Journal(path).history("x")
+    db = sqlite3.connect(path)
+    db.execute(f"PRAGMA user_version={SCHEMA_VERSION - 1}")
+    db.commit()
+    db.close()
+    with pytest.raises(JournalError, match=f"has schema version {SCHEMA_VERSION - 1}, not this snapmgr's "
+                                           f"\\({SCHEMA_VERSION}\\): run any snapmgr command as root to upgrade it"):
+        Journal(path, read_only=True).history("x")
+
+
+def test_an_older_journal_gains_the_observations_table(tmp_path):
+    path = tmp_path / "journal.db"
+    with Journal(path).run("home", "snapshot", 1):
+        pass
+    with sqlite3.connect(path) as db:
+        db.execute("DROP TABLE observations")
+        db.execute("PRAGMA user_version=3")
+    db.close()
+    j = Journal(path)
+    now = datetime.now(timezone.utc)
+    j.observed("home", now, {"snapshots": []})
+    assert j.history("home").last_success is not None and j.failure is None
+    assert j.observations() == {"home": (now, '{"snapshots": []}')}
+    # A listing older than the one recorded (its run ended later) does not replace it.
+    j.observed("home", now - timedelta(seconds=1), {"snapshots": None})
+    j.observed("home", now + timedelta(seconds=1), {"snapshots": [1]})
+    assert j.observations() == {"home": (now + timedelta(seconds=1), '{"snapshots": [1]}')}

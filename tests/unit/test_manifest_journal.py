@@ -47,6 +47,7 @@ def test_an_older_journal_gains_the_verifies_table(tmp_path):
     Journal(path).history("x")
     with sqlite3.connect(path) as db:
         db.execute("DROP TABLE verifies")
+        db.execute("DROP TABLE observations")   # a later migration's
         db.execute("PRAGMA user_version=2")
     j = Journal(path)
     j.verified("data@20261121T140501Z", datetime.now(timezone.utc), "intact", 1, [])
