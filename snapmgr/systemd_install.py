@@ -80,7 +80,7 @@ def install(config: Config, unit_dir: Path | None, dry_run: bool) -> Changes:
         return changes
     if live:
         _require_systemd()
-        _systemctl_each("disable", "--now", units=changes.removed)
+        _stop_and_disable(changes.removed)
     changes.unit_dir.mkdir(parents=True, exist_ok=True)
     for name in changes.removed:
         (changes.unit_dir / name).unlink()
@@ -107,7 +107,7 @@ def uninstall(config: Config, unit_dir: Path | None, dry_run: bool) -> Changes:
         _require_systemd()
         instances = _loaded(f"{systemd.MOUNT.split('@')[0]}@*.service") if systemd.MOUNT in changes.removed else []
         _systemctl_each("stop", units=instances)
-        _systemctl_each("disable", "--now", units=changes.removed)
+        _stop_and_disable(changes.removed)
     for name in changes.removed:
         (changes.unit_dir / name).unlink()
     if live:
@@ -186,6 +186,13 @@ def _systemctl(*args: str) -> str:
 def _systemctl_each(*verb: str, units: list[str]) -> None:
     if units:
         _systemctl(*verb, "--", *units)
+
+
+def _stop_and_disable(units: list[str]) -> None:
+    """A template has nothing to stop (its instances are stopped by name): only disabled."""
+    templates = [u for u in units if "@." in u]
+    _systemctl_each("disable", "--now", units=[u for u in units if u not in templates])
+    _systemctl_each("disable", units=templates)
 
 
 def _loaded(pattern: str) -> list[str]:

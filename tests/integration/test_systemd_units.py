@@ -8,6 +8,7 @@ systemd would (unknown keys, bad values, missing programs), and the lab tier
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -249,3 +250,33 @@ def test_bad_schedule_arguments_are_one_line_errors(ws, args, code, message):
     assert r.returncode == code and len(r.stderr.splitlines()) == 1
     assert message.replace("CONFIG", str(ws.config)) in r.stderr
     assert ws.snapshots() == []
+
+
+@needs_analyze
+def test_the_example_configs_schedule_is_a_valid_calendar_and_renders(ws, units):
+    ws.config.unlink()
+    ws.ok("init")
+    assert list(ws.ok("--json", "config", "check").json()["next_elapses"]) == ["hourly"]
+    install(ws, units)
+    verify(units / "snapmgr-hourly.service", units / "snapmgr-hourly.timer")
+
+
+def test_the_snapshot_window_runs_at_normal_priority_and_pruning_in_the_background(ws):
+    seen = ws.root / "priority"
+    probe = [sys.executable, "-c", "import os, subprocess, sys; open(sys.argv[1], 'a').write("
+             "f'{os.getpriority(os.PRIO_PROCESS, 0)} ' + subprocess.run(['ionice'], capture_output=True, "
+             "text=True).stdout)", str(seen)]
+    volumes = {"data": {"backend": "rsync", "source": ws.source, "repository": ws.repo, "retention": "default",
+                        "quiesce": ["probe"]}}
+    write(ws, {"often": {"on_calendar": "minutely", "volumes": ["data"]}}, volumes,
+          quiesce={"probe": {"kind": "command", "pre": probe}})
+    for _ in range(2):
+        ws.ok("snapshot", "--schedule", "often")
+    mine = f"{os.getpriority(os.PRIO_PROCESS, 0)} " + subprocess.run(["ionice"], capture_output=True, text=True).stdout
+    assert seen.read_text() == mine * 2 and "idle" not in mine   # the second window after a prune
+    # What a prune's programs inherit once the snapshots are taken:
+    lowered = subprocess.run([sys.executable, "-c", "import os, subprocess; from snapmgr import priority; "
+                              "priority.background(); print(os.getpriority(os.PRIO_PROCESS, 0)); "
+                              "print(subprocess.run(['ionice'], capture_output=True, text=True).stdout.strip())"],
+                             capture_output=True, text=True, env=ws.env, check=True).stdout.split("\n")
+    assert lowered[:2] == ["10", "idle"]
