@@ -141,9 +141,10 @@ def hardening(config: Config) -> str:
     snapshot directories may be anywhere), PrivateDevices= and DeviceAllow= (LVM needs
     /dev/mapper and /run/lvm, ZFS /dev/zfs), RestrictSUIDSGID= (an rsync snapshot keeps
     setuid bits), MemoryDenyWriteExecute= (ctypes callbacks)."""
-    paths = dict(_paths(config))
+    paths = list(_paths(config))
     lines = [*_unless_under(paths, TMPS, "PrivateTmp=yes", "which PrivateTmp= would hide"),
-             *_unless_under(paths, HOMES, "ProtectHome=read-only", "which ProtectHome= would make read-only")]
+             *_unless_under([p for p in paths if p[2]], HOMES, "ProtectHome=read-only",
+                            "which ProtectHome= would make read-only")]
     lines += ["NoNewPrivileges=yes", "ProtectKernelTunables=yes"]
     modprobing = sorted(v.name for v in config.volumes.values() if v.backend in MODPROBING)
     if modprobing:
@@ -155,44 +156,46 @@ def hardening(config: Config) -> str:
     return "\n".join(lines)
 
 
-def _unless_under(paths: dict[str, Path | None], roots: tuple[Path, ...], setting: str, effect: str) -> list[str]:
+def _unless_under(paths: list[tuple[str, Path | None, bool]], roots: tuple[Path, ...], setting: str,
+                  effect: str) -> list[str]:
     name = setting.split("=")[0]
-    unknown = [what for what, p in paths.items() if p is None]
+    unknown = [what for what, p, _ in paths if p is None]
     if unknown:
         return [f"# {name}= is off: where {unknown[0]} is cannot be told now."]
-    for what, p in paths.items():
+    for what, p, _ in paths:
         for root in roots:
             if p.is_relative_to(root):
                 return [f"# {name}= is off: {p} ({what}) is under {root}, {effect}."]
     return [setting]
 
 
-def _paths(config: Config) -> Iterator[tuple[str, Path | None]]:
-    """Every path the services may touch, by the key that names it; None where a
+def _paths(config: Config) -> Iterator[tuple[str, Path | None, bool]]:
+    """Every path the services may touch, by what names it, and whether they may write
+    there (every path of a volume or a quiescer counts as written); None where a
     volume's files are cannot be told."""
     settings = config.settings
-    yield "the config", config.path
-    yield "settings.state_dir", settings.state_dir
-    yield "settings.run_dir", settings.run_dir
+    yield "the config", absolute(config.path), False
+    yield "settings.state_dir", settings.state_dir, True
+    yield "settings.run_dir", settings.run_dir, True
     if settings.metrics_textfile:
-        yield "settings.metrics_textfile", settings.metrics_textfile
-    yield "snapmgr's Python", Path(sys.prefix)
-    yield "snapmgr itself", Path(snapmgr.__file__).parent
+        yield "settings.metrics_textfile", settings.metrics_textfile, True
+    yield "snapmgr's Python", Path(sys.prefix), False
+    yield "snapmgr itself", Path(snapmgr.__file__).parent, False
     for v in config.volumes.values():
         yield from _absolute(f"volumes.{v.name}", v.options)
         try:
             root = BACKENDS[v.backend](v.name, v.options, settings.run_dir).live_root()
         except (SnapmgrError, OSError) as e:
-            yield f"volumes.{v.name} ({as_error(e)})", None
+            yield f"volumes.{v.name} ({as_error(e)})", None, True
             continue
         if root is not None:
-            yield f"where volume {v.name} is mounted", root
+            yield f"where volume {v.name} is mounted", root, True
     for q in config.quiescers.values():
         yield from _absolute(f"quiesce.{q.name}", q.options)
 
 
-def _absolute(where: str, options: dict) -> Iterable[tuple[str, Path]]:
+def _absolute(where: str, options: dict) -> Iterable[tuple[str, Path, bool]]:
     for key, value in options.items():
         for item in value if isinstance(value, (list, tuple)) else [value]:
             if isinstance(item, (str, Path)) and str(item).startswith("/"):
-                yield f"{where}.{key}", Path(item)
+                yield f"{where}.{key}", Path(item), True

@@ -105,6 +105,18 @@ def test_hardening_leaves_out_what_would_hide_a_path_the_service_needs(ws, units
     assert "\nProtectKernelModules=yes\n" in service   # rsync loads no module
 
 
+def test_lvm_and_zfs_volumes_leave_module_loading_allowed(ws, units):
+    write(ws, {"hourly": {"on_calendar": "hourly", "volumes": ["lv", "pool"]}},
+          volumes={"lv": {"backend": "lvm", "lv": "vg0/data", "snapshot_size": "1G"},
+                   "pool": {"backend": "zfs", "datasets": ["tank/data"]}})
+    install(ws, units)
+    service = (units / "snapmgr-hourly.service").read_text()
+    assert "\n# ProtectKernelModules= is off: the tools of volume lv, pool may load their kernel module themselves.\n" \
+        in service and "\nProtectKernelModules=" not in service
+    # Nothing written is under /home or /root here (the state and run dirs are in /tmp).
+    assert "\nProtectHome=read-only\n" in service
+
+
 def test_install_rewrites_only_what_changed_and_removes_only_its_own_units(ws, units):
     write(ws, {"hourly": {"on_calendar": "hourly", "volumes": ["data"]},
                "daily": {"on_calendar": "daily", "volumes": ["data"]}})
