@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.integration.helpers import Workspace, toml
+from tests.integration.helpers import Workspace, pids_of, toml, wait_for
 
 needs_analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
 UNITS = ["snapmgr-hourly.service", "snapmgr-hourly.timer", "snapmgr-mount@.service", "snapmgr-recover.service"]
@@ -292,3 +293,23 @@ def test_the_snapshot_window_runs_at_normal_priority_and_pruning_in_the_backgrou
                               "print(subprocess.run(['ionice'], capture_output=True, text=True).stdout.strip())"],
                              capture_output=True, text=True, env=ws.env, check=True).stdout.split("\n")
     assert lowered[:2] == ["10", "idle"]
+
+
+def test_recover_at_boot_still_runs_a_command_quiescers_post(ws):
+    held, posted = ws.root / "held", ws.root / "posted"
+    hold = [sys.executable, "-c", f"open({str(held)!r}, 'w'); import time; time.sleep(120)"]
+    post = [sys.executable, "-c", f"open({str(posted)!r}, 'w')"]
+    ws.write_config({"data": {"backend": "rsync", "source": ws.source, "repository": ws.repo, "quiesce": ["app"]}},
+                    quiesce={"app": {"kind": "command", "pre": hold, "post": post, "max_window": "10min"}})
+    run = ws.start("snapshot")
+    wait_for(lambda: held.exists() or run.poll() is not None, what="the window")
+    assert run.poll() is None, run.communicate()
+    # As a power cut would: the watchdog first, so that it cannot act, then snapmgr.
+    for pid in pids_of(os.path.basename(sys.executable), "snapmgr.quiesce.watchdog"):
+        os.kill(pid, signal.SIGKILL)
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    assert not posted.exists()
+    r = ws.ok("recover", "--boot")
+    assert "was not closed by its run; recovered now: app: ran " in r.stdout and posted.exists()
+    assert ws.ok("recover").stdout.strip() == "nothing to recover"
