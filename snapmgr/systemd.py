@@ -21,7 +21,7 @@ import snapmgr
 from snapmgr import sh
 from snapmgr.backends import BACKENDS
 from snapmgr.config import Config, Schedule
-from snapmgr.errors import SnapmgrError, UsageError, as_error, quote
+from snapmgr.errors import ConfigError, SnapmgrError, UsageError, as_error, quote
 
 HEADER = "# Written by snapmgr from "
 PREFIX = "snapmgr-"
@@ -65,6 +65,9 @@ def render(config: Config) -> list[Unit]:
     """Every unit of the config, in a stable order."""
     if not str(config.path).isprintable():
         raise UsageError(f"config path {quote(config.path)} cannot be written into a unit file")
+    if RECOVER in {service(name) for name in config.schedules}:
+        raise ConfigError(config.path, "schedules.recover", f"the name is taken: {RECOVER} is snapmgr's recovery "
+                                                           f"at boot; give the schedule another name")
     fill = _Filler(config)
     units = []
     for s in config.schedules.values():

@@ -178,6 +178,14 @@ def test_a_calendar_systemd_refuses_is_a_config_error_naming_the_key(ws, units, 
     assert not units.exists()
 
 
+def test_a_schedule_named_recover_would_clash_with_the_recovery_unit(ws, units):
+    write(ws, {"recover": {"on_calendar": "hourly", "volumes": ["data"]}})
+    r = ws.run("systemd", "install", "--unit-dir", str(units))
+    assert r.returncode == 78 and len(r.stderr.splitlines()) == 1
+    assert f"{ws.config}: schedules.recover: the name is taken: snapmgr-recover.service" in r.stderr
+    assert not units.exists()
+
+
 @needs_analyze
 def test_config_check_prints_each_schedules_next_run(ws):
     write(ws, {"hourly": {"on_calendar": "hourly", "volumes": ["data"]},

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from tests.integration.helpers import Workspace, pids_of, toml, wait_for
-from tests.lab.conftest import lvm_volume, sh, zfs_volume
+from tests.lab import conftest
+from tests.lab.conftest import lvm_volume, zfs_volume
 
 UNIT_DIR = Path("/etc/systemd/system")
 RUN_UNIT_DIR = Path("/run/systemd/system")
@@ -27,6 +28,15 @@ RUN_UNIT_DIR = Path("/run/systemd/system")
 ROOT = Path("/srv/snapmgr-lab")
 WRITER = "import sys, time\nwhile True:\n    open(sys.argv[1], 'a').write('x\\n'); time.sleep(0.05)\n"
 _names = itertools.count(1)
+LIMIT = 120   # seconds, for any one command: a hang fails the test instead of the whole lab run
+
+
+def sh(host, *argv) -> str:
+    return conftest.sh(host, "timeout", LIMIT, *argv)
+
+
+def run(host, command: str):
+    return host.run(f"timeout {LIMIT} {command}")
 
 
 @pytest.fixture
@@ -59,12 +69,13 @@ def installed(host, ws):
     try:
         ws.ok("systemd", "uninstall")
         assert own_files() == []
-        assert sh(host, "systemctl", "list-units", "--all", "--plain", "--no-legend", "snapmgr-*").strip() == ""
+        left = sh(host, "systemctl", "list-units", "--all", "--plain", "--no-legend", "snapmgr-*")
+        assert left.strip() == "", left
     finally:  # whatever failed, the next test starts without them
         for path in UNIT_DIR.rglob("snapmgr-*"):
             path.unlink()
         sh(host, "systemctl", "daemon-reload")
-        host.run("systemctl reset-failed 'snapmgr-*'")
+        run(host, "systemctl reset-failed 'snapmgr-*'")
 
 
 @pytest.fixture
@@ -77,7 +88,7 @@ def writer(host, ws):
     sh(host, "systemctl", "daemon-reload")
     sh(host, "systemctl", "start", name)
     yield name
-    host.run(f"systemctl stop {name}")
+    run(host, f"systemctl stop {name}")
     (RUN_UNIT_DIR / name).unlink()
     sh(host, "systemctl", "daemon-reload")
 
@@ -91,7 +102,7 @@ def test_every_unit_passes_systemd_analyze_verify_and_install_enables_the_timers
     files = [UNIT_DIR / n for n in done["written"]]
     instance = ws.root / "snapmgr-mount@srv-snapshots.service"
     instance.write_text((UNIT_DIR / "snapmgr-mount@.service").read_text())
-    out = host.run(" ".join(["systemd-analyze", "verify", *map(str, files), str(instance)]))
+    out = run(host, " ".join(["systemd-analyze", "verify", *map(str, files), str(instance)]))
     assert out.rc == 0 and out.stdout + out.stderr == "", out.stdout + out.stderr
     for timer in ("snapmgr-hourly.timer", "snapmgr-daily.timer"):
         assert show(host, timer, "UnitFileState") == "enabled" and show(host, timer, "ActiveState") == "active"
@@ -138,8 +149,11 @@ def test_a_failing_run_shows_in_systemctl_status_and_in_snapmgr_status(host, ws,
     ws.ok("systemd", "install")
     wait_for(lambda: show(host, "snapmgr-fast.service", "Result") == "exit-code", timeout=60,
              what="a failed run of snapmgr-fast.service")
-    out = host.run("systemctl status snapmgr-fast.service")
-    assert out.rc == 3 and "status=1/FAILURE" in out.stdout
+    sh(host, "systemctl", "stop", "snapmgr-fast.timer")   # no new run while it is looked at
+    wait_for(lambda: show(host, "snapmgr-fast.service", "ActiveState") == "failed", timeout=60,
+             what="the run to end")
+    out = run(host, "systemctl status snapmgr-fast.service")
+    assert out.rc == 3 and "status=1/FAILURE" in out.stdout, out.stdout
     [fast] = ws.ok("--json", "systemd", "status").json()["timers"]
     assert fast["last_result"] == "exit-code" and fast["exit_status"] == 1
     assert fast["last_error"].startswith("volume data: quiescer gate (command): false exited with status 1"), fast
@@ -182,13 +196,13 @@ def test_the_recovery_service_starts_what_a_lost_window_left_stopped(host, ws, i
     assert run.poll() is None, run.communicate()
     # As a power cut would: the watchdog goes too, and the window stays open in the journal.
     for pid in pids_of(Path(sys.executable).name, "snapmgr.quiesce.watchdog"):
-        host.run(f"kill -9 {pid}")
+        run(host, f"kill -9 {pid}")
     run.send_signal(signal.SIGKILL)
     run.wait()
     assert show(host, writer, "ActiveState") == "inactive"
     sh(host, "systemctl", "start", "snapmgr-recover.service")
     wait_for(lambda: show(host, writer, "ActiveState") == "active", timeout=30, what=f"{writer} started again")
-    told = host.run("journalctl --no-pager --output=cat -u snapmgr-recover.service").stdout
+    told = run(host, "journalctl --no-pager --output=cat -u snapmgr-recover.service").stdout
     assert "recovered now: app: ran systemctl start --no-block --" in told, told
     assert "nothing to recover" in ws.ok("recover").stdout
 
@@ -201,8 +215,8 @@ def test_a_scheduled_run_of_lvm_and_zfs_volumes_works_inside_the_hardened_servic
     ws.ok("systemd", "install")
     service = (UNIT_DIR / "snapmgr-cow.service").read_text()
     assert "\nProtectKernelTunables=yes\n" in service and "ProtectKernelModules= is off" in service
-    out = host.run("systemctl start snapmgr-cow.service")
-    assert out.rc == 0, host.run("journalctl --no-pager -u snapmgr-cow.service").stdout
+    out = run(host, "systemctl start snapmgr-cow.service")
+    assert out.rc == 0, run(host, "journalctl --no-pager -u snapmgr-cow.service").stdout
     listed = ws.ok("--json", "list").json()["snapshots"]
     assert sorted(s["volume"] for s in listed) == ["lv", "zfs"]
     assert all(s["tags"] == ["cow"] and s["manifest"] == "blake3" for s in listed), listed
