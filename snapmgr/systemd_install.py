@@ -106,14 +106,11 @@ def uninstall(config: Config, unit_dir: Path | None, dry_run: bool) -> Changes:
     if live:
         _require_systemd()
         instances = _loaded(f"{systemd.MOUNT.split('@')[0]}@*.service") if systemd.MOUNT in changes.removed else []
-        _systemctl_each("stop", units=instances)
-        _stop_and_disable(changes.removed)
+        _stop_and_disable(changes.removed + instances)
     for name in changes.removed:
         (changes.unit_dir / name).unlink()
     if live:
         _systemctl("daemon-reload")
-        # A failed run's state would outlive its unit file in `systemctl list-units --failed`.
-        sh.run(["systemctl", "reset-failed", "--", "snapmgr-*"], timeout=TIMEOUT, check=False, holds_locks=False)
     return changes
 
 
@@ -189,10 +186,15 @@ def _systemctl_each(*verb: str, units: list[str]) -> None:
 
 
 def _stop_and_disable(units: list[str]) -> None:
-    """A template has nothing to stop (its instances are stopped by name): only disabled."""
+    """A template has nothing to stop (its instances are named among `units`): only
+    disabled. A failed run's state is forgotten too, or it would outlive its unit file
+    in `systemctl --failed`."""
     templates = [u for u in units if "@." in u]
-    _systemctl_each("disable", "--now", units=[u for u in units if u not in templates])
+    running = [u for u in units if u not in templates]
+    _systemctl_each("disable", "--now", units=running)
     _systemctl_each("disable", units=templates)
+    for unit in running:
+        sh.run(["systemctl", "reset-failed", "--", unit], timeout=TIMEOUT, check=False, holds_locks=False)
 
 
 def _loaded(pattern: str) -> list[str]:
