@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import faulthandler
 import itertools
+import os
 import shutil
 import signal
 import sys
@@ -188,14 +189,14 @@ def test_the_recovery_service_starts_what_a_lost_window_left_stopped(host, ws, i
               quiesce={"app": {"kind": "systemd", "units": [writer]},
                        "hold": {"kind": "command", "pre": hold, "max_window": "10min"}})
     ws.ok("systemd", "install")
-    run = ws.start("snapshot")
-    wait_for(lambda: held.exists() or run.poll() is not None, timeout=60, what="the window")
-    assert run.poll() is None, run.communicate()
+    snapshot = ws.start("snapshot")
+    wait_for(lambda: held.exists() or snapshot.poll() is not None, timeout=60, what="the window")
+    assert snapshot.poll() is None, snapshot.communicate()
     # As a power cut would: the watchdog goes too, and the window stays open in the journal.
     for pid in pids_of(Path(sys.executable).name, "snapmgr.quiesce.watchdog"):
-        run(host, f"kill -9 {pid}")
-    run.send_signal(signal.SIGKILL)
-    run.wait()
+        os.kill(pid, signal.SIGKILL)
+    snapshot.send_signal(signal.SIGKILL)
+    snapshot.wait()
     assert show(host, writer, "ActiveState") == "inactive"
     sh(host, "systemctl", "start", "snapmgr-recover.service")
     wait_for(lambda: show(host, writer, "ActiveState") == "active", timeout=30, what=f"{writer} started again")
