@@ -238,3 +238,22 @@ def test_the_watchdog_outlives_a_run_killed_inside_the_service_and_restarts_the_
              what=f"the watchdog starting {writer} again")
     assert show(host, "snapmgr-manual.service", "Result") == "signal"
     assert "was not closed by its run; quiesce watchdog: snapmgr" in ws.ok("list").stderr
+
+
+def test_the_mount_template_serves_snapshots_to_everyone_and_unmounts_when_stopped(host, ws, installed):
+    (ws.source / "file").write_text("served")
+    configure(ws, {"hourly": {"on_calendar": "hourly", "volumes": ["data"]}})
+    ws.ok("systemd", "install")
+    snap = ws.ok("--json", "snapshot").json()["results"][0]["created"]["id"]
+    where = ws.root / "served snapshots"
+    where.mkdir()
+    unit = f"snapmgr-mount@{sh(host, 'systemd-escape', '--path', where).strip()}.service"
+    sh(host, "systemctl", "start", unit)
+    try:
+        # Seen from outside the unit: it has no mount namespace of its own.
+        wait_for(lambda: os.path.ismount(where), timeout=60, what=f"{unit} mounting {where}")
+        assert (where / "data" / snap.split("@")[1] / "file").read_text() == "served"
+        assert show(host, unit, "ActiveState") == "active"
+    finally:
+        sh(host, "systemctl", "stop", unit)
+    assert not os.path.ismount(where) and show(host, unit, "Result") == "success"
