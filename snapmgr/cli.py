@@ -17,7 +17,7 @@ from typing import NoReturn, Sequence
 import click
 
 from snapmgr import config as configuration
-from snapmgr import compare_jobs, monitor, render, restore_job
+from snapmgr import compare_jobs, monitor, render, restore_job, systemd_install
 from snapmgr.engine import Engine, Outcome
 from snapmgr.journal import JournalError
 from snapmgr.manifest import export
@@ -40,7 +40,7 @@ class Context:
         """The engine; first, whatever an interrupted quiesce window left paused is
         resumed (every command does it, so nothing waits for an explicit recover)."""
         if self._engine is None:
-            self._engine = Engine(configuration.load(configuration.locate(self.config_option)))
+            self._engine = Engine(self.config())
             if recover:
                 try:
                     for line in self._engine.recover():
@@ -49,10 +49,14 @@ class Context:
                     log.debug("no recovery of interrupted windows: %s", e)
         return self._engine
 
+    def config(self) -> configuration.Config:
+        """The config alone, for commands that run nothing on the volumes."""
+        return configuration.load(configuration.locate(self.config_option))
+
     def reader(self) -> Engine:
         """An engine that changes nothing, not even the journal: for check and metrics,
         which a monitoring user runs."""
-        return Engine(configuration.load(configuration.locate(self.config_option)), read_only=True)
+        return Engine(self.config(), read_only=True)
 
     def emit(self, data: dict, human: str | None) -> None:
         if self.json:
@@ -85,19 +89,28 @@ def cli(ctx: click.Context, config_option, as_json, verbose, quiet, debug):
 @cli.command()
 @click.argument("volumes", nargs=-1)
 @click.option("--group", "-g", metavar="GROUP", help="Snapshot every volume of GROUP inside one quiesce window.")
+@click.option("--schedule", metavar="SCHEDULE",
+              help="Do what the timer of [schedules.SCHEDULE] does: its groups and volumes, with its tag, "
+                   "then prune if it prunes.")
 @click.option("--tag", "-t", "tags", multiple=True, metavar="TAG",
               help="Tag the snapshot (repeatable) [default: manual, which prune never removes].")
 @click.option("--prune", is_flag=True, help="Apply the volume's retention policy afterwards.")
 @click.option("--dry-run", "-n", is_flag=True, help="Say what would be done; change nothing.")
 @pass_ctx
-def snapshot(c: Context, volumes, group, tags, prune, dry_run):
+def snapshot(c: Context, volumes, group, schedule, tags, prune, dry_run):
     """Take a snapshot of VOLUMES (all volumes when none are named), quiescing their
     services around it."""
     for tag in tags:
         _check_tag(tag)
     if group is not None and volumes:
         raise UsageError("name volumes or --group, not both")
-    outcomes = c.engine().snapshot(volumes, tags, prune, dry_run, _progress(c), group)
+    if schedule is not None:
+        if volumes or group is not None or tags or prune:
+            raise UsageError("--schedule takes its volumes, groups, tag and prune from the schedule: "
+                             "give no VOLUMES, --group, --tag or --prune with it")
+        outcomes = c.engine().scheduled(schedule, dry_run, _progress(c))
+    else:
+        outcomes = c.engine().snapshot(volumes, tags, prune, dry_run, _progress(c), group)
     _finish(c, outcomes, {}, "\n".join(filter(None, (_describe(o) for o in outcomes))))
 
 
@@ -264,11 +277,14 @@ def umount(c: Context, mountpoint):
 
 
 @cli.command()
+@click.option("--boot", is_flag=True,
+              help="The machine restarted since (snapmgr-recover.service): queue the starts of stopped units "
+                   "instead of waiting for them, and thaw nothing.")
 @pass_ctx
-def recover(c: Context):
+def recover(c: Context, boot):
     """Resume whatever an interrupted quiesce window left paused (also done by every
     other command, and at boot)."""
-    told = c.engine(recover=False).recover()
+    told = c.engine(recover=False).recover(boot)
     unpublished = _publish(c) if told else None
     c.emit({"recovered": told, "monitoring_error": str(unpublished) if unpublished else None},
            "\n".join(told) or "nothing to recover")
@@ -382,6 +398,7 @@ def config_check(c: Context):
     """Validate the config file and print a summary; warn of volumes whose snapshots could
     not be browsed whole as things are mounted now."""
     cfg = configuration.load(configuration.locate(c.config_option))
+    next_elapses = systemd_install.check_calendars(cfg)
     problems = Engine(cfg).browse_problems()
     for volume, problem in problems.items():
         log.warning("volume %s: its snapshots cannot be browsed whole: %s", volume, problem)
@@ -391,9 +408,53 @@ def config_check(c: Context):
             "volumes": {v.name: {"backend": v.backend, "retention": v.retention and v.retention.name,
                                  "tags": sorted(v.tags)} for v in cfg.volumes.values()},
             "policies": sorted(cfg.policies), "quiesce": sorted(cfg.quiescers),
-            "groups": sorted(cfg.groups), "schedules": sorted(cfg.schedules), "browse_problems": problems},
+            "groups": sorted(cfg.groups), "schedules": sorted(cfg.schedules), "browse_problems": problems,
+            "next_elapses": {n: render.when(t) for n, t in next_elapses.items()}},
            f"{cfg.path}: valid\n" + (render.table(("VOLUME", "BACKEND", "RETENTION", "TAGS"), rows) if rows
-                                      else "no volumes configured"))
+                                      else "no volumes configured")
+           + ("\n" + render.table(("SCHEDULE", "ON CALENDAR", "NEXT RUN"), [
+               (s.name, s.on_calendar, render.when(next_elapses[s.name])) for s in cfg.schedules.values()])
+              if cfg.schedules else ""))
+
+
+@cli.group("systemd")
+def systemd_group():
+    """Run the schedules on systemd timers."""
+
+
+@systemd_group.command("install")
+@click.option("--unit-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Write the units into DIR and leave the running systemd alone (packaging, tests) "
+                   "[default: /etc/systemd/system, then daemon-reload and enable the timers].")
+@click.option("--dry-run", "-n", is_flag=True, help="Say what would be written and removed; change nothing.")
+@pass_ctx
+def systemd_install_(c: Context, unit_dir, dry_run):
+    """Write a service and a timer per schedule, snapmgr-recover.service and the
+    snapmgr-mount@.service template; remove the units of schedules gone (only units
+    snapmgr wrote from this config); enable and start the timers."""
+    changes = systemd_install.install(c.config(), unit_dir, dry_run)
+    c.emit(render.unit_changes_json(changes), render.unit_changes_text(changes))
+
+
+@systemd_group.command("uninstall")
+@click.option("--unit-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Remove the units from DIR, leaving the running systemd alone.")
+@click.option("--dry-run", "-n", is_flag=True, help="Say what would be removed; change nothing.")
+@pass_ctx
+def systemd_uninstall_(c: Context, unit_dir, dry_run):
+    """Stop, disable and remove every unit snapmgr wrote from this config."""
+    changes = systemd_install.uninstall(c.config(), unit_dir, dry_run)
+    c.emit(render.unit_changes_json(changes), render.unit_changes_text(changes))
+
+
+@systemd_group.command("status")
+@pass_ctx
+def systemd_status_(c: Context):
+    """Each schedule's timer: last and next run, and how the last run ended."""
+    engine = c.engine()
+    timers = systemd_install.status(engine.config, engine.journal.history)
+    c.emit({"timers": [render.timer_json(t) for t in timers]},
+           render.timers_table(timers, datetime.now(timezone.utc)) if timers else "no schedules configured")
 
 
 @cli.command()

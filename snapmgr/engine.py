@@ -19,10 +19,10 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable, Iterable
 
-from snapmgr import manifest, manifest_recording, observed, quiesce, retention, sh, space_guard
+from snapmgr import manifest, manifest_recording, observed, priority, quiesce, retention, sh, space_guard
 from snapmgr.backends import BACKENDS
 from snapmgr.backends.base import Backend, Progress, Space, taken_with_another
-from snapmgr.config import Config, Group, Volume
+from snapmgr.config import Config, Group, Schedule, Volume
 from snapmgr.errors import Interrupted, LockBusy, SnapmgrError, UsageError, as_error, quote
 from snapmgr.journal import Journal, JournalError, Run, RunRecord, Verify, VolumeHistory, WindowRecord
 from snapmgr.lock import volume_lock
@@ -140,6 +140,34 @@ class Engine:
             return self._snapshot_together(self.volumes(g.volumes), g, tags, prune, dry_run, progress)
         return [o for v in self.volumes(names)
                 for o in self._snapshot_together([v], None, tags, prune, dry_run, progress)]
+
+    def scheduled(self, name: str, dry_run: bool = False, progress: Progress | None = None) -> list[Outcome]:
+        """Run schedule `name` as its timer does: each group in one window, each volume
+        named on its own in a window of its own (unless a listed group takes it), all with
+        the schedule's tag; then, when the schedule prunes, prune every volume whose
+        snapshot succeeded, at background CPU and I/O priority (services are paused only
+        for the snapshots, which must not run slowed)."""
+        schedule = self.schedule(name)
+        tags = frozenset({schedule.tag})
+        in_groups = {v for g in schedule.groups for v in self.group(g).volumes}
+        outcomes = [o for g in schedule.groups for o in self.snapshot((), tags, False, dry_run, progress, g)]
+        alone = [v for v in schedule.volumes if v not in in_groups]
+        if alone:  # none named means every volume to snapshot()
+            outcomes += self.snapshot(alone, tags, False, dry_run, progress)
+        if schedule.prune:
+            if not dry_run:
+                priority.background()
+            for outcome in outcomes:
+                if outcome.error is None:
+                    [volume] = self.volumes([outcome.volume])
+                    self._each_into(outcome, lambda o, v=volume: self._prune(v, dry_run, o))
+        return outcomes
+
+    def schedule(self, name: str) -> Schedule:
+        if name not in self.config.schedules:
+            raise UsageError(f"unknown schedule {quote(name)}" + did_you_mean(name, self.config.schedules)
+                             + f" (configured in {self.config.path}: {', '.join(self.config.schedules) or 'none'})")
+        return self.config.schedules[name]
 
     def group(self, name: str) -> Group:
         if name not in self.config.groups:
@@ -291,9 +319,10 @@ class Engine:
         self.journal.verified(str(snapshot.id), started, done.result, done.stats and done.stats.entries, detail)
         return done
 
-    def recover(self) -> list[str]:
+    def recover(self, at_boot: bool = False) -> list[str]:
         """Resume what interrupted quiesce windows left paused, and tell, once, of each
-        window that its snapmgr did not close itself: one line per window."""
+        window that its snapmgr did not close itself: one line per window. `at_boot`: the
+        machine restarted since, and the paused services are yet to start."""
         told = []
         for w in self.journal.unsettled_windows():
             if w.status == "open":
@@ -301,7 +330,7 @@ class Engine:
                     with ExitStack() as locks:
                         for volume in sorted(w.volumes):
                             locks.enter_context(volume_lock(self.config.settings.run_dir, volume, 0))
-                        done = perform_all(list(reversed(w.plan)), inherited_fds=False)
+                        done = perform_all(list(reversed(w.plan)), inherited_fds=False, at_boot=at_boot)
                 except LockBusy:
                     continue  # its snapmgr, or its watchdog, is still at work
                 detail = "recovered now: " + ("; ".join(done) or "nothing was left to resume")

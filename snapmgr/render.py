@@ -16,6 +16,7 @@ from snapmgr.journal import Verify
 from snapmgr.manifest import path_text
 from snapmgr.manifest.entry import KINDS
 from snapmgr.restore import Restored
+from snapmgr.systemd_install import Changes as UnitChanges, TimerState
 from snapmgr.versions import History, State
 from snapmgr.errors import one_line
 from snapmgr.model import ForeignSnapshot, Snapshot, human_size
@@ -288,3 +289,38 @@ def _window(newest: Snapshot | None) -> str:
     freeze = record.get("freeze_window_s")
     return (f"{newest.grade}, quiesced {record['quiesce_window_s']:.3f}s"
             + (f", frozen {freeze:.3f}s" if freeze is not None else ""))
+
+
+# systemd timers ------------------------------------------------------------------------
+
+def unit_changes_json(c: UnitChanges) -> dict:
+    return {"unit_dir": str(c.unit_dir), "dry_run": c.dry_run, "written": c.written, "unchanged": c.unchanged,
+            "removed": c.removed, "enabled": c.enabled}
+
+
+def unit_changes_text(c: UnitChanges) -> str:
+    would = "would " if c.dry_run else ""
+    lines = [f"{would}write {c.unit_dir / n}" for n in c.written]
+    lines += [f"unchanged {c.unit_dir / n}" for n in c.unchanged]
+    lines += [f"{would}remove {c.unit_dir / n}" for n in c.removed]
+    lines += [f"{would}enable {n}" for n in c.enabled]
+    return "\n".join(lines) or f"no snapmgr units in {c.unit_dir}"
+
+
+def timer_json(t: TimerState) -> dict:
+    return {"schedule": t.schedule, "timer": t.timer, "service": t.service, "enabled": t.enabled,
+            "active": t.active, "last_trigger": when(t.last_trigger), "next_elapse": when(t.next_elapse),
+            "running": t.running, "last_result": t.last_result, "exit_status": t.exit_status,
+            "last_error": t.last_error}
+
+
+def timers_table(timers: Sequence[TimerState], now: datetime) -> str:
+    rows = []
+    for t in timers:
+        result = "running" if t.running else (t.last_result or "never ran")
+        if t.last_result not in (None, "success") and t.exit_status is not None:
+            result += f" (exit {t.exit_status})"
+        nxt = when(t.next_elapse) or "-"
+        rows.append((t.timer, t.enabled if t.active == "active" else f"{t.enabled}, {t.active}",
+                     age(t.last_trigger, now), nxt, result, t.last_error or "-"))
+    return table(("TIMER", "STATE", "LAST RUN", "NEXT RUN", "RESULT", "LAST ERROR"), rows)

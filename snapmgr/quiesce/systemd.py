@@ -82,7 +82,11 @@ class SystemdQuiescer(Quiescer):
         return ("freeze", "thaw") if self.freezing else ("stop", "start")
 
     def undo(self) -> list[dict]:
-        return [undo.run_action(self._argv(self.verbs[1]), {}, self.timeout)] if self.active else []
+        # At boot, recovery runs before the units (snapmgr-recover.service is ordered
+        # Before= them): a start there is queued, for waiting on it would wait forever,
+        # and nothing is frozen after a restart.
+        at_boot = [] if self.freezing else ["systemctl", "start", "--no-block", "--", *self.active]
+        return [undo.run_action(self._argv(self.verbs[1]), {}, self.timeout, at_boot)] if self.active else []
 
     def prepare(self) -> None:
         self._systemctl(self.verbs[0])

@@ -20,13 +20,20 @@ def thaw_action(mountpoint: Path, fd: int | None) -> dict:
     return {"thaw": str(mountpoint), "fd": fd}
 
 
-def run_action(argv: Sequence[str], env: Mapping[str, str], timeout: float) -> dict:
-    return {"run": list(argv), "env": dict(env), "timeout": timeout}
+def run_action(argv: Sequence[str], env: Mapping[str, str], timeout: float,
+               at_boot: Sequence[str] | None = None) -> dict:
+    """`at_boot`: what to run instead when recovering at boot, before the services come
+    up ([] for nothing); by default the same argv."""
+    action = {"run": list(argv), "env": dict(env), "timeout": timeout}
+    if at_boot is not None:
+        action["at_boot"] = list(at_boot)
+    return action
 
 
-def perform(action: dict, inherited_fds: bool) -> str:
+def perform(action: dict, inherited_fds: bool, at_boot: bool = False) -> str:
     """Carry the action out; say what was done. `inherited_fds`: the descriptors the
-    action names are open in this process (the watchdog), else paths are opened anew."""
+    action names are open in this process (the watchdog), else paths are opened anew.
+    `at_boot`: the machine was restarted since the window (snapmgr-recover.service)."""
     if "thaw" in action:
         fd = action["fd"] if inherited_fds and action["fd"] is not None else None
         if fd is None:
@@ -38,5 +45,8 @@ def perform(action: dict, inherited_fds: bool) -> str:
         else:
             was_frozen = thaw(fd)
         return f"thawed {action['thaw']}" if was_frozen else f"{action['thaw']} was not frozen"
-    sh.run(action["run"], timeout=action["timeout"], env=action["env"], holds_locks=False)
-    return f"ran {shlex.join(action['run'])}"
+    argv = action.get("at_boot", action["run"]) if at_boot else action["run"]
+    if not argv:
+        return f"nothing to do after a restart for {shlex.join(action['run'])}"
+    sh.run(argv, timeout=action["timeout"], env=action["env"], holds_locks=False)
+    return f"ran {shlex.join(argv)}"

@@ -129,13 +129,13 @@ def main() -> int:
     return 0
 
 
-def perform_all(steps: list[dict], inherited_fds: bool) -> list[str]:
+def perform_all(steps: list[dict], inherited_fds: bool, at_boot: bool = False) -> list[str]:
     """Every undo action of the steps, in order; a failure is noted and the rest go on."""
     done = []
     for step in steps:
         for action in step["undo"]:
             try:
-                done.append(f"{step['name']}: {undo.perform(action, inherited_fds)}")
+                done.append(f"{step['name']}: {undo.perform(action, inherited_fds, at_boot)}")
             except (SnapmgrError, OSError) as e:
                 done.append(f"{step['name']}: FAILED: {e}")
     return done

@@ -1,0 +1,259 @@
+"""Schedules on real systemd timers (systemd is PID 1 in the lab guest): install into
+/etc/systemd/system, `systemd-analyze verify` of every unit, a timer firing every 5s
+that takes tagged snapshots and prunes, a failing run seen by systemctl and by snapmgr,
+the watchdog outliving a killed run inside the service (KillMode=process), the recovery
+service starting what a lost window left stopped, and uninstall leaving nothing behind.
+
+A real reboot of the guest is not available (the runner powers it off after the tests):
+the recovery service is started by hand, and its ordering checked with systemctl show."""
+
+from __future__ import annotations
+
+import faulthandler
+import itertools
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests.integration.helpers import Workspace, pids_of, toml, wait_for
+from tests.lab import conftest
+from tests.lab.conftest import lvm_volume, zfs_volume
+
+UNIT_DIR = Path("/etc/systemd/system")
+RUN_UNIT_DIR = Path("/run/systemd/system")
+# Outside /tmp, so that the services get PrivateTmp= (a workspace in /tmp turns it off).
+ROOT = Path("/srv/snapmgr-lab")
+WRITER = "import sys, time\nwhile True:\n    open(sys.argv[1], 'a').write('x\\n'); time.sleep(0.05)\n"
+_names = itertools.count(1)
+HANG_S = 300
+LIMIT = 120   # seconds, for any one command: a hang fails the test instead of the whole lab run
+
+
+def sh(host, *argv) -> str:
+    return conftest.sh(host, "timeout", LIMIT, *argv)
+
+
+def run(host, command: str):
+    return host.run(f"timeout {LIMIT} {command}")
+
+
+@pytest.fixture(autouse=True)
+def no_hang():
+    """A test that hangs (its teardown too) prints every thread's stack and ends the run,
+    instead of holding the lab until its time limit."""
+    faulthandler.dump_traceback_later(HANG_S, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
+
+
+@pytest.fixture
+def ws():
+    ROOT.mkdir(mode=0o755, parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(dir=ROOT))
+    root.chmod(0o755)
+    yield Workspace(root)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def configure(ws: Workspace, schedules: dict, volumes: dict | None = None, quiesce: dict | None = None) -> None:
+    ws.write_config(volumes, policies={"default": {"keep_last": 2}}, quiesce=quiesce)
+    with open(ws.config, "a") as f:
+        f.write(toml({f"schedules.{n}": s for n, s in schedules.items()}))
+
+
+def show(host, unit: str, prop: str) -> str:
+    return sh(host, "systemctl", "show", f"--property={prop}", "--value", unit).strip()
+
+
+def ours(name: str) -> bool:
+    """snapmgr's units; not the lab's own (snapmgr-lab.service runs these tests) nor
+    the tests' services."""
+    return name.startswith("snapmgr-") and not name.startswith("snapmgr-lab")
+
+
+def own_files() -> list[Path]:
+    return sorted(p for p in UNIT_DIR.rglob("snapmgr-*") if ours(p.name))
+
+
+@pytest.fixture
+def installed(host, ws):
+    """snapmgr's units are removed after each test, and must leave nothing behind."""
+    yield
+    try:
+        ws.ok("systemd", "uninstall")
+        assert own_files() == []
+        listed = sh(host, "systemctl", "list-units", "--all", "--plain", "--no-legend", "--full", "snapmgr-*")
+        left = [line for line in listed.splitlines() if line.strip() and ours(line.split()[0])]
+        assert left == []
+    finally:  # whatever failed, the next test starts without them
+        for path in own_files():
+            path.unlink()
+        sh(host, "systemctl", "daemon-reload")
+
+
+@pytest.fixture
+def writer(host, ws):
+    """A running service that writes into the workspace's source."""
+    name = f"snapmgr-lab-app{next(_names)}.service"
+    (ws.root / "writer.py").write_text(WRITER)
+    (RUN_UNIT_DIR / name).write_text(f"[Service]\nExecStart={sys.executable} {ws.root / 'writer.py'} "
+                                     f"{ws.source / 'app.log'}\n")
+    sh(host, "systemctl", "daemon-reload")
+    sh(host, "systemctl", "start", name)
+    yield name
+    run(host, f"systemctl stop {name}")
+    (RUN_UNIT_DIR / name).unlink()
+    sh(host, "systemctl", "daemon-reload")
+
+
+def test_every_unit_passes_systemd_analyze_verify_and_install_enables_the_timers(host, ws, installed, writer):
+    configure(ws, {"hourly": {"on_calendar": "hourly", "volumes": ["data"]},
+                   "daily": {"on_calendar": "daily", "volumes": ["data"], "randomized_delay": "10min"}},
+              quiesce={"app": {"kind": "systemd", "units": [writer]}})
+    done = ws.ok("--json", "systemd", "install").json()
+    assert done["enabled"] == ["snapmgr-hourly.timer", "snapmgr-daily.timer", "snapmgr-recover.service"]
+    files = [UNIT_DIR / n for n in done["written"]]
+    instance = ws.root / "snapmgr-mount@srv-snapshots.service"
+    instance.write_text((UNIT_DIR / "snapmgr-mount@.service").read_text())
+    out = run(host, " ".join(["systemd-analyze", "verify", *map(str, files), str(instance)]))
+    assert out.rc == 0 and out.stdout + out.stderr == "", out.stdout + out.stderr
+    for timer in ("snapmgr-hourly.timer", "snapmgr-daily.timer"):
+        assert show(host, timer, "UnitFileState") == "enabled" and show(host, timer, "ActiveState") == "active"
+    assert show(host, "snapmgr-recover.service", "UnitFileState") == "enabled"
+    # Recovery comes before the quiesced unit at boot, and the schedules after recovery.
+    assert writer in show(host, "snapmgr-recover.service", "Before").split()
+    assert "snapmgr-recover.service" in show(host, "snapmgr-hourly.service", "After").split()
+    again = ws.ok("--json", "systemd", "install").json()
+    assert again["written"] == [] and len(again["unchanged"]) == 6
+
+    configure(ws, {"hourly": {"on_calendar": "hourly", "volumes": ["data"]}},
+              quiesce={"app": {"kind": "systemd", "units": [writer]}})
+    assert ws.ok("--json", "systemd", "install").json()["removed"] == ["snapmgr-daily.service", "snapmgr-daily.timer"]
+    assert show(host, "snapmgr-daily.timer", "LoadState") == "not-found"
+    assert not (UNIT_DIR / "timers.target.wants" / "snapmgr-daily.timer").exists()
+
+
+def test_a_timer_every_5s_takes_tagged_snapshots_and_prunes_them(host, ws, installed):
+    configure(ws, {"fast": {"on_calendar": "*:*:0/5", "accuracy": "1s", "volumes": ["data"], "tag": "fast"}})
+    (ws.source / "file").write_text("data")
+    ws.ok("systemd", "install")
+    seen: set[str] = set()
+
+    def pruned_after_three_runs():
+        listed = ws.ok("--json", "list").json()["snapshots"]
+        seen.update(s["id"] for s in listed)
+        assert all(s["tags"] == ["fast"] for s in listed), listed
+        return len(seen) >= 3 and len(listed) == 2 and show(host, "snapmgr-fast.service", "ActiveState") != "activating"
+    wait_for(pruned_after_three_runs, timeout=120, what="three timer runs, pruned to keep_last = 2")
+    timers = ws.ok("--json", "systemd", "status").json()["timers"]
+    [fast] = timers
+    assert fast["enabled"] == "enabled" and fast["active"] == "active"
+    assert fast["last_result"] == "success" and fast["last_error"] is None
+    assert fast["last_trigger"] is not None and fast["next_elapse"] is not None
+    status = ws.ok("--json", "status").json()["volumes"][0]
+    assert status["state"] != "failing" and status["last_success"] is not None
+
+
+def test_a_failing_run_shows_in_systemctl_status_and_in_snapmgr_status(host, ws, installed):
+    configure(ws, {"fast": {"on_calendar": "*:*:0/5", "accuracy": "1s", "volumes": ["data"]}},
+              volumes={"data": {"backend": "rsync", "source": ws.source, "repository": ws.repo,
+                                "retention": "default", "quiesce": ["gate"]}},
+              quiesce={"gate": {"kind": "command", "pre": ["/bin/false"]}})
+    ws.ok("systemd", "install")
+    wait_for(lambda: show(host, "snapmgr-fast.service", "Result") == "exit-code", timeout=60,
+             what="a failed run of snapmgr-fast.service")
+    sh(host, "systemctl", "stop", "snapmgr-fast.timer")   # no new run while it is looked at
+    wait_for(lambda: show(host, "snapmgr-fast.service", "ActiveState") == "failed", timeout=60,
+             what="the run to end")
+    out = run(host, "systemctl status snapmgr-fast.service")
+    assert out.rc == 3 and "status=1/FAILURE" in out.stdout, out.stdout
+    [fast] = ws.ok("--json", "systemd", "status").json()["timers"]
+    assert fast["last_result"] == "exit-code" and fast["exit_status"] == 1
+    assert fast["last_error"].startswith("volume data: quiescer gate (command): false exited with status 1"), fast
+    volume = ws.ok("--json", "status").json()["volumes"][0]
+    assert volume["state"] == "failing" and "false exited with status 1" in volume["last_error"]
+    assert ws.snapshots() == []
+
+
+def test_the_recovery_service_starts_what_a_lost_window_left_stopped(host, ws, installed, writer):
+    held = ws.root / "held"
+    hold = [sys.executable, "-c", f"open({str(held)!r}, 'w'); import time; time.sleep(120)"]
+    configure(ws, {"manual": {"on_calendar": "2099-01-01", "volumes": ["data"]}},
+              volumes={"data": {"backend": "rsync", "source": ws.source, "repository": ws.repo,
+                                "quiesce": ["app", "hold"]}},
+              quiesce={"app": {"kind": "systemd", "units": [writer]},
+                       "hold": {"kind": "command", "pre": hold, "max_window": "10min"}})
+    ws.ok("systemd", "install")
+    snapshot = ws.start("snapshot")
+    wait_for(lambda: held.exists() or snapshot.poll() is not None, timeout=60, what="the window")
+    assert snapshot.poll() is None, snapshot.communicate()
+    # As a power cut would: the watchdog goes too, and the window stays open in the journal.
+    for pid in pids_of(Path(sys.executable).name, "snapmgr.quiesce.watchdog"):
+        os.kill(pid, signal.SIGKILL)
+    snapshot.send_signal(signal.SIGKILL)
+    snapshot.wait()
+    assert show(host, writer, "ActiveState") == "inactive"
+    sh(host, "systemctl", "start", "snapmgr-recover.service")
+    wait_for(lambda: show(host, writer, "ActiveState") == "active", timeout=30, what=f"{writer} started again")
+    told = run(host, "journalctl --no-pager --output=cat -u snapmgr-recover.service").stdout
+    assert "recovered now: app: ran systemctl start --no-block --" in told, told
+    assert "nothing to recover" in ws.ok("recover").stdout
+
+
+def test_a_scheduled_run_of_lvm_and_zfs_volumes_works_inside_the_hardened_service(host, ws, installed,
+                                                                                  thick_lv, dataset):
+    thick_lv.write("file", b"lvm")
+    configure(ws, {"cow": {"on_calendar": "2099-01-01", "volumes": ["lv", "zfs"]}},
+              volumes={"lv": lvm_volume(thick_lv, snapshot_size="32M"), "zfs": zfs_volume(dataset)})
+    ws.ok("systemd", "install")
+    service = (UNIT_DIR / "snapmgr-cow.service").read_text()
+    assert "\nProtectKernelTunables=yes\n" in service and "ProtectKernelModules= is off" in service
+    out = run(host, "systemctl start snapmgr-cow.service")
+    assert out.rc == 0, run(host, "journalctl --no-pager -u snapmgr-cow.service").stdout
+    listed = ws.ok("--json", "list").json()["snapshots"]
+    assert sorted(s["volume"] for s in listed) == ["lv", "zfs"]
+    assert all(s["tags"] == ["cow"] and s["manifest"] == "blake3" for s in listed), listed
+
+
+def test_the_watchdog_outlives_a_run_killed_inside_the_service_and_restarts_the_stopped_unit(host, ws, installed,
+                                                                                               writer):
+    held = ws.root / "held"
+    hold = [sys.executable, "-c", f"open({str(held)!r}, 'w'); import time; time.sleep(120)"]
+    configure(ws, {"manual": {"on_calendar": "2099-01-01", "volumes": ["data"]}},
+              volumes={"data": {"backend": "rsync", "source": ws.source, "repository": ws.repo,
+                                "quiesce": ["app", "hold"]}},
+              quiesce={"app": {"kind": "systemd", "units": [writer]},
+                       "hold": {"kind": "command", "pre": hold, "max_window": "10min"}})
+    ws.ok("systemd", "install")
+    sh(host, "systemctl", "start", "--no-block", "snapmgr-manual.service")
+    wait_for(held.exists, timeout=60, what="the window of the service's run")
+    assert show(host, writer, "ActiveState") == "inactive"
+    sh(host, "systemctl", "kill", "--kill-whom=main", "--signal=SIGKILL", "snapmgr-manual.service")
+    wait_for(lambda: show(host, writer, "ActiveState") == "active", timeout=60,
+             what=f"the watchdog starting {writer} again")
+    assert show(host, "snapmgr-manual.service", "Result") == "signal"
+    assert "was not closed by its run; quiesce watchdog: snapmgr" in ws.ok("list").stderr
+
+
+def test_the_mount_template_serves_snapshots_to_everyone_and_unmounts_when_stopped(host, ws, installed):
+    (ws.source / "file").write_text("served")
+    configure(ws, {"hourly": {"on_calendar": "hourly", "volumes": ["data"]}})
+    ws.ok("systemd", "install")
+    snap = ws.ok("--json", "snapshot").json()["results"][0]["created"]["id"]
+    where = ws.root / "served snapshots"
+    where.mkdir()
+    unit = f"snapmgr-mount@{sh(host, 'systemd-escape', '--path', where).strip()}.service"
+    sh(host, "systemctl", "start", unit)
+    try:
+        # Seen from outside the unit: it has no mount namespace of its own.
+        wait_for(lambda: os.path.ismount(where), timeout=60, what=f"{unit} mounting {where}")
+        assert (where / "data" / snap.split("@")[1] / "file").read_text() == "served"
+        assert show(host, unit, "ActiveState") == "active"
+    finally:
+        sh(host, "systemctl", "stop", unit)
+    assert not os.path.ismount(where) and show(host, unit, "Result") == "success"
