@@ -184,3 +184,15 @@ def test_a_listing_goes_through_the_journal_whole_or_says_it_cannot_be_read():
         assert unreadable.snapshots is None and unreadable.at is None
         assert unreadable.problem.startswith("what the run at 2026-11-24 12:00:00 UTC recorded of its snapshots "
                                              "cannot be read (")
+
+
+def test_the_plugin_output_has_no_bar_but_the_one_before_the_perfdata():
+    error = "rsync exited with status 11: rsync: write failed | rsync error: error in file IO (code 11)\nat main.c"
+    failed = replace(STATUS, runs=(run("snapshot", "failed", 10, error=error),))
+    judged = Health([VolumeHealth(failed, None, None, tuple(assess(failed, None, NOW, True)))], NOW, True, {})
+    head, *details = check.text(judged).split("\n")
+    assert head.count("|") == 1 and head.split(" | ", 1)[1] == check.perfdata(judged)
+    assert "write failed / rsync error" in head and not any("|" in line for line in details)
+    assert sum("the last snapshot run failed" in line for line in details) == 1
+    assert "error in file IO (code 11)\\nat main.c" in details[-1]
+    assert "|" not in check.failure_text("cannot read the journal: a | b")
