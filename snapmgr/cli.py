@@ -98,7 +98,7 @@ def snapshot(c: Context, volumes, group, tags, prune, dry_run):
     if group is not None and volumes:
         raise UsageError("name volumes or --group, not both")
     outcomes = c.engine().snapshot(volumes, tags, prune, dry_run, _progress(c), group)
-    _finish(c, outcomes, {}, "\n".join(filter(None, (_describe(o) for o in outcomes))))
+    _finish(c, outcomes, {}, "\n".join(filter(None, (_describe(o) for o in outcomes))), dry_run)
 
 
 @cli.command("list")
@@ -120,7 +120,7 @@ def list_(c: Context, volumes):
 def delete(c: Context, snapshots, dry_run):
     """Delete the named snapshots (protected ones too: naming them is the decision)."""
     outcomes = c.engine().delete(snapshots, dry_run)
-    _finish(c, outcomes, {}, "\n".join(filter(None, (_describe(o) for o in outcomes))))
+    _finish(c, outcomes, {}, "\n".join(filter(None, (_describe(o) for o in outcomes))), dry_run)
 
 
 @cli.command()
@@ -201,7 +201,7 @@ def versions_(c: Context, path):
 def prune(c: Context, volumes, dry_run):
     """Delete the snapshots that no retention rule keeps."""
     outcomes = c.engine().prune(volumes, dry_run)
-    _finish(c, outcomes, {"dry_run": dry_run}, "\n\n".join(_describe_prune(o, dry_run) for o in outcomes))
+    _finish(c, outcomes, {"dry_run": dry_run}, "\n\n".join(_describe_prune(o, dry_run) for o in outcomes), dry_run)
 
 
 @cli.command()
@@ -459,11 +459,12 @@ def _describe_prune(o: Outcome, dry_run: bool) -> str:
     return f"{head}\n{render.decisions_table(o) if o.decisions else 'no snapshots'}"
 
 
-def _finish(c: Context, outcomes: Sequence[Outcome], data: dict, human: str) -> None:
+def _finish(c: Context, outcomes: Sequence[Outcome], data: dict, human: str, dry_run: bool) -> None:
     """Show what a job did, then report its failures: each volume's, the monitoring's
-    (after a job that changed something), and the journal's when the run could not all
-    be recorded."""
-    unpublished = _publish(c) if any(o.created or o.deleted or o.error for o in outcomes) else None
+    (after a job that changed something; a dry run, even a refused one, changes nothing),
+    and the journal's when the run could not all be recorded."""
+    changed = not dry_run and any(o.created or o.deleted or o.error for o in outcomes)
+    unpublished = _publish(c) if changed else None
     unrecorded = c.engine().journal_failure
     c.emit(data | {"results": [render.outcome_json(o) for o in outcomes],
                    "journal_error": str(unrecorded) if unrecorded else None,

@@ -367,6 +367,19 @@ def test_every_run_that_changes_something_replaces_the_textfile(ws):
     assert sorted(p.name for p in textfile.parent.iterdir()) == ["snapmgr.prom"]   # no temporary file left
 
 
+def test_a_dry_run_the_space_guard_refuses_changes_nothing_either(ws):
+    textfile = ws.root / "textfile" / "snapmgr.prom"
+    textfile.parent.mkdir()
+    configure(ws, HOURLY, volume={"min_free": "99%"}, metrics_textfile=textfile)
+    make_tree(ws.source, files=3)
+    r = ws.run("snapshot", "--dry-run")
+    assert r.returncode == 1 and "refusing to snapshot: " in r.stderr, r.stderr
+    assert not textfile.exists()
+    with sqlite3.connect(journal(ws)) as db:
+        assert db.execute("SELECT count(*) FROM observations").fetchone() == (0,)
+        assert db.execute("SELECT count(*) FROM runs").fetchone() == (0,)
+
+
 def test_a_textfile_that_cannot_be_written_fails_the_run_loudly_but_keeps_it(ws):
     textfile = ws.root / "missing-dir" / "snapmgr.prom"
     configure(ws, HOURLY, metrics_textfile=textfile)
