@@ -18,6 +18,7 @@ from snapmgr.config import Config, Schedule, Volume
 from snapmgr.engine import Engine, VolumeStatus
 from snapmgr.errors import SnapmgrError
 from snapmgr.journal import JournalError, RunRecord
+from snapmgr.monitor import processes
 
 OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
 NAMES = ("OK", "WARNING", "CRITICAL", "UNKNOWN")
@@ -143,7 +144,8 @@ def _gap(schedule: Schedule, interval: Callable[[str], timedelta]) -> timedelta:
 
 
 def assess(s: VolumeStatus, ages: Ages | None, now: datetime, live: bool,
-           alive: Callable[[int], bool] = lambda pid: os.path.exists(f"/proc/{pid}")) -> list[Finding]:
+           alive: Callable[[RunRecord], bool] = lambda run: processes.running(run.pid, run.started)
+           ) -> list[Finding]:
     """What is wrong with the volume, if anything. `alive`: whether a run's process is
     still there (a run journaled as running whose process is gone was killed)."""
     found = []
@@ -167,7 +169,7 @@ def assess(s: VolumeStatus, ages: Ages | None, now: datetime, live: bool,
     return found
 
 
-def _runs(runs: tuple[RunRecord, ...], alive: Callable[[int], bool]) -> list[Finding]:
+def _runs(runs: tuple[RunRecord, ...], alive: Callable[[RunRecord], bool]) -> list[Finding]:
     found = []
     for action in WATCHED_ACTIONS:
         mine = [r for r in runs if r.action == action]        # oldest first
@@ -175,7 +177,7 @@ def _runs(runs: tuple[RunRecord, ...], alive: Callable[[int], bool]) -> list[Fin
         if finished and finished[-1].status == "failed":
             last = finished[-1]
             found.append(Finding(CRITICAL, f"the last {action} run failed at {stamp(last.ended)}: {last.error}"))
-        if mine and mine[-1].status == "running" and not alive(mine[-1].pid):
+        if mine and mine[-1].status == "running" and not alive(mine[-1]):
             run = mine[-1]
             found.append(Finding(CRITICAL, f"the {action} run started at {stamp(run.started)} by pid {run.pid} "
                                            f"never finished: its process is gone (killed?)"))

@@ -13,6 +13,7 @@ import shutil
 import signal
 import sqlite3
 import subprocess
+import sys
 import tempfile
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -312,6 +313,32 @@ def test_nobody_reads_the_journal_with_and_without_a_writer(ws):
     metrics = run_as(ws, "nobody", "metrics")
     assert metrics.returncode == 0
     promtool(metrics.stdout)
+
+
+def test_a_run_root_is_still_taking_is_not_killed_to_nobody_under_hidepid(ws):
+    # /proc mounted with hidepid=invisible (systemd's ProtectProc=invisible) hides root's
+    # processes from nobody: the run's process must be asked for otherwise.
+    configure(ws, HOURLY)
+    make_tree(ws.source, files=3)
+    ws.ok("snapshot")
+    readable_by_nobody(ws)
+    taking = subprocess.Popen(["sleep", "300"])
+    try:
+        insert(ws, "INSERT INTO runs (volume, action, pid, started, status) VALUES ('data', 'snapshot', ?, ?, "
+                   "'running')", (taking.pid, now_iso()))
+        script = ("import subprocess, sys\n"
+                  "subprocess.run(['mount', '-t', 'proc', '-o', 'hidepid=invisible', 'proc', '/proc'], check=True)\n"
+                  f"hidden = subprocess.run(['runuser', '-u', 'nobody', '--', 'test', '-e', '/proc/{taking.pid}'])\n"
+                  f"print(hidden.returncode, flush=True)\n"
+                  f"sys.exit(subprocess.run(['runuser', '-u', 'nobody', '--', *{ws.command('check')!r}]).returncode)\n")
+        p = subprocess.run(["unshare", "--mount", "--propagation", "private", "--", sys.executable, "-c", script],
+                           capture_output=True, text=True, env=ws.env, timeout=120)
+    finally:
+        taking.kill()
+        taking.wait()
+    hidden, head, *details = p.stdout.splitlines()
+    assert hidden == "1", "nobody still sees root's process in /proc"
+    assert (p.returncode, head.split(" | ")[0]) == (0, "SNAPMGR OK - 1 of 1 volumes OK"), (p.stdout, p.stderr)
 
 
 def test_nobody_sees_an_invalid_snapshot_as_the_last_run_listed_it(ws):

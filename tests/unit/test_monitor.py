@@ -131,7 +131,7 @@ def window(status: str, minutes_ago: float) -> WindowRecord:
      [(WARNING, "the newest snapshot data@20261124T113000Z is degraded: cache (redis): refused")]),
 ])
 def test_findings(change, live, ages, expected):
-    found = assess(replace(STATUS, **change), ages, NOW, live, alive=lambda pid: pid != 4242)
+    found = assess(replace(STATUS, **change), ages, NOW, live, alive=lambda run: run.pid != 4242)
     assert [f.state for f in found] == [state for state, _ in expected]
     for f, (_, text) in zip(found, expected):
         assert text in f.text
