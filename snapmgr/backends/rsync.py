@@ -180,7 +180,7 @@ class RsyncBackend(DirectoryBackend):
         except SpaceRefused:
             self._discard(partial)
             raise
-        if result.returncode not in accept and not _vanished_only(result):
+        if not _accepted(result, accept):
             # A burst of writes can fill the filesystem between two looks: rsync then
             # fails with ENOSPC (and removes the file it was writing), and that is the floor too.
             if short and (refused := short(filled=ENOSPC_TEXT in result.stderr)):
@@ -280,6 +280,15 @@ def _failure(result: sh.Completed) -> SnapmgrError:
         return SnapmgrError(f"a path in the source is longer than rsync can copy (4096 bytes); exclude its "
                             f"directory ({_exclude_advice(PurePosixPath(m[1]))}) or shorten it")
     return sh.CommandError(result.argv, result.returncode, result.stderr)
+
+
+def _accepted(result: sh.Completed, accept: tuple[int, ...]) -> bool:
+    """Whether the run did what its caller can go on with. A partial transfer (23) is
+    never that when a file could not be created or written for lack of space (or of
+    inodes): the copy is short, and the next pass would only fail the same way."""
+    if result.returncode == RSYNC_PARTIAL and ENOSPC_TEXT in result.stderr:
+        return False
+    return result.returncode in accept or _vanished_only(result)
 
 
 def _vanished_only(result: sh.Completed) -> bool:

@@ -132,6 +132,34 @@ def test_the_watch_also_guards_the_pass_after_a_prepass(ws, small_repo):
     last_run_failed_with(ws, "stopped copying into")
 
 
+@pytest.fixture
+def few_inodes(tmp_path):
+    """A tmpfs with room for 40 inodes: creating files there soon fails with ENOSPC."""
+    mnt = tmp_path / "few-inodes"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,nr_inodes=40", "tmpfs", mnt], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", mnt], check=True)
+
+
+@pytest.mark.parametrize("floor", [{}, {"min_free": "1M"}], ids=["no-floor", "min_free"])
+def test_a_prepass_that_runs_out_of_space_fails_before_any_service_is_paused(ws, few_inodes, floor):
+    # rsync exits 23 when it cannot create files, as when some vanish; a prepass accepts
+    # that from a changing source, but not when the repository is full.
+    make_tree(ws.source, files=100)
+    log = ws.root / "quiesced.log"
+    volumes = rsync_volume(ws, few_inodes, quiesce=["app"], **floor)
+    ws.write_config(volumes, quiesce={"app": {"kind": "command", "pre": ["touch", str(log)], "post": ["true"]}})
+    r = ws.run("snapshot")
+    assert r.returncode == 1 and len(r.stderr.splitlines()) == 1, r.stderr
+    assert "No space left on device" in r.stderr
+    assert not log.exists()        # the services were never paused
+    assert ws.snapshots() == []
+    last_run_failed_with(ws, "No space left on device")
+
+
 def test_status_shows_what_rsync_snapshots_hold_and_what_is_free(ws, small_repo):
     write_files(ws.source, 4, 256 << 10)          # 1 MiB in all
     ws.write_config(rsync_volume(ws, small_repo, min_free="8M"))
