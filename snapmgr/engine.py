@@ -205,7 +205,7 @@ class Engine:
         except (SnapmgrError, OSError) as e:
             return observed.Listing(None, str(as_error(e)))
         try:
-            space = self.backend(volume).space()
+            space = self.backend(volume).space(snapshots)
         except Interrupted:
             raise
         except (SnapmgrError, OSError) as e:

@@ -20,7 +20,7 @@ from snapmgr.backends import changes, rsync_filters
 from snapmgr.backends.base import Progress, Space
 from snapmgr.backends.directory import DirectoryBackend, syncfs
 from snapmgr.errors import SnapmgrError, SpaceRefused, quote
-from snapmgr.model import SnapshotId, human_size
+from snapmgr.model import Snapshot, SnapshotId, human_size
 
 log = logging.getLogger(__name__)
 
@@ -204,10 +204,13 @@ class RsyncBackend(DirectoryBackend):
             return SpaceRefused(f"stopped copying into {partial.name} and removed it: {why}") if why else None
         return short
 
-    def space(self) -> Space:
+    def free_space(self) -> Space:
+        return self._filesystem_space()
+
+    def space(self, snapshots: list[Snapshot]) -> Space:
         """The repository's filesystem; what each snapshot holds is what it copied when it
         was taken (the rest are hardlinks to earlier snapshots), as its metadata recorded."""
-        held_each = {s.id: copied for s in self.list() if (copied := _recorded_copy(s.meta)) is not None}
+        held_each = {s.id: copied for s in snapshots if (copied := _recorded_copy(s.meta)) is not None}
         return replace(self._filesystem_space(), held=sum(held_each.values()), held_each=held_each,
                        note="held: what each snapshot copied when taken; a file it shared with a pruned "
                             "snapshot is counted in none")

@@ -223,6 +223,37 @@ def test_btrfs_space_without_quotas_is_the_filesystems_and_a_floor_refuses(ws, b
     last_run_failed_with(ws, "below min_free 99%")
 
 
+def test_the_floor_needs_the_free_figure_only(ws, btrfs):
+    # What the snapshots hold is read with the btrfs program (qgroup show); without it
+    # the filesystem's free space is still known, and that is all min_free asks for.
+    subprocess.run(["btrfs", "quota", "enable", btrfs], check=True)
+    make_tree(btrfs / "data", files=10)
+    ws.write_config(btrfs_volume(btrfs, min_free="1M"))
+    ws.env["PATH"] = str(ws.root / "no-programs")
+    ws.ok("snapshot")
+    assert len(ws.snapshots()) == 1
+    [status] = ws.ok("--json", "status").json()["volumes"]
+    assert "'btrfs' is not installed" in status["space_error"]
+
+
+def test_status_lists_each_volume_once(ws, small_repo, monkeypatch):
+    from snapmgr import config
+    from snapmgr.backends.rsync import RsyncBackend
+    from snapmgr.engine import Engine
+
+    make_tree(ws.source, files=5)
+    volumes = rsync_volume(ws, small_repo, min_free="1M")
+    volumes["logs"] = {**volumes["data"], "repository": small_repo / "logs"}
+    ws.write_config(volumes)
+    ws.ok("snapshot")
+    listed = []
+    original = RsyncBackend.list
+    monkeypatch.setattr(RsyncBackend, "list", lambda self: listed.append(self.volume) or original(self))
+    statuses = Engine(config.load(ws.config)).status()
+    assert sorted(listed) == ["data", "logs"]
+    assert [(s.volume, s.snapshots, s.space.held) for s in statuses] == [("data", 1, 500), ("logs", 1, 500)]
+
+
 def test_btrfs_with_quotas_shows_what_each_snapshot_alone_holds(ws, btrfs):
     subprocess.run(["btrfs", "quota", "enable", btrfs], check=True)
     ws.write_config(btrfs_volume(btrfs))
@@ -239,7 +270,8 @@ def test_btrfs_with_quotas_shows_what_each_snapshot_alone_holds(ws, btrfs):
     from snapmgr.engine import Engine
     from snapmgr.model import SnapshotId
     engine = Engine(config.load(ws.config))
-    space = engine.backend(engine.config.volumes["data"]).space()
+    backend = engine.backend(engine.config.volumes["data"])
+    space = backend.space(backend.list())
     each = {str(k): v for k, v in space.held_each.items()}
     assert set(each) == {first, second}
     assert 4 * MiB <= each[first] < 5 * MiB and 2 * MiB <= each[second] < 3 * MiB
