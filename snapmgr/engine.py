@@ -17,7 +17,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Collection, Iterable
 
 from snapmgr import manifest, manifest_recording, observed, quiesce, retention, sh, space_guard
 from snapmgr.backends import BACKENDS
@@ -174,16 +174,19 @@ class Engine:
         return sorted((f for v in self.volumes(names) for f in self.backend(v).foreign()),
                       key=lambda f: (f.volume, f.created, f.name))
 
-    def status(self, names: Iterable[str] = (), live: bool = True, record: bool = False) -> list[VolumeStatus]:
+    def status(self, names: Iterable[str] = (), live: bool | Collection[str] = True,
+               record: bool = False) -> list[VolumeStatus]:
         """Per volume: its snapshots, and what the journal says of its runs, windows and
         verifies. `live` False: the snapshots as the last run that changed them listed
         them (snapmgr.observed), for a reader who cannot list them (a monitoring user);
-        `record`: keep what was listed in the journal for such readers."""
+        the names of volumes: those listed now, the others as recorded unless nothing of
+        them is (after a run: the volumes it changed). `record`: keep what was listed in
+        the journal for such readers."""
         verifies = self.journal.latest_verifies()
-        recorded = None if live else self.journal.observations()
+        recorded = {} if live is True else self.journal.observations()
         statuses = []
         for volume in self.volumes(names):
-            if recorded is None:
+            if live is True or (live is not False and (volume.name in live or volume.name not in recorded)):
                 listed_at = datetime.now(timezone.utc)
                 listing = self.listing(volume)
                 if record:

@@ -11,7 +11,7 @@ import functools
 import os
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Callable, Iterable
+from typing import Callable, Collection, Iterable
 
 from snapmgr import calendar
 from snapmgr.config import Config, Schedule, Volume
@@ -76,10 +76,12 @@ class Health:
         return worst(v.state for v in self.volumes)
 
 
-def gather(engine: Engine, names: Iterable[str] = (), live: bool | None = None, record: bool = False) -> Health:
+def gather(engine: Engine, names: Iterable[str] = (), live: bool | Collection[str] | None = None,
+           record: bool = False) -> Health:
     """Every named volume (all when none are named), judged now. `live` (default: when
     running as root) lists the snapshots; otherwise they are read as the last run
-    recorded them. `record`: keep what was listed in the journal for such readers."""
+    recorded them; names of volumes: those are listed (Engine.status). `record`: keep
+    what was listed in the journal for such readers."""
     live = os.geteuid() == 0 if live is None else live
     names = list(names)
     statuses, counts = _read(engine, names, live, record)
@@ -95,8 +97,8 @@ def gather(engine: Engine, names: Iterable[str] = (), live: bool | None = None, 
             ages, unknown = None, [Finding(UNKNOWN, f"its snapshots' allowed age cannot be worked out: {e}")]
         good = status.newest_good
         volumes.append(VolumeHealth(status, ages, good and now - good.created,
-                                    tuple(unknown + assess(status, ages, now, live))))
-    return Health(volumes, now, live, counts)
+                                    tuple(unknown + assess(status, ages, now, live is not False))))
+    return Health(volumes, now, live is not False, counts)
 
 
 def _read(engine: Engine, names: list[str], live: bool, record: bool):

@@ -407,6 +407,33 @@ def test_a_dry_run_the_space_guard_refuses_changes_nothing_either(ws):
         assert db.execute("SELECT count(*) FROM runs").fetchone() == (0,)
 
 
+def test_a_run_lists_anew_only_the_volumes_it_changed(ws):
+    textfile = ws.root / "textfile" / "snapmgr.prom"
+    textfile.parent.mkdir()
+    logs = ws.root / "logs"
+    logs.mkdir()
+    make_tree(ws.source, files=3)
+    make_tree(logs, files=3)
+    ws.write_config({"data": {"backend": "rsync", "source": ws.source, "repository": ws.repo},
+                     "logs": {"backend": "rsync", "source": logs, "repository": ws.root / "logs-repo"}},
+                    metrics_textfile=textfile)
+    ws.ok("snapshot")
+    with sqlite3.connect(journal(ws)) as db:
+        recorded = dict(db.execute("SELECT volume, at FROM observations"))
+    db.close()
+    # logs cannot be listed now; a run on data neither lists it nor records it anew.
+    shutil.rmtree(ws.root / "logs-repo")
+    (ws.root / "logs-repo").write_text("")
+    r = ws.run("snapshot", "data")
+    assert (r.returncode, r.stderr) == (0, "") and r.stdout.startswith("created data@")
+    with sqlite3.connect(journal(ws)) as db:
+        now = dict(db.execute("SELECT volume, at FROM observations"))
+    db.close()
+    assert now["logs"] == recorded["logs"] and now["data"] > recorded["data"]
+    text = textfile.read_text()
+    assert 'snapmgr_snapshots{volume="data"} 2\n' in text and 'snapmgr_snapshots{volume="logs"} 1\n' in text
+
+
 def test_a_textfile_that_cannot_be_written_fails_the_run_loudly_but_keeps_it(ws):
     textfile = ws.root / "missing-dir" / "snapmgr.prom"
     configure(ws, HOURLY, metrics_textfile=textfile)
