@@ -182,22 +182,31 @@ class Engine:
         the names of volumes: those listed now, the others as recorded unless nothing of
         them is (after a run: the volumes it changed). `record`: keep what was listed in
         the journal for such readers."""
-        verifies = self.journal.latest_verifies()
-        recorded = {} if live is True else self.journal.observations()
-        statuses = []
-        for volume in self.volumes(names):
-            if live is True or (live is not False and (volume.name in live or volume.name not in recorded)):
-                listed_at = datetime.now(timezone.utc)
-                listing = self.listing(volume)
-                if record:
-                    self.journal.observed(volume.name, listed_at, observed.dump(listing))
-            elif volume.name in recorded:
-                at, text = recorded[volume.name]
-                listing = observed.load(text, at)
-            else:
-                listing = observed.Listing(None, "no run has recorded its snapshots yet")
-            statuses.append(self._status(volume, listing, verifies))
-        return statuses
+        volumes = self.volumes(names)
+        if isinstance(live, bool):
+            fresh = volumes if live else []
+        else:
+            seen = self.journal.observations()
+            fresh = [v for v in volumes if v.name in live or v.name not in seen]
+        listings = {}
+        for volume in fresh:
+            listed_at = datetime.now(timezone.utc)
+            listings[volume.name] = self.listing(volume)
+            if record:
+                self.journal.observed(volume.name, listed_at, observed.dump(listings[volume.name]))
+        # The journal is read at one moment, for a writer may be at work meanwhile.
+        with self.journal.reading():
+            verifies = self.journal.latest_verifies()
+            recorded = self.journal.observations() if len(fresh) < len(volumes) else {}
+            for volume in volumes:
+                if volume.name in listings:
+                    continue
+                if volume.name in recorded:
+                    at, text = recorded[volume.name]
+                    listings[volume.name] = observed.load(text, at)
+                else:
+                    listings[volume.name] = observed.Listing(None, "no run has recorded its snapshots yet")
+            return [self._status(volume, listings[volume.name], verifies) for volume in volumes]
 
     def listing(self, volume: Volume) -> observed.Listing:
         """The volume's snapshots and space as the backend lists them now."""

@@ -7,6 +7,7 @@ monitoring plugins: OK, WARNING, CRITICAL, UNKNOWN."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from dataclasses import dataclass
@@ -106,7 +107,9 @@ def _read(engine: Engine, names: list[str], live: bool, record: bool):
     journal = engine.journal
     for attempt in range(1, ATTEMPTS + 1):
         try:
-            found = engine.status(names, live, record), journal.run_counts()
+            # Read at one moment, unless what is listed is recorded meanwhile.
+            with contextlib.nullcontext() if record else journal.reading():
+                found = engine.status(names, live, record), journal.run_counts()
         except JournalError:
             if attempt == ATTEMPTS or not journal.raced():
                 raise
