@@ -36,14 +36,16 @@ def test_the_whole_process_group_is_gone_when_run_returns(tmp_path):
         helper = (f"import os\nopen({str(pidfile)!r}, 'w').write(str(os.getpid()))\n"
                   f"with open({str(mnt / 'out')!r}, 'wb', buffering=0) as f:\n"
                   f"    while True: f.seek(0); f.write(b'x' * 4096)\n")
-        parent = f"import subprocess, sys, time\nsubprocess.Popen([sys.executable, '-c', {helper!r}])\ntime.sleep(600)\n"
+        parent = (f"import subprocess, sys, time\nsubprocess.Popen([sys.executable, '-c', {helper!r}])\n"
+                  f"time.sleep(600)\n")
         frozen, group = threading.Event(), []
         thaw = threading.Timer(1.0, subprocess.run, (["fsfreeze", "--unfreeze", mnt],))
 
         def stop_when():
-            if not pidfile.exists() or not os.path.exists(mnt / "out"):
+            written = pidfile.read_text() if pidfile.exists() else ""
+            if not written or not os.path.exists(mnt / "out"):
                 return None
-            pid = int(pidfile.read_text())
+            pid = int(written)
             if not frozen.is_set():
                 subprocess.run(["fsfreeze", "--freeze", mnt], check=True)
                 frozen.set()
