@@ -10,8 +10,12 @@ from snapmgr import sh
 from snapmgr.errors import SnapmgrError, quote
 
 PROGRAM = "systemd-analyze"
-# Enough elapses to span a week's and a month's irregular gaps (Mon..Fri skips a weekend).
-SPAN = 16
+# The elapses looked at must span more than a week, so that a weekday schedule's weekend
+# is among its gaps (`Mon..Fri 09..17:00` has 45 elapses a week, its longest gap 64h);
+# asked for in ever larger batches, as few as need be, up to a cap that a per-minute
+# schedule reaches (16384 iterations take systemd-analyze about a quarter of a second).
+SPAN = timedelta(days=8)
+FIRST_COUNT, GROWTH, MAX_COUNT = 16, 4, 16384
 _ELAPSE_RE = re.compile(r"^\s*(?:Next elapse|Iter\. #\d+): \w+ (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) UTC$", re.M)
 
 
@@ -40,7 +44,11 @@ def elapses(expression: str, count: int = 1) -> list[datetime]:
 def interval(expression: str) -> timedelta:
     """The longest gap between two elapses: how long a volume on this schedule can rightly
     go without a new snapshot."""
-    times = elapses(expression, SPAN)
+    count = FIRST_COUNT
+    times = elapses(expression, count)
+    while len(times) == count and times[-1] - times[0] < SPAN and count < MAX_COUNT:
+        count = min(count * GROWTH, MAX_COUNT)
+        times = elapses(expression, count)
     if len(times) < 2:
         raise CalendarError(f"{quote(expression)} elapses once only: it is no schedule")
     return max(b - a for a, b in zip(times, times[1:]))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
-from typing import NoReturn, Sequence
+from typing import Callable, NoReturn, Sequence
 
 import click
 
@@ -24,7 +24,7 @@ from snapmgr.manifest import export
 from snapmgr.monitor import check as plugin, metrics, state as health_state
 from snapmgr.errors import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_SOFTWARE, EXIT_USAGE, Interrupted, SnapmgrError,
                             UsageError, as_error, one_line, quote)
-from snapmgr.model import NAME_RULE, is_valid_name, parse_duration
+from snapmgr.model import NAME_RULE, SnapshotId, is_valid_name, parse_duration
 
 log = logging.getLogger("snapmgr")
 
@@ -111,7 +111,7 @@ def snapshot(c: Context, volumes, group, schedule, tags, prune, dry_run):
         outcomes = c.engine().scheduled(schedule, dry_run, _progress(c))
     else:
         outcomes = c.engine().snapshot(volumes, tags, prune, dry_run, _progress(c), group)
-    _finish(c, outcomes, {}, "\n".join(filter(None, (_describe(o) for o in outcomes))))
+    _finish(c, outcomes, {}, "\n".join(filter(None, (_describe(o) for o in outcomes))), dry_run)
 
 
 @cli.command("list")
@@ -133,7 +133,7 @@ def list_(c: Context, volumes):
 def delete(c: Context, snapshots, dry_run):
     """Delete the named snapshots (protected ones too: naming them is the decision)."""
     outcomes = c.engine().delete(snapshots, dry_run)
-    _finish(c, outcomes, {}, "\n".join(filter(None, (_describe(o) for o in outcomes))))
+    _finish(c, outcomes, {}, "\n".join(filter(None, (_describe(o) for o in outcomes))), dry_run)
 
 
 @cli.command()
@@ -158,9 +158,8 @@ def restore(c: Context, snapshot, paths, dest, in_place, overwrite, delete, dry_
     if (dest is None) == (not in_place):
         raise UsageError("give either --to DEST or --in-place")
     done = restore_job.restore(c.engine(), snapshot, paths, dest, overwrite, in_place, delete, dry_run)
-    unpublished = _publish(c) if done.pre_rollback else None
-    c.emit(render.restored_json(done) | {"monitoring_error": str(unpublished) if unpublished else None},
-           render.restored_text(done))
+    unpublished = _shown(c, lambda: render.restored_json(done), render.restored_text(done),
+                         [SnapshotId.parse(done.pre_rollback).volume] if done.pre_rollback else None)
     if unpublished:
         _error(str(unpublished))
         sys.exit(EXIT_FAILED)
@@ -214,7 +213,7 @@ def versions_(c: Context, path):
 def prune(c: Context, volumes, dry_run):
     """Delete the snapshots that no retention rule keeps."""
     outcomes = c.engine().prune(volumes, dry_run)
-    _finish(c, outcomes, {"dry_run": dry_run}, "\n\n".join(_describe_prune(o, dry_run) for o in outcomes))
+    _finish(c, outcomes, {"dry_run": dry_run}, "\n\n".join(_describe_prune(o, dry_run) for o in outcomes), dry_run)
 
 
 @cli.command()
@@ -285,9 +284,8 @@ def recover(c: Context, boot):
     """Resume whatever an interrupted quiesce window left paused (also done by every
     other command, and at boot)."""
     told = c.engine(recover=False).recover(boot)
-    unpublished = _publish(c) if told else None
-    c.emit({"recovered": told, "monitoring_error": str(unpublished) if unpublished else None},
-           "\n".join(told) or "nothing to recover")
+    # A window's end changes no volume's snapshots: they are published as recorded.
+    unpublished = _shown(c, lambda: {"recovered": told}, "\n".join(told) or "nothing to recover", [] if told else None)
     if unpublished:
         _error(str(unpublished))
         sys.exit(EXIT_FAILED)
@@ -344,17 +342,17 @@ def verify(c: Context, targets):
     if sys.stderr.isatty():
         click.echo("\r\033[K", nl=False, err=True)
     lines = [line for v in results for line in render.verification_lines(v)] + passed_over
-    unpublished = _publish(c) if results else None
-    unrecorded = engine.journal_failure
     failed = [v for v in results if v.result not in ("intact", "unverifiable")]
     # "intact": no snapshot checked is damaged or in error, as the exit status says unless
     # the journal failed too; "checked": how many were compared with a manifest, so that a
-    # script can tell "nothing damaged" from "nothing checked".
-    c.emit({"results": [render.verify_json(v) for v in results], "passed_over": passed_over,
-            "intact": not failed, "checked": sum(v.result in ("intact", "damaged") for v in results),
-            "journal_error": str(unrecorded) if unrecorded else None,
-            "monitoring_error": str(unpublished) if unpublished else None},
-           "\n".join(lines) or "no snapshots to verify")
+    # script can tell "nothing damaged" from "nothing checked". A verify changes no
+    # volume's snapshots: they are published as recorded.
+    unpublished = _shown(c, lambda: {"results": [render.verify_json(v) for v in results], "passed_over": passed_over,
+                                     "intact": not failed,
+                                     "checked": sum(v.result in ("intact", "damaged") for v in results),
+                                     "journal_error": _text(engine.journal_failure)},
+                         "\n".join(lines) or "no snapshots to verify", [] if results else None)
+    unrecorded = engine.journal_failure
     if failed:
         _error(f"{len(failed)} of {len(results)} snapshots are not intact: "
                + ", ".join(f"{v.snapshot.id} ({v.result})" for v in failed))
@@ -520,15 +518,15 @@ def _describe_prune(o: Outcome, dry_run: bool) -> str:
     return f"{head}\n{render.decisions_table(o) if o.decisions else 'no snapshots'}"
 
 
-def _finish(c: Context, outcomes: Sequence[Outcome], data: dict, human: str) -> None:
+def _finish(c: Context, outcomes: Sequence[Outcome], data: dict, human: str, dry_run: bool) -> None:
     """Show what a job did, then report its failures: each volume's, the monitoring's
-    (after a job that changed something), and the journal's when the run could not all
-    be recorded."""
-    unpublished = _publish(c) if any(o.created or o.deleted or o.error for o in outcomes) else None
+    (after a job that changed something; a dry run, even a refused one, changes nothing),
+    and the journal's when the run could not all be recorded."""
+    changed = [o.volume for o in outcomes if o.created or o.deleted or o.error]
+    unpublished = _shown(c, lambda: data | {"results": [render.outcome_json(o) for o in outcomes],
+                                            "journal_error": _text(c.engine().journal_failure)},
+                         human, changed if changed and not dry_run else None)
     unrecorded = c.engine().journal_failure
-    c.emit(data | {"results": [render.outcome_json(o) for o in outcomes],
-                   "journal_error": str(unrecorded) if unrecorded else None,
-                   "monitoring_error": str(unpublished) if unpublished else None}, human)
     if sys.stderr.isatty():
         click.echo("\r\033[K", nl=False, err=True)
     failures = [(f"volume {o.volume}: {o.error}", o.error) for o in outcomes if o.error]
@@ -542,9 +540,23 @@ def _finish(c: Context, outcomes: Sequence[Outcome], data: dict, human: str) -> 
         sys.exit(failures[0][1].exit_code)
 
 
-def _publish(c: Context) -> SnapmgrError | None:
-    """Leave what the run changed for monitoring (snapmgr.monitor.publish)."""
-    return monitor.publish(c.engine())
+def _shown(c: Context, data: Callable[[], dict], human: str | None,
+           changed: Sequence[str] | None) -> SnapmgrError | None:
+    """Show what a command did, and leave it for monitoring when it changed something
+    (`changed`: the volumes whose snapshots it changed; None: nothing at all;
+    snapmgr.monitor.publish). The text comes first: nothing the monitoring does can keep
+    it from the user. The JSON document tells how the monitoring (and the journal, which
+    it writes to) went, so it is composed after."""
+    if not c.json:
+        c.emit({}, human)
+    unpublished = None if changed is None else monitor.publish(c.engine(), changed)
+    if c.json:
+        c.emit(data() | {"monitoring_error": _text(unpublished)}, human)
+    return unpublished
+
+
+def _text(error: SnapmgrError | None) -> str | None:
+    return str(error) if error else None
 
 
 def _error(message: str) -> None:

@@ -17,7 +17,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Collection, Iterable
 
 from snapmgr import manifest, manifest_recording, observed, priority, quiesce, retention, sh, space_guard
 from snapmgr.backends import BACKENDS
@@ -202,27 +202,39 @@ class Engine:
         return sorted((f for v in self.volumes(names) for f in self.backend(v).foreign()),
                       key=lambda f: (f.volume, f.created, f.name))
 
-    def status(self, names: Iterable[str] = (), live: bool = True, record: bool = False) -> list[VolumeStatus]:
+    def status(self, names: Iterable[str] = (), live: bool | Collection[str] = True,
+               record: bool = False) -> list[VolumeStatus]:
         """Per volume: its snapshots, and what the journal says of its runs, windows and
         verifies. `live` False: the snapshots as the last run that changed them listed
         them (snapmgr.observed), for a reader who cannot list them (a monitoring user);
-        `record`: keep what was listed in the journal for such readers."""
-        verifies = self.journal.latest_verifies()
-        recorded = None if live else self.journal.observations()
-        statuses = []
-        for volume in self.volumes(names):
-            if recorded is None:
-                listed_at = datetime.now(timezone.utc)
-                listing = self.listing(volume)
-                if record:
-                    self.journal.observed(volume.name, listed_at, observed.dump(listing))
-            elif volume.name in recorded:
-                at, text = recorded[volume.name]
-                listing = observed.load(text, at)
-            else:
-                listing = observed.Listing(None, "no run has recorded its snapshots yet")
-            statuses.append(self._status(volume, listing, verifies))
-        return statuses
+        the names of volumes: those listed now, the others as recorded unless nothing of
+        them is (after a run: the volumes it changed). `record`: keep what was listed in
+        the journal for such readers."""
+        volumes = self.volumes(names)
+        if isinstance(live, bool):
+            fresh = volumes if live else []
+        else:
+            seen = self.journal.observations()
+            fresh = [v for v in volumes if v.name in live or v.name not in seen]
+        listings = {}
+        for volume in fresh:
+            listed_at = datetime.now(timezone.utc)
+            listings[volume.name] = self.listing(volume)
+            if record:
+                self.journal.observed(volume.name, listed_at, observed.dump(listings[volume.name]))
+        # The journal is read at one moment, for a writer may be at work meanwhile.
+        with self.journal.reading():
+            verifies = self.journal.latest_verifies()
+            recorded = self.journal.observations() if len(fresh) < len(volumes) else {}
+            for volume in volumes:
+                if volume.name in listings:
+                    continue
+                if volume.name in recorded:
+                    at, text = recorded[volume.name]
+                    listings[volume.name] = observed.load(text, at)
+                else:
+                    listings[volume.name] = observed.Listing(None, "no run has recorded its snapshots yet")
+            return [self._status(volume, listings[volume.name], verifies) for volume in volumes]
 
     def listing(self, volume: Volume) -> observed.Listing:
         """The volume's snapshots and space as the backend lists them now."""
@@ -233,7 +245,7 @@ class Engine:
         except (SnapmgrError, OSError) as e:
             return observed.Listing(None, str(as_error(e)))
         try:
-            space = self.backend(volume).space()
+            space = self.backend(volume).space(snapshots)
         except Interrupted:
             raise
         except (SnapmgrError, OSError) as e:

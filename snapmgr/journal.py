@@ -210,6 +210,24 @@ class Journal:
 
     # Reading: raises JournalError ---------------------------------------------------
 
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        """The reads inside see the journal as it was at one moment (one read
+        transaction), not each as a writer left it meanwhile. Inside another, it is that
+        one; nothing may be recorded inside."""
+        with self._guard():
+            db = self._connection()
+            if db.in_transaction:
+                db = None
+            else:
+                db.execute("BEGIN")
+        try:
+            yield
+        finally:
+            if db is not None and db is self._db and db.in_transaction:
+                with self._guard():
+                    db.execute("COMMIT")   # of reads only: nothing to keep or lose
+
     def history(self, volume: str) -> VolumeHistory:
         """The volume's last successful snapshot run and its last failed run of any kind."""
         with self._guard():

@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 
 STDERR_EXCERPT_LINES = 5
 STOP_POLL = 0.1   # seconds between two asks of a run's stop_when
+# How long a killed program's other processes may take to be gone: one in uninterruptible
+# sleep (a write to a frozen filesystem, a hung NFS server) dies only when that ends.
+KILL_WAIT = 5.0
 _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
 _held: ContextVar[tuple[int, ...]] = ContextVar("held", default=())
@@ -192,12 +195,22 @@ def _decode(chunks: list[bytes]) -> str:
 
 
 def _kill(proc: subprocess.Popen) -> None:
-    """Kill the child's whole process group (rsync forks helpers) and reap it."""
+    """Kill the child's whole process group (rsync forks helpers), reap it, and wait a
+    while for the helpers to be gone: what the caller does next (remove a partial copy)
+    must not race a receiver still writing."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
     proc.wait()
+    deadline = time.monotonic() + KILL_WAIT
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.01)
+    log.warning("processes of %s are still there %gs after being killed", proc.args[0], KILL_WAIT)
 
 
 def spawn(argv: Sequence[str | os.PathLike], *, stdin: int, stdout: int | None = None,

@@ -19,16 +19,16 @@ def refusal(volumes: list[Volume], backends: list[Backend], group: Group | None)
     for volume, backend in zip(volumes, backends):
         if volume.min_free is None:
             continue
+        named = f"volume {volume.name}: " if group else ""   # the CLI names a volume of its own
         try:
-            space = backend.space()
+            space = backend.free_space()
         except Interrupted:
             raise
         except (SnapmgrError, OSError) as e:
-            raise SnapmgrError(f"volume {volume.name}: cannot tell the free space min_free asks for: "
-                               f"{as_error(e)}") from None
+            raise SnapmgrError(f"{named}cannot tell the free space min_free asks for: {as_error(e)}") from None
         if space is None:
-            raise SnapmgrError(f"volume {volume.name}: the {backend.name} backend cannot tell its free space, "
-                               f"so min_free cannot be checked")
+            raise SnapmgrError(f"{named}the {backend.name} backend cannot tell its free space, so min_free "
+                               f"cannot be checked")
         if why := space.shortfall(volume.min_free):
             refused.append(f"volume {volume.name}: {why}")
     if not refused:

@@ -152,10 +152,16 @@ class Backend(abc.ABC):
         browsed whole (see browse_root), or None."""
         return None
 
-    def space(self) -> Space | None:
-        """Where the snapshots draw space from and how much is free there; None when the
-        backend cannot tell. Raises SnapmgrError or OSError when it cannot be read."""
+    def free_space(self) -> Space | None:
+        """Where the snapshots draw space from and how much is free there, without what
+        they hold: what a space guard needs, read without listing the snapshots. None
+        when the backend cannot tell. Raises SnapmgrError or OSError when it cannot be read."""
         return None
+
+    def space(self, snapshots: list[Snapshot]) -> Space | None:
+        """free_space() with what the snapshots hold, where the backend can tell, worked
+        out from `snapshots`: the volume's listing, just made (never listed again)."""
+        return self.free_space()
 
     @abc.abstractmethod
     def plan_create(self, snapshot_id: SnapshotId) -> str:

@@ -16,7 +16,7 @@ from snapmgr import schema, sh
 from snapmgr.backends.base import Progress, Space
 from snapmgr.backends.directory import DirectoryBackend
 from snapmgr.errors import SnapmgrError
-from snapmgr.model import SnapshotId
+from snapmgr.model import Snapshot, SnapshotId
 
 # The root directory of every btrfs subvolume has this inode number.
 SUBVOLUME_ROOT_INODE = 256
@@ -65,11 +65,14 @@ class BtrfsBackend(DirectoryBackend):
     def _clean_leftovers(self) -> None:
         """Nothing to do: creating and deleting a subvolume are each one transaction."""
 
-    def space(self) -> Space:
+    def free_space(self) -> Space:
         """The filesystem's free space as the kernel estimates it for df (statfs): it
         counts the data profile (RAID1 halves it) and unallocated space, and drops to 0
-        when metadata space runs out, which is what a copy-on-write snapshot needs. What
-        each snapshot alone holds is its qgroup's exclusive bytes, when quotas are on."""
+        when metadata space runs out, which is what a copy-on-write snapshot needs."""
+        return self._filesystem_space()
+
+    def space(self, snapshots: list[Snapshot]) -> Space:
+        """What each snapshot alone holds is its qgroup's exclusive bytes, when quotas are on."""
         space = self._filesystem_space()
         result = sh.run(["btrfs", "qgroup", "show", "--raw", self.snapshot_dir], check=False, timeout=120)
         if "quotas not enabled" in result.stderr:
@@ -78,7 +81,7 @@ class BtrfsBackend(DirectoryBackend):
             raise sh.CommandError(result.argv, result.returncode, result.stderr)
         exclusive = {int(m[1]): int(m[3]) for m in _QGROUP_RE.finditer(result.stdout)}
         btrfsutil = _btrfsutil()
-        held_each = {s.id: exclusive[sid] for s in self.list()
+        held_each = {s.id: exclusive[sid] for s in snapshots
                      if (sid := btrfsutil.subvolume_id(s.path)) in exclusive}
         # btrfs warns when its accounting is out of date (a rescan is due or running).
         stale = "inconsistent" in result.stderr or "rescan" in result.stderr

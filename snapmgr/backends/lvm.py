@@ -181,26 +181,32 @@ class LvmBackend(Backend):
             lvm(["lvchange", "--activate", "n", f"{self.vg}/{self._lv_name(snapshot_id)}"], timeout=120)
             activated.unlink()
 
-    def space(self) -> Space:
+    def free_space(self) -> Space:
+        return self._space(*self._report(), None)
+
+    def space(self, snapshots: list[Snapshot]) -> Space:
+        return self._space(*self._report(), snapshots)
+
+    def _space(self, rows: dict[str, dict], origin: dict, snapshots: list[Snapshot] | None) -> Space:
         """A thick origin's snapshots draw from the volume group: each takes its whole
         snapshot_size at once and holds what writes to the origin have used of it. A thin
         origin's draw from its pool as data changes; LVM cannot tell what a thin snapshot
-        alone holds (its mapped blocks are mostly shared with the origin)."""
-        rows, origin = self._report()
+        alone holds (its mapped blocks are mostly shared with the origin). `snapshots`
+        None: the free space only."""
         if _is_thin(origin):
             pool = rows[origin["pool_lv"]]
             size = int(pool["lv_size"])
             return Space(f"thin pool {self.vg}/{pool['lv_name']}", size,
-                         int(size * (100 - float(pool["data_percent"])) / 100),
+                         int(size * (100 - _pool_percent(self.vg, pool, "data_percent")) / 100),
                          note="held: unknown, LVM cannot tell what a thin snapshot alone holds")
-        snapshots = [(row, s) for row in rows.values() if TAG_VOLUME + self.volume in row["lv_tags"].split(",")
-                     and (s := self._snapshot(row)) is not None]
+        by_name = {s.meta["lv"].split("/", 1)[1]: s for s in snapshots or ()}
+        taken = [(rows[name], s) for name, s in by_name.items() if name in rows]
         # An overflowed snapshot reports no use: it is full.
-        held_each = {s.id: int(int(row["lv_size"]) * float(row["snap_percent"] or 100) / 100) for row, s in snapshots}
+        held_each = {s.id: int(int(row["lv_size"]) * float(row["snap_percent"] or 100) / 100) for row, s in taken}
         size = self.opts["snapshot_size"]
         return Space(f"volume group {self.vg}", int(origin["vg_size"]), int(origin["vg_free"]),
-                     held=sum(int(row["lv_size"]) for row, _ in snapshots), held_each=held_each,
-                     needs=size.bytes_for(int(origin["lv_size"])) if size else 0,
+                     held=None if snapshots is None else sum(int(row["lv_size"]) for row, _ in taken),
+                     held_each=held_each, needs=size.bytes_for(int(origin["lv_size"])) if size else 0,
                      note="held: the space the snapshots take from the volume group; each: how much of it "
                           "writes have used")
 
@@ -255,7 +261,7 @@ class LvmBackend(Backend):
     def _check_pool(self, pool: dict) -> None:
         limit = self.opts["thin_pool_threshold"]
         for what, key in (("data", "data_percent"), ("metadata", "metadata_percent")):
-            used = float(pool[key])
+            used = _pool_percent(self.vg, pool, key)
             if used > limit:
                 raise SnapmgrError(
                     f"refusing to snapshot {self.origin_name}: thin pool {self.vg}/{pool['lv_name']} is "
@@ -283,3 +289,12 @@ class LvmBackend(Backend):
 
 def _is_thin(row: dict) -> bool:
     return row["segtype"] == "thin"
+
+
+def _pool_percent(vg: str, pool: dict, key: str) -> float:
+    """How full a thin pool is (`data_percent` or `metadata_percent`); an inactive pool
+    reports nothing, and then how full it is cannot be told."""
+    if not pool[key]:
+        raise SnapmgrError(f"thin pool {vg}/{pool['lv_name']} reports no {key} (is it inactive? lvchange "
+                           f"--activate y {vg}/{pool['lv_name']}), so its free space cannot be told")
+    return float(pool[key])

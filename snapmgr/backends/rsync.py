@@ -20,7 +20,7 @@ from snapmgr.backends import changes, rsync_filters
 from snapmgr.backends.base import Progress, Space
 from snapmgr.backends.directory import DirectoryBackend, syncfs
 from snapmgr.errors import SnapmgrError, SpaceRefused, quote
-from snapmgr.model import SnapshotId, human_size
+from snapmgr.model import Snapshot, SnapshotId, human_size
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ class RsyncBackend(DirectoryBackend):
         except SpaceRefused:
             self._discard(partial)
             raise
-        if result.returncode not in accept and not _vanished_only(result):
+        if not _accepted(result, accept):
             # A burst of writes can fill the filesystem between two looks: rsync then
             # fails with ENOSPC (and removes the file it was writing), and that is the floor too.
             if short and (refused := short(filled=ENOSPC_TEXT in result.stderr)):
@@ -204,10 +204,13 @@ class RsyncBackend(DirectoryBackend):
             return SpaceRefused(f"stopped copying into {partial.name} and removed it: {why}") if why else None
         return short
 
-    def space(self) -> Space:
+    def free_space(self) -> Space:
+        return self._filesystem_space()
+
+    def space(self, snapshots: list[Snapshot]) -> Space:
         """The repository's filesystem; what each snapshot holds is what it copied when it
         was taken (the rest are hardlinks to earlier snapshots), as its metadata recorded."""
-        held_each = {s.id: copied for s in self.list() if (copied := _recorded_copy(s.meta)) is not None}
+        held_each = {s.id: copied for s in snapshots if (copied := _recorded_copy(s.meta)) is not None}
         return replace(self._filesystem_space(), held=sum(held_each.values()), held_each=held_each,
                        note="held: what each snapshot copied when taken; a file it shared with a pruned "
                             "snapshot is counted in none")
@@ -280,6 +283,15 @@ def _failure(result: sh.Completed) -> SnapmgrError:
         return SnapmgrError(f"a path in the source is longer than rsync can copy (4096 bytes); exclude its "
                             f"directory ({_exclude_advice(PurePosixPath(m[1]))}) or shorten it")
     return sh.CommandError(result.argv, result.returncode, result.stderr)
+
+
+def _accepted(result: sh.Completed, accept: tuple[int, ...]) -> bool:
+    """Whether the run did what its caller can go on with. A partial transfer (23) is
+    never that when a file could not be created or written for lack of space (or of
+    inodes): the copy is short, and the next pass would only fail the same way."""
+    if result.returncode == RSYNC_PARTIAL and ENOSPC_TEXT in result.stderr:
+        return False
+    return result.returncode in accept or _vanished_only(result)
 
 
 def _vanished_only(result: sh.Completed) -> bool:

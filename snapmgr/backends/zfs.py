@@ -28,6 +28,7 @@ import re
 import stat
 from collections import defaultdict
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterable, Iterator
@@ -112,10 +113,12 @@ class ZfsBackend(Backend):
     def list(self) -> list[Snapshot]:
         ours: dict[str, list[str]] = {}
         tags: dict[str, str] = {}
-        for name, _, volume, sid, labels in self._rows():
+        written: dict[str, int] = defaultdict(int)
+        for name, _, volume, sid, labels, size in self._rows("written"):
             if volume == self.volume:
                 ours.setdefault(sid, []).append(name)
                 tags[sid] = labels
+                written[sid] += int(size) if size.isdigit() else 0
         snapshots = []
         for text, names in ours.items():
             sid = SnapshotId.try_parse(text)
@@ -126,7 +129,7 @@ class ZfsBackend(Backend):
             missing = [n for n in expected if n not in names]
             invalid = f"incomplete: {', '.join(missing)} no longer exist(s)" if missing else None
             snapshots.append(Snapshot(sid, Path(expected[0]), frozenset(filter(None, tags[text].split(","))),
-                                      {"snapshots": sorted(names)}, invalid=invalid))
+                                      {"snapshots": sorted(names), "written": written[text]}, invalid=invalid))
         return snapshots
 
     def foreign(self) -> list[ForeignSnapshot]:
@@ -185,26 +188,35 @@ class ZfsBackend(Backend):
         with self._browsed(snapshot.id, build) as root:
             yield root
 
-    def space(self) -> Space:
-        """Free: what the dataset with the least `available` can still take (its quota, or
-        the pool's free space); size: the pool's usable size (its root dataset's used +
-        available), what a share of min_free is of. Held: usedbysnapshots summed over the
-        volume's datasets (every snapshot of them, snapmgr's or not); each snapshot:
-        `written`, what was written to its datasets since the snapshot before it."""
+    def free_space(self) -> Space:
+        return self._space()[0]
+
+    def space(self, snapshots: list[Snapshot]) -> Space:
+        """Held: usedbysnapshots summed over the volume's datasets (every snapshot of them,
+        snapmgr's or not); each snapshot: `written`, what was written to its datasets
+        since the snapshot before it, as the listing read it."""
+        space, held = self._space()
+        held_each = {s.id: s.meta["written"] for s in snapshots if isinstance(s.meta.get("written"), int)}
+        return replace(space, held=held, held_each=held_each,
+                       note="held: usedbysnapshots of the datasets; each: what was written since the snapshot "
+                            "before it")
+
+    def _space(self) -> tuple[Space, int]:
+        """Free: what the dataset with the least `available` can still take (the pool's
+        free space, or less under a quota); size, what a share of min_free is of: what
+        that dataset can ever hold. Under a quota (its `available` below the pool's) that
+        is its own `used` + `available`: a share of the pool could never be met under a
+        quota smaller than it. Otherwise the pool's usable size (its root dataset's `used`
+        + `available`). Also the usedbysnapshots of the volume's datasets, summed."""
         pool, names = self.datasets[0].split("/")[0], self._targets()
         out = sh.run(["zfs", "list", "-H", "-p", "-o", "name,used,available,usedbysnapshots",
                       *dict.fromkeys([pool, *names])], timeout=60).stdout
-        rows = {row[0]: row for row in (line.split("\t") for line in out.splitlines() if line)}
+        rows = {row[0]: [row[0], *map(int, row[1:])] for row in (line.split("\t") for line in out.splitlines() if line)}
         targets = [rows[name] for name in names]
-        name, _, available, _ = min(targets, key=lambda row: int(row[2]))
-        held_each: dict[SnapshotId, int] = defaultdict(int)
-        for _, _, volume, sid, _, written in self._rows("written"):
-            if volume == self.volume and (parsed := SnapshotId.try_parse(sid)) and written.isdigit():
-                held_each[parsed] += int(written)
-        return Space(f"dataset {name}", int(rows[pool][1]) + int(rows[pool][2]), int(available),
-                     held=sum(int(row[3]) for row in targets), held_each=dict(held_each),
-                     note="held: usedbysnapshots of the datasets; each: what was written since the snapshot "
-                          "before it")
+        name, used, available, _ = min(targets, key=lambda row: row[2])
+        _, pool_used, pool_available, _ = rows[pool]
+        size = used + available if available < pool_available else pool_used + pool_available
+        return Space(f"dataset {name}", size, available), sum(row[3] for row in targets)
 
     def browse_problem(self) -> str | None:
         try:

@@ -3,13 +3,15 @@ plugins' format ('label'=value[UOM];warn;crit;min;max), one line per volume and 
 finding below it, and the state as the exit code.
 
 Numbers are formatted by Python's own rules, never the locale's: a decimal comma would
-break every graph."""
+break every graph. Text is never allowed a '|': the plugins' readers take what follows
+the first one as performance data (a program's stderr quoted in an error has them)."""
 
 from __future__ import annotations
 
 import os
 from datetime import timedelta
 
+from snapmgr.errors import one_line
 from snapmgr.monitor.state import NAMES, OK, RANK, UNKNOWN, Health, VolumeHealth, span, stamp
 from snapmgr.render import status_json, when
 
@@ -17,15 +19,20 @@ PREFIX = "SNAPMGR"
 
 
 def text(health: Health) -> str:
-    head = f"{PREFIX} {NAMES[health.state]} - {summary(health)}"
-    perf = perfdata(health)
-    return "\n".join([head + (f" | {perf}" if perf else ""), *_origin(health),
-                      *(line for v in health.volumes for line in _volume_lines(v))])
+    return _output(f"{PREFIX} {NAMES[health.state]} - {summary(health)}", perfdata(health),
+                   [*_origin(health), *(line for v in health.volumes for line in _volume_lines(v))])
 
 
 def failure_text(message: str) -> str:
     """The plugin's answer when it cannot judge at all."""
-    return f"{PREFIX} UNKNOWN - {message}"
+    return _output(f"{PREFIX} UNKNOWN - {message}", "", [])
+
+
+def _output(head: str, perf: str, details: list[str]) -> str:
+    """The plugin's output: every text on a line of its own and free of '|', so that the
+    only '|' is the one before the performance data."""
+    head, *details = (one_line(line).replace("|", "/") for line in (head, *details))
+    return "\n".join([head + (f" | {perf}" if perf else ""), *details])
 
 
 def failure_json(message: str) -> dict:

@@ -7,17 +7,19 @@ monitoring plugins: OK, WARNING, CRITICAL, UNKNOWN."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Callable, Iterable
+from typing import Callable, Collection, Iterable
 
 from snapmgr import calendar
 from snapmgr.config import Config, Schedule, Volume
 from snapmgr.engine import Engine, VolumeStatus
 from snapmgr.errors import SnapmgrError
 from snapmgr.journal import JournalError, RunRecord
+from snapmgr.monitor import processes
 
 OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
 NAMES = ("OK", "WARNING", "CRITICAL", "UNKNOWN")
@@ -75,10 +77,12 @@ class Health:
         return worst(v.state for v in self.volumes)
 
 
-def gather(engine: Engine, names: Iterable[str] = (), live: bool | None = None, record: bool = False) -> Health:
+def gather(engine: Engine, names: Iterable[str] = (), live: bool | Collection[str] | None = None,
+           record: bool = False) -> Health:
     """Every named volume (all when none are named), judged now. `live` (default: when
     running as root) lists the snapshots; otherwise they are read as the last run
-    recorded them. `record`: keep what was listed in the journal for such readers."""
+    recorded them; names of volumes: those are listed (Engine.status). `record`: keep
+    what was listed in the journal for such readers."""
     live = os.geteuid() == 0 if live is None else live
     names = list(names)
     statuses, counts = _read(engine, names, live, record)
@@ -94,8 +98,8 @@ def gather(engine: Engine, names: Iterable[str] = (), live: bool | None = None, 
             ages, unknown = None, [Finding(UNKNOWN, f"its snapshots' allowed age cannot be worked out: {e}")]
         good = status.newest_good
         volumes.append(VolumeHealth(status, ages, good and now - good.created,
-                                    tuple(unknown + assess(status, ages, now, live))))
-    return Health(volumes, now, live, counts)
+                                    tuple(unknown + assess(status, ages, now, live is not False))))
+    return Health(volumes, now, live is not False, counts)
 
 
 def _read(engine: Engine, names: list[str], live: bool, record: bool):
@@ -103,7 +107,9 @@ def _read(engine: Engine, names: list[str], live: bool, record: bool):
     journal = engine.journal
     for attempt in range(1, ATTEMPTS + 1):
         try:
-            found = engine.status(names, live, record), journal.run_counts()
+            # Read at one moment, unless what is listed is recorded meanwhile.
+            with contextlib.nullcontext() if record else journal.reading():
+                found = engine.status(names, live, record), journal.run_counts()
         except JournalError:
             if attempt == ATTEMPTS or not journal.raced():
                 raise
@@ -143,7 +149,8 @@ def _gap(schedule: Schedule, interval: Callable[[str], timedelta]) -> timedelta:
 
 
 def assess(s: VolumeStatus, ages: Ages | None, now: datetime, live: bool,
-           alive: Callable[[int], bool] = lambda pid: os.path.exists(f"/proc/{pid}")) -> list[Finding]:
+           alive: Callable[[RunRecord], bool] = lambda run: processes.running(run.pid, run.started)
+           ) -> list[Finding]:
     """What is wrong with the volume, if anything. `alive`: whether a run's process is
     still there (a run journaled as running whose process is gone was killed)."""
     found = []
@@ -167,7 +174,7 @@ def assess(s: VolumeStatus, ages: Ages | None, now: datetime, live: bool,
     return found
 
 
-def _runs(runs: tuple[RunRecord, ...], alive: Callable[[int], bool]) -> list[Finding]:
+def _runs(runs: tuple[RunRecord, ...], alive: Callable[[RunRecord], bool]) -> list[Finding]:
     found = []
     for action in WATCHED_ACTIONS:
         mine = [r for r in runs if r.action == action]        # oldest first
@@ -175,7 +182,7 @@ def _runs(runs: tuple[RunRecord, ...], alive: Callable[[int], bool]) -> list[Fin
         if finished and finished[-1].status == "failed":
             last = finished[-1]
             found.append(Finding(CRITICAL, f"the last {action} run failed at {stamp(last.ended)}: {last.error}"))
-        if mine and mine[-1].status == "running" and not alive(mine[-1].pid):
+        if mine and mine[-1].status == "running" and not alive(mine[-1]):
             run = mine[-1]
             found.append(Finding(CRITICAL, f"the {action} run started at {stamp(run.started)} by pid {run.pid} "
                                            f"never finished: its process is gone (killed?)"))

@@ -13,6 +13,7 @@ import shutil
 import signal
 import sqlite3
 import subprocess
+import sys
 import tempfile
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -314,6 +315,32 @@ def test_nobody_reads_the_journal_with_and_without_a_writer(ws):
     promtool(metrics.stdout)
 
 
+def test_a_run_root_is_still_taking_is_not_killed_to_nobody_under_hidepid(ws):
+    # /proc mounted with hidepid=invisible (systemd's ProtectProc=invisible) hides root's
+    # processes from nobody: the run's process must be asked for otherwise.
+    configure(ws, HOURLY)
+    make_tree(ws.source, files=3)
+    ws.ok("snapshot")
+    readable_by_nobody(ws)
+    taking = subprocess.Popen(["sleep", "300"])
+    try:
+        insert(ws, "INSERT INTO runs (volume, action, pid, started, status) VALUES ('data', 'snapshot', ?, ?, "
+                   "'running')", (taking.pid, now_iso()))
+        script = ("import subprocess, sys\n"
+                  "subprocess.run(['mount', '-t', 'proc', '-o', 'hidepid=invisible', 'proc', '/proc'], check=True)\n"
+                  f"hidden = subprocess.run(['runuser', '-u', 'nobody', '--', 'test', '-e', '/proc/{taking.pid}'])\n"
+                  f"print(hidden.returncode, flush=True)\n"
+                  f"sys.exit(subprocess.run(['runuser', '-u', 'nobody', '--', *{ws.command('check')!r}]).returncode)\n")
+        p = subprocess.run(["unshare", "--mount", "--propagation", "private", "--", sys.executable, "-c", script],
+                           capture_output=True, text=True, env=ws.env, timeout=120)
+    finally:
+        taking.kill()
+        taking.wait()
+    hidden, head, *details = p.stdout.splitlines()
+    assert hidden == "1", "nobody still sees root's process in /proc"
+    assert (p.returncode, head.split(" | ")[0]) == (0, "SNAPMGR OK - 1 of 1 volumes OK"), (p.stdout, p.stderr)
+
+
 def test_nobody_sees_an_invalid_snapshot_as_the_last_run_listed_it(ws):
     # An overflowed LVM snapshot needs the lab; what the run recorded of it is what
     # nobody reads, so that record is written here as a run writes it.
@@ -365,6 +392,46 @@ def test_every_run_that_changes_something_replaces_the_textfile(ws):
         assert textfile.stat().st_ino != before, args
     assert 'snapmgr_snapshots{volume="data"} 1\n' in textfile.read_text()
     assert sorted(p.name for p in textfile.parent.iterdir()) == ["snapmgr.prom"]   # no temporary file left
+
+
+def test_a_dry_run_the_space_guard_refuses_changes_nothing_either(ws):
+    textfile = ws.root / "textfile" / "snapmgr.prom"
+    textfile.parent.mkdir()
+    configure(ws, HOURLY, volume={"min_free": "99%"}, metrics_textfile=textfile)
+    make_tree(ws.source, files=3)
+    r = ws.run("snapshot", "--dry-run")
+    assert r.returncode == 1 and "refusing to snapshot: " in r.stderr, r.stderr
+    assert not textfile.exists()
+    with sqlite3.connect(journal(ws)) as db:
+        assert db.execute("SELECT count(*) FROM observations").fetchone() == (0,)
+        assert db.execute("SELECT count(*) FROM runs").fetchone() == (0,)
+
+
+def test_a_run_lists_anew_only_the_volumes_it_changed(ws):
+    textfile = ws.root / "textfile" / "snapmgr.prom"
+    textfile.parent.mkdir()
+    logs = ws.root / "logs"
+    logs.mkdir()
+    make_tree(ws.source, files=3)
+    make_tree(logs, files=3)
+    ws.write_config({"data": {"backend": "rsync", "source": ws.source, "repository": ws.repo},
+                     "logs": {"backend": "rsync", "source": logs, "repository": ws.root / "logs-repo"}},
+                    metrics_textfile=textfile)
+    ws.ok("snapshot")
+    with sqlite3.connect(journal(ws)) as db:
+        recorded = dict(db.execute("SELECT volume, at FROM observations"))
+    db.close()
+    # logs cannot be listed now; a run on data neither lists it nor records it anew.
+    shutil.rmtree(ws.root / "logs-repo")
+    (ws.root / "logs-repo").write_text("")
+    r = ws.run("snapshot", "data")
+    assert (r.returncode, r.stderr) == (0, "") and r.stdout.startswith("created data@")
+    with sqlite3.connect(journal(ws)) as db:
+        now = dict(db.execute("SELECT volume, at FROM observations"))
+    db.close()
+    assert now["logs"] == recorded["logs"] and now["data"] > recorded["data"]
+    text = textfile.read_text()
+    assert 'snapmgr_snapshots{volume="data"} 2\n' in text and 'snapmgr_snapshots{volume="logs"} 1\n' in text
 
 
 def test_a_textfile_that_cannot_be_written_fails_the_run_loudly_but_keeps_it(ws):

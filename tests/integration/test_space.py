@@ -132,6 +132,34 @@ def test_the_watch_also_guards_the_pass_after_a_prepass(ws, small_repo):
     last_run_failed_with(ws, "stopped copying into")
 
 
+@pytest.fixture
+def few_inodes(tmp_path):
+    """A tmpfs with room for 40 inodes: creating files there soon fails with ENOSPC."""
+    mnt = tmp_path / "few-inodes"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,nr_inodes=40", "tmpfs", mnt], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", mnt], check=True)
+
+
+@pytest.mark.parametrize("floor", [{}, {"min_free": "1M"}], ids=["no-floor", "min_free"])
+def test_a_prepass_that_runs_out_of_space_fails_before_any_service_is_paused(ws, few_inodes, floor):
+    # rsync exits 23 when it cannot create files, as when some vanish; a prepass accepts
+    # that from a changing source, but not when the repository is full.
+    make_tree(ws.source, files=100)
+    log = ws.root / "quiesced.log"
+    volumes = rsync_volume(ws, few_inodes, quiesce=["app"], **floor)
+    ws.write_config(volumes, quiesce={"app": {"kind": "command", "pre": ["touch", str(log)], "post": ["true"]}})
+    r = ws.run("snapshot")
+    assert r.returncode == 1 and len(r.stderr.splitlines()) == 1, r.stderr
+    assert "No space left on device" in r.stderr
+    assert not log.exists()        # the services were never paused
+    assert ws.snapshots() == []
+    last_run_failed_with(ws, "No space left on device")
+
+
 def test_status_shows_what_rsync_snapshots_hold_and_what_is_free(ws, small_repo):
     write_files(ws.source, 4, 256 << 10)          # 1 MiB in all
     ws.write_config(rsync_volume(ws, small_repo, min_free="8M"))
@@ -195,6 +223,37 @@ def test_btrfs_space_without_quotas_is_the_filesystems_and_a_floor_refuses(ws, b
     last_run_failed_with(ws, "below min_free 99%")
 
 
+def test_the_floor_needs_the_free_figure_only(ws, btrfs):
+    # What the snapshots hold is read with the btrfs program (qgroup show); without it
+    # the filesystem's free space is still known, and that is all min_free asks for.
+    subprocess.run(["btrfs", "quota", "enable", btrfs], check=True)
+    make_tree(btrfs / "data", files=10)
+    ws.write_config(btrfs_volume(btrfs, min_free="1M"))
+    ws.env["PATH"] = str(ws.root / "no-programs")
+    ws.ok("snapshot")
+    assert len(ws.snapshots()) == 1
+    [status] = ws.ok("--json", "status").json()["volumes"]
+    assert "'btrfs' is not installed" in status["space_error"]
+
+
+def test_status_lists_each_volume_once(ws, small_repo, monkeypatch):
+    from snapmgr import config
+    from snapmgr.backends.rsync import RsyncBackend
+    from snapmgr.engine import Engine
+
+    make_tree(ws.source, files=5)
+    volumes = rsync_volume(ws, small_repo, min_free="1M")
+    volumes["logs"] = {**volumes["data"], "repository": small_repo / "logs"}
+    ws.write_config(volumes)
+    ws.ok("snapshot")
+    listed = []
+    original = RsyncBackend.list
+    monkeypatch.setattr(RsyncBackend, "list", lambda self: listed.append(self.volume) or original(self))
+    statuses = Engine(config.load(ws.config)).status()
+    assert sorted(listed) == ["data", "logs"]
+    assert [(s.volume, s.snapshots, s.space.held) for s in statuses] == [("data", 1, 500), ("logs", 1, 500)]
+
+
 def test_btrfs_with_quotas_shows_what_each_snapshot_alone_holds(ws, btrfs):
     subprocess.run(["btrfs", "quota", "enable", btrfs], check=True)
     ws.write_config(btrfs_volume(btrfs))
@@ -211,7 +270,8 @@ def test_btrfs_with_quotas_shows_what_each_snapshot_alone_holds(ws, btrfs):
     from snapmgr.engine import Engine
     from snapmgr.model import SnapshotId
     engine = Engine(config.load(ws.config))
-    space = engine.backend(engine.config.volumes["data"]).space()
+    backend = engine.backend(engine.config.volumes["data"])
+    space = backend.space(backend.list())
     each = {str(k): v for k, v in space.held_each.items()}
     assert set(each) == {first, second}
     assert 4 * MiB <= each[first] < 5 * MiB and 2 * MiB <= each[second] < 3 * MiB

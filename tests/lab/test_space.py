@@ -15,7 +15,8 @@ MiB = 1 << 20
 
 def space_of(ws, volume: str = "data"):
     engine = Engine(config.load(ws.config))
-    return engine.backend(engine.config.volumes[volume]).space()
+    backend = engine.backend(engine.config.volumes[volume])
+    return backend.space(backend.list())
 
 
 def status_space(ws) -> dict:
@@ -119,9 +120,20 @@ def test_zfs_figures_are_the_datasets_and_each_snapshots_written(host, ws, datas
 
 def test_zfs_floor_follows_a_quota(host, ws, dataset):
     sh(host, "zfs", "set", "quota=64M", dataset)
-    space_free = space_of_volume(ws, dataset).free
-    assert space_free <= 64 * MiB
+    mountpoint = sh(host, "zfs", "get", "-H", "-o", "value", "mountpoint", dataset).strip()
+    with open(f"{mountpoint}/file", "wb") as f:
+        f.write(os.urandom(16 * MiB))
+    sh(host, "zpool", "sync", dataset.split("/")[0])
+    space = space_of_volume(ws, dataset)
+    used, available = (int(v) for v in sh(host, "zfs", "get", "-H", "-p", "-o", "value", "used,available",
+                                           dataset).split())
+    # A share is of what the dataset can ever hold under its quota, not of the pool.
+    assert (space.free, space.size) == (available, used + available) and space.size == 64 * MiB
     refused(ws, zfs_volume(dataset, min_free="80M"), f"dataset {dataset} has ", "below min_free 80M (80.0MiB)")
+    refused(ws, zfs_volume(dataset, min_free="90%"), f"dataset {dataset} has ",
+            "below min_free 90% (57.6MiB of 64.0MiB)")
+    ws.write_config({"data": zfs_volume(dataset, min_free="50%")})
+    ws.ok("snapshot", "data")    # half the pool would be more than the quota, and never met
 
 
 def space_of_volume(ws, dataset: str):

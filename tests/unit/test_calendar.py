@@ -14,6 +14,12 @@ def test_interval_is_the_longest_gap():
     assert calendar.interval("Mon..Fri 09:00") == timedelta(days=3)   # over the weekend
 
 
+def test_interval_spans_a_weekend_beyond_the_first_elapses():
+    # 9 elapses a weekday: the first 16 never reach the weekend's gap, Fri 17:00 to Mon 09:00.
+    assert calendar.interval("Mon..Fri *-*-* 09..17:00:00") == timedelta(hours=64)
+    assert calendar.interval("*:0/1") == timedelta(minutes=1)   # capped, and still right
+
+
 def test_elapses_are_in_order_and_utc():
     times = calendar.elapses("daily", 3)
     assert len(times) == 3 and times == sorted(times)

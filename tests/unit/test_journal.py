@@ -187,3 +187,25 @@ def test_an_older_journal_gains_the_observations_table(tmp_path):
     j.observed("home", now - timedelta(seconds=1), {"snapshots": None})
     j.observed("home", now + timedelta(seconds=1), {"snapshots": [1]})
     assert j.observations() == {"home": (now + timedelta(seconds=1), '{"snapshots": [1]}')}
+
+
+def test_reads_inside_reading_see_one_moment_while_a_writer_commits(tmp_path):
+    path = tmp_path / "journal.db"
+    writer = Journal(path)
+    with writer.run("home", "snapshot", 1):
+        pass
+    reader = Journal(path, read_only=True)   # the writer is open: read through the -wal file
+    try:
+        with reader.reading():
+            assert [r.status for r in reader.last_runs("home")] == ["ok"]
+            with pytest.raises(SnapmgrError):
+                with writer.run("home", "snapshot", 2):
+                    raise SnapmgrError("disk on fire")
+            with reader.reading():      # within another: that one
+                assert reader.history("home").last_error is None
+            assert [r.status for r in reader.last_runs("home")] == ["ok"]
+        assert reader.history("home").last_error == "disk on fire"
+        assert [r.status for r in reader.last_runs("home")] == ["ok", "failed"]
+    finally:
+        reader.close()
+        writer.close()

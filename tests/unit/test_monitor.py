@@ -131,7 +131,7 @@ def window(status: str, minutes_ago: float) -> WindowRecord:
      [(WARNING, "the newest snapshot data@20261124T113000Z is degraded: cache (redis): refused")]),
 ])
 def test_findings(change, live, ages, expected):
-    found = assess(replace(STATUS, **change), ages, NOW, live, alive=lambda pid: pid != 4242)
+    found = assess(replace(STATUS, **change), ages, NOW, live, alive=lambda run: run.pid != 4242)
     assert [f.state for f in found] == [state for state, _ in expected]
     for f, (_, text) in zip(found, expected):
         assert text in f.text
@@ -184,3 +184,15 @@ def test_a_listing_goes_through_the_journal_whole_or_says_it_cannot_be_read():
         assert unreadable.snapshots is None and unreadable.at is None
         assert unreadable.problem.startswith("what the run at 2026-11-24 12:00:00 UTC recorded of its snapshots "
                                              "cannot be read (")
+
+
+def test_the_plugin_output_has_no_bar_but_the_one_before_the_perfdata():
+    error = "rsync exited with status 11: rsync: write failed | rsync error: error in file IO (code 11)\nat main.c"
+    failed = replace(STATUS, runs=(run("snapshot", "failed", 10, error=error),))
+    judged = Health([VolumeHealth(failed, None, None, tuple(assess(failed, None, NOW, True)))], NOW, True, {})
+    head, *details = check.text(judged).split("\n")
+    assert head.count("|") == 1 and head.split(" | ", 1)[1] == check.perfdata(judged)
+    assert "write failed / rsync error" in head and not any("|" in line for line in details)
+    assert sum("the last snapshot run failed" in line for line in details) == 1
+    assert "error in file IO (code 11)\\nat main.c" in details[-1]
+    assert "|" not in check.failure_text("cannot read the journal: a | b")
