@@ -71,7 +71,7 @@ def test_install_renders_a_service_and_timer_per_schedule_that_systemd_accepts(w
                  "WantedBy=timers.target"):
         assert f"\n{line}\n" in timer
     recover = (units / "snapmgr-recover.service").read_text()
-    assert "\nBefore=app.service web.service\n" in recover and "\nAfter=local-fs.target\n" in recover
+    assert "\nBefore=app.service web.service\n" in recover and "\nAfter=sysinit.target local-fs.target\n" in recover
     assert f" --config {ws.config} recover --boot\n" in recover
     mount = (units / "snapmgr-mount@.service").read_text()
     assert f" --config {ws.config} mount %f\n" in mount and f" --config {ws.config} umount %f\n" in mount
@@ -133,7 +133,8 @@ def test_install_rewrites_only_what_changed_and_removes_only_its_own_units(ws, u
     other.write_text("# Written by snapmgr from /etc/snapmgr/other.toml\n[Timer]\nOnCalendar=daily\n")
     write(ws, {"hourly": {"on_calendar": "*:0/30", "volumes": ["data"]}})
     changed = install(ws, units)
-    assert changed["written"] == ["snapmgr-hourly.timer"]
+    # The service too: it was ordered after daily's, which shared its volume.
+    assert changed["written"] == ["snapmgr-hourly.service", "snapmgr-hourly.timer"]
     assert changed["removed"] == ["snapmgr-daily.service", "snapmgr-daily.timer"]
     assert sorted(p.name for p in units.iterdir()) == sorted(UNITS + ["snapmgr-other.timer", "snapmgr-weekly.service"])
     assert "OnCalendar=*:0/30" in (units / "snapmgr-hourly.timer").read_text()
