@@ -10,10 +10,11 @@ the volume's lock and the protected pre-rollback snapshot. Those jobs live besid
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 from collections import defaultdict
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -91,6 +92,7 @@ class Engine:
         self.clock = clock
         self.read_only = read_only
         self._journal: Journal | None = None
+        self._lock_wait: float | None = None    # seconds, instead of settings.lock_wait (scheduled())
 
     @property
     def journal(self) -> Journal:
@@ -146,21 +148,26 @@ class Engine:
         named on its own in a window of its own (unless a listed group takes it), all with
         the schedule's tag; then, when the schedule prunes, prune every volume whose
         snapshot succeeded, at background CPU and I/O priority (services are paused only
-        for the snapshots, which must not run slowed)."""
+        for the snapshots, which must not run slowed). A volume another run holds is
+        waited for up to the schedule's timeout, without limit when it has none: a timer
+        has no one to retry for it, and systemd ends the run at that timeout anyway."""
         schedule = self.schedule(name)
         tags = frozenset({schedule.tag})
-        in_groups = {v for g in schedule.groups for v in self.group(g).volumes}
-        outcomes = [o for g in schedule.groups for o in self.snapshot((), tags, False, dry_run, progress, g)]
-        alone = [v for v in schedule.volumes if v not in in_groups]
-        if alone:  # none named means every volume to snapshot()
-            outcomes += self.snapshot(alone, tags, False, dry_run, progress)
-        if schedule.prune:
-            if not dry_run:
-                priority.background()
-            for outcome in outcomes:
-                if outcome.error is None:
-                    [volume] = self.volumes([outcome.volume])
-                    self._each_into(outcome, lambda o, v=volume: self._prune(v, dry_run, o))
+        wait = schedule.timeout.total_seconds() if schedule.timeout else math.inf
+        self._lock_wait = max(wait, self.config.settings.lock_wait.total_seconds())
+        try:
+            outcomes = [o for g in schedule.groups for o in self.snapshot((), tags, False, dry_run, progress, g)]
+            alone = self.config.volumes_of(schedule, grouped=False)
+            if alone:  # none named means every volume to snapshot()
+                outcomes += self.snapshot(alone, tags, False, dry_run, progress)
+            if schedule.prune:
+                with nullcontext() if dry_run else priority.background():
+                    for outcome in outcomes:
+                        if outcome.error is None:
+                            [volume] = self.volumes([outcome.volume])
+                            self._each_into(outcome, lambda o, v=volume: self._prune(v, dry_run, o))
+        finally:
+            self._lock_wait = None
         return outcomes
 
     def schedule(self, name: str) -> Schedule:
@@ -363,7 +370,8 @@ class Engine:
         """The volume's lock, held also by every program run meanwhile, so that no
         program left running by a killed run can race the next one."""
         settings = self.config.settings
-        with volume_lock(settings.run_dir, volume.name, settings.lock_wait.total_seconds()) as fd, sh.holding(fd):
+        wait = settings.lock_wait.total_seconds() if self._lock_wait is None else self._lock_wait
+        with volume_lock(settings.run_dir, volume.name, wait) as fd, sh.holding(fd):
             yield
 
     def _snapshot_together(self, volumes: list[Volume], group: Group | None, tags: frozenset[str], prune: bool,

@@ -4,6 +4,9 @@ schedule that overlap, and hardening that follows symlinks."""
 
 from __future__ import annotations
 
+import fcntl
+import os
+
 import pytest
 
 from tests.integration.test_systemd_units import install, needs_analyze, two_volumes, units, verify, write  # noqa: F401 (a fixture)
@@ -73,3 +76,22 @@ def test_hardening_resolves_symlinks_of_the_paths_it_checks(ws, units):
     assert "\nProtectHome=" not in service
     assert (f"# ProtectHome= is off: {link} (which is /root/snapmgr-never-written) (volumes.data.repository) "
             f"is under /root,") in service
+
+
+def test_a_scheduled_run_waits_for_a_busy_volume_beyond_lock_wait(ws):
+    write(ws, {"hourly": {"on_calendar": "hourly", "volumes": ["data"], "timeout": "10min"}})
+    (ws.root / "run" / "locks").mkdir(parents=True, mode=0o700)
+    # As another run holding the volume (the flock goes with the descriptor):
+    held = os.open(ws.root / "run" / "locks" / "data.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        scheduled = ws.start("snapshot", "--schedule", "hourly")
+        # A plain snapshot started after it gives up after lock_wait, while the scheduled run still waits.
+        r = ws.run("snapshot", "data")
+        assert r.returncode == 75 and "gave up after waiting 2s" in r.stderr   # the lock_wait of the workspace
+        assert scheduled.poll() is None
+    finally:
+        os.close(held)
+    out, err = scheduled.communicate(timeout=120)
+    assert scheduled.returncode == 0, err
+    assert len(ws.snapshots("data")) == 1
