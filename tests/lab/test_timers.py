@@ -150,8 +150,18 @@ def test_a_timer_every_5s_takes_tagged_snapshots_and_prunes_them(host, ws, insta
         assert all(s["tags"] == ["fast"] for s in listed), listed
         return len(seen) >= 3 and len(listed) == 2 and show(host, "snapmgr-fast.service", "ActiveState") != "activating"
     wait_for(pruned_after_three_runs, timeout=120, what="three timer runs, pruned to keep_last = 2")
-    timers = ws.ok("--json", "systemd", "status").json()["timers"]
-    [fast] = timers
+    # Every 5s the timer triggers again, and until that run ends systemd has no next
+    # elapse for it: status says the run is under way then (it did not, and this failed).
+    ran_meanwhile = []
+
+    def between_runs():
+        [fast] = ws.ok("--json", "systemd", "status").json()["timers"]
+        if fast["running"]:
+            ran_meanwhile.append(fast)
+            return None
+        return fast
+    fast = wait_for(between_runs, timeout=60, what="systemd status between two runs")
+    assert all(t["next_elapse"] is None or t["next_elapse"] > t["last_trigger"] for t in ran_meanwhile), ran_meanwhile
     assert fast["enabled"] == "enabled" and fast["active"] == "active"
     assert fast["last_result"] == "success" and fast["last_error"] is None
     assert fast["last_trigger"] is not None and fast["next_elapse"] is not None
@@ -237,6 +247,9 @@ def test_the_watchdog_outlives_a_run_killed_inside_the_service_and_restarts_the_
     wait_for(lambda: show(host, writer, "ActiveState") == "active", timeout=60,
              what=f"the watchdog starting {writer} again")
     assert show(host, "snapmgr-manual.service", "Result") == "signal"
+    [manual] = ws.ok("--json", "systemd", "status").json()["timers"]
+    assert manual["last_result"] == "signal" and manual["signal"] == "SIGKILL" and manual["exit_status"] is None
+    assert "signal (killed by SIGKILL)" in ws.ok("systemd", "status").stdout
     assert "was not closed by its run; quiesce watchdog: snapmgr" in ws.ok("list").stderr
 
 
