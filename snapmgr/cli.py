@@ -278,8 +278,9 @@ def umount(c: Context, mountpoint):
 
 @cli.command()
 @click.option("--boot", is_flag=True,
-              help="The machine restarted since (snapmgr-recover.service): queue the starts of stopped units "
-                   "instead of waiting for them, and thaw nothing.")
+              help="Run by snapmgr-recover.service, before the units it resumes: queue their starts instead of "
+                   "waiting for them. Whether the machine restarted since a window (nothing is left frozen then) "
+                   "is told by the boot id the window was opened under.")
 @pass_ctx
 def recover(c: Context, boot):
     """Resume whatever an interrupted quiesce window left paused (also done by every

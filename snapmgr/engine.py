@@ -29,6 +29,7 @@ from snapmgr.journal import Journal, JournalError, Run, RunRecord, Verify, Volum
 from snapmgr.lock import volume_lock
 from snapmgr.manifest.verify import Problem, check as check_snapshot
 from snapmgr.model import ForeignSnapshot, MinFree, Snapshot, SnapshotId
+from snapmgr.quiesce import undo
 from snapmgr.quiesce.watchdog import Watchdog, perform_all
 from snapmgr.quiesce.window import Window, WindowOverrun
 from snapmgr.records import Records
@@ -326,22 +327,31 @@ class Engine:
         self.journal.verified(str(snapshot.id), started, done.result, done.stats and done.stats.entries, detail)
         return done
 
-    def recover(self, at_boot: bool = False) -> list[str]:
+    def recover(self, boot: bool = False) -> list[str]:
         """Resume what interrupted quiesce windows left paused, and tell, once, of each
-        window that its snapmgr did not close itself: one line per window. `at_boot`: the
-        machine restarted since, and the paused services are yet to start."""
+        window that its snapmgr did not close itself: one line per window. Whether the
+        machine restarted since is told per window by the boot it was opened in. `boot`:
+        run by snapmgr-recover.service, before the paused units: their starts are queued,
+        not waited for. A window of which an undo step failed stays open, so that the next
+        run tries it again (every step is safe to run twice)."""
         told = []
+        current = undo.boot_id()
         for w in self.journal.unsettled_windows():
             if w.status == "open":
+                # Unknown boot ids (an older snapmgr's window): as the caller says.
+                restarted = w.boot_id != current if w.boot_id and current else boot
                 try:
                     with ExitStack() as locks:
                         for volume in sorted(w.volumes):
                             locks.enter_context(volume_lock(self.config.settings.run_dir, volume, 0))
-                        done = perform_all(list(reversed(w.plan)), inherited_fds=False, at_boot=at_boot)
+                        done, failed = perform_all(list(reversed(w.plan)), False, restarted, queue=boot)
                 except LockBusy:
                     continue  # its snapmgr, or its watchdog, is still at work
                 detail = "recovered now: " + ("; ".join(done) or "nothing was left to resume")
-                self.journal.window_ended(w.id, "recovered", detail)
+                if failed:
+                    detail = "recovery tried now: " + "; ".join(done) + "; left open to try again at the next run"
+                else:
+                    self.journal.window_ended(w.id, "recovered", detail)
             else:
                 detail = w.detail or w.status
             told.append(f"the quiesce window of {', '.join(w.volumes)} opened by pid {w.pid} at "
@@ -487,7 +497,7 @@ class Engine:
                 # Journaled once the watchdog runs, so that a journaled window always has a
                 # watchdog or an account of how it ended.
                 window_id = self.journal.window_opened([v.name for v in volumes], group and group.name,
-                                                       os.getpid(), plan)
+                                                       os.getpid(), plan, undo.boot_id())
                 watchdog.tell(window=window_id)
             except BaseException:
                 watchdog.close()

@@ -78,11 +78,12 @@ class SystemdQuiescer(Quiescer):
         return ("freeze", "thaw") if self.freezing else ("stop", "start")
 
     def undo(self) -> list[dict]:
-        # At boot, recovery runs before the units (snapmgr-recover.service is ordered
-        # Before= them): a start there is queued, for waiting on it would wait forever,
-        # and nothing is frozen after a restart.
-        at_boot = [] if self.freezing else ["systemctl", "start", "--no-block", "--", *self.active]
-        return [undo.run_action(self._argv(self.verbs[1]), {}, self.timeout, at_boot)] if self.active else []
+        # snapmgr-recover.service runs before the units (it is ordered Before= them): a
+        # start there is queued, for waiting on it would wait forever. Nothing is frozen
+        # after a restart; a thaw waits for nothing.
+        queued = None if self.freezing else ["systemctl", "start", "--no-block", "--", *self.active]
+        at_boot = [] if self.freezing else queued
+        return [undo.run_action(self._argv(self.verbs[1]), {}, self.timeout, at_boot, queued)] if self.active else []
 
     def prepare(self) -> None:
         self._systemctl(self.verbs[0])

@@ -324,3 +324,26 @@ def test_recover_at_boot_still_runs_a_command_quiescers_post(ws):
     r = ws.ok("recover", "--boot")
     assert "was not closed by its run; recovered now: app: ran " in r.stdout and posted.exists()
     assert ws.ok("recover").stdout.strip() == "nothing to recover"
+
+
+def test_a_post_that_fails_at_recovery_leaves_the_window_open_for_the_next_run(ws):
+    held, ready, posted = ws.root / "held", ws.root / "daemon-up", ws.root / "posted"
+    hold = [sys.executable, "-c", f"open({str(held)!r}, 'w'); import time; time.sleep(120)"]
+    # As a post whose daemon is not up yet at boot: it fails until it is.
+    post = [sys.executable, "-c", f"import os, sys; os.path.exists({str(ready)!r}) or sys.exit('not up yet'); "
+                                  f"open({str(posted)!r}, 'w')"]
+    ws.write_config({"data": {"backend": "rsync", "source": ws.source, "repository": ws.repo, "quiesce": ["app"]}},
+                    quiesce={"app": {"kind": "command", "pre": hold, "post": post, "max_window": "10min"}})
+    run = ws.start("snapshot")
+    wait_for(lambda: held.exists() or run.poll() is not None, what="the window")
+    assert run.poll() is None, run.communicate()
+    for pid in pids_of(os.path.basename(sys.executable), "snapmgr.quiesce.watchdog"):
+        os.kill(pid, signal.SIGKILL)
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    first = ws.ok("recover", "--boot").stdout
+    assert "app: FAILED: " in first and "left open to try again at the next run" in first and not posted.exists()
+    ready.write_text("")
+    again = ws.ok("recover").stdout
+    assert "was not closed by its run; recovered now: app: ran " in again and posted.exists()
+    assert ws.ok("recover").stdout.strip() == "nothing to recover"
