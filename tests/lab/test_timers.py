@@ -265,10 +265,10 @@ def test_the_watchdog_outlives_a_run_killed_inside_the_service_and_restarts_the_
     wait_for(lambda: show(host, writer, "ActiveState") == "active", timeout=60,
              what=f"the watchdog starting {writer} again")
     assert show(host, "snapmgr-manual.service", "Result") == "signal"
+    assert "was not closed by its run; quiesce watchdog: snapmgr" in ws.ok("list").stderr
     [manual] = ws.ok("--json", "systemd", "status").json()["timers"]
     assert manual["last_result"] == "signal" and manual["signal"] == "SIGKILL" and manual["exit_status"] is None
     assert "signal (killed by SIGKILL)" in ws.ok("systemd", "status").stdout
-    assert "was not closed by its run; quiesce watchdog: snapmgr" in ws.ok("list").stderr
 
 
 def test_the_mount_template_serves_snapshots_to_everyone_and_unmounts_when_stopped(host, ws, installed):
