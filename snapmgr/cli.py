@@ -24,7 +24,7 @@ from snapmgr.manifest import export
 from snapmgr.monitor import check as plugin, metrics, state as health_state
 from snapmgr.errors import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_SOFTWARE, EXIT_USAGE, Interrupted, SnapmgrError,
                             UsageError, as_error, one_line, quote)
-from snapmgr.model import NAME_RULE, is_valid_name, parse_duration
+from snapmgr.model import NAME_RULE, PROTECTED_TAGS, is_valid_name, parse_duration
 
 log = logging.getLogger("snapmgr")
 
@@ -403,6 +403,10 @@ def config_check(c: Context):
     problems = Engine(cfg).browse_problems()
     for volume, problem in problems.items():
         log.warning("volume %s: its snapshots cannot be browsed whole: %s", volume, problem)
+    for s in cfg.schedules.values():
+        if s.tag in PROTECTED_TAGS:
+            log.warning("%s: schedules.%s.tag: %s is a protected tag: retention never prunes the schedule's "
+                        "snapshots", cfg.path, s.name, quote(s.tag))
     rows = [(v.name, v.backend, v.retention.name if v.retention else "-", ",".join(sorted(v.tags)) or "-")
             for v in cfg.volumes.values()]
     c.emit({"config": str(cfg.path), "valid": True,

@@ -14,7 +14,7 @@ from typing import Callable
 
 from snapmgr import calendar, sh, systemctl, systemd
 from snapmgr.config import Config
-from snapmgr.errors import ConfigError, SnapmgrError, UsageError
+from snapmgr.errors import ConfigError, SnapmgrError, UsageError, quote
 from snapmgr.journal import JournalError, VolumeHistory
 
 SYSTEM_DIR = Path("/etc/systemd/system")
@@ -66,6 +66,7 @@ def check_calendars(config: Config) -> dict[str, datetime]:
 
 def install(config: Config, unit_dir: Path | None, dry_run: bool) -> Changes:
     check_calendars(config)
+    _not_systemds(unit_dir)
     live = unit_dir is None
     changes = Changes(unit_dir or SYSTEM_DIR, dry_run)
     units = systemd.render(config)
@@ -102,6 +103,7 @@ def install(config: Config, unit_dir: Path | None, dry_run: bool) -> Changes:
 def uninstall(config: Config, unit_dir: Path | None, dry_run: bool) -> Changes:
     """Every unit written from this config stopped, disabled and removed (and the mounts
     of the FUSE template with them)."""
+    _not_systemds(unit_dir)
     live = unit_dir is None
     changes = Changes(unit_dir or SYSTEM_DIR, dry_run)
     changes.removed = sorted(_own_units(config, changes.unit_dir))
@@ -154,6 +156,17 @@ def _signal_name(number: int) -> str:
         return signal.Signals(number).name
     except ValueError:
         return f"signal {number}"
+
+
+def _not_systemds(unit_dir: Path | None) -> None:
+    """--unit-dir leaves the running systemd alone: a directory systemd reads units from
+    would have it run them unreloaded, and lose running timers' units unstopped."""
+    if unit_dir is None:
+        return
+    read = sh.run(["systemd-analyze", "unit-paths"], timeout=TIMEOUT, holds_locks=False).stdout.split()
+    if os.path.realpath(unit_dir) in {os.path.realpath(p) for p in read}:
+        raise UsageError(f"--unit-dir {quote(unit_dir)}: systemd reads its units from there; leave out --unit-dir "
+                         f"to install into {SYSTEM_DIR} with systemd told of the changes")
 
 
 # Files ------------------------------------------------------------------------------------

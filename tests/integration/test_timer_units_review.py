@@ -95,3 +95,26 @@ def test_a_scheduled_run_waits_for_a_busy_volume_beyond_lock_wait(ws):
     out, err = scheduled.communicate(timeout=120)
     assert scheduled.returncode == 0, err
     assert len(ws.snapshots("data")) == 1
+
+
+@needs_analyze
+@pytest.mark.parametrize("command", ["install", "uninstall"])
+def test_unit_dir_refuses_a_directory_systemd_reads_its_units_from(ws, command):
+    write(ws, {"hourly": {"on_calendar": "hourly", "volumes": ["data"]}})
+    # /run/systemd/system resolved through a symlink of the test's own.
+    link = ws.root / "alias"
+    link.symlink_to("/run/systemd/system")
+    for where in ("/etc/systemd/system", "/lib/systemd/system/", str(link)):
+        r = ws.run("systemd", command, "--unit-dir", where)
+        assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr
+        shown = where.rstrip("/")
+        assert f"--unit-dir '{shown}': systemd reads its units from there; leave out --unit-dir" in r.stderr
+
+
+@needs_analyze
+def test_config_check_warns_of_a_schedule_whose_tag_is_protected(ws):
+    write(ws, {"hourly": {"on_calendar": "hourly", "volumes": ["data"], "tag": "manual"},
+               "daily": {"on_calendar": "daily", "volumes": ["data"]}})
+    r = ws.ok("config", "check")
+    assert f"{ws.config}: schedules.hourly.tag: 'manual' is a protected tag: retention never prunes" in r.stderr
+    assert "schedules.daily" not in r.stderr
