@@ -147,8 +147,8 @@ def _after_others(config: Config, schedule: Schedule) -> str:
 
 def _timeout(schedule: Schedule) -> str:
     if schedule.timeout is None:
-        return ("# No TimeoutStartSec= (the schedule sets no timeout): a first snapshot of a big volume may rightly\n"
-                "# take hours.\nTimeoutStartSec=infinity\n")
+        return ("# No start timeout (the schedule sets none): a first snapshot of a big volume may rightly take\n"
+                "# hours.\nTimeoutStartSec=infinity\n")
     return f"TimeoutStartSec={math.ceil(schedule.timeout.total_seconds())}s\n"
 
 
