@@ -24,7 +24,7 @@ from snapmgr.manifest import export
 from snapmgr.monitor import check as plugin, metrics, state as health_state
 from snapmgr.errors import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_SOFTWARE, EXIT_USAGE, Interrupted, SnapmgrError,
                             UsageError, as_error, one_line, quote)
-from snapmgr.model import NAME_RULE, SnapshotId, is_valid_name, parse_duration
+from snapmgr.model import NAME_RULE, PROTECTED_TAGS, SnapshotId, is_valid_name, parse_duration
 
 log = logging.getLogger("snapmgr")
 
@@ -277,8 +277,9 @@ def umount(c: Context, mountpoint):
 
 @cli.command()
 @click.option("--boot", is_flag=True,
-              help="The machine restarted since (snapmgr-recover.service): queue the starts of stopped units "
-                   "instead of waiting for them, and thaw nothing.")
+              help="Run by snapmgr-recover.service, before the units it resumes: queue their starts instead of "
+                   "waiting for them. Whether the machine restarted since a window (nothing is left frozen then) "
+                   "is told by the boot id the window was opened under.")
 @pass_ctx
 def recover(c: Context, boot):
     """Resume whatever an interrupted quiesce window left paused (also done by every
@@ -400,6 +401,10 @@ def config_check(c: Context):
     problems = Engine(cfg).browse_problems()
     for volume, problem in problems.items():
         log.warning("volume %s: its snapshots cannot be browsed whole: %s", volume, problem)
+    for s in cfg.schedules.values():
+        if s.tag in PROTECTED_TAGS:
+            log.warning("%s: schedules.%s.tag: %s is a protected tag: retention never prunes the schedule's "
+                        "snapshots", cfg.path, s.name, quote(s.tag))
     rows = [(v.name, v.backend, v.retention.name if v.retention else "-", ",".join(sorted(v.tags)) or "-")
             for v in cfg.volumes.values()]
     c.emit({"config": str(cfg.path), "valid": True,

@@ -68,6 +68,7 @@ class Schedule:
     randomized_delay: timedelta
     persistent: bool
     accuracy: timedelta
+    timeout: timedelta | None = None    # how long a run may take; None: no limit
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,13 @@ class Config:
     quiescers: dict[str, quiesce.Spec] = field(default_factory=dict)
     groups: dict[str, Group] = field(default_factory=dict)
     schedules: dict[str, Schedule] = field(default_factory=dict)
+
+    def volumes_of(self, schedule: Schedule, grouped: bool = True) -> tuple[str, ...]:
+        """The volumes a run of the schedule snapshots, each once: its groups' (unless not
+        `grouped`), then those it names that none of its groups takes."""
+        in_groups = [v for g in schedule.groups for v in self.groups[g].volumes]
+        alone = [v for v in schedule.volumes if v not in in_groups]
+        return tuple(dict.fromkeys([*in_groups, *alone] if grouped else alone))
 
 
 def _timezone(value: Any) -> tzinfo | None:
@@ -135,6 +143,8 @@ SCHEDULE = {
     "persistent": Field(schema.boolean, default=True),
     # systemd's own default; a timer that may fire up to a minute late lets it batch wakeups.
     "accuracy": Field(schema.duration, default=timedelta(minutes=1)),
+    # None by default: a first rsync of a big volume may rightly take hours.
+    "timeout": Field(schema.duration),
 }
 TOP = ("settings", "volumes", "retention", "quiesce", "groups", "schedules")
 
@@ -252,6 +262,16 @@ def _schedule(path: Path, name: str, table: Any, volumes: dict, groups: dict) ->
     _check_refs(path, ("schedules", name, "groups"), values["groups"], groups, "groups")
     if not values["volumes"] and not values["groups"]:
         raise ConfigError(path, dotted("schedules", name), "names no volumes and no groups")
+    if values["timeout"] is not None and values["timeout"] <= timedelta(0):
+        raise ConfigError(path, dotted("schedules", name, "timeout"), "must be longer than 0 (leave it out for no limit)")
+    taken_by: dict[str, str] = {}
+    for g in dict.fromkeys(values["groups"]):
+        for v in groups[g].volumes:
+            if v in taken_by:
+                raise ConfigError(path, dotted("schedules", name, "groups"),
+                                  f"groups {quote(taken_by[v])} and {quote(g)} both take volume {quote(v)}: a run "
+                                  f"would snapshot and prune it twice; list groups that share no volume")
+            taken_by[v] = g
     return Schedule(name, **(values | {"tag": values["tag"] or name}))
 
 

@@ -10,10 +10,11 @@ the volume's lock and the protected pre-rollback snapshot. Those jobs live besid
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 from collections import defaultdict
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -28,6 +29,7 @@ from snapmgr.journal import Journal, JournalError, Run, RunRecord, Verify, Volum
 from snapmgr.lock import volume_lock
 from snapmgr.manifest.verify import Problem, check as check_snapshot
 from snapmgr.model import ForeignSnapshot, MinFree, Snapshot, SnapshotId
+from snapmgr.quiesce import undo
 from snapmgr.quiesce.watchdog import Watchdog, perform_all
 from snapmgr.quiesce.window import Window, WindowOverrun
 from snapmgr.records import Records
@@ -91,6 +93,7 @@ class Engine:
         self.clock = clock
         self.read_only = read_only
         self._journal: Journal | None = None
+        self._lock_wait: float | None = None    # seconds, instead of settings.lock_wait (scheduled())
 
     @property
     def journal(self) -> Journal:
@@ -146,21 +149,26 @@ class Engine:
         named on its own in a window of its own (unless a listed group takes it), all with
         the schedule's tag; then, when the schedule prunes, prune every volume whose
         snapshot succeeded, at background CPU and I/O priority (services are paused only
-        for the snapshots, which must not run slowed)."""
+        for the snapshots, which must not run slowed). A volume another run holds is
+        waited for up to the schedule's timeout, without limit when it has none: a timer
+        has no one to retry for it, and systemd ends the run at that timeout anyway."""
         schedule = self.schedule(name)
         tags = frozenset({schedule.tag})
-        in_groups = {v for g in schedule.groups for v in self.group(g).volumes}
-        outcomes = [o for g in schedule.groups for o in self.snapshot((), tags, False, dry_run, progress, g)]
-        alone = [v for v in schedule.volumes if v not in in_groups]
-        if alone:  # none named means every volume to snapshot()
-            outcomes += self.snapshot(alone, tags, False, dry_run, progress)
-        if schedule.prune:
-            if not dry_run:
-                priority.background()
-            for outcome in outcomes:
-                if outcome.error is None:
-                    [volume] = self.volumes([outcome.volume])
-                    self._each_into(outcome, lambda o, v=volume: self._prune(v, dry_run, o))
+        wait = schedule.timeout.total_seconds() if schedule.timeout else math.inf
+        self._lock_wait = max(wait, self.config.settings.lock_wait.total_seconds())
+        try:
+            outcomes = [o for g in schedule.groups for o in self.snapshot((), tags, False, dry_run, progress, g)]
+            alone = self.config.volumes_of(schedule, grouped=False)
+            if alone:  # none named means every volume to snapshot()
+                outcomes += self.snapshot(alone, tags, False, dry_run, progress)
+            if schedule.prune:
+                with nullcontext() if dry_run else priority.background():
+                    for outcome in outcomes:
+                        if outcome.error is None:
+                            [volume] = self.volumes([outcome.volume])
+                            self._each_into(outcome, lambda o, v=volume: self._prune(v, dry_run, o))
+        finally:
+            self._lock_wait = None
         return outcomes
 
     def schedule(self, name: str) -> Schedule:
@@ -331,22 +339,31 @@ class Engine:
         self.journal.verified(str(snapshot.id), started, done.result, done.stats and done.stats.entries, detail)
         return done
 
-    def recover(self, at_boot: bool = False) -> list[str]:
+    def recover(self, boot: bool = False) -> list[str]:
         """Resume what interrupted quiesce windows left paused, and tell, once, of each
-        window that its snapmgr did not close itself: one line per window. `at_boot`: the
-        machine restarted since, and the paused services are yet to start."""
+        window that its snapmgr did not close itself: one line per window. Whether the
+        machine restarted since is told per window by the boot it was opened in. `boot`:
+        run by snapmgr-recover.service, before the paused units: their starts are queued,
+        not waited for. A window of which an undo step failed stays open, so that the next
+        run tries it again (every step is safe to run twice)."""
         told = []
+        current = undo.boot_id()
         for w in self.journal.unsettled_windows():
             if w.status == "open":
+                # Unknown boot ids (an older snapmgr's window): as the caller says.
+                restarted = w.boot_id != current if w.boot_id and current else boot
                 try:
                     with ExitStack() as locks:
                         for volume in sorted(w.volumes):
                             locks.enter_context(volume_lock(self.config.settings.run_dir, volume, 0))
-                        done = perform_all(list(reversed(w.plan)), inherited_fds=False, at_boot=at_boot)
+                        done, failed = perform_all(list(reversed(w.plan)), False, restarted, queue=boot)
                 except LockBusy:
                     continue  # its snapmgr, or its watchdog, is still at work
                 detail = "recovered now: " + ("; ".join(done) or "nothing was left to resume")
-                self.journal.window_ended(w.id, "recovered", detail)
+                if failed:
+                    detail = "recovery tried now: " + "; ".join(done) + "; left open to try again at the next run"
+                else:
+                    self.journal.window_ended(w.id, "recovered", detail)
             else:
                 detail = w.detail or w.status
             told.append(f"the quiesce window of {', '.join(w.volumes)} opened by pid {w.pid} at "
@@ -375,7 +392,8 @@ class Engine:
         """The volume's lock, held also by every program run meanwhile, so that no
         program left running by a killed run can race the next one."""
         settings = self.config.settings
-        with volume_lock(settings.run_dir, volume.name, settings.lock_wait.total_seconds()) as fd, sh.holding(fd):
+        wait = settings.lock_wait.total_seconds() if self._lock_wait is None else self._lock_wait
+        with volume_lock(settings.run_dir, volume.name, wait) as fd, sh.holding(fd):
             yield
 
     def _snapshot_together(self, volumes: list[Volume], group: Group | None, tags: frozenset[str], prune: bool,
@@ -491,7 +509,7 @@ class Engine:
                 # Journaled once the watchdog runs, so that a journaled window always has a
                 # watchdog or an account of how it ended.
                 window_id = self.journal.window_opened([v.name for v in volumes], group and group.name,
-                                                       os.getpid(), plan)
+                                                       os.getpid(), plan, undo.boot_id())
                 watchdog.tell(window=window_id)
             except BaseException:
                 watchdog.close()

@@ -170,6 +170,7 @@ class Window:
     status: str
     plan: list
     detail: str | None
+    boot_id: str | None = None    # of the boot it was opened in; None: unknown (an older snapmgr's window)
 
 
 class Run:
@@ -319,11 +320,13 @@ class Journal:
                     (snapshot.split("@", 1)[0], snapshot, source, started.isoformat(timespec="microseconds"), _now(),
                      result, entries, len(detail) if result == "damaged" else 0, json.dumps(detail[:MAX_DETAIL])))
 
-    def window_opened(self, volumes: list[str], group: str | None, pid: int, plan: list) -> int | None:
+    def window_opened(self, volumes: list[str], group: str | None, pid: int, plan: list,
+                      boot_id: str | None = None) -> int | None:
         """Recorded before the first prepare, so that a run finding it still open later
-        can resume what it paused."""
+        can resume what it paused, knowing whether the machine restarted since."""
+        stored = {"boot_id": boot_id, "steps": plan}
         return self._write("INSERT INTO windows (volumes, grp, pid, started, status, plan) VALUES (?, ?, ?, ?, 'open', ?)",
-                           (json.dumps(volumes), group, pid, _now(), json.dumps(plan)))
+                           (json.dumps(volumes), group, pid, _now(), json.dumps(stored)))
 
     def window_ended(self, window_id: int | None, status: str, detail: str | None, grade: str | None = None,
                      quiesce_s: float | None = None, freeze_s: float | None = None) -> None:
@@ -351,8 +354,12 @@ class Journal:
             rows = self._connection().execute(
                 "SELECT id, volumes, pid, started, status, plan, detail FROM windows "
                 "WHERE status = 'open' OR reported = 0 ORDER BY id").fetchall()
-        return [Window(i, tuple(json.loads(v)), pid, _parse(started), status, json.loads(plan), detail)
-                for i, v, pid, started, status, plan, detail in rows]
+        windows = []
+        for i, v, pid, started, status, plan, detail in rows:
+            stored = json.loads(plan)   # a plain list of steps before boot ids were kept
+            steps, boot = (stored, None) if isinstance(stored, list) else (stored["steps"], stored["boot_id"])
+            windows.append(Window(i, tuple(json.loads(v)), pid, _parse(started), status, steps, detail, boot))
+        return windows
 
     def _finish(self, run_id: int | None, status: str, error: str | None) -> None:
         if run_id is not None:
@@ -524,3 +531,4 @@ def _now() -> str:
 
 def _parse(text: str | None) -> datetime | None:
     return datetime.fromisoformat(text) if text else None
+

@@ -311,16 +311,24 @@ def timer_json(t: TimerState) -> dict:
     return {"schedule": t.schedule, "timer": t.timer, "service": t.service, "enabled": t.enabled,
             "active": t.active, "last_trigger": when(t.last_trigger), "next_elapse": when(t.next_elapse),
             "running": t.running, "last_result": t.last_result, "exit_status": t.exit_status,
-            "last_error": t.last_error}
+            "last_error": t.last_error, "signal": t.signal}
+
+
+def _no_result(t: TimerState) -> str:
+    """systemd forgets a service's runs at reboot; the timer remembers its last trigger
+    (Persistent=)."""
+    return "none since boot" if t.last_trigger else "never ran"
 
 
 def timers_table(timers: Sequence[TimerState], now: datetime) -> str:
     rows = []
     for t in timers:
-        result = "running" if t.running else (t.last_result or "never ran")
-        if t.last_result not in (None, "success") and t.exit_status is not None:
+        result = "running" if t.running else (t.last_result or _no_result(t))
+        if not t.running and t.signal:
+            result += f" (killed by {t.signal})"
+        elif not t.running and t.last_result not in (None, "success") and t.exit_status is not None:
             result += f" (exit {t.exit_status})"
-        nxt = when(t.next_elapse) or "-"
+        nxt = when(t.next_elapse) or ("after this run" if t.running else "-")
         rows.append((t.timer, t.enabled if t.active == "active" else f"{t.enabled}, {t.active}",
                      age(t.last_trigger, now), nxt, result, t.last_error or "-"))
     return table(("TIMER", "STATE", "LAST RUN", "NEXT RUN", "RESULT", "LAST ERROR"), rows)

@@ -7,6 +7,7 @@ knows which units are its own to rewrite or remove."""
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -71,7 +72,8 @@ def render(config: Config) -> list[Unit]:
     fill = _Filler(config)
     units = []
     for s in config.schedules.values():
-        units.append(Unit(service(s.name), fill("schedule.service", schedule=s.name, what=_what(s))))
+        units.append(Unit(service(s.name), fill("schedule.service", schedule=s.name, what=_what(s),
+                                                after_others=_after_others(config, s), timeout=_timeout(s))))
         units.append(Unit(timer(s.name), fill(
             "schedule.timer", schedule=s.name, on_calendar=s.on_calendar.replace("%", "%%"),
             persistent="yes" if s.persistent else "no", randomized_delay=_seconds(s.randomized_delay),
@@ -130,6 +132,26 @@ def _seconds(value: timedelta) -> str:
     return f"{int(value.total_seconds())}s"
 
 
+def _after_others(config: Config, schedule: Schedule) -> str:
+    """After= the services of the schedules before this one by name that share a volume
+    with it: two of them fired together then run one after the other instead of the
+    second failing on the busy volume's lock. One order by name, so no cycle."""
+    mine = set(config.volumes_of(schedule))
+    earlier = [service(s.name) for s in sorted(config.schedules.values(), key=lambda s: s.name)
+               if s.name < schedule.name and mine & set(config.volumes_of(s))]
+    if not earlier:
+        return ""
+    return ("# Shares volumes with these schedules: runs after theirs when fired together.\n"
+            f"After={' '.join(earlier)}\n")
+
+
+def _timeout(schedule: Schedule) -> str:
+    if schedule.timeout is None:
+        return ("# No start timeout (the schedule sets none): a first snapshot of a big volume may rightly take\n"
+                "# hours.\nTimeoutStartSec=infinity\n")
+    return f"TimeoutStartSec={math.ceil(schedule.timeout.total_seconds())}s\n"
+
+
 def _what(schedule: Schedule) -> str:
     parts = ([f"groups {', '.join(schedule.groups)}"] if schedule.groups else []) + \
             ([f"volumes {', '.join(schedule.volumes)}"] if schedule.volumes else [])
@@ -166,9 +188,12 @@ def _unless_under(paths: list[tuple[str, Path | None, bool]], roots: tuple[Path,
     if unknown:
         return [f"# {name}= is off: where {unknown[0]} is cannot be told now."]
     for what, p, _ in paths:
-        for root in roots:
-            if p.is_relative_to(root):
-                return [f"# {name}= is off: {p} ({what}) is under {root}, {effect}."]
+        # Resolved too: a symlink to a directory under a root is hidden with that root.
+        for seen in dict.fromkeys([p, Path(os.path.realpath(p))]):
+            for root in roots:
+                if seen.is_relative_to(root) or seen.is_relative_to(os.path.realpath(root)):
+                    shown = p if seen == p else f"{p} (which is {seen})"
+                    return [f"# {name}= is off: {shown} ({what}) is under {root}, {effect}."]
     return [setting]
 
 

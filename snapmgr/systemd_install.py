@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from snapmgr import calendar, sh, systemd
+from snapmgr import calendar, sh, systemctl, systemd
 from snapmgr.config import Config
 from snapmgr.errors import ConfigError, SnapmgrError, UsageError, quote
 from snapmgr.journal import JournalError, VolumeHistory
@@ -20,6 +21,8 @@ SYSTEM_DIR = Path("/etc/systemd/system")
 TIMEOUT = 90   # for one systemctl call: a stop waits for a running snapshot's SIGTERM handling
 _STAMP_RE = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) UTC")
 ERROR_MARK = "snapmgr: error: "
+# ExecMainCode: how the main process ended (siginfo's si_code, as systemctl show prints it).
+CLD_KILLED, CLD_DUMPED = "2", "3"
 
 
 @dataclass
@@ -45,8 +48,9 @@ class TimerState:
     next_elapse: datetime | None
     running: bool                     # a run is under way now
     last_result: str | None           # Result of the service's last run; None if it never ran
-    exit_status: int | None
+    exit_status: int | None           # None also when a signal killed it
     last_error: str | None
+    signal: str | None = None         # the signal that killed the last run (SIGKILL, ...)
 
 
 def check_calendars(config: Config) -> dict[str, datetime]:
@@ -62,6 +66,7 @@ def check_calendars(config: Config) -> dict[str, datetime]:
 
 def install(config: Config, unit_dir: Path | None, dry_run: bool) -> Changes:
     check_calendars(config)
+    _not_systemds(unit_dir)
     live = unit_dir is None
     changes = Changes(unit_dir or SYSTEM_DIR, dry_run)
     units = systemd.render(config)
@@ -98,6 +103,7 @@ def install(config: Config, unit_dir: Path | None, dry_run: bool) -> Changes:
 def uninstall(config: Config, unit_dir: Path | None, dry_run: bool) -> Changes:
     """Every unit written from this config stopped, disabled and removed (and the mounts
     of the FUSE template with them)."""
+    _not_systemds(unit_dir)
     live = unit_dir is None
     changes = Changes(unit_dir or SYSTEM_DIR, dry_run)
     changes.removed = sorted(_own_units(config, changes.unit_dir))
@@ -122,20 +128,45 @@ def status(config: Config, history: Callable[[str], VolumeHistory]) -> list[Time
     states = []
     for s in config.schedules.values():
         timer, service = systemd.timer(s.name), systemd.service(s.name)
-        t, v = _show([timer, service], ["UnitFileState", "ActiveState", "LastTriggerUSec", "NextElapseUSecRealtime",
-                                        "Result", "ExecMainStatus", "ExecMainStartTimestamp", "InvocationID",
-                                        "LoadState"])
+        t, v = systemctl.show([timer, service], ["UnitFileState", "ActiveState", "SubState", "LastTriggerUSec",
+                                                 "NextElapseUSecRealtime", "Result", "ExecMainCode",
+                                                 "ExecMainStatus", "ExecMainStartTimestamp", "InvocationID",
+                                                 "LoadState"], TIMEOUT)
         started = _stamp(v.get("ExecMainStartTimestamp", ""))
         result = v.get("Result") if started else None
         error = None
         if result not in (None, "success"):
             error = _journal_error(v.get("InvocationID", "")) or _newest_error(config, s.name, started, history)
+        code, status_ = v.get("ExecMainCode", ""), v.get("ExecMainStatus", "")
+        killed = started is not None and code in (CLD_KILLED, CLD_DUMPED) and status_.isdigit()
         enabled = "not-found" if t.get("LoadState") == "not-found" else t.get("UnitFileState") or "unknown"
         states.append(TimerState(
             s.name, timer, service, enabled, t.get("ActiveState", "inactive"), _stamp(t.get("LastTriggerUSec", "")),
-            _stamp(t.get("NextElapseUSecRealtime", "")), v.get("ActiveState") in ("activating", "deactivating"),
-            result, int(v["ExecMainStatus"]) if started and v.get("ExecMainStatus", "").isdigit() else None, error))
+            _stamp(t.get("NextElapseUSecRealtime", "")),
+            # The timer's own word too: from its elapse until its service ends, systemd
+            # has no next elapse for it, even before the service shows as activating.
+            v.get("ActiveState") in ("activating", "deactivating") or t.get("SubState") == "running",
+            result, int(status_) if started and not killed and status_.isdigit() else None, error,
+            _signal_name(int(status_)) if killed else None))
     return states
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _not_systemds(unit_dir: Path | None) -> None:
+    """--unit-dir leaves the running systemd alone: a directory systemd reads units from
+    would have it run them unreloaded, and lose running timers' units unstopped."""
+    if unit_dir is None:
+        return
+    read = sh.run(["systemd-analyze", "unit-paths"], timeout=TIMEOUT, holds_locks=False).stdout.split()
+    if os.path.realpath(unit_dir) in {os.path.realpath(p) for p in read}:
+        raise UsageError(f"--unit-dir {quote(unit_dir)}: systemd reads its units from there; leave out --unit-dir "
+                         f"to install into {SYSTEM_DIR} with systemd told of the changes")
 
 
 # Files ------------------------------------------------------------------------------------
@@ -202,18 +233,6 @@ def _loaded(pattern: str) -> list[str]:
     return [line.split()[0] for line in out.splitlines() if line.strip()]
 
 
-def _show(units: list[str], properties: list[str]) -> list[dict[str, str]]:
-    """The properties of each unit, from one `systemctl show`, whose blocks come in the
-    order the units were named; times in UTC."""
-    out = sh.run(["systemctl", "show", f"--property={','.join(properties)}", "--", *units], timeout=TIMEOUT,
-                 holds_locks=False, env={"TZ": "UTC", "LC_ALL": "C"}).stdout
-    blocks = [dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
-              for block in out.strip().split("\n\n")]
-    if len(blocks) != len(units):
-        raise SnapmgrError(f"systemctl show gave {len(blocks)} blocks for {len(units)} units: {quote(out)}")
-    return blocks
-
-
 def _stamp(text: str) -> datetime | None:
     m = _STAMP_RE.search(text)
     return datetime.fromisoformat(m[1]).replace(tzinfo=timezone.utc) if m else None
@@ -234,10 +253,8 @@ def _journal_error(invocation: str) -> str | None:
 
 def _newest_error(config: Config, schedule: str, since: datetime | None,
                   history: Callable[[str], VolumeHistory]) -> str | None:
-    s = config.schedules[schedule]
-    volumes = dict.fromkeys([*(v for g in s.groups for v in config.groups[g].volumes), *s.volumes])
     try:
-        histories = [history(v) for v in volumes]
+        histories = [history(v) for v in config.volumes_of(config.schedules[schedule])]
     except JournalError:
         return None
     failures = [h for h in histories if h.last_failure and (since is None or h.last_failure >= since)]

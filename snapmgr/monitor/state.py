@@ -125,8 +125,7 @@ def ages_of(config: Config, volume: Volume, interval: Callable[[str], timedelta]
     schedules that snapshot it (WARN_FACTOR and CRIT_FACTOR times the longest gap between
     its runs); a volume no schedule covers has no age it must keep to
     (sanoid #562, #654: no alarm for a period nobody configured)."""
-    covering = sorted(s.name for s in config.schedules.values()
-                      if volume.name in s.volumes or any(volume.name in config.groups[g].volumes for g in s.groups))
+    covering = sorted(s.name for s in config.schedules.values() if volume.name in config.volumes_of(s))
     warn, crit, source = volume.warn_age, volume.crit_age, "warn_age / crit_age of the volume"
     if covering and (warn is None or crit is None):
         gap, name = min((_gap(config.schedules[n], interval), n) for n in covering)

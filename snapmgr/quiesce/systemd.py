@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from snapmgr import schema, sh
+from snapmgr import schema, sh, systemctl
 from snapmgr.errors import SnapmgrError, quote
 from snapmgr.quiesce import undo
 from snapmgr.quiesce.base import Quiescer
@@ -57,14 +57,10 @@ class SystemdQuiescer(Quiescer):
         self.active = [u for u in self.units if states[u]["ActiveState"] in ("active", "activating", "reloading")]
 
     def _states(self) -> dict[str, dict[str, str]]:
-        """LoadState and ActiveState of each unit, from one `systemctl show`, whose
-        blocks come in the order the units were named."""
-        out = sh.run(["systemctl", "show", "--property=LoadState,ActiveState", "--", *self.units],
-                     timeout=self.timeout, holds_locks=False).stdout
-        blocks = [dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
-                  for block in out.strip().split("\n\n")]
-        if len(blocks) != len(self.units) or not all({"LoadState", "ActiveState"} <= b.keys() for b in blocks):
-            raise SnapmgrError(f"quiesce {self.name}: systemctl show gave no state for each unit: {quote(out)}")
+        """LoadState and ActiveState of each unit."""
+        blocks = systemctl.show(self.units, ["LoadState", "ActiveState"], self.timeout)
+        if not all({"LoadState", "ActiveState"} <= b.keys() for b in blocks):
+            raise SnapmgrError(f"quiesce {self.name}: systemctl show gave no state for each unit: {quote(blocks)}")
         return dict(zip(self.units, blocks))
 
     def _check_freeze_support(self) -> None:
@@ -82,11 +78,12 @@ class SystemdQuiescer(Quiescer):
         return ("freeze", "thaw") if self.freezing else ("stop", "start")
 
     def undo(self) -> list[dict]:
-        # At boot, recovery runs before the units (snapmgr-recover.service is ordered
-        # Before= them): a start there is queued, for waiting on it would wait forever,
-        # and nothing is frozen after a restart.
-        at_boot = [] if self.freezing else ["systemctl", "start", "--no-block", "--", *self.active]
-        return [undo.run_action(self._argv(self.verbs[1]), {}, self.timeout, at_boot)] if self.active else []
+        # snapmgr-recover.service runs before the units (it is ordered Before= them): a
+        # start there is queued, for waiting on it would wait forever. Nothing is frozen
+        # after a restart; a thaw waits for nothing.
+        queued = None if self.freezing else ["systemctl", "start", "--no-block", "--", *self.active]
+        at_boot = [] if self.freezing else queued
+        return [undo.run_action(self._argv(self.verbs[1]), {}, self.timeout, at_boot, queued)] if self.active else []
 
     def prepare(self) -> None:
         self._systemctl(self.verbs[0])

@@ -15,25 +15,41 @@ from typing import Mapping, Sequence
 from snapmgr import sh
 from snapmgr.quiesce.freezing import thaw
 
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
+
 
 def thaw_action(mountpoint: Path, fd: int | None) -> dict:
     return {"thaw": str(mountpoint), "fd": fd}
 
 
 def run_action(argv: Sequence[str], env: Mapping[str, str], timeout: float,
-               at_boot: Sequence[str] | None = None) -> dict:
-    """`at_boot`: what to run instead when recovering at boot, before the services come
-    up ([] for nothing); by default the same argv."""
+               at_boot: Sequence[str] | None = None, queued: Sequence[str] | None = None) -> dict:
+    """`at_boot`: what to run instead when the machine restarted since the window, before
+    the services come up ([] for nothing); `queued`: what to run instead when it must not
+    wait (snapmgr-recover.service, which the units it would wait for are ordered after).
+    By default the same argv."""
     action = {"run": list(argv), "env": dict(env), "timeout": timeout}
     if at_boot is not None:
         action["at_boot"] = list(at_boot)
+    if queued is not None:
+        action["queued"] = list(queued)
     return action
 
 
-def perform(action: dict, inherited_fds: bool, at_boot: bool = False) -> str:
+def boot_id() -> str | None:
+    """This boot's id, which the kernel makes anew at every boot: a window opened under
+    another one was interrupted by a restart."""
+    try:
+        return Path(BOOT_ID).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def perform(action: dict, inherited_fds: bool, restarted: bool = False, queue: bool = False) -> str:
     """Carry the action out; say what was done. `inherited_fds`: the descriptors the
     action names are open in this process (the watchdog), else paths are opened anew.
-    `at_boot`: the machine was restarted since the window (snapmgr-recover.service)."""
+    `restarted`: the machine was restarted since the window. `queue`: what would wait
+    for a unit to start must not (snapmgr-recover.service)."""
     if "thaw" in action:
         fd = action["fd"] if inherited_fds and action["fd"] is not None else None
         if fd is None:
@@ -45,7 +61,10 @@ def perform(action: dict, inherited_fds: bool, at_boot: bool = False) -> str:
         else:
             was_frozen = thaw(fd)
         return f"thawed {action['thaw']}" if was_frozen else f"{action['thaw']} was not frozen"
-    argv = action.get("at_boot", action["run"]) if at_boot else action["run"]
+    if restarted:
+        argv = action.get("at_boot", action["run"])
+    else:
+        argv = action.get("queued", action["run"]) if queue else action["run"]
     if not argv:
         return f"nothing to do after a restart for {shlex.join(action['run'])}"
     sh.run(argv, timeout=action["timeout"], env=action["env"], holds_locks=False)

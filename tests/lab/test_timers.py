@@ -150,8 +150,12 @@ def test_a_timer_every_5s_takes_tagged_snapshots_and_prunes_them(host, ws, insta
         assert all(s["tags"] == ["fast"] for s in listed), listed
         return len(seen) >= 3 and len(listed) == 2 and show(host, "snapmgr-fast.service", "ActiveState") != "activating"
     wait_for(pruned_after_three_runs, timeout=120, what="three timer runs, pruned to keep_last = 2")
-    timers = ws.ok("--json", "systemd", "status").json()["timers"]
-    [fast] = timers
+    # Every 5s the timer triggers again, and until that run ends systemd has no next
+    # elapse for it: status says the run is under way then (it did not, and this failed).
+    def between_runs():
+        [fast] = ws.ok("--json", "systemd", "status").json()["timers"]
+        return None if fast["running"] else fast
+    fast = wait_for(between_runs, timeout=60, what="systemd status between two runs")
     assert fast["enabled"] == "enabled" and fast["active"] == "active"
     assert fast["last_result"] == "success" and fast["last_error"] is None
     assert fast["last_trigger"] is not None and fast["next_elapse"] is not None
@@ -205,6 +209,30 @@ def test_the_recovery_service_starts_what_a_lost_window_left_stopped(host, ws, i
     assert "nothing to recover" in ws.ok("recover").stdout
 
 
+def test_the_recovery_service_started_without_a_reboot_thaws_a_frozen_unit(host, ws, installed, writer):
+    # The window was opened in this boot (its boot id says so): --boot must not skip the thaw.
+    held = ws.root / "held"
+    hold = [sys.executable, "-c", f"open({str(held)!r}, 'w'); import time; time.sleep(120)"]
+    configure(ws, {"manual": {"on_calendar": "2099-01-01", "volumes": ["data"]}},
+              volumes={"data": {"backend": "rsync", "source": ws.source, "repository": ws.repo,
+                                "quiesce": ["app", "hold"]}},
+              quiesce={"app": {"kind": "systemd", "units": [writer], "mode": "freeze"},
+                       "hold": {"kind": "command", "pre": hold, "max_window": "10min"}})
+    ws.ok("systemd", "install")
+    snapshot = ws.start("snapshot")
+    wait_for(lambda: held.exists() or snapshot.poll() is not None, timeout=60, what="the window")
+    assert snapshot.poll() is None, snapshot.communicate()
+    for pid in pids_of(Path(sys.executable).name, "snapmgr.quiesce.watchdog"):
+        os.kill(pid, signal.SIGKILL)
+    snapshot.send_signal(signal.SIGKILL)
+    snapshot.wait()
+    assert show(host, writer, "FreezerState") == "frozen"
+    sh(host, "systemctl", "start", "snapmgr-recover.service")
+    assert show(host, writer, "FreezerState") == "running"
+    told = run(host, "journalctl --no-pager --output=cat -u snapmgr-recover.service").stdout
+    assert f"recovered now: app: ran systemctl thaw -- {writer}" in told, told
+
+
 def test_a_scheduled_run_of_lvm_and_zfs_volumes_works_inside_the_hardened_service(host, ws, installed,
                                                                                   thick_lv, dataset):
     thick_lv.write("file", b"lvm")
@@ -238,6 +266,9 @@ def test_the_watchdog_outlives_a_run_killed_inside_the_service_and_restarts_the_
              what=f"the watchdog starting {writer} again")
     assert show(host, "snapmgr-manual.service", "Result") == "signal"
     assert "was not closed by its run; quiesce watchdog: snapmgr" in ws.ok("list").stderr
+    [manual] = ws.ok("--json", "systemd", "status").json()["timers"]
+    assert manual["last_result"] == "signal" and manual["signal"] == "SIGKILL" and manual["exit_status"] is None
+    assert "signal (killed by SIGKILL)" in ws.ok("systemd", "status").stdout
 
 
 def test_the_mount_template_serves_snapshots_to_everyone_and_unmounts_when_stopped(host, ws, installed):

@@ -1,3 +1,4 @@
+import json
 import multiprocessing
 import sqlite3
 from datetime import datetime, timedelta, timezone
@@ -209,3 +210,18 @@ def test_reads_inside_reading_see_one_moment_while_a_writer_commits(tmp_path):
     finally:
         reader.close()
         writer.close()
+
+
+def test_a_window_keeps_the_boot_it_was_opened_in_and_an_older_window_reads_without_one(tmp_path):
+    j = Journal(tmp_path / "journal.db")
+    plan = [{"name": "app", "undo": [{"run": ["true"], "env": {}, "timeout": 5}]}]
+    j.window_opened(["data"], None, 123, plan, "0f5c2a7e-boot")
+    # As an older snapmgr stored it: the plan alone.
+    with sqlite3.connect(tmp_path / "journal.db") as c:
+        c.execute("INSERT INTO windows (volumes, grp, pid, started, status, plan) VALUES "
+                  "('[\"old\"]', NULL, 7, '2026-01-01T00:00:00+00:00', 'open', ?)", (json.dumps(plan),))
+    c.close()
+    new, old = j.unsettled_windows()
+    assert (new.volumes, new.plan, new.boot_id) == (("data",), plan, "0f5c2a7e-boot")
+    assert (old.volumes, old.plan, old.boot_id) == (("old",), plan, None)
+    j.close()
