@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pty
+import signal
 import subprocess
 import sys
 import time
@@ -166,6 +167,25 @@ def pids_of(program: str, needle: str) -> list[int]:
                 any(needle.encode() in a for a in argv):
             pids.append(int(entry.name))
     return pids
+
+
+def held_window_command(held: Path) -> list[str]:
+    """A command quiescer's `pre` that holds its window open for two minutes and creates
+    `held` once it is open."""
+    return [sys.executable, "-c", f"open({str(held)!r}, 'w'); import time; time.sleep(120)"]
+
+
+def lose_the_window(ws: Workspace, held: Path) -> None:
+    """A snapshot killed inside its window (held open by held_window_command) together
+    with its watchdog, the watchdog first so that it cannot act, as a power cut would:
+    the window stays open in the journal."""
+    snapshot = ws.start("snapshot")
+    wait_for(lambda: held.exists() or snapshot.poll() is not None, timeout=60, what="the window")
+    assert snapshot.poll() is None, snapshot.communicate()
+    for pid in pids_of(Path(sys.executable).name, "snapmgr.quiesce.watchdog"):
+        os.kill(pid, signal.SIGKILL)
+    snapshot.send_signal(signal.SIGKILL)
+    snapshot.wait()
 
 
 @contextmanager

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.integration.helpers import Workspace, pids_of, toml, wait_for
+from tests.integration.helpers import Workspace, held_window_command, lose_the_window, toml
 
 needs_analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
 UNITS = ["snapmgr-hourly.service", "snapmgr-hourly.timer", "snapmgr-mount@.service", "snapmgr-recover.service"]
@@ -308,18 +307,11 @@ def test_the_snapshot_window_runs_at_normal_priority_and_pruning_in_the_backgrou
 
 def test_recover_at_boot_still_runs_a_command_quiescers_post(ws):
     held, posted = ws.root / "held", ws.root / "posted"
-    hold = [sys.executable, "-c", f"open({str(held)!r}, 'w'); import time; time.sleep(120)"]
+    hold = held_window_command(held)
     post = [sys.executable, "-c", f"open({str(posted)!r}, 'w')"]
     ws.write_config({"data": {"backend": "rsync", "source": ws.source, "repository": ws.repo, "quiesce": ["app"]}},
                     quiesce={"app": {"kind": "command", "pre": hold, "post": post, "max_window": "10min"}})
-    run = ws.start("snapshot")
-    wait_for(lambda: held.exists() or run.poll() is not None, what="the window")
-    assert run.poll() is None, run.communicate()
-    # As a power cut would: the watchdog first, so that it cannot act, then snapmgr.
-    for pid in pids_of(os.path.basename(sys.executable), "snapmgr.quiesce.watchdog"):
-        os.kill(pid, signal.SIGKILL)
-    run.send_signal(signal.SIGKILL)
-    run.wait()
+    lose_the_window(ws, held)
     assert not posted.exists()
     r = ws.ok("recover", "--boot")
     assert "was not closed by its run; recovered now: app: ran " in r.stdout and posted.exists()
@@ -328,19 +320,13 @@ def test_recover_at_boot_still_runs_a_command_quiescers_post(ws):
 
 def test_a_post_that_fails_at_recovery_leaves_the_window_open_for_the_next_run(ws):
     held, ready, posted = ws.root / "held", ws.root / "daemon-up", ws.root / "posted"
-    hold = [sys.executable, "-c", f"open({str(held)!r}, 'w'); import time; time.sleep(120)"]
+    hold = held_window_command(held)
     # As a post whose daemon is not up yet at boot: it fails until it is.
     post = [sys.executable, "-c", f"import os, sys; os.path.exists({str(ready)!r}) or sys.exit('not up yet'); "
                                   f"open({str(posted)!r}, 'w')"]
     ws.write_config({"data": {"backend": "rsync", "source": ws.source, "repository": ws.repo, "quiesce": ["app"]}},
                     quiesce={"app": {"kind": "command", "pre": hold, "post": post, "max_window": "10min"}})
-    run = ws.start("snapshot")
-    wait_for(lambda: held.exists() or run.poll() is not None, what="the window")
-    assert run.poll() is None, run.communicate()
-    for pid in pids_of(os.path.basename(sys.executable), "snapmgr.quiesce.watchdog"):
-        os.kill(pid, signal.SIGKILL)
-    run.send_signal(signal.SIGKILL)
-    run.wait()
+    lose_the_window(ws, held)
     first = ws.ok("recover", "--boot").stdout
     assert "app: FAILED: " in first and "left open to try again at the next run" in first and not posted.exists()
     ready.write_text("")

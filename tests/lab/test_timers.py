@@ -13,14 +13,13 @@ import faulthandler
 import itertools
 import os
 import shutil
-import signal
 import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 
-from tests.integration.helpers import Workspace, pids_of, toml, wait_for
+from tests.integration.helpers import Workspace, held_window_command, lose_the_window, toml, wait_for
 from tests.lab import conftest
 from tests.lab.conftest import lvm_volume, zfs_volume
 
@@ -184,23 +183,23 @@ def test_a_failing_run_shows_in_systemctl_status_and_in_snapmgr_status(host, ws,
     assert ws.snapshots() == []
 
 
-def test_the_recovery_service_starts_what_a_lost_window_left_stopped(host, ws, installed, writer):
+def installed_with_a_held_window(ws, writer: str, mode: str) -> Path:
+    """Units installed for a volume whose window holds `writer` paused (mode stop or
+    freeze) for two minutes; the file that appears once the window is open."""
     held = ws.root / "held"
-    hold = [sys.executable, "-c", f"open({str(held)!r}, 'w'); import time; time.sleep(120)"]
+    hold = held_window_command(held)
     configure(ws, {"manual": {"on_calendar": "2099-01-01", "volumes": ["data"]}},
               volumes={"data": {"backend": "rsync", "source": ws.source, "repository": ws.repo,
                                 "quiesce": ["app", "hold"]}},
-              quiesce={"app": {"kind": "systemd", "units": [writer]},
+              quiesce={"app": {"kind": "systemd", "units": [writer], "mode": mode},
                        "hold": {"kind": "command", "pre": hold, "max_window": "10min"}})
     ws.ok("systemd", "install")
-    snapshot = ws.start("snapshot")
-    wait_for(lambda: held.exists() or snapshot.poll() is not None, timeout=60, what="the window")
-    assert snapshot.poll() is None, snapshot.communicate()
-    # As a power cut would: the watchdog goes too, and the window stays open in the journal.
-    for pid in pids_of(Path(sys.executable).name, "snapmgr.quiesce.watchdog"):
-        os.kill(pid, signal.SIGKILL)
-    snapshot.send_signal(signal.SIGKILL)
-    snapshot.wait()
+    return held
+
+
+def test_the_recovery_service_starts_what_a_lost_window_left_stopped(host, ws, installed, writer):
+    held = installed_with_a_held_window(ws, writer, "stop")
+    lose_the_window(ws, held)
     assert show(host, writer, "ActiveState") == "inactive"
     sh(host, "systemctl", "start", "snapmgr-recover.service")
     wait_for(lambda: show(host, writer, "ActiveState") == "active", timeout=30, what=f"{writer} started again")
@@ -211,21 +210,8 @@ def test_the_recovery_service_starts_what_a_lost_window_left_stopped(host, ws, i
 
 def test_the_recovery_service_started_without_a_reboot_thaws_a_frozen_unit(host, ws, installed, writer):
     # The window was opened in this boot (its boot id says so): --boot must not skip the thaw.
-    held = ws.root / "held"
-    hold = [sys.executable, "-c", f"open({str(held)!r}, 'w'); import time; time.sleep(120)"]
-    configure(ws, {"manual": {"on_calendar": "2099-01-01", "volumes": ["data"]}},
-              volumes={"data": {"backend": "rsync", "source": ws.source, "repository": ws.repo,
-                                "quiesce": ["app", "hold"]}},
-              quiesce={"app": {"kind": "systemd", "units": [writer], "mode": "freeze"},
-                       "hold": {"kind": "command", "pre": hold, "max_window": "10min"}})
-    ws.ok("systemd", "install")
-    snapshot = ws.start("snapshot")
-    wait_for(lambda: held.exists() or snapshot.poll() is not None, timeout=60, what="the window")
-    assert snapshot.poll() is None, snapshot.communicate()
-    for pid in pids_of(Path(sys.executable).name, "snapmgr.quiesce.watchdog"):
-        os.kill(pid, signal.SIGKILL)
-    snapshot.send_signal(signal.SIGKILL)
-    snapshot.wait()
+    held = installed_with_a_held_window(ws, writer, "freeze")
+    lose_the_window(ws, held)
     assert show(host, writer, "FreezerState") == "frozen"
     sh(host, "systemctl", "start", "snapmgr-recover.service")
     assert show(host, writer, "FreezerState") == "running"
@@ -250,14 +236,7 @@ def test_a_scheduled_run_of_lvm_and_zfs_volumes_works_inside_the_hardened_servic
 
 def test_the_watchdog_outlives_a_run_killed_inside_the_service_and_restarts_the_stopped_unit(host, ws, installed,
                                                                                                writer):
-    held = ws.root / "held"
-    hold = [sys.executable, "-c", f"open({str(held)!r}, 'w'); import time; time.sleep(120)"]
-    configure(ws, {"manual": {"on_calendar": "2099-01-01", "volumes": ["data"]}},
-              volumes={"data": {"backend": "rsync", "source": ws.source, "repository": ws.repo,
-                                "quiesce": ["app", "hold"]}},
-              quiesce={"app": {"kind": "systemd", "units": [writer]},
-                       "hold": {"kind": "command", "pre": hold, "max_window": "10min"}})
-    ws.ok("systemd", "install")
+    held = installed_with_a_held_window(ws, writer, "stop")
     sh(host, "systemctl", "start", "--no-block", "snapmgr-manual.service")
     wait_for(held.exists, timeout=60, what="the window of the service's run")
     assert show(host, writer, "ActiveState") == "inactive"
