@@ -344,8 +344,10 @@ class Engine:
         window that its snapmgr did not close itself: one line per window. Whether the
         machine restarted since is told per window by the boot it was opened in. `boot`:
         run by snapmgr-recover.service, before the paused units: their starts are queued,
-        not waited for. A window of which an undo step failed stays open, so that the next
-        run tries it again (every step is safe to run twice)."""
+        not waited for. A failed undo step is told, and `snapmgr check` is critical about
+        its window; it is not retried by every later run: that would undo again, on every
+        command, steps that succeeded (start a unit stopped since, thaw what another
+        window froze)."""
         told = []
         current = undo.boot_id()
         for w in self.journal.unsettled_windows():
@@ -356,14 +358,11 @@ class Engine:
                     with ExitStack() as locks:
                         for volume in sorted(w.volumes):
                             locks.enter_context(volume_lock(self.config.settings.run_dir, volume, 0))
-                        done, failed = perform_all(list(reversed(w.plan)), False, restarted, queue=boot)
+                        done = perform_all(list(reversed(w.plan)), False, restarted, queue=boot)
                 except LockBusy:
                     continue  # its snapmgr, or its watchdog, is still at work
                 detail = "recovered now: " + ("; ".join(done) or "nothing was left to resume")
-                if failed:
-                    detail = "recovery tried now: " + "; ".join(done) + "; left open to try again at the next run"
-                else:
-                    self.journal.window_ended(w.id, "recovered", detail)
+                self.journal.window_ended(w.id, "recovered", detail)
             else:
                 detail = w.detail or w.status
             told.append(f"the quiesce window of {', '.join(w.volumes)} opened by pid {w.pid} at "

@@ -124,24 +124,22 @@ def main() -> int:
         elif "closed" in message:
             return 0
     pending = [i for i in reversed(started) if i not in resumed]
-    done, _ = perform_all([steps[i] for i in pending], inherited_fds=True)
+    done = perform_all([steps[i] for i in pending], inherited_fds=True)
     _report(plan, reason, done)
     return 0
 
 
 def perform_all(steps: list[dict], inherited_fds: bool, restarted: bool = False,
-                queue: bool = False) -> tuple[list[str], int]:
-    """Every undo action of the steps, in order; a failure is noted and the rest go on.
-    What was done, and how many actions failed."""
-    done, failed = [], 0
+                queue: bool = False) -> list[str]:
+    """Every undo action of the steps, in order; a failure is noted and the rest go on."""
+    done = []
     for step in steps:
         for action in step["undo"]:
             try:
                 done.append(f"{step['name']}: {undo.perform(action, inherited_fds, restarted, queue)}")
             except (SnapmgrError, OSError) as e:
                 done.append(f"{step['name']}: FAILED: {e}")
-                failed += 1
-    return done, failed
+    return done
 
 
 def _kill_and_wait(pid: int, lines: _Lines) -> None:
