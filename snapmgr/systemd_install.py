@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from snapmgr import calendar, sh, systemctl, systemd
+from snapmgr import calendar, files, sh, systemctl, systemd
 from snapmgr.config import Config
 from snapmgr.errors import ConfigError, SnapmgrError, UsageError, quote
 from snapmgr.journal import JournalError, VolumeHistory
@@ -91,7 +91,7 @@ def install(config: Config, unit_dir: Path | None, dry_run: bool) -> Changes:
         (changes.unit_dir / name).unlink()
     texts = {u.name: u.text for u in units}
     for name in changes.written:
-        _write(changes.unit_dir / name, texts[name])
+        files.replace(changes.unit_dir / name, texts[name])  # systemd never reads half a unit
     if live:
         _systemctl("daemon-reload")
         if timers:
@@ -186,17 +186,6 @@ def _own_units(config: Config, unit_dir: Path) -> dict[str, str]:
         if systemd.written_from(text) == wanted:
             found[path.name] = text
     return found
-
-
-def _write(path: Path, text: str) -> None:
-    """Atomically: systemd never reads half a unit."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    temporary.chmod(0o644)
-    temporary.rename(path)
 
 
 # systemd ----------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
+from snapmgr import files
 from snapmgr.engine import Engine
 from snapmgr.errors import SnapmgrError, as_error
 from snapmgr.journal import JournalError
@@ -22,7 +23,7 @@ def publish(engine: Engine, changed: Iterable[str]) -> SnapmgrError | None:
     try:
         health = state.gather(engine, live=set(changed), record=True)
         if path is not None:
-            metrics.write_textfile(path, metrics.exposition(health))
+            files.replace(path, metrics.exposition(health))
     except (SnapmgrError, OSError) as e:
         if isinstance(e, JournalError) and engine.journal_failure is not None:
             return None   # the run reports the journal's failure itself, once

@@ -7,11 +7,8 @@ sees it. A moment that never came is 0."""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from pathlib import Path
 
 from snapmgr.monitor.state import Health, VolumeHealth
 
@@ -130,25 +127,3 @@ def _escape_help(text: str) -> str:
 
 def _value(value: float | int) -> str:
     return str(value) if isinstance(value, int) else repr(float(value))
-
-
-def write_textfile(path: Path, text: str) -> None:
-    """Replace `path` whole: node_exporter never reads half a file. The temporary file
-    is in the same directory (a rename within one filesystem is atomic) and does not end
-    in .prom, so the collector never picks it up."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with open(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fchmod(f.fileno(), 0o644)   # node_exporter runs as a user of its own
-            os.fsync(f.fileno())
-        os.rename(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(directory)   # the rename itself survives a crash
-    finally:
-        os.close(directory)
