@@ -38,7 +38,8 @@ class Context:
 
     def engine(self, recover: bool = True) -> Engine:
         """The engine; first, whatever an interrupted quiesce window left paused is
-        resumed (every command does it, so nothing waits for an explicit recover)."""
+        resumed (every command does it, so nothing waits for an explicit recover;
+        a dry run changes nothing, and does not)."""
         if self._engine is None:
             self._engine = Engine(self.config())
             if recover:
@@ -108,9 +109,9 @@ def snapshot(c: Context, volumes, group, schedule, tags, prune, dry_run):
         if volumes or group is not None or tags or prune:
             raise UsageError("--schedule takes its volumes, groups, tag and prune from the schedule: "
                              "give no VOLUMES, --group, --tag or --prune with it")
-        outcomes = c.engine().scheduled(schedule, dry_run, _progress(c))
+        outcomes = c.engine(recover=not dry_run).scheduled(schedule, dry_run, _progress(c))
     else:
-        outcomes = c.engine().snapshot(volumes, tags, prune, dry_run, _progress(c), group)
+        outcomes = c.engine(recover=not dry_run).snapshot(volumes, tags, prune, dry_run, _progress(c), group)
     _finish(c, outcomes, {}, "\n".join(filter(None, (_describe(o) for o in outcomes))), dry_run)
 
 
@@ -132,7 +133,7 @@ def list_(c: Context, volumes):
 @pass_ctx
 def delete(c: Context, snapshots, dry_run):
     """Delete the named snapshots (protected ones too: naming them is the decision)."""
-    outcomes = c.engine().delete(snapshots, dry_run)
+    outcomes = c.engine(recover=not dry_run).delete(snapshots, dry_run)
     _finish(c, outcomes, {}, "\n".join(filter(None, (_describe(o) for o in outcomes))), dry_run)
 
 
@@ -157,7 +158,7 @@ def restore(c: Context, snapshot, paths, dest, in_place, overwrite, delete, dry_
     (e.g. /srv/data/uploads/a.jpg). Give --to DEST, or --in-place."""
     if (dest is None) == (not in_place):
         raise UsageError("give either --to DEST or --in-place")
-    done = restore_job.restore(c.engine(), snapshot, paths, dest, overwrite, in_place, delete, dry_run)
+    done = restore_job.restore(c.engine(recover=not dry_run), snapshot, paths, dest, overwrite, in_place, delete, dry_run)
     unpublished = _shown(c, lambda: render.restored_json(done), render.restored_text(done),
                          [SnapshotId.parse(done.pre_rollback).volume] if done.pre_rollback else None)
     if unpublished:
@@ -212,7 +213,7 @@ def versions_(c: Context, path):
 @pass_ctx
 def prune(c: Context, volumes, dry_run):
     """Delete the snapshots that no retention rule keeps."""
-    outcomes = c.engine().prune(volumes, dry_run)
+    outcomes = c.engine(recover=not dry_run).prune(volumes, dry_run)
     _finish(c, outcomes, {"dry_run": dry_run}, "\n\n".join(_describe_prune(o, dry_run) for o in outcomes), dry_run)
 
 

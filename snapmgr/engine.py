@@ -25,7 +25,8 @@ from snapmgr.backends import BACKENDS
 from snapmgr.backends.base import Backend, Progress, Space, taken_with_another
 from snapmgr.config import Config, Group, Schedule, Volume
 from snapmgr.errors import Interrupted, LockBusy, SnapmgrError, UsageError, as_error, quote
-from snapmgr.journal import Journal, JournalError, Run, RunRecord, Verify, VolumeHistory, WindowRecord
+from snapmgr.journal import (Journal, JournalError, Run, RunRecord, Verify, VolumeHistory, Window as StoredWindow,
+                             WindowRecord)
 from snapmgr.lock import volume_lock
 from snapmgr.manifest.verify import Problem, check as check_snapshot
 from snapmgr.model import ForeignSnapshot, MinFree, Snapshot, SnapshotId
@@ -37,6 +38,7 @@ from snapmgr.schema import did_you_mean
 
 log = logging.getLogger(__name__)
 DEFAULT_TAG = "manual"
+RECOVERY_ATTEMPTS = 3   # tries to resume an interrupted window whose undo steps fail
 PRE_ROLLBACK_TAG = "pre-rollback"
 
 
@@ -344,31 +346,45 @@ class Engine:
         window that its snapmgr did not close itself: one line per window. Whether the
         machine restarted since is told per window by the boot it was opened in. `boot`:
         run by snapmgr-recover.service, before the paused units: their starts are queued,
-        not waited for. A failed undo step is told, and `snapmgr check` is critical about
-        its window; it is not retried by every later run: that would undo again, on every
-        command, steps that succeeded (start a unit stopped since, thaw what another
-        window froze)."""
+        not waited for. An undo action that fails is tried again by the next runs, up to
+        RECOVERY_ATTEMPTS tries in all (a `post` whose daemon is not up yet at boot), and
+        alone: the actions done are marked in the window's plan, for repeating them could
+        start a unit stopped since, or thaw what another window froze."""
         told = []
-        current = undo.boot_id()
         for w in self.journal.unsettled_windows():
             if w.status == "open":
-                # Unknown boot ids (an older snapmgr's window): as the caller says.
-                restarted = w.boot_id != current if w.boot_id and current else boot
                 try:
                     with ExitStack() as locks:
                         for volume in sorted(w.volumes):
                             locks.enter_context(volume_lock(self.config.settings.run_dir, volume, 0))
-                        done = perform_all(list(reversed(w.plan)), False, restarted, queue=boot)
+                        done, failed = perform_all(list(reversed(w.plan)), False,
+                                                   undo.restarted_since(w.boot_id, w.started, boot), queue=boot)
                 except LockBusy:
                     continue  # its snapmgr, or its watchdog, is still at work
-                detail = "recovered now: " + ("; ".join(done) or "nothing was left to resume")
-                self.journal.window_ended(w.id, "recovered", detail)
+                detail = self._recovered(w, done, failed)
             else:
                 detail = w.detail or w.status
             told.append(f"the quiesce window of {', '.join(w.volumes)} opened by pid {w.pid} at "
                         f"{w.started:%Y-%m-%d %H:%M:%S} UTC was not closed by its run; {detail}")
             self.journal.window_reported(w.id)
         return told
+
+    def _recovered(self, w: StoredWindow, done: list[str], failed: int) -> str:
+        """Record how a try to resume the window went; say how."""
+        detail = "; ".join(done) or "nothing was left to resume"
+        attempts = w.attempts + 1
+        if not failed:
+            detail = f"recovered now: {detail}"
+            self.journal.window_ended(w.id, "recovered", detail)
+        elif attempts < RECOVERY_ATTEMPTS:
+            detail = (f"tried to recover it now (try {attempts} of {RECOVERY_ATTEMPTS}): {detail}; "
+                      f"the next run tries the failed steps again")
+            self.journal.window_still_open(w.id, w.plan, attempts, detail)
+        else:
+            detail = (f"recovery failed {attempts} times, the last now: {detail}; "
+                      f"resume what failed by hand")
+            self.journal.window_ended(w.id, "recovery-failed", detail)
+        return detail
 
     # One volume -------------------------------------------------------------------------
 
@@ -520,11 +536,19 @@ class Engine:
                 results += [taken_with_another(t) or overrun for t in takes[len(results):]]
             finally:
                 r = window.report
-                # The watchdog that was handed the window records how it ended; without a
-                # watchdog, a window whose resumes failed stays open for the next run to replay.
-                if not (watchdog.abandoned or (watchdog.lost and r.resume_failures)):
-                    self.journal.window_ended(window_id, "closed", "; ".join(r.degraded + r.resume_failures) or None,
-                                              r.grade, r.quiesce_s, r.freeze_s)
+                detail = "; ".join(r.degraded + r.resume_failures) or None
+                unresumed = {i for i in r.unresumed if plan[i]["undo"]}
+                # The watchdog that was handed the window records how it ended; a resume that
+                # failed is tried again by the next run, by its undo actions alone.
+                if watchdog.abandoned:
+                    pass
+                elif unresumed:
+                    for i, step in enumerate(plan):
+                        for action in step["undo"]:
+                            action["done"] = i not in unresumed
+                    self.journal.window_still_open(window_id, plan, 1, detail, r.grade, r.quiesce_s, r.freeze_s)
+                else:
+                    self.journal.window_ended(window_id, "closed", detail, r.grade, r.quiesce_s, r.freeze_s)
         finally:
             window.close()
 

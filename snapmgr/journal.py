@@ -139,10 +139,11 @@ class WindowRecord:
 
     started: datetime
     ended: datetime | None
-    status: str                     # open, closed, undone (by the watchdog), recovered
+    status: str                     # open, closed, undone (by the watchdog), recovered, recovery-failed
     detail: str | None
     quiesce_s: float | None
     freeze_s: float | None
+    attempts: int = 0               # tries to resume it that failed in part
 
 
 @dataclass(frozen=True)
@@ -171,6 +172,7 @@ class Window:
     plan: list
     detail: str | None
     boot_id: str | None = None    # of the boot it was opened in; None: unknown (an older snapmgr's window)
+    attempts: int = 0             # tries to resume it that failed in part
 
 
 class Run:
@@ -275,7 +277,8 @@ class Journal:
         """The latest quiesce window the volume was snapshotted in."""
         with self._guard():
             row = self._connection().execute(
-                "SELECT w.started, w.ended, w.status, w.detail, w.quiesce_s, w.freeze_s FROM windows w, "
+                "SELECT w.started, w.ended, w.status, w.detail, w.quiesce_s, w.freeze_s, "
+                "coalesce(json_extract(w.plan, '$.attempts'), 0) FROM windows w, "
                 "json_each(w.volumes) v WHERE v.value = ? ORDER BY w.id DESC LIMIT 1", (volume,)).fetchone()
         return row and WindowRecord(_parse(row[0]), _parse(row[1]), *row[2:])
 
@@ -336,6 +339,18 @@ class Journal:
                         "reported = ? WHERE id = ? AND status = 'open'",
                         (_now(), status, detail, grade, quiesce_s, freeze_s, int(status == "closed"), window_id))
 
+    def window_still_open(self, window_id: int | None, steps: list, attempts: int, detail: str,
+                          grade: str | None = None, quiesce_s: float | None = None,
+                          freeze_s: float | None = None) -> None:
+        """An undo step failed: the window stays open, its plan marked with the actions
+        done, for the next run to try the others again; `attempts` so far."""
+        if window_id is not None:
+            self._write("UPDATE windows SET plan = json_set(CASE json_type(plan) WHEN 'array' THEN "
+                        "json_object('boot_id', NULL) ELSE plan END, '$.steps', json(?), '$.attempts', ?), "
+                        "detail = ?, grade = coalesce(?, grade), quiesce_s = coalesce(?, quiesce_s), "
+                        "freeze_s = coalesce(?, freeze_s), reported = 0 WHERE id = ? AND status = 'open'",
+                        (json.dumps(steps), attempts, detail, grade, quiesce_s, freeze_s, window_id))
+
     def observed(self, volume: str, at: datetime, listing: dict) -> None:
         """What listing the volume's snapshots at `at` showed. It replaces what was seen
         before, never what was seen after (two runs ending together)."""
@@ -357,8 +372,10 @@ class Journal:
         windows = []
         for i, v, pid, started, status, plan, detail in rows:
             stored = json.loads(plan)   # a plain list of steps before boot ids were kept
-            steps, boot = (stored, None) if isinstance(stored, list) else (stored["steps"], stored["boot_id"])
-            windows.append(Window(i, tuple(json.loads(v)), pid, _parse(started), status, steps, detail, boot))
+            if isinstance(stored, list):
+                stored = {"steps": stored, "boot_id": None}
+            windows.append(Window(i, tuple(json.loads(v)), pid, _parse(started), status, stored["steps"], detail,
+                                  stored["boot_id"], stored.get("attempts", 0)))
         return windows
 
     def _finish(self, run_id: int | None, status: str, error: str | None) -> None:

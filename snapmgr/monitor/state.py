@@ -190,14 +190,17 @@ def _runs(runs: tuple[RunRecord, ...], alive: Callable[[RunRecord], bool]) -> li
 
 def _window(s: VolumeStatus) -> list[Finding]:
     """A window cut short by the watchdog, or resumed by a later run after its own died,
-    until a snapshot run started after it succeeds."""
+    or not fully resumed yet, until a snapshot run started after it succeeds."""
     w = s.last_window
-    if w is None or w.status not in ("undone", "recovered"):
+    how = {"undone": "was cut by the watchdog", "recovered": "was left open by its run, and resumed later",
+           "recovery-failed": "could not be resumed"}.get(w.status) if w else None
+    if w is not None and w.status == "open" and w.attempts:
+        how = "is not fully resumed yet"
+    if how is None:
         return []
     ok = next((r for r in s.runs if r.action == "snapshot" and r.status == "ok"), None)
-    if ok is not None and ok.started > (w.ended or w.started):
+    if w.ended and ok is not None and ok.started > w.ended:
         return []
-    how = "was cut by the watchdog" if w.status == "undone" else "was left open by its run, and resumed later"
     return [Finding(CRITICAL, f"the quiesce window opened at {stamp(w.started)} {how}"
                               + (f": {w.detail}" if w.detail else ""))]
 

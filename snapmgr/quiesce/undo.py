@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shlex
+from datetime import datetime
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -45,12 +46,29 @@ def boot_id() -> str | None:
         return None
 
 
+def restarted_since(opened_boot: str | None, opened: datetime, unknown: bool) -> bool:
+    """Whether the machine restarted since a window opened at `opened` under boot id
+    `opened_boot`. An older snapmgr kept no boot id: then by the time of this boot, which
+    a clock stepped since could mislead; `unknown` when even that cannot be read."""
+    current = boot_id()
+    if opened_boot and current:
+        return opened_boot != current
+    try:
+        with open("/proc/stat", "rb") as f:
+            booted = next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return unknown
+    return opened.timestamp() < booted
+
+
 def perform(action: dict, inherited_fds: bool, restarted: bool = False, queue: bool = False) -> str:
     """Carry the action out; say what was done. `inherited_fds`: the descriptors the
     action names are open in this process (the watchdog), else paths are opened anew.
     `restarted`: the machine was restarted since the window. `queue`: what would wait
     for a unit to start must not (snapmgr-recover.service)."""
     if "thaw" in action:
+        if restarted:
+            return f"{action['thaw']} is no longer frozen: the machine restarted since"
         fd = action["fd"] if inherited_fds and action["fd"] is not None else None
         if fd is None:
             fd = os.open(action["thaw"], os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

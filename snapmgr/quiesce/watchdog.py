@@ -124,22 +124,32 @@ def main() -> int:
         elif "closed" in message:
             return 0
     pending = [i for i in reversed(started) if i not in resumed]
-    done = perform_all([steps[i] for i in pending], inherited_fds=True)
-    _report(plan, reason, done)
+    for i, step in enumerate(steps):
+        if i not in pending:  # resumed by snapmgr, or never paused
+            for action in step["undo"]:
+                action["done"] = True
+    done, failed = perform_all([steps[i] for i in pending], inherited_fds=True)
+    _report(plan, reason, done, failed)
     return 0
 
 
 def perform_all(steps: list[dict], inherited_fds: bool, restarted: bool = False,
-                queue: bool = False) -> list[str]:
-    """Every undo action of the steps, in order; a failure is noted and the rest go on."""
-    done = []
+                queue: bool = False) -> tuple[list[str], int]:
+    """Every undo action of the steps not done yet, in order; a failure is noted and the
+    rest go on. Each action done is marked so in its step ("done"), so that a later try
+    repeats only what failed. What was done, and how many actions failed."""
+    done, failed = [], 0
     for step in steps:
         for action in step["undo"]:
+            if action.get("done"):
+                continue
             try:
                 done.append(f"{step['name']}: {undo.perform(action, inherited_fds, restarted, queue)}")
+                action["done"] = True
             except (SnapmgrError, OSError) as e:
                 done.append(f"{step['name']}: FAILED: {e}")
-    return done
+                failed += 1
+    return done, failed
 
 
 def _kill_and_wait(pid: int, lines: _Lines) -> None:
@@ -154,7 +164,7 @@ def _kill_and_wait(pid: int, lines: _Lines) -> None:
         pass
 
 
-def _report(plan: dict, reason: str, done: list[str]) -> None:
+def _report(plan: dict, reason: str, done: list[str], failed: int) -> None:
     summary = f"quiesce watchdog: {reason}; " + ("; ".join(done) if done else "nothing was left to resume")
     try:
         os.write(sys.stderr.fileno(), f"snapmgr: WARNING: {one_line(summary)}\n".encode())
@@ -162,7 +172,10 @@ def _report(plan: dict, reason: str, done: list[str]) -> None:
         pass  # snapmgr's terminal may be gone with it
     if plan.get("journal") and plan.get("window") is not None:
         journal = Journal(Path(plan["journal"]))
-        journal.window_ended(plan["window"], "undone", summary)
+        if failed:  # the next run tries the failed actions again
+            journal.window_still_open(plan["window"], plan["steps"], 1, summary)
+        else:
+            journal.window_ended(plan["window"], "undone", summary)
         journal.close()
 
 

@@ -44,6 +44,7 @@ class Report:
     grade: str = "crash"
     degraded: list[str] = field(default_factory=list)      # "name: why" of each optional failure
     resume_failures: list[str] = field(default_factory=list)
+    unresumed: list[int] = field(default_factory=list)     # the quiescers whose resume failed, by index
     quiesce_s: float | None = None
     freeze_s: float | None = None
     records: dict[str, dict] = field(default_factory=dict)  # what each quiescer keeps with the snapshot
@@ -141,6 +142,7 @@ class Window:
                     failure = f"{q.name} ({q.kind}): {as_error(e)}"
                     log.error("resuming quiescer %s", failure)
                     self.report.resume_failures.append(failure)
+                    self.report.unresumed.append(i)
                 else:
                     self.report.records[q.name] = q.record()
                 watchdog.tell(resumed=i)

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.integration.helpers import Workspace, held_window_command, lose_the_window, toml
+from tests.integration.helpers import Workspace, held_window_command, lose_the_window, toml, wait_for
 
 needs_analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
 UNITS = ["snapmgr-hourly.service", "snapmgr-hourly.timer", "snapmgr-mount@.service", "snapmgr-recover.service"]
@@ -318,19 +319,77 @@ def test_recover_at_boot_still_runs_a_command_quiescers_post(ws):
     assert ws.ok("recover").stdout.strip() == "nothing to recover"
 
 
-def test_a_post_that_fails_at_recovery_is_told_once_and_the_check_is_critical(ws):
-    held, ready, posted = ws.root / "held", ws.root / "daemon-up", ws.root / "posted"
-    hold = held_window_command(held)
-    # As a post whose daemon is not up yet at boot: it fails until it is.
-    post = [sys.executable, "-c", f"import os, sys; os.path.exists({str(ready)!r}) or sys.exit('not up yet'); "
-                                  f"open({str(posted)!r}, 'w')"]
-    ws.write_config({"data": {"backend": "rsync", "source": ws.source, "repository": ws.repo, "quiesce": ["app"]}},
-                    quiesce={"app": {"kind": "command", "pre": hold, "post": post, "max_window": "10min"}})
+def failing_post(ready: Path, posted: Path) -> list[str]:
+    """A `post` that fails until `ready` exists (its daemon is not up yet), and appends a
+    line to `posted` each time it succeeds."""
+    return [sys.executable, "-c", f"import os, sys; os.path.exists({str(ready)!r}) or sys.exit('not up yet'); "
+                                  f"open({str(posted)!r}, 'a').write('posted\\n')"]
+
+
+def test_a_failed_undo_step_is_tried_again_alone_by_the_next_runs(ws):
+    held, ready, posted, db_posted = (ws.root / name for name in ("held", "daemon-up", "posted", "db-posted"))
+    ws.write_config({"data": {"backend": "rsync", "source": ws.source, "repository": ws.repo,
+                              "quiesce": ["db", "app"]}},
+                    quiesce={"db": {"kind": "command", "pre": ["true"], "post": failing_post(ws.root, db_posted)},
+                             "app": {"kind": "command", "pre": held_window_command(held),
+                                     "post": failing_post(ready, posted), "max_window": "10min"}})
     lose_the_window(ws, held)
     first = ws.ok("recover", "--boot").stdout
-    assert "was not closed by its run; recovered now: app: FAILED: " in first and not posted.exists()
-    # Not retried by later runs, which would repeat every undo step on every command.
+    assert "tried to recover it now (try 1 of 3): app: FAILED: " in first and "db: ran " in first, first
+    assert "the next run tries the failed steps again" in first and not posted.exists()
+    check = ws.run("check")
+    assert check.returncode == 2 and "is not fully resumed yet" in check.stdout, check.stdout
+    # A dry run changes nothing, recovery included.
+    ws.ok("snapshot", "--dry-run")
+    assert not posted.exists()
     ready.write_text("")
+    again = ws.ok("list")   # any command recovers first
+    assert "recovered now: app: ran " in again.stderr and "db:" not in again.stderr, again.stderr
+    # The step that had succeeded was not repeated.
+    assert posted.read_text() == "posted\n" and db_posted.read_text() == "posted\n"
+    assert ws.ok("recover").stdout.strip() == "nothing to recover"
+
+
+def test_a_failed_undo_step_is_given_up_after_three_tries_and_the_check_says_so(ws):
+    held, posted = ws.root / "held", ws.root / "posted"
+    ws.write_config({"data": {"backend": "rsync", "source": ws.source, "repository": ws.repo, "quiesce": ["app"]}},
+                    quiesce={"app": {"kind": "command", "pre": held_window_command(held),
+                                     "post": failing_post(ws.root / "never", posted), "max_window": "10min"}})
+    lose_the_window(ws, held)
+    told = [ws.ok("recover").stdout for _ in range(3)]
+    assert "(try 1 of 3)" in told[0] and "(try 2 of 3)" in told[1], told
+    assert "recovery failed 3 times, the last now: app: FAILED: " in told[2] and "by hand" in told[2], told
     assert ws.ok("recover").stdout.strip() == "nothing to recover" and not posted.exists()
     check = ws.run("check")
-    assert check.returncode == 2 and "was left open by its run, and resumed later" in check.stdout, check.stdout
+    assert check.returncode == 2 and "could not be resumed: recovery failed 3 times" in check.stdout, check.stdout
+
+
+def test_a_resume_that_fails_in_the_run_is_tried_again_by_the_next(ws):
+    tried, posted = ws.root / "tried", ws.root / "posted"
+    # Fails the first time only: the next run's try succeeds.
+    post = [sys.executable, "-c", f"import os, sys; first = not os.path.exists({str(tried)!r}); "
+                                  f"open({str(tried)!r}, 'w'); first and sys.exit('not this time'); "
+                                  f"open({str(posted)!r}, 'w')"]
+    ws.write_config({"data": {"backend": "rsync", "source": ws.source, "repository": ws.repo, "quiesce": ["app"]}},
+                    quiesce={"app": {"kind": "command", "pre": ["true"], "post": post}})
+    run = ws.run("snapshot")
+    assert run.returncode != 0 and "not this time" in run.stderr and not posted.exists(), run.stderr
+    assert "is not fully resumed yet" in ws.run("check").stdout
+    again = ws.ok("recover").stdout
+    assert "recovered now: app: ran " in again and posted.exists(), again
+
+
+def test_an_undo_step_that_fails_in_the_watchdog_is_tried_again_by_the_next_run(ws):
+    held, ready, posted = ws.root / "held", ws.root / "daemon-up", ws.root / "posted"
+    ws.write_config({"data": {"backend": "rsync", "source": ws.source, "repository": ws.repo, "quiesce": ["app"]}},
+                    quiesce={"app": {"kind": "command", "pre": held_window_command(held),
+                                     "post": failing_post(ready, posted), "max_window": "10min"}})
+    snapshot = ws.start("snapshot")
+    wait_for(lambda: held.exists() or snapshot.poll() is not None, timeout=60, what="the window")
+    snapshot.send_signal(signal.SIGKILL)   # the watchdog takes over, and its post fails
+    snapshot.wait()
+    wait_for(lambda: "is not fully resumed yet" in ws.run("check").stdout, timeout=30, what="the watchdog's account")
+    assert not posted.exists()
+    ready.write_text("")
+    again = ws.ok("recover").stdout
+    assert "tried" not in again and "recovered now: app: ran " in again and posted.exists(), again

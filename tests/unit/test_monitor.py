@@ -86,9 +86,10 @@ def run(action: str, status: str, minutes_ago: float, pid: int = 1, error: str |
                      status, error)
 
 
-def window(status: str, minutes_ago: float) -> WindowRecord:
+def window(status: str, minutes_ago: float, attempts: int = 0) -> WindowRecord:
     at = NOW - timedelta(minutes=minutes_ago)
-    return WindowRecord(at, at + timedelta(seconds=2), status, "the watchdog resumed it", 0.5, None)
+    return WindowRecord(at, None if status == "open" else at + timedelta(seconds=2), status,
+                        "the watchdog resumed it", 0.5, None, attempts)
 
 
 @pytest.mark.parametrize("change,live,ages,expected", [
@@ -127,6 +128,12 @@ def window(status: str, minutes_ago: float) -> WindowRecord:
      [(CRITICAL, "was left open by its run, and resumed later")]),
     ({"last_window": window("undone", 20), "runs": (run("snapshot", "ok", 10),)}, True, None, []),
     ({"last_window": window("closed", 20)}, True, None, []),
+    ({"last_window": window("open", 1)}, True, None, []),
+    # Not fully resumed: a later snapshot that succeeded says nothing of the failed step.
+    ({"last_window": window("open", 20, attempts=2), "runs": (run("snapshot", "ok", 10),)}, True, None,
+     [(CRITICAL, "the quiesce window opened at 2026-11-24 11:40:00 UTC is not fully resumed yet: the watchdog")]),
+    ({"last_window": window("recovery-failed", 20)}, True, None, [(CRITICAL, "could not be resumed: ")]),
+    ({"last_window": window("recovery-failed", 20), "runs": (run("snapshot", "ok", 10),)}, True, None, []),
     ({"newest": replace(GOOD, record={"grade": "degraded", "degraded": ["cache (redis): refused"]})}, True, None,
      [(WARNING, "the newest snapshot data@20261124T113000Z is degraded: cache (redis): refused")]),
 ])
