@@ -225,3 +225,23 @@ def test_a_window_keeps_the_boot_it_was_opened_in_and_an_older_window_reads_with
     assert (new.volumes, new.plan, new.boot_id) == (("data",), plan, "0f5c2a7e-boot")
     assert (old.volumes, old.plan, old.boot_id) == (("old",), plan, None)
     j.close()
+
+
+def test_a_window_still_open_keeps_its_marked_plan_and_tries_also_for_an_older_windows_plain_list(tmp_path):
+    j = Journal(tmp_path / "journal.db")
+    plan = [{"name": "app", "undo": [{"run": ["true"], "env": {}, "timeout": 5}]}]
+    new = j.window_opened(["data"], None, 123, plan, "0f5c2a7e-boot")
+    with sqlite3.connect(tmp_path / "journal.db") as c:
+        old = c.execute("INSERT INTO windows (volumes, grp, pid, started, status, plan) VALUES "
+                        "('[\"old\"]', NULL, 7, '2026-01-01T00:00:00+00:00', 'open', ?)", (json.dumps(plan),)).lastrowid
+    c.close()
+    marked = [{"name": "app", "undo": [{"run": ["true"], "env": {}, "timeout": 5, "done": True}]}]
+    j.window_still_open(new, marked, 1, "app: FAILED: no", grade="application", quiesce_s=0.5)
+    j.window_still_open(old, marked, 2, "app: FAILED: no")
+    first, second = j.unsettled_windows()
+    assert (first.plan, first.attempts, first.boot_id, first.status, first.detail) == \
+        (marked, 1, "0f5c2a7e-boot", "open", "app: FAILED: no")
+    assert (second.plan, second.attempts, second.boot_id) == (marked, 2, None)
+    last = j.last_window("data")
+    assert (last.status, last.attempts, last.quiesce_s, last.ended) == ("open", 1, 0.5, None)
+    j.close()
