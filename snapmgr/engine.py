@@ -543,9 +543,7 @@ class Engine:
                 if watchdog.abandoned:
                     pass
                 elif unresumed:
-                    for i, step in enumerate(plan):
-                        for action in step["undo"]:
-                            action["done"] = i not in unresumed
+                    undo.mark_done(plan, unresumed)
                     self.journal.window_still_open(window_id, plan, 1, detail, r.grade, r.quiesce_s, r.freeze_s)
                 else:
                     self.journal.window_ended(window_id, "closed", detail, r.grade, r.quiesce_s, r.freeze_s)

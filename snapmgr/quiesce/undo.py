@@ -11,7 +11,7 @@ import os
 import shlex
 from datetime import datetime
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Collection, Mapping, Sequence
 
 from snapmgr import sh
 from snapmgr.quiesce.freezing import thaw
@@ -44,6 +44,14 @@ def boot_id() -> str | None:
         return Path(BOOT_ID).read_text().strip() or None
     except OSError:
         return None
+
+
+def mark_done(steps: list[dict], pending: Collection[int]) -> None:
+    """Mark every undo action done but those of the steps `pending` (by index): a later
+    try repeats only those."""
+    for i, step in enumerate(steps):
+        for action in step["undo"]:
+            action["done"] = i not in pending
 
 
 def restarted_since(opened_boot: str | None, opened: datetime, unknown: bool) -> bool:

@@ -124,10 +124,7 @@ def main() -> int:
         elif "closed" in message:
             return 0
     pending = [i for i in reversed(started) if i not in resumed]
-    for i, step in enumerate(steps):
-        if i not in pending:  # resumed by snapmgr, or never paused
-            for action in step["undo"]:
-                action["done"] = True
+    undo.mark_done(steps, pending)   # the others were resumed by snapmgr, or never paused
     done, failed = perform_all([steps[i] for i in pending], inherited_fds=True)
     _report(plan, reason, done, failed)
     return 0
