@@ -1,7 +1,8 @@
 """The qemu lab runner: build (or reuse) the lab image, boot it with scratch disks for LVM
 and ZFS, run the lab tests (or the lab benchmark) on the project's tree inside, bring the
-output back, and exit with the guest command's status. Vagrant users get the same guest
-from provision.sh; this is what CI uses.
+output back, and exit with the guest command's status. A test may ask for the guest to be
+restarted once: it is booted again on the same disks and runs the test's second part.
+Vagrant users get the same guest from provision.sh; this is what CI uses.
 
     python vagrant/lab.py [--timeout SECONDS] [--rebuild] test [PYTEST_ARGS...]
     python vagrant/lab.py [--timeout SECONDS] [--rebuild] bench [BENCH_ARGS...]
@@ -34,6 +35,10 @@ KERNEL_ARGS = "root=LABEL=snapmgr-lab rw console=ttyS0 panic=1 quiet loglevel=3 
 BUILD_TIMEOUT = 40 * 60
 KVM_PROBE_TIMEOUT = 30
 GUEST_RESULTS = "/mnt/results"   # where snapmgr-lab.service mounts the results share
+ROOT_OVERLAY = "root.qcow2"
+# Left in the results share by a test that needs the guest restarted (tests/lab/test_reboot.py):
+# the command the guest runs after the reboot. lab-guest.sh knows the same name.
+REBOOT_REQUEST = "after-reboot"
 
 
 def guest_command(job: str, args: list[str]) -> list[str]:
@@ -113,8 +118,7 @@ def qemu_argv(image: Image, accel: str, scratch: Path, results: Path) -> list[st
         "-cpu", "host" if accel == "kvm" else "max",
         "-smp", "2", "-m", "2048", "-nographic", "-no-reboot", "-nic", "none",
         "-kernel", str(image.kernel), "-initrd", str(image.initrd), "-append", KERNEL_ARGS,
-        # snapshot=on: the guest writes to a throwaway overlay, the cached image stays clean.
-        "-drive", f"file={image.rootfs},if=none,id=root,format=raw,snapshot=on",
+        "-drive", f"file={scratch / ROOT_OVERLAY},if=none,id=root,format=qcow2",
         "-device", "virtio-blk-pci,drive=root",
         "-virtfs", f"local,path={REPO},mount_tag=project,security_model=none,readonly=on",
         "-virtfs", f"local,path={results},mount_tag=results,security_model=none",
@@ -149,17 +153,28 @@ def accelerator(image: Image) -> str:
 
 
 def boot(image: Image, accel: str, results: Path, timeout: float) -> None:
+    """Boot the guest; once more, on the same disks, when its tests asked for a reboot."""
+    deadline = time.monotonic() + timeout
     with tempfile.TemporaryDirectory(prefix="snapmgr-lab-") as scratch:
+        scratch = Path(scratch)
+        # The guest writes to an overlay of its own: the cached image stays clean, and a
+        # second boot finds what the first wrote.
+        sh.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", image.rootfs, scratch / ROOT_OVERLAY],
+               timeout=60)
         for serial, size in SCRATCH_DISKS.items():
-            with open(Path(scratch) / f"{serial}.img", "wb") as disk:
+            with open(scratch / f"{serial}.img", "wb") as disk:
                 disk.truncate(size)
-        run_guest(qemu_argv(image, accel, Path(scratch), results), results / "console.log", timeout)
+        argv = qemu_argv(image, accel, scratch, results)
+        run_guest(argv, results / "console.log", deadline - time.monotonic())
+        if (results / REBOOT_REQUEST).exists() and not (results / "status").exists():
+            say("a test asked for a reboot: booting the guest again on the same disks")
+            run_guest(argv, results / "console.log", deadline - time.monotonic(), append=True)
 
 
-def run_guest(argv: list[str], console_log: Path, timeout: float) -> None:
+def run_guest(argv: list[str], console_log: Path, timeout: float, append: bool = False) -> None:
     """Run qemu, echoing the guest's console and keeping a copy; past the timeout qemu is
     killed (sh.run kills its whole process group) and CommandTimeout raised."""
-    with open(console_log, "w") as console:
+    with open(console_log, "a" if append else "w") as console:
         def show(line: str) -> None:
             console.write(line + "\n")
             print(f"  {line}", flush=True)

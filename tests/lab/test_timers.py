@@ -4,8 +4,8 @@ that takes tagged snapshots and prunes, a failing run seen by systemctl and by s
 the watchdog outliving a killed run inside the service (KillMode=process), the recovery
 service starting what a lost window left stopped, and uninstall leaving nothing behind.
 
-A real reboot of the guest is not available (the runner powers it off after the tests):
-the recovery service is started by hand, and its ordering checked with systemctl show."""
+Here the recovery service is started by hand, and its ordering checked with systemctl
+show; test_reboot.py restarts the guest for it."""
 
 from __future__ import annotations
 
