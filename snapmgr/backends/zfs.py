@@ -51,6 +51,9 @@ UNSET = "-"                     # how `zfs list` shows a property that is not se
 DATASET_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*(/[A-Za-z0-9_.:-]+)*")
 MOUNT_TIMEOUT = 60
 INSTALL_HINT = "install Debian's python3-pyzfs (contrib): apt install python3-pyzfs"
+# What the space figures are worked out from (see _space_of), as `zfs list -H -p` prints them.
+SPACE_COLUMNS = ("name", "quota", "refquota", "reservation", "used", "referenced", "available",
+                 "usedbyrefreservation", "usedbysnapshots")
 
 
 def dataset(value: Any) -> str:
@@ -357,11 +360,6 @@ def _snapshot(batch: list[_Pending], names: dict[_Pending, list[str]]) -> None:
     if refused:
         [(name, errno)] = refused.items()
         raise SnapmgrError(f"{what}: {name.decode()}: {os.strerror(errno)}")
-
-
-# What the space figures are worked out from, as `zfs list -H -p` prints them.
-SPACE_COLUMNS = ("name", "quota", "refquota", "reservation", "used", "referenced", "available",
-                 "usedbyrefreservation", "usedbysnapshots")
 
 
 class _Figures(NamedTuple):
