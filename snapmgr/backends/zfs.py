@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 from snapmgr import schema, sh
 from snapmgr.backends import mounts
@@ -51,6 +51,9 @@ UNSET = "-"                     # how `zfs list` shows a property that is not se
 DATASET_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*(/[A-Za-z0-9_.:-]+)*")
 MOUNT_TIMEOUT = 60
 INSTALL_HINT = "install Debian's python3-pyzfs (contrib): apt install python3-pyzfs"
+# What the space figures are worked out from (see _space_of), as `zfs list -H -p` prints them.
+SPACE_COLUMNS = ("name", "quota", "refquota", "reservation", "used", "referenced", "available",
+                 "usedbyrefreservation", "usedbysnapshots")
 
 
 def dataset(value: Any) -> str:
@@ -202,21 +205,14 @@ class ZfsBackend(Backend):
                             "before it")
 
     def _space(self) -> tuple[Space, int]:
-        """Free: what the dataset with the least `available` can still take (the pool's
-        free space, or less under a quota); size, what a share of min_free is of: what
-        that dataset can ever hold. Under a quota (its `available` below the pool's) that
-        is its own `used` + `available`: a share of the pool could never be met under a
-        quota smaller than it. Otherwise the pool's usable size (its root dataset's `used`
-        + `available`). Also the usedbysnapshots of the volume's datasets, summed."""
-        pool, names = self.datasets[0].split("/")[0], self._targets()
-        out = sh.run(["zfs", "list", "-H", "-p", "-o", "name,used,available,usedbysnapshots",
-                      *dict.fromkeys([pool, *names])], timeout=60).stdout
-        rows = {row[0]: [row[0], *map(int, row[1:])] for row in (line.split("\t") for line in out.splitlines() if line)}
-        targets = [rows[name] for name in names]
-        name, used, available, _ = min(targets, key=lambda row: row[2])
-        _, pool_used, pool_available, _ = rows[pool]
-        size = used + available if available < pool_available else pool_used + pool_available
-        return Space(f"dataset {name}", size, available), sum(row[3] for row in targets)
+        """The volume's Space (see _space_of), and the usedbysnapshots of its datasets,
+        summed. One `zfs list` reads the datasets and all their ancestors."""
+        targets = self._targets()
+        ancestors = ["/".join(t.split("/")[:depth]) for t in targets for depth in range(1, t.count("/") + 1)]
+        out = sh.run(["zfs", "list", "-H", "-p", "-o", ",".join(SPACE_COLUMNS),
+                      *dict.fromkeys([*ancestors, *targets])], timeout=60).stdout
+        rows = _space_rows(out)
+        return _space_of(rows, targets), sum(rows[t].usedbysnapshots for t in targets)
 
     def browse_problem(self) -> str | None:
         try:
@@ -364,6 +360,60 @@ def _snapshot(batch: list[_Pending], names: dict[_Pending, list[str]]) -> None:
     if refused:
         [(name, errno)] = refused.items()
         raise SnapmgrError(f"{what}: {name.decode()}: {os.strerror(errno)}")
+
+
+class _Figures(NamedTuple):
+    """A dataset's row of SPACE_COLUMNS, in bytes. A limit that is not set is 0, as ZFS
+    keeps it (`-p` prints it so; a ZFS volume, which has no quota, prints `-`)."""
+
+    quota: int
+    refquota: int
+    reservation: int
+    used: int
+    referenced: int
+    available: int
+    usedbyrefreservation: int
+    usedbysnapshots: int
+
+
+def _space_rows(out: str) -> dict[str, _Figures]:
+    rows = {}
+    for line in out.splitlines():
+        name, *values = line.split("\t")
+        rows[name] = _Figures(*(0 if v == UNSET else int(v) for v in values))
+    return rows
+
+
+def _space_of(rows: dict[str, _Figures], targets: list[str]) -> Space:
+    """Free: the `available` of the target that has least, which ZFS works out from
+    every limit above it. Size, what a share of min_free is of: the capacity of the
+    limit that leaves that target least room, so that a share names a size that can be
+    met at all (5% of a pool is more than a small quota could ever leave free). The
+    limits: the target's refquota (refquota - referenced: snapshots and children do not
+    count under it), the quota of the target and of each ancestor (quota - used, which
+    counts them), and the pool (its root's `available`; its size, the root's `used` +
+    `available`). ZFS adds to the room under a limit what is reserved below it and not
+    yet used (a `reservation` of a dataset between it and the target, the target's
+    `refreservation`): reserved space is the target's to take whatever the pool or an
+    ancestor's quota has left, so the room of each limit counts it too."""
+    target = min(targets, key=lambda name: rows[name].available)
+    row = rows[target]
+    # (where, capacity, room the target has under it); on a tie the nearest limit binds.
+    limits = [(f"refquota of {target}", row.refquota, max(row.refquota - row.referenced, 0))] if row.refquota else []
+    reserved_below = row.usedbyrefreservation
+    parts = target.split("/")
+    pool = parts[0]
+    for depth in range(len(parts), 0, -1):
+        name = "/".join(parts[:depth])
+        figures = rows[name]
+        if figures.quota:
+            limits.append((f"quota of {name}", figures.quota, max(figures.quota - figures.used, 0) + reserved_below))
+        if depth > 1:   # ZFS ignores a reservation of the pool's root: there is nothing above it to take from
+            reserved_below += max(figures.reservation - figures.used, 0)
+    root = rows[pool]
+    limits.append((f"pool {pool}", root.used + root.available, root.available + reserved_below))
+    where, size, _ = min(limits, key=lambda limit: limit[2])
+    return Space(where, size, row.available)
 
 
 def _mounted() -> dict[str, Path]:

@@ -8,7 +8,7 @@ import os
 
 from snapmgr import config
 from snapmgr.engine import Engine
-from tests.lab.conftest import VG, lvm_volume, sh, zfs_volume
+from tests.lab.conftest import POOL, VG, lvm_volume, sh, zfs_volume
 
 MiB = 1 << 20
 
@@ -107,7 +107,7 @@ def test_zfs_figures_are_the_datasets_and_each_snapshots_written(host, ws, datas
         host, "zfs", "get", "-H", "-p", "-o", "value", "used,available", dataset.split("/")[0]).split())
     # A share of min_free is of the pool's usable size; free is what the dataset can take.
     assert (space.where, space.size, space.free, space.held) == \
-        (f"dataset {dataset}", pool_used + pool_available, available, by_snapshots)
+        (f"pool {POOL}", pool_used + pool_available, available, by_snapshots)
     assert 3 * MiB <= space.held < 4 * MiB
     each = {str(k): v for k, v in space.held_each.items()}
     assert set(each) == {first, second}
@@ -115,25 +115,69 @@ def test_zfs_figures_are_the_datasets_and_each_snapshots_written(host, ws, datas
     shown = status_space(ws)
     assert (shown["where"], shown["held_bytes"], shown["free_bytes"]) == (space.where, space.held, space.free)
 
-    refused(ws, zfs_volume(dataset, min_free="99.9%"), f"dataset {dataset} has ", "below min_free 99.9% (")
+    refused(ws, zfs_volume(dataset, min_free="99.9%"), f"pool {POOL} has ", "below min_free 99.9% (")
 
 
 def test_zfs_floor_follows_a_quota(host, ws, dataset):
     sh(host, "zfs", "set", "quota=64M", dataset)
-    mountpoint = sh(host, "zfs", "get", "-H", "-o", "value", "mountpoint", dataset).strip()
-    with open(f"{mountpoint}/file", "wb") as f:
-        f.write(os.urandom(16 * MiB))
-    sh(host, "zpool", "sync", dataset.split("/")[0])
+    fill(host, dataset, "file", 16 * MiB)
     space = space_of_volume(ws, dataset)
-    used, available = (int(v) for v in sh(host, "zfs", "get", "-H", "-p", "-o", "value", "used,available",
-                                           dataset).split())
+    used, available = zfs_figures(host, dataset, "used", "available")
     # A share is of what the dataset can ever hold under its quota, not of the pool.
-    assert (space.free, space.size) == (available, used + available) and space.size == 64 * MiB
-    refused(ws, zfs_volume(dataset, min_free="80M"), f"dataset {dataset} has ", "below min_free 80M (80.0MiB)")
-    refused(ws, zfs_volume(dataset, min_free="90%"), f"dataset {dataset} has ",
+    assert (space.where, space.free, space.size) == (f"quota of {dataset}", available, 64 * MiB)
+    assert used + available == 64 * MiB
+    refused(ws, zfs_volume(dataset, min_free="80M"), f"quota of {dataset} has ", "below min_free 80M (80.0MiB)")
+    refused(ws, zfs_volume(dataset, min_free="90%"), f"quota of {dataset} has ",
             "below min_free 90% (57.6MiB of 64.0MiB)")
     ws.write_config({"data": zfs_volume(dataset, min_free="50%")})
     ws.ok("snapshot", "data")    # half the pool would be more than the quota, and never met
+
+
+def test_zfs_floor_follows_an_ancestors_quota_and_a_siblings_reservation(host, ws, dataset):
+    # The volume is the child a; its parent's quota holds a's data and what b reserves.
+    child, sibling = f"{dataset}/a", f"{dataset}/b"
+    sh(host, "zfs", "set", "quota=64M", dataset)
+    sh(host, "zfs", "set", "reservation=24M", sibling)
+    fill(host, child, "file", 8 * MiB)
+    ws.write_config({"data": zfs_volume(child)})
+    used, available = zfs_figures(host, child, "used", "available")
+    [parent_used] = zfs_figures(host, dataset, "used")
+    assert available == 64 * MiB - parent_used and used + available < 48 * MiB   # no size of any limit
+    shown = status_space(ws)
+    assert (shown["where"], shown["size_bytes"], shown["free_bytes"]) == (f"quota of {dataset}", 64 * MiB, available)
+    refused(ws, zfs_volume(child, min_free="90%"), f"quota of {dataset} has ",
+            "below min_free 90% (57.6MiB of 64.0MiB)")
+    ws.write_config({"data": zfs_volume(child, min_free="25%")})
+    ws.ok("snapshot", "data")
+
+
+def test_zfs_floor_follows_a_refquota_which_snapshots_are_not_under(host, ws, dataset):
+    sh(host, "zfs", "set", "refquota=32M", dataset)
+    fill(host, dataset, "file", 12 * MiB)
+    ws.write_config({"data": zfs_volume(dataset)})
+    ws.ok("snapshot", "data")
+    fill(host, dataset, "file", 12 * MiB)      # replaced: the snapshot alone keeps the old 12 MiB
+    used, referenced, available = zfs_figures(host, dataset, "used", "referenced", "available")
+    assert available == 32 * MiB - referenced and used + available > 40 * MiB   # used counts the snapshot
+    shown = status_space(ws)
+    assert (shown["where"], shown["size_bytes"], shown["free_bytes"]) == \
+        (f"refquota of {dataset}", 32 * MiB, available)
+    refused(ws, zfs_volume(dataset, min_free="90%"), f"refquota of {dataset} has ",
+            "below min_free 90% (28.8MiB of 32.0MiB)")
+    ws.write_config({"data": zfs_volume(dataset, min_free="25%")})
+    ws.ok("snapshot", "data")
+
+
+def fill(host, dataset: str, name: str, size: int) -> None:
+    """Write `size` random bytes to a file of the dataset, accounted for when it returns."""
+    mountpoint = sh(host, "zfs", "get", "-H", "-o", "value", "mountpoint", dataset).strip()
+    with open(f"{mountpoint}/{name}", "wb") as f:
+        f.write(os.urandom(size))
+    sh(host, "zpool", "sync", dataset.split("/")[0])
+
+
+def zfs_figures(host, dataset: str, *properties: str) -> list[int]:
+    return [int(v) for v in sh(host, "zfs", "get", "-H", "-p", "-o", "value", ",".join(properties), dataset).split()]
 
 
 def space_of_volume(ws, dataset: str):

@@ -17,10 +17,10 @@ def test_a_size_floor_is_met_at_exactly_the_floor():
 
 
 def test_a_share_floor_is_of_the_whole_size_and_says_so():
-    space = Space("dataset tank/db", 1 << 30, 50 * MiB)
+    space = Space("refquota of tank/db", 1 << 30, 50 * MiB)
     assert space.shortfall(parse_min_free("4%")) is None
     assert space.shortfall(parse_min_free("5%")) == \
-        "dataset tank/db has 50.0MiB free, below min_free 5% (51.2MiB of 1.0GiB)"
+        "refquota of tank/db has 50.0MiB free, below min_free 5% (51.2MiB of 1.0GiB)"
 
 
 def test_what_a_snapshot_takes_at_once_counts_against_the_floor():
