@@ -20,7 +20,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable, Collection, Iterable
 
-from snapmgr import manifest, manifest_recording, observed, priority, quiesce, retention, sh, space_guard
+from snapmgr import manifest, manifest_recording, observed, priority, procfs, quiesce, retention, sh, space_guard
 from snapmgr.backends import BACKENDS
 from snapmgr.backends.base import Backend, Progress, Space, taken_with_another
 from snapmgr.config import Config, Group, Schedule, Volume
@@ -29,7 +29,6 @@ from snapmgr.journal import Journal, JournalError, Run, RunRecord, Verify, Volum
 from snapmgr.lock import volume_lock
 from snapmgr.manifest.verify import Problem, check as check_snapshot
 from snapmgr.model import ForeignSnapshot, MinFree, Snapshot, SnapshotId
-from snapmgr.quiesce import undo
 from snapmgr.quiesce.watchdog import Watchdog, perform_all
 from snapmgr.quiesce.window import Window, WindowOverrun
 from snapmgr.records import Records
@@ -349,7 +348,7 @@ class Engine:
         command, steps that succeeded (start a unit stopped since, thaw what another
         window froze)."""
         told = []
-        current = undo.boot_id()
+        current = procfs.boot_id()
         for w in self.journal.unsettled_windows():
             if w.status == "open":
                 # Unknown boot ids (an older snapmgr's window): as the caller says.
@@ -508,7 +507,7 @@ class Engine:
                 # Journaled once the watchdog runs, so that a journaled window always has a
                 # watchdog or an account of how it ended.
                 window_id = self.journal.window_opened([v.name for v in volumes], group and group.name,
-                                                       os.getpid(), plan, undo.boot_id())
+                                                       os.getpid(), plan, procfs.boot_id())
                 watchdog.tell(window=window_id)
             except BaseException:
                 watchdog.close()

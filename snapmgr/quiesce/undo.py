@@ -15,8 +15,6 @@ from typing import Mapping, Sequence
 from snapmgr import sh
 from snapmgr.quiesce.freezing import thaw
 
-BOOT_ID = "/proc/sys/kernel/random/boot_id"
-
 
 def thaw_action(mountpoint: Path, fd: int | None) -> dict:
     return {"thaw": str(mountpoint), "fd": fd}
@@ -34,15 +32,6 @@ def run_action(argv: Sequence[str], env: Mapping[str, str], timeout: float,
     if queued is not None:
         action["queued"] = list(queued)
     return action
-
-
-def boot_id() -> str | None:
-    """This boot's id, which the kernel makes anew at every boot: a window opened under
-    another one was interrupted by a restart."""
-    try:
-        return Path(BOOT_ID).read_text().strip() or None
-    except OSError:
-        return None
 
 
 def perform(action: dict, inherited_fds: bool, restarted: bool = False, queue: bool = False) -> str:
