@@ -11,16 +11,14 @@ import pytest
 from snapmgr import journal, procfs
 from snapmgr.errors import SnapmgrError
 from snapmgr.journal import READABLE_FROM, SCHEMA_VERSION, Journal, JournalDamaged, JournalError
-from tests import journal_damage
+from tests import journal_damage, journal_versions
 
 
 def older_journal(path, version: int) -> None:
     """A journal as a snapmgr of that schema version left it, with one run of 'home' it
     began and that is still running."""
+    journal_versions.as_of(path, version)
     with sqlite3.connect(path) as db:
-        for script in journal.MIGRATIONS[:version]:
-            db.executescript(script)
-        db.execute(f"PRAGMA user_version={version}")
         db.execute("INSERT INTO runs (volume, action, pid, started, status) "
                    "VALUES ('home', 'snapshot', 7, '2026-11-24T09:00:00+00:00', 'running')")
     db.close()
