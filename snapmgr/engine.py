@@ -20,7 +20,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable, Collection, Iterable
 
-from snapmgr import manifest, manifest_recording, observed, priority, quiesce, retention, sh, space_guard
+from snapmgr import manifest, manifest_recording, observed, priority, procfs, quiesce, retention, sh, space_guard
 from snapmgr.backends import BACKENDS
 from snapmgr.backends.base import Backend, Progress, Space, taken_with_another
 from snapmgr.config import Config, Group, Schedule, Volume
@@ -524,7 +524,7 @@ class Engine:
                 # Journaled once the watchdog runs, so that a journaled window always has a
                 # watchdog or an account of how it ended.
                 window_id = self.journal.window_opened([v.name for v in volumes], group and group.name,
-                                                       os.getpid(), plan, undo.boot_id())
+                                                       os.getpid(), plan, procfs.boot_id())
                 watchdog.tell(window=window_id)
             except BaseException:
                 watchdog.close()

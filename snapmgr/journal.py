@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
-from snapmgr import trust
+from snapmgr import procfs, trust
 from snapmgr.errors import SnapmgrError, as_error
 
 BUSY_TIMEOUT_S = 30
@@ -90,8 +90,17 @@ MIGRATIONS = (
         listing  TEXT NOT NULL           -- JSON: what it saw (snapmgr.observed), for readers who cannot list
     );
     """,
+    # The identity of a run's process (snapmgr.procfs), NULL in an older snapmgr's runs.
+    """
+    ALTER TABLE runs ADD COLUMN boot_id TEXT;           -- of the boot it began in
+    ALTER TABLE runs ADD COLUMN start_ticks INTEGER;    -- when its process started, in clock ticks since that boot
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
+# The oldest schema a reader that may not migrate the journal (a monitoring user) can
+# read: the later migrations only add columns of runs it does without, as it does in the
+# rows an older snapmgr wrote. The next run as root migrates the journal.
+READABLE_FROM = 4
 MAX_DETAIL = 100  # problems of one verify kept in the journal; the count is kept whole
 FULL_BELOW = 1 << 20  # free bytes under which a write error is most likely the full disk
 # SQLite's primary result codes that mean "not now" or "not here" rather than damage.
@@ -127,6 +136,8 @@ class RunRecord:
     ended: datetime | None
     status: str                     # running, ok, failed
     error: str | None
+    boot_id: str | None = None      # the boot it began in, and when its process started
+    start_ticks: int | None = None  # in clock ticks since that boot; None: not kept (an older snapmgr's run)
 
     @property
     def seconds(self) -> float | None:
@@ -202,6 +213,7 @@ class Journal:
         self.read_only = read_only
         self.failure: JournalError | None = None   # the first write that failed
         self._db: sqlite3.Connection | None = None
+        self._version = SCHEMA_VERSION   # of the journal opened: older for a reader that may not migrate it
         # Of a read-only connection to the file alone: the file as it was when opened.
         self._immutable: tuple[int, int, int] | None = None
 
@@ -260,11 +272,13 @@ class Journal:
     def last_runs(self, volume: str) -> list[RunRecord]:
         """Per action, the latest run of each status (running, ok, failed), oldest first."""
         with self._guard():
-            rows = self._connection().execute(
-                "SELECT action, pid, started, ended, status, error FROM runs WHERE id IN "
+            db = self._connection()
+            identity = "boot_id, start_ticks" if self._version >= 5 else "NULL, NULL"   # kept since schema 5
+            rows = db.execute(
+                f"SELECT action, pid, started, ended, status, error, {identity} FROM runs WHERE id IN "
                 "(SELECT max(id) FROM runs WHERE volume = ? GROUP BY action, status) ORDER BY id", (volume,)).fetchall()
-        return [RunRecord(a, pid, _parse(started), _parse(ended), status, error)
-                for a, pid, started, ended, status, error in rows]
+        return [RunRecord(a, pid, _parse(started), _parse(ended), status, error, boot, ticks)
+                for a, pid, started, ended, status, error, boot, ticks in rows]
 
     def run_counts(self) -> dict[tuple[str, str, str], int]:
         """(volume, action, status) -> how many runs the journal holds."""
@@ -302,8 +316,11 @@ class Journal:
         run.finish()
 
     def begin(self, volume: str, action: str, pid: int) -> Run:
-        return Run(self, self._write("INSERT INTO runs (volume, action, pid, started, status) "
-                                     "VALUES (?, ?, ?, ?, 'running')", (volume, action, pid, _now())))
+        """`pid`: the process that runs it, whose identity is kept for monitoring to tell
+        whether it still runs (snapmgr.monitor.processes)."""
+        return Run(self, self._write("INSERT INTO runs (volume, action, pid, started, status, boot_id, start_ticks) "
+                                     "VALUES (?, ?, ?, ?, 'running', ?, ?)",
+                                     (volume, action, pid, _now(), procfs.boot_id(), procfs.start_ticks(pid))))
 
     def verified(self, snapshot: str, started: datetime, result: str, entries: int | None,
                  detail: list[str]) -> None:
@@ -442,11 +459,12 @@ class Journal:
         db = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None)
         try:
             version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version != SCHEMA_VERSION:
+            if not READABLE_FROM <= version <= SCHEMA_VERSION:
                 raise JournalError(f"journal {self.path} has schema version {version}, not this snapmgr's "
                                    f"({SCHEMA_VERSION}): " + ("run any snapmgr command as root to upgrade it"
                                                               if version < SCHEMA_VERSION else "upgrade snapmgr"))
-            self._check_schema(db)
+            self._check_schema(db, version)
+            self._version = version
         except BaseException:
             db.close()
             raise
@@ -470,10 +488,11 @@ class Journal:
                     db.execute(statement)
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
-    def _check_schema(self, db: sqlite3.Connection) -> None:
-        """Every table and column the migrations make must be there: a journal copied from
-        elsewhere or edited by hand can carry the right version and the wrong tables."""
-        missing = _expected_columns() - _columns(db)
+    def _check_schema(self, db: sqlite3.Connection, version: int = SCHEMA_VERSION) -> None:
+        """Every table and column the migrations up to `version` make must be there: a
+        journal copied from elsewhere or edited by hand can carry the right version and the
+        wrong tables."""
+        missing = _expected_columns(version) - _columns(db)
         if missing:
             table, column = min(missing)  # a missing table sorts before its columns
             raise JournalDamaged(self.path, f"no table {table}" if column == "*"
@@ -521,10 +540,10 @@ class Journal:
 
 
 @functools.cache
-def _expected_columns() -> frozenset[tuple[str, str]]:
-    """What the migrations make, read from a database they built in memory."""
+def _expected_columns(version: int) -> frozenset[tuple[str, str]]:
+    """What the migrations up to `version` make, read from a database they built in memory."""
     with contextlib.closing(sqlite3.connect(":memory:")) as db:
-        for script in MIGRATIONS:
+        for script in MIGRATIONS[:version]:
             db.executescript(script)
         return frozenset(_columns(db))
 

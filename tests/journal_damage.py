@@ -17,7 +17,7 @@ def fill(path, runs=3000):
 def wrong_columns(path):
     sqlite3.connect(path).executescript(
         "DROP TABLE snapshot_events; DROP TABLE runs; CREATE TABLE runs (id INTEGER PRIMARY KEY, volume TEXT, "
-        "action TEXT, pid INTEGER, started TEXT, ended TEXT, status TEXT); "
+        "action TEXT, pid INTEGER, started TEXT, ended TEXT, status TEXT, boot_id TEXT, start_ticks INTEGER); "
         "CREATE TABLE snapshot_events (id, run_id, snapshot, event, at)")
 
 

@@ -1,44 +1,54 @@
 """Whether the process that began a run is still there: a run the journal holds as
 running whose process is gone was killed.
 
-Asked by signal 0, never by /proc/PID: /proc may hide other users' processes
+The journal keeps with each run the identity of its process: the boot it began in and
+when the process started, in clock ticks since that boot (snapmgr.procfs). A run of
+another boot was ended by the restart; a live pid whose process started at another tick
+is a new process the kernel has given the pid to since the run's own died. No wall clock
+enters into it, so a clock stepped since (NTP at boot, a resumed VM) changes nothing.
+
+Asked by signal 0, never by /proc/PID alone: /proc may hide other users' processes
 (hidepid=invisible, systemd's ProtectProc=invisible) from a monitoring user, and then a
-live run would look killed. A pid the kernel has handed to a new process since the run's
-own died would make a killed run look alive: where /proc/PID/stat can be read, the
-process must have started before the run began."""
+live run would look killed. Where /proc/PID/stat cannot be read, a live pid is taken
+for the run's process."""
 
 from __future__ import annotations
 
 import os
 from datetime import datetime, timedelta, timezone
 
-# How much later than the run's start its process may seem to have begun: the boot time
-# the kernel reports is whole seconds, and a clock stepped since the boot moves it.
+from snapmgr import procfs
+
+# For a run an older snapmgr began, which kept no identity: how much later than the run
+# its process may seem to have begun. The boot time the kernel reports is whole seconds,
+# and a clock stepped since the boot moves it.
 SLACK = timedelta(seconds=2)
 
 
-def running(pid: int, since: datetime) -> bool:
-    """Whether process `pid`, which began a run at `since`, still runs."""
+def running(pid: int, began: datetime, boot_id: str | None, ticks: int | None) -> bool:
+    """Whether the run that process `pid` began at `began` still runs: `boot_id` and
+    `ticks` are the identity its process had (None: not kept, by an older snapmgr)."""
+    identified = boot_id is not None and ticks is not None
+    current = procfs.boot_id() if identified else None
+    if current is not None and boot_id != current:
+        return False   # the machine restarted since
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         pass   # it exists, and belongs to another user
-    began = started(pid)
-    return began is None or began <= since + SLACK
+    if identified:
+        now = procfs.start_ticks(pid)
+        return now is None or now == ticks
+    since = started(pid)
+    return since is None or since <= began + SLACK
 
 
 def started(pid: int) -> datetime | None:
-    """When process `pid` started, or None when /proc does not tell."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-        with open("/proc/stat", "rb") as f:
-            boot = next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
-    except (OSError, StopIteration, ValueError, IndexError):
+    """When process `pid` started by the wall clock as it is now, or None when /proc
+    does not tell."""
+    ticks, boot = procfs.start_ticks(pid), procfs.boot_time()
+    if ticks is None or boot is None:
         return None
-    # The command name (field 2) may hold spaces and parentheses: the fields after it
-    # start behind its last ')'. starttime is field 22, in clock ticks since the boot.
-    ticks = int(stat[stat.rindex(b")") + 2:].split()[19])
     return datetime.fromtimestamp(boot + ticks / os.sysconf("SC_CLK_TCK"), timezone.utc)

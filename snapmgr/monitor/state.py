@@ -147,9 +147,12 @@ def _gap(schedule: Schedule, interval: Callable[[str], timedelta]) -> timedelta:
     return interval(schedule.on_calendar) + schedule.randomized_delay + schedule.accuracy
 
 
+def _alive(run: RunRecord) -> bool:
+    return processes.running(run.pid, run.started, run.boot_id, run.start_ticks)
+
+
 def assess(s: VolumeStatus, ages: Ages | None, now: datetime, live: bool,
-           alive: Callable[[RunRecord], bool] = lambda run: processes.running(run.pid, run.started)
-           ) -> list[Finding]:
+           alive: Callable[[RunRecord], bool] = _alive) -> list[Finding]:
     """What is wrong with the volume, if anything. `alive`: whether a run's process is
     still there (a run journaled as running whose process is gone was killed)."""
     found = []

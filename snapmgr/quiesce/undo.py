@@ -13,10 +13,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Collection, Mapping, Sequence
 
-from snapmgr import sh
+from snapmgr import procfs, sh
 from snapmgr.quiesce.freezing import thaw
-
-BOOT_ID = "/proc/sys/kernel/random/boot_id"
 
 
 def thaw_action(mountpoint: Path, fd: int | None) -> dict:
@@ -37,15 +35,6 @@ def run_action(argv: Sequence[str], env: Mapping[str, str], timeout: float,
     return action
 
 
-def boot_id() -> str | None:
-    """This boot's id, which the kernel makes anew at every boot: a window opened under
-    another one was interrupted by a restart."""
-    try:
-        return Path(BOOT_ID).read_text().strip() or None
-    except OSError:
-        return None
-
-
 def mark_done(steps: list[dict], pending: Collection[int]) -> None:
     """Mark every undo action done but those of the steps `pending` (by index): a later
     try repeats only those."""
@@ -56,17 +45,14 @@ def mark_done(steps: list[dict], pending: Collection[int]) -> None:
 
 def restarted_since(opened_boot: str | None, opened: datetime, unknown: bool) -> bool:
     """Whether the machine restarted since a window opened at `opened` under boot id
-    `opened_boot`. An older snapmgr kept no boot id: then by the time of this boot, which
-    a clock stepped since could mislead; `unknown` when even that cannot be read."""
-    current = boot_id()
+    `opened_boot`: a window opened under another boot id was interrupted by a restart.
+    An older snapmgr kept no boot id: then by the time of this boot, which a clock
+    stepped since could mislead; `unknown` when even that cannot be read."""
+    current = procfs.boot_id()
     if opened_boot and current:
         return opened_boot != current
-    try:
-        with open("/proc/stat", "rb") as f:
-            booted = next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
-    except (OSError, StopIteration, ValueError, IndexError):
-        return unknown
-    return opened.timestamp() < booted
+    booted = procfs.boot_time()
+    return unknown if booted is None else opened.timestamp() < booted
 
 
 def perform(action: dict, inherited_fds: bool, restarted: bool = False, queue: bool = False) -> str:

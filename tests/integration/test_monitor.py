@@ -15,11 +15,14 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 
+from snapmgr import procfs
+from snapmgr.journal import SCHEMA_VERSION
 from tests import journal_damage
 from tests.integration.helpers import Result, Workspace, make_tree, toml, wait_for
 from tests.integration.test_verify import flip_a_byte
@@ -188,6 +191,10 @@ def killed_run(ws):
     ws.throttle_rsync(64)
     p = ws.start("snapshot")
     wait_for(lambda: [r for r in _runs(ws) if r == "running"], what="the run to start")
+    with sqlite3.connect(journal(ws)) as db:
+        kept = db.execute("SELECT pid, boot_id, start_ticks FROM runs WHERE status = 'running'").fetchone()
+    db.close()
+    assert kept == (p.pid, procfs.boot_id(), procfs.start_ticks(p.pid)) and None not in kept
     p.send_signal(signal.SIGKILL)
     p.wait()
     return 2, "SNAPMGR CRITICAL - data: the snapshot run started at "
@@ -315,7 +322,14 @@ def test_nobody_reads_the_journal_with_and_without_a_writer(ws):
     promtool(metrics.stdout)
 
 
-def test_a_run_root_is_still_taking_is_not_killed_to_nobody_under_hidepid(ws):
+def running_row(ws: Workspace, pid: int, boot_id: str | None, ticks: int | None) -> None:
+    """A snapshot run of 'data' journaled as running by process `pid`, begun now."""
+    insert(ws, "INSERT INTO runs (volume, action, pid, started, status, boot_id, start_ticks) "
+               "VALUES ('data', 'snapshot', ?, ?, 'running', ?, ?)", (pid, now_iso(), boot_id, ticks))
+
+
+@pytest.mark.parametrize("identified", [True, False], ids=["identified", "by-an-older-snapmgr"])
+def test_a_run_root_is_still_taking_is_not_killed_to_nobody_under_hidepid(ws, identified):
     # /proc mounted with hidepid=invisible (systemd's ProtectProc=invisible) hides root's
     # processes from nobody: the run's process must be asked for otherwise.
     configure(ws, HOURLY)
@@ -324,8 +338,8 @@ def test_a_run_root_is_still_taking_is_not_killed_to_nobody_under_hidepid(ws):
     readable_by_nobody(ws)
     taking = subprocess.Popen(["sleep", "300"])
     try:
-        insert(ws, "INSERT INTO runs (volume, action, pid, started, status) VALUES ('data', 'snapshot', ?, ?, "
-                   "'running')", (taking.pid, now_iso()))
+        running_row(ws, taking.pid, *((procfs.boot_id(), procfs.start_ticks(taking.pid)) if identified
+                                      else (None, None)))
         script = ("import subprocess, sys\n"
                   "subprocess.run(['mount', '-t', 'proc', '-o', 'hidepid=invisible', 'proc', '/proc'], check=True)\n"
                   f"hidden = subprocess.run(['runuser', '-u', 'nobody', '--', 'test', '-e', '/proc/{taking.pid}'])\n"
@@ -339,6 +353,57 @@ def test_a_run_root_is_still_taking_is_not_killed_to_nobody_under_hidepid(ws):
     hidden, head, *details = p.stdout.splitlines()
     assert hidden == "1", "nobody still sees root's process in /proc"
     assert (p.returncode, head.split(" | ")[0]) == (0, "SNAPMGR OK - 1 of 1 volumes OK"), (p.stdout, p.stderr)
+
+
+@pytest.mark.parametrize("user", [None, "nobody"])
+def test_a_run_whose_pid_another_process_holds_now_was_killed(ws, user):
+    # The kernel reusing a dead run's pid, or a restart, cannot be brought about at will:
+    # the rows are what a run writes, with the identity of a process other than the live
+    # one holding the pid.
+    configure(ws, HOURLY)
+    ws.ok("snapshot")
+    readable_by_nobody(ws)
+    holder = subprocess.Popen(["sleep", "300"])
+    try:
+        boot, ticks = procfs.boot_id(), procfs.start_ticks(holder.pid)
+        assert boot is not None and ticks is not None
+        running_row(ws, holder.pid, boot, ticks)
+        assert check(ws, user=user)[0] == 0      # its own process: still running
+        for other in ((boot, ticks - 1), (str(uuid.uuid4()), ticks)):   # started earlier; another boot
+            running_row(ws, holder.pid, *other)
+            code, head, _ = check(ws, user=user)
+            assert code == 2 and head.startswith("SNAPMGR CRITICAL - data: the snapshot run started at ") \
+                and f"by pid {holder.pid} never finished: its process is gone (killed?)" in head, head
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_nobody_checks_a_journal_an_older_snapmgr_left_until_root_upgrades_it(ws):
+    configure(ws, HOURLY)
+    ws.ok("snapshot")
+    with sqlite3.connect(journal(ws)) as db:   # as schema 4 had it: runs kept no identity
+        db.execute("ALTER TABLE runs DROP COLUMN boot_id")
+        db.execute("ALTER TABLE runs DROP COLUMN start_ticks")
+        db.execute("PRAGMA user_version=4")
+    db.close()
+    readable_by_nobody(ws)
+    taking = subprocess.Popen(["sleep", "300"])   # a run the older snapmgr is still taking
+    try:
+        insert(ws, "INSERT INTO runs (volume, action, pid, started, status) VALUES ('data', 'snapshot', ?, ?, "
+                   "'running')", (taking.pid, now_iso()))
+        assert check(ws, user="nobody")[0] == 0
+    finally:
+        taking.kill()
+        taking.wait()
+    code, head, _ = check(ws, user="nobody")
+    assert code == 2 and "its process is gone (killed?)" in head, head
+    ws.ok("snapshot")                                      # root's run upgrades it
+    with sqlite3.connect(journal(ws)) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert db.execute("SELECT count(*) FROM runs WHERE boot_id IS NOT NULL").fetchone()[0] == 1
+    db.close()
+    assert check(ws, user="nobody")[0] == 0   # the later run that succeeded supersedes the killed one
 
 
 def test_nobody_sees_an_invalid_snapshot_as_the_last_run_listed_it(ws):

@@ -1,14 +1,27 @@
 import json
 import multiprocessing
+import os
 import sqlite3
+import subprocess
+import sys
 from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from snapmgr import journal
+from snapmgr import journal, procfs
 from snapmgr.errors import SnapmgrError
-from snapmgr.journal import SCHEMA_VERSION, Journal, JournalDamaged, JournalError
-from tests import journal_damage
+from snapmgr.journal import READABLE_FROM, SCHEMA_VERSION, Journal, JournalDamaged, JournalError
+from tests import journal_damage, journal_versions
+
+
+def older_journal(path, version: int) -> None:
+    """A journal as a snapmgr of that schema version left it, with one run of 'home' it
+    began and that is still running."""
+    journal_versions.as_of(path, version)
+    with sqlite3.connect(path) as db:
+        db.execute("INSERT INTO runs (volume, action, pid, started, status) "
+                   "VALUES ('home', 'snapshot', 7, '2026-11-24T09:00:00+00:00', 'running')")
+    db.close()
 
 
 def test_runs_and_events_are_recorded(tmp_path):
@@ -161,25 +174,48 @@ def test_a_reader_writes_nothing_and_knows_when_a_writer_raced_it(tmp_path):
 
 def test_a_reader_names_a_journal_of_another_schema(tmp_path):
     path = tmp_path / "journal.db"
-    Journal(path).history("x")
-    db = sqlite3.connect(path)
-    db.execute(f"PRAGMA user_version={SCHEMA_VERSION - 1}")
-    db.commit()
-    db.close()
-    with pytest.raises(JournalError, match=f"has schema version {SCHEMA_VERSION - 1}, not this snapmgr's "
+    older_journal(path, READABLE_FROM - 1)
+    with pytest.raises(JournalError, match=f"has schema version {READABLE_FROM - 1}, not this snapmgr's "
                                            f"\\({SCHEMA_VERSION}\\): run any snapmgr command as root to upgrade it"):
         Journal(path, read_only=True).history("x")
 
 
-def test_an_older_journal_gains_the_observations_table(tmp_path):
+@pytest.mark.parametrize("version", range(READABLE_FROM, SCHEMA_VERSION))
+def test_a_reader_reads_a_journal_that_only_lacks_what_it_does_without(tmp_path, version):
+    # A monitoring user, between an upgrade of snapmgr and its next run as root.
     path = tmp_path / "journal.db"
-    with Journal(path).run("home", "snapshot", 1):
-        pass
+    older_journal(path, version)
+    reader = Journal(path, read_only=True)
+    [run] = reader.last_runs("home")
+    assert (run.status, run.pid, run.boot_id, run.start_ticks) == ("running", 7, None, None)
+    reader.close()
     with sqlite3.connect(path) as db:
-        db.execute("DROP TABLE observations")
-        db.execute("PRAGMA user_version=3")
+        assert db.execute("PRAGMA user_version").fetchone()[0] == version   # left as it was
     db.close()
+
+
+def test_a_run_keeps_the_identity_of_its_process(tmp_path):
+    j = Journal(tmp_path / "journal.db")
+    with j.run("home", "snapshot", os.getpid()):
+        mine = j.last_runs("home")[0]
+    assert mine.status == "running" and mine.boot_id == procfs.boot_id() is not None
+    assert mine.start_ticks == procfs.start_ticks(os.getpid()) is not None
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    j.begin("home", "prune", gone.pid)   # /proc no longer tells when it started
+    assert [(r.action, r.boot_id, r.start_ticks) for r in j.last_runs("home")] == [
+        ("snapshot", procfs.boot_id(), mine.start_ticks), ("prune", procfs.boot_id(), None)]
+    j.close()
+
+
+def test_an_older_journal_gains_the_observations_table_and_its_runs_keep_no_identity(tmp_path):
+    path = tmp_path / "journal.db"
+    older_journal(path, 3)
     j = Journal(path)
+    with j.run("home", "snapshot", os.getpid()):
+        pass
+    assert [(r.status, r.pid, r.boot_id) for r in j.last_runs("home")] == [
+        ("running", 7, None), ("ok", os.getpid(), procfs.boot_id())]
     now = datetime.now(timezone.utc)
     j.observed("home", now, {"snapshots": []})
     assert j.history("home").last_success is not None and j.failure is None

@@ -3,10 +3,10 @@
 
 from __future__ import annotations
 
-import sqlite3
 from datetime import datetime, timezone
 
 from snapmgr.journal import MAX_DETAIL, Journal
+from tests import journal_versions
 
 
 def test_the_latest_verify_of_each_snapshot_is_what_counts(tmp_path):
@@ -44,11 +44,7 @@ def test_a_long_list_of_problems_keeps_its_count_and_the_first_lines(tmp_path):
 
 def test_an_older_journal_gains_the_verifies_table(tmp_path):
     path = tmp_path / "journal.db"
-    Journal(path).history("x")
-    with sqlite3.connect(path) as db:
-        db.execute("DROP TABLE verifies")
-        db.execute("DROP TABLE observations")   # a later migration's
-        db.execute("PRAGMA user_version=2")
+    journal_versions.as_of(path, 2)
     j = Journal(path)
     j.verified("data@20261121T140501Z", datetime.now(timezone.utc), "intact", 1, [])
     assert [v.result for v in j.latest_verifies()] == ["intact"] and j.failure is None
