@@ -86,8 +86,10 @@ def _write_pid(fd: int) -> None:
 
 
 def _acquire(fd: int, path: Path, volume: str, wait: float, why: str, unattended: bool) -> None:
+    if take_within(fd, 0):
+        return
     started = time.monotonic()
-    told = wait > 0 and (unattended or wait >= REPORT_EVERY_S) and not take_within(fd, 0)
+    told = wait > 0 and (unattended or wait >= REPORT_EVERY_S)
     if told:
         log.warning("volume %s is busy: another snapmgr run (%s) holds %s; waiting for it up to %s%s",
                     volume, _holder(path), path, _length(wait), f" ({why})" if why else "")
