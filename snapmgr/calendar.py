@@ -16,7 +16,10 @@ PROGRAM = "systemd-analyze"
 # schedule reaches (16384 iterations take systemd-analyze about a quarter of a second).
 SPAN = timedelta(days=8)
 FIRST_COUNT, GROWTH, MAX_COUNT = 16, 4, 16384
-_ELAPSE_RE = re.compile(r"^\s*(?:Next elapse|Iter\. #\d+): \w+ (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) UTC$", re.M)
+# An elapse in the machine's time zone, which systemd's timers keep, then, unless that is
+# UTC, the same in UTC.
+_ELAPSE_RE = re.compile(r"^\s*(?:Next elapse|Iter\. #\d+): \w+ (\S+ \S+) (\S+)\n"
+                        r"(?:\s*\(in UTC\): \w+ (\S+ \S+) UTC\n)?", re.M)
 
 
 class CalendarError(SnapmgrError):
@@ -24,10 +27,11 @@ class CalendarError(SnapmgrError):
 
 
 def elapses(expression: str, count: int = 1) -> list[datetime]:
-    """The next `count` times (UTC) a timer with OnCalendar=`expression` elapses."""
+    """The next `count` times (UTC) a timer with OnCalendar=`expression` elapses, read in
+    the machine's time zone as systemd reads it: `daily` is local midnight."""
     try:
         done = sh.run([PROGRAM, "calendar", f"--iterations={count}", "--", expression],
-                      timeout=10, check=False, env={"TZ": "UTC", "LC_ALL": "C"})
+                      timeout=10, check=False, env={"LC_ALL": "C"})
     except sh.CommandNotFound:
         raise CalendarError(f"cannot check OnCalendar {quote(expression)}: {PROGRAM} is not installed "
                             f"(Debian: apt install systemd)") from None
@@ -35,7 +39,8 @@ def elapses(expression: str, count: int = 1) -> list[datetime]:
         reason = done.stderr.strip().rsplit(": ", 1)[-1] or f"{PROGRAM} exited {done.returncode}"
         raise CalendarError(f"{quote(expression)} is not a systemd calendar expression ({reason}; "
                             f"see man systemd.time, e.g. hourly, daily, *:0/15, Mon..Fri 09:00)")
-    found = [datetime.fromisoformat(m).replace(tzinfo=timezone.utc) for m in _ELAPSE_RE.findall(done.stdout)]
+    found = [datetime.fromisoformat(utc or local).replace(tzinfo=timezone.utc)
+             for local, zone, utc in _ELAPSE_RE.findall(done.stdout) if utc or zone == "UTC"]
     if not found:
         raise CalendarError(f"{quote(expression)} never elapses again")
     return found

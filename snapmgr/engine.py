@@ -10,7 +10,6 @@ the volume's lock and the protected pre-rollback snapshot. Those jobs live besid
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
 from collections import defaultdict
@@ -20,7 +19,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable, Collection, Iterable
 
-from snapmgr import manifest, manifest_recording, observed, priority, procfs, quiesce, retention, sh, space_guard
+from snapmgr import (manifest, manifest_recording, observed, priority, procfs, quiesce, retention, scheduled_wait,
+                     sh, space_guard)
 from snapmgr.backends import BACKENDS
 from snapmgr.backends.base import Backend, Progress, Space, taken_with_another
 from snapmgr.config import Config, Group, Schedule, Volume
@@ -95,7 +95,7 @@ class Engine:
         self.clock = clock
         self.read_only = read_only
         self._journal: Journal | None = None
-        self._lock_wait: float | None = None    # seconds, instead of settings.lock_wait (scheduled())
+        self._lock_wait: scheduled_wait.Wait | None = None    # instead of settings.lock_wait (scheduled())
 
     @property
     def journal(self) -> Journal:
@@ -151,27 +151,39 @@ class Engine:
         named on its own in a window of its own (unless a listed group takes it), all with
         the schedule's tag; then, when the schedule prunes, prune every volume whose
         snapshot succeeded, at background CPU and I/O priority (services are paused only
-        for the snapshots, which must not run slowed). A volume another run holds is
-        waited for up to the schedule's timeout, without limit when it has none: a timer
-        has no one to retry for it, and systemd ends the run at that timeout anyway."""
+        for the snapshots, which must not run slowed).
+
+        A volume another run holds is waited for (never less than settings.lock_wait) up
+        to the schedule's timeout, and without one until the schedule's next elapse: a
+        timer has no one to retry for it, but once it has fired again (systemd folds that
+        into this run) waiting longer only piles up. The wait is logged when it starts and
+        every few minutes while it lasts; giving up is a failed run that monitoring sees."""
         schedule = self.schedule(name)
         tags = frozenset({schedule.tag})
-        wait = schedule.timeout.total_seconds() if schedule.timeout else math.inf
-        self._lock_wait = max(wait, self.config.settings.lock_wait.total_seconds())
+        self._lock_wait = scheduled_wait.of(schedule, self.config.settings.lock_wait)
         try:
             outcomes = [o for g in schedule.groups for o in self.snapshot((), tags, False, dry_run, progress, g)]
             alone = self.config.volumes_of(schedule, grouped=False)
             if alone:  # none named means every volume to snapshot()
                 outcomes += self.snapshot(alone, tags, False, dry_run, progress)
+            self._gave_up(outcomes, "snapshot", dry_run)
             if schedule.prune:
                 with nullcontext() if dry_run else priority.background():
                     for outcome in outcomes:
                         if outcome.error is None:
                             [volume] = self.volumes([outcome.volume])
                             self._each_into(outcome, lambda o, v=volume: self._prune(v, dry_run, o))
+                            self._gave_up([outcome], "prune", dry_run)
         finally:
             self._lock_wait = None
         return outcomes
+
+    def _gave_up(self, outcomes: list[Outcome], action: str, dry_run: bool) -> None:
+        """A scheduled run that gave up waiting for a volume is a failed run in the journal,
+        which `check` and `status` read: no one reads a timer's errors at a terminal."""
+        for outcome in outcomes:
+            if isinstance(outcome.error, LockBusy) and not dry_run:
+                self.journal.begin(outcome.volume, action, os.getpid()).finish(outcome.error)
 
     def schedule(self, name: str) -> Schedule:
         if name not in self.config.schedules:
@@ -407,8 +419,10 @@ class Engine:
         """The volume's lock, held also by every program run meanwhile, so that no
         program left running by a killed run can race the next one."""
         settings = self.config.settings
-        wait = settings.lock_wait.total_seconds() if self._lock_wait is None else self._lock_wait
-        with volume_lock(settings.run_dir, volume.name, wait) as fd, sh.holding(fd):
+        wait, why = (settings.lock_wait.total_seconds(), "settings.lock_wait") if self._lock_wait is None \
+            else self._lock_wait()
+        with volume_lock(settings.run_dir, volume.name, wait, why, unattended=self._lock_wait is not None) as fd, \
+                sh.holding(fd):
             yield
 
     def _snapshot_together(self, volumes: list[Volume], group: Group | None, tags: frozenset[str], prune: bool,

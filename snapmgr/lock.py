@@ -6,28 +6,38 @@ volume inherit the descriptor (sh.holding): a killed run's rsync, and the helper
 forked, keep the lock until the last of them has exited, so the next run cannot start
 cleaning up a copy that is still being written.
 
-The holder writes its pid into the file so that a waiter can name it."""
+The holder writes its pid into the file so that a waiter can name it, and a run that
+waits long says so (on stderr, which a timer's service puts in the system journal):
+when it starts to wait and every REPORT_EVERY_S while it still does, so that a run held
+up by another is never a silent "activating" service."""
 
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import time
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Iterator
 
 from snapmgr import trust
 from snapmgr.errors import LockBusy, SnapmgrError
+from snapmgr.model import span
 
+log = logging.getLogger(__name__)
 POLL_S = 0.1
+REPORT_EVERY_S = 300.0   # a wait this long is told, and retold this often while it lasts
 _OPEN = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW
 
 
 @contextmanager
-def volume_lock(run_dir: Path, volume: str, wait: float) -> Iterator[int]:
+def volume_lock(run_dir: Path, volume: str, wait: float, why: str = "", unattended: bool = False) -> Iterator[int]:
     """Hold the volume's lock for the duration; wait at most `wait` seconds for it.
-    Yields the lock's descriptor."""
+    Yields the lock's descriptor. `why`: what sets the wait's length, told with it.
+    `unattended`: tell even a wait shorter than REPORT_EVERY_S (a timer's run: its log
+    is all anyone sees of it); at a terminal, a short wait ends soon enough in a result."""
     lock_dir = run_dir / "locks"
     lock_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
@@ -37,7 +47,7 @@ def volume_lock(run_dir: Path, volume: str, wait: float) -> Iterator[int]:
     path = lock_dir / f"{volume}.lock"
     fd = _open(path)
     try:
-        _acquire(fd, path, wait)
+        _acquire(fd, path, volume, wait, why, unattended)
         _write_pid(fd)
         yield fd
     finally:
@@ -75,9 +85,28 @@ def _write_pid(fd: int) -> None:
     os.ftruncate(fd, len(data))
 
 
-def _acquire(fd: int, path: Path, wait: float) -> None:
-    if not take_within(fd, wait):
-        raise LockBusy(f"busy: another snapmgr run ({_holder(path)}) holds {path}; gave up after waiting {wait:g}s")
+def _acquire(fd: int, path: Path, volume: str, wait: float, why: str, unattended: bool) -> None:
+    if take_within(fd, 0):
+        return
+    started = time.monotonic()
+    told = wait > 0 and (unattended or wait >= REPORT_EVERY_S)
+    if told:
+        log.warning("volume %s is busy: another snapmgr run (%s) holds %s; waiting for it up to %s%s",
+                    volume, _holder(path), path, _length(wait), f" ({why})" if why else "")
+    while True:
+        left = max(started + wait - time.monotonic(), 0)
+        if take_within(fd, min(left, REPORT_EVERY_S) if told else left):
+            return
+        waited = time.monotonic() - started
+        if waited >= wait:
+            raise LockBusy(f"busy: another snapmgr run ({_holder(path)}) holds {path}; "
+                           f"gave up after waiting {_length(wait)}")
+        log.warning("volume %s: still waiting for another snapmgr run (%s): %s so far, at most %s more",
+                    volume, _holder(path), _length(waited), _length(wait - waited))
+
+
+def _length(seconds: float) -> str:
+    return f"{seconds:.3g}s" if seconds < 60 else span(timedelta(seconds=seconds))
 
 
 def take_within(fd: int, wait: float) -> bool:

@@ -171,6 +171,24 @@ def human_size(size: int) -> str:
     return f"{size}B"
 
 
+def stamp(moment: datetime | None) -> str:
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC") if moment else "an unknown time"
+
+
+def span(delta: timedelta) -> str:
+    """A duration in its two largest units: 3d4h, 1h30min, 2h, 45s."""
+    seconds = max(int(delta.total_seconds()), 0)
+    i = next((i for i, (_, size) in enumerate(_UNITS) if seconds >= size), len(_UNITS) - 1)
+    unit, size = _UNITS[i]
+    text = f"{seconds // size}{unit}"
+    if i + 1 < len(_UNITS) and (rest := seconds % size // _UNITS[i + 1][1]):
+        text += f"{rest}{_UNITS[i + 1][0]}"
+    return text
+
+
+_UNITS = (("d", 86400), ("h", 3600), ("min", 60), ("s", 1))
+
+
 def parse_min_free(text: str) -> MinFree:
     """'10G', '512M', '1.5T' (binary units; a bare number is bytes) or '5%'."""
     stripped = text.strip()

@@ -19,6 +19,7 @@ from snapmgr.config import Config, Schedule, Volume
 from snapmgr.engine import Engine, VolumeStatus
 from snapmgr.errors import SnapmgrError
 from snapmgr.journal import JournalError, RunRecord
+from snapmgr.model import span, stamp
 from snapmgr.monitor import processes
 
 OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
@@ -222,21 +223,3 @@ def _age(s: VolumeStatus, ages: Ages, now: datetime) -> list[Finding]:
             return [Finding(state, f"the newest good snapshot {good.id} is {span(age)} old "
                                    f"({NAMES[state].lower()} after {span(limit)})")]
     return []
-
-
-def stamp(moment: datetime | None) -> str:
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC") if moment else "an unknown time"
-
-
-def span(delta: timedelta) -> str:
-    """A duration in its two largest units: 3d4h, 1h30min, 2h, 45s."""
-    seconds = max(int(delta.total_seconds()), 0)
-    i = next((i for i, (_, size) in enumerate(_UNITS) if seconds >= size), len(_UNITS) - 1)
-    unit, size = _UNITS[i]
-    text = f"{seconds // size}{unit}"
-    if i + 1 < len(_UNITS) and (rest := seconds % size // _UNITS[i + 1][1]):
-        text += f"{rest}{_UNITS[i + 1][0]}"
-    return text
-
-
-_UNITS = (("d", 86400), ("h", 3600), ("min", 60), ("s", 1))

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from snapmgr.lock import volume_lock
 from tests.integration.helpers import Workspace, held_window_command, lose_the_window, toml, wait_for
 from tests.lab import conftest
 from tests.lab.conftest import lvm_volume, zfs_volume
@@ -182,6 +183,28 @@ def test_a_failing_run_shows_in_systemctl_status_and_in_snapmgr_status(host, ws,
     assert volume["state"] == "failing" and "false exited with status 1" in volume["last_error"]
     assert ws.snapshots() == []
 
+
+
+def test_a_run_finding_its_volume_busy_says_so_in_the_journal_and_fails_when_its_timer_fires_again(host, ws,
+                                                                                                   installed):
+    configure(ws, {"fast": {"on_calendar": "*:*:0/10", "accuracy": "1s", "volumes": ["data"]}})
+    with volume_lock(ws.root / "run", "data", 0):   # as a long manual snapshot would
+        ws.ok("systemd", "install")
+        wait_for(lambda: show(host, "snapmgr-fast.service", "Result") == "exit-code", timeout=90,
+                 what="a run of snapmgr-fast.service that gave up")
+        sh(host, "systemctl", "stop", "snapmgr-fast.timer")   # no new run while it is looked at
+        wait_for(lambda: show(host, "snapmgr-fast.service", "ActiveState") == "failed", timeout=60,
+                 what="the run to end")
+    told = run(host, "journalctl --no-pager --output=cat -u snapmgr-fast.service").stdout
+    assert (f"snapmgr: WARNING: volume data is busy: another snapmgr run (pid {os.getpid()}) holds "
+            f"{ws.root}/run/locks/data.lock; waiting for it up to ") in told, told
+    assert "(until schedule fast runs again, at " in told, told
+    [fast] = ws.ok("--json", "systemd", "status").json()["timers"]
+    assert fast["last_result"] == "exit-code" and fast["exit_status"] == 75
+    assert fast["last_error"].startswith(f"volume data: busy: another snapmgr run (pid {os.getpid()}) holds "), fast
+    volume = ws.ok("--json", "status").json()["volumes"][0]
+    assert volume["state"] == "failing" and "gave up after waiting" in volume["last_error"]
+    assert ws.run("check").returncode == 2
 
 def installed_with_a_held_window(ws, writer: str, mode: str) -> Path:
     """Units installed for a volume whose window holds `writer` paused (mode stop or

@@ -1,7 +1,8 @@
 """OnCalendar expressions read by systemd-analyze: the next elapses, the longest gap, and
 a one-line error for what systemd refuses."""
 
-from datetime import timedelta
+from datetime import time, timedelta
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -20,10 +21,20 @@ def test_interval_spans_a_weekend_beyond_the_first_elapses():
     assert calendar.interval("*:0/1") == timedelta(minutes=1)   # capped, and still right
 
 
-def test_elapses_are_in_order_and_utc():
+def test_elapses_are_in_order_and_utc(monkeypatch):
+    monkeypatch.setenv("TZ", "UTC")
     times = calendar.elapses("daily", 3)
     assert len(times) == 3 and times == sorted(times)
     assert all(t.utcoffset() == timedelta(0) and (t.hour, t.minute) == (0, 0) for t in times)
+
+
+
+@pytest.mark.parametrize("zone", ["America/New_York", "Asia/Kolkata"])
+def test_elapses_follow_the_machines_time_zone_as_systemds_timers_do(monkeypatch, zone):
+    monkeypatch.setenv("TZ", zone)
+    times = calendar.elapses("daily", 3)
+    assert all(t.utcoffset() == timedelta(0) and t.astimezone(ZoneInfo(zone)).time() == time(0, 0) for t in times)
+    assert calendar.interval("*:0/15") == timedelta(minutes=15)
 
 
 @pytest.mark.parametrize("expression, reason", [
