@@ -39,7 +39,7 @@ class Context:
     def engine(self, recover: bool = True) -> Engine:
         """The engine; first, whatever an interrupted quiesce window left paused is
         resumed (every command does it, so nothing waits for an explicit recover;
-        a dry run changes nothing, and does not)."""
+        but a dry run, which changes nothing)."""
         if self._engine is None:
             self._engine = Engine(self.config())
             if recover:
@@ -284,8 +284,8 @@ def umount(c: Context, mountpoint):
 @pass_ctx
 def recover(c: Context, boot):
     """Resume whatever an interrupted quiesce window left paused (also done by every
-    other command, and at boot)."""
-    told = c.engine(recover=False).recover(boot)
+    other command, and at boot); also try again what a recovery could not resume."""
+    told = c.engine(recover=False).recover(boot, asked=not boot)
     # A window's end changes no volume's snapshots: they are published as recorded.
     unpublished = _shown(c, lambda: {"recovered": told}, "\n".join(told) or "nothing to recover", [] if told else None)
     if unpublished:

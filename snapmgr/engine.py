@@ -39,6 +39,9 @@ from snapmgr.schema import did_you_mean
 log = logging.getLogger(__name__)
 DEFAULT_TAG = "manual"
 RECOVERY_ATTEMPTS = 3   # tries to resume an interrupted window whose undo steps fail
+# Between the tries later runs make: a `post` whose daemon is not up yet at boot fails for
+# every command run meanwhile.
+RETRY_AFTER = timedelta(minutes=5)
 PRE_ROLLBACK_TAG = "pre-rollback"
 
 
@@ -72,6 +75,7 @@ class VolumeStatus:
     min_free: MinFree | None = None
     runs: tuple[RunRecord, ...] = ()      # per action, the latest run of each status
     last_window: WindowRecord | None = None
+    unresumed_window: WindowRecord | None = None   # the latest not fully resumed, whatever came after
     observed_at: datetime | None = None   # when the snapshots were listed, if not now (status(live=False))
 
 
@@ -279,7 +283,8 @@ class Engine:
         journal = self.journal
         common = {"history": journal.history(volume.name), "space": listing.space,
                   "space_problem": listing.space_problem, "min_free": volume.min_free, "observed_at": listing.at,
-                  "runs": tuple(journal.last_runs(volume.name)), "last_window": journal.last_window(volume.name)}
+                  "runs": tuple(journal.last_runs(volume.name)), "last_window": journal.last_window(volume.name),
+                  "unresumed_window": journal.unresumed_window(volume.name)}
         snapshots = listing.snapshots
         if snapshots is None:
             return VolumeStatus(volume.name, volume.backend, None, None, problem=listing.problem, **common)
@@ -353,27 +358,36 @@ class Engine:
         self.journal.verified(str(snapshot.id), started, done.result, done.stats and done.stats.entries, detail)
         return done
 
-    def recover(self, boot: bool = False) -> list[str]:
+    def recover(self, boot: bool = False, asked: bool = False) -> list[str]:
         """Resume what interrupted quiesce windows left paused, and tell, once, of each
         window that its snapmgr did not close itself: one line per window. Whether the
         machine restarted since is told per window by the boot it was opened in. `boot`:
         run by snapmgr-recover.service, before the paused units: their starts are queued,
-        not waited for. An undo action that fails is tried again by the next runs, up to
-        RECOVERY_ATTEMPTS tries in all (a `post` whose daemon is not up yet at boot), and
-        alone: the actions done are marked in the window's plan, for repeating them could
-        start a unit stopped since, or thaw what another window froze."""
+        not waited for. An undo action that fails is tried again, alone (the actions done
+        are marked in the window's plan: repeating them could start a unit stopped since,
+        or thaw what another window froze): by a later run RETRY_AFTER after the last try
+        at the soonest, or at the next boot, up to RECOVERY_ATTEMPTS tries in all; and
+        whenever `asked` (`snapmgr recover`), also after the window's recovery failed."""
         told = []
-        for w in self.journal.unsettled_windows():
-            if w.status == "open":
+        now = datetime.now(timezone.utc)
+        for w in self.journal.unsettled_windows(failed=asked):
+            if w.status in ("open", "recovery-failed"):
+                if w.attempts and not (boot or asked) and now - w.tried_at < RETRY_AFTER:
+                    continue
                 try:
                     with ExitStack() as locks:
                         for volume in sorted(w.volumes):
                             locks.enter_context(volume_lock(self.config.settings.run_dir, volume, 0))
-                        done, failed = perform_all(list(reversed(w.plan)), False,
-                                                   undo.restarted_since(w.boot_id, w.started, boot), queue=boot)
+                        w = self.journal.window(w.id)   # as it stands now that no other run can change it
+                        if w.status not in ("open", "recovery-failed"):
+                            continue   # another run ended it, and told of it
+                        # A window of an older snapmgr has no boot id: as the caller says.
+                        current = procfs.boot_id()
+                        restarted = w.boot_id != current if w.boot_id and current else boot
+                        lines, failed = perform_all(list(reversed(w.plan)), False, restarted, queue=boot)
                 except LockBusy:
                     continue  # its snapmgr, or its watchdog, is still at work
-                detail = self._recovered(w, done, failed)
+                detail = self._record_try(w, lines, failed)
             else:
                 detail = w.detail or w.status
             told.append(f"the quiesce window of {', '.join(w.volumes)} opened by pid {w.pid} at "
@@ -381,21 +395,19 @@ class Engine:
             self.journal.window_reported(w.id)
         return told
 
-    def _recovered(self, w: StoredWindow, done: list[str], failed: int) -> str:
+    def _record_try(self, w: StoredWindow, lines: list[str], failed: int) -> str:
         """Record how a try to resume the window went; say how."""
-        detail = "; ".join(done) or "nothing was left to resume"
         attempts = w.attempts + 1
+        done = "; ".join(lines) or "nothing was left to resume"
         if not failed:
-            detail = f"recovered now: {detail}"
-            self.journal.window_ended(w.id, "recovered", detail)
-        elif attempts < RECOVERY_ATTEMPTS:
-            detail = (f"tried to recover it now (try {attempts} of {RECOVERY_ATTEMPTS}): {detail}; "
-                      f"the next run tries the failed steps again")
-            self.journal.window_still_open(w.id, w.plan, attempts, detail)
+            status, detail = "recovered", f"recovered now: {done}"
+        elif attempts < RECOVERY_ATTEMPTS and w.status == "open":
+            status, detail = "open", (f"tried to recover it now (try {attempts} of {RECOVERY_ATTEMPTS}): {done}; "
+                                      f"a later run tries the failed steps again")
         else:
-            detail = (f"recovery failed {attempts} times, the last now: {detail}; "
-                      f"resume what failed by hand")
-            self.journal.window_ended(w.id, "recovery-failed", detail)
+            status, detail = "recovery-failed", (f"recovery failed {attempts} times, the last now: {done}; resume "
+                                                 f"what failed by hand, or run snapmgr recover once it can succeed")
+        self.journal.window_tried(w.id, w.plan, attempts, status, detail)
         return detail
 
     # One volume -------------------------------------------------------------------------
@@ -558,7 +570,7 @@ class Engine:
                     pass
                 elif unresumed:
                     undo.mark_done(plan, unresumed)
-                    self.journal.window_still_open(window_id, plan, 1, detail, r.grade, r.quiesce_s, r.freeze_s)
+                    self.journal.window_tried(window_id, plan, 1, "open", detail, r.grade, r.quiesce_s, r.freeze_s)
                 else:
                     self.journal.window_ended(window_id, "closed", detail, r.grade, r.quiesce_s, r.freeze_s)
         finally:

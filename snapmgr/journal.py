@@ -184,6 +184,7 @@ class Window:
     detail: str | None
     boot_id: str | None = None    # of the boot it was opened in; None: unknown (an older snapmgr's window)
     attempts: int = 0             # tries to resume it that failed in part
+    tried_at: datetime | None = None   # when the last of them was
 
 
 class Run:
@@ -289,11 +290,21 @@ class Journal:
 
     def last_window(self, volume: str) -> WindowRecord | None:
         """The latest quiesce window the volume was snapshotted in."""
+        return self._last_window(volume, "1")
+
+    def unresumed_window(self, volume: str) -> WindowRecord | None:
+        """The latest of the volume's windows not fully resumed, whatever came after it:
+        an undo action failed, to be tried again, or its recovery was given up."""
+        return self._last_window(volume, "w.status = 'recovery-failed' OR (w.status = 'open' AND "
+                                         "coalesce(json_extract(w.plan, '$.attempts'), 0) > 0)")
+
+    def _last_window(self, volume: str, condition: str) -> WindowRecord | None:
         with self._guard():
             row = self._connection().execute(
                 "SELECT w.started, w.ended, w.status, w.detail, w.quiesce_s, w.freeze_s, "
                 "coalesce(json_extract(w.plan, '$.attempts'), 0) FROM windows w, "
-                "json_each(w.volumes) v WHERE v.value = ? ORDER BY w.id DESC LIMIT 1", (volume,)).fetchone()
+                f"json_each(w.volumes) v WHERE v.value = ? AND ({condition}) ORDER BY w.id DESC LIMIT 1",
+                (volume,)).fetchone()
         return row and WindowRecord(_parse(row[0]), _parse(row[1]), *row[2:])
 
     def observations(self) -> dict[str, tuple[datetime, str]]:
@@ -356,17 +367,20 @@ class Journal:
                         "reported = ? WHERE id = ? AND status = 'open'",
                         (_now(), status, detail, grade, quiesce_s, freeze_s, int(status == "closed"), window_id))
 
-    def window_still_open(self, window_id: int | None, steps: list, attempts: int, detail: str,
-                          grade: str | None = None, quiesce_s: float | None = None,
-                          freeze_s: float | None = None) -> None:
-        """An undo step failed: the window stays open, its plan marked with the actions
-        done, for the next run to try the others again; `attempts` so far."""
+    def window_tried(self, window_id: int | None, steps: list, attempts: int, status: str, detail: str | None,
+                     grade: str | None = None, quiesce_s: float | None = None, freeze_s: float | None = None) -> None:
+        """A try to resume the window: its plan marked with the undo actions done, the
+        tries so far, and how it stands now: `open` (an action failed, a later run tries
+        it again), `recovered` or `recovery-failed`."""
         if window_id is not None:
             self._write("UPDATE windows SET plan = json_set(CASE json_type(plan) WHEN 'array' THEN "
-                        "json_object('boot_id', NULL) ELSE plan END, '$.steps', json(?), '$.attempts', ?), "
-                        "detail = ?, grade = coalesce(?, grade), quiesce_s = coalesce(?, quiesce_s), "
-                        "freeze_s = coalesce(?, freeze_s), reported = 0 WHERE id = ? AND status = 'open'",
-                        (json.dumps(steps), attempts, detail, grade, quiesce_s, freeze_s, window_id))
+                        "json_object('boot_id', NULL) ELSE plan END, '$.steps', json(?), '$.attempts', ?, "
+                        "'$.tried_at', ?), status = ?, ended = CASE ? WHEN 'open' THEN NULL ELSE ? END, detail = ?, "
+                        "grade = coalesce(?, grade), quiesce_s = coalesce(?, quiesce_s), "
+                        "freeze_s = coalesce(?, freeze_s), reported = 0 "
+                        "WHERE id = ? AND status IN ('open', 'recovery-failed')",
+                        (json.dumps(steps), attempts, _now(), status, status, _now(), detail, grade, quiesce_s,
+                         freeze_s, window_id))
 
     def observed(self, volume: str, at: datetime, listing: dict) -> None:
         """What listing the volume's snapshots at `at` showed. It replaces what was seen
@@ -379,20 +393,27 @@ class Journal:
     def window_reported(self, window_id: int) -> None:
         self._write("UPDATE windows SET reported = 1 WHERE id = ?", (window_id,))
 
-    def unsettled_windows(self) -> list[Window]:
+    def unsettled_windows(self, failed: bool = False) -> list[Window]:
         """Windows left open, and those the watchdog or a recovery ended that no run has
-        told of yet."""
+        told of yet; `failed`: also those whose recovery failed."""
+        return self._windows("status = 'open' OR reported = 0" + (" OR status = 'recovery-failed'" if failed else ""))
+
+    def window(self, window_id: int) -> Window | None:
+        """The window as it stands now."""
+        return next(iter(self._windows("id = ?", (window_id,))), None)
+
+    def _windows(self, where: str, args: tuple = ()) -> list[Window]:
         with self._guard():
             rows = self._connection().execute(
-                "SELECT id, volumes, pid, started, status, plan, detail FROM windows "
-                "WHERE status = 'open' OR reported = 0 ORDER BY id").fetchall()
+                f"SELECT id, volumes, pid, started, status, plan, detail FROM windows WHERE {where} ORDER BY id",
+                args).fetchall()
         windows = []
         for i, v, pid, started, status, plan, detail in rows:
             stored = json.loads(plan)   # a plain list of steps before boot ids were kept
             if isinstance(stored, list):
                 stored = {"steps": stored, "boot_id": None}
             windows.append(Window(i, tuple(json.loads(v)), pid, _parse(started), status, stored["steps"], detail,
-                                  stored["boot_id"], stored.get("attempts", 0)))
+                                  stored["boot_id"], stored.get("attempts", 0), _parse(stored.get("tried_at"))))
         return windows
 
     def _finish(self, run_id: int | None, status: str, error: str | None) -> None:

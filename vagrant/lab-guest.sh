@@ -20,7 +20,7 @@ if [ -e "$results/status-before-reboot" ]; then
     "${command[@]}" 2>&1 | tee "$results/output-after-reboot.log"
     after=${PIPESTATUS[0]}
     before=$(cat "$results/status-before-reboot")
-    echo $((before != 0 ? before : after)) >"$results/status"
+    if [ "$before" = 0 ]; then echo "$after"; else echo "${before:-1}"; fi >"$results/status"
     sync
     exit 0
 fi

@@ -39,6 +39,7 @@ ROOT_OVERLAY = "root.qcow2"
 # Left in the results share by a test that needs the guest restarted (tests/lab/test_reboot.py):
 # the command the guest runs after the reboot. lab-guest.sh knows the same name.
 REBOOT_REQUEST = "after-reboot"
+BEFORE_REBOOT = "status-before-reboot"   # the first part's status, written before the reboot
 
 
 def guest_command(job: str, args: list[str]) -> list[str]:
@@ -159,14 +160,16 @@ def boot(image: Image, accel: str, results: Path, timeout: float) -> None:
         scratch = Path(scratch)
         # The guest writes to an overlay of its own: the cached image stays clean, and a
         # second boot finds what the first wrote.
-        sh.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", image.rootfs, scratch / ROOT_OVERLAY],
+        sh.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", image.rootfs.resolve(),
+                scratch / ROOT_OVERLAY],
                timeout=60)
         for serial, size in SCRATCH_DISKS.items():
             with open(scratch / f"{serial}.img", "wb") as disk:
                 disk.truncate(size)
         argv = qemu_argv(image, accel, scratch, results)
         run_guest(argv, results / "console.log", deadline - time.monotonic())
-        if (results / REBOOT_REQUEST).exists() and not (results / "status").exists():
+        # Only once the first part has ended: a guest that died on its way gets no second boot.
+        if (results / REBOOT_REQUEST).exists() and (results / BEFORE_REBOOT).exists():
             say("a test asked for a reboot: booting the guest again on the same disks")
             run_guest(argv, results / "console.log", deadline - time.monotonic(), append=True)
 

@@ -194,19 +194,22 @@ def _runs(runs: tuple[RunRecord, ...], alive: Callable[[RunRecord], bool]) -> li
 
 def _window(s: VolumeStatus) -> list[Finding]:
     """A window cut short by the watchdog, or resumed by a later run after its own died,
-    or not fully resumed yet, until a snapshot run started after it succeeds."""
+    until a snapshot run started after its end succeeds; and a window not fully resumed
+    (an undo action failed, or its recovery was given up), whatever came after it."""
+    found = []
     w = s.last_window
-    how = {"undone": "was cut by the watchdog", "recovered": "was left open by its run, and resumed later",
-           "recovery-failed": "could not be resumed"}.get(w.status) if w else None
-    if w is not None and w.status == "open" and w.attempts:
-        how = "is not fully resumed yet"
-    if how is None:
-        return []
+    how = {"undone": "was cut by the watchdog",
+           "recovered": "was left open by its run, and resumed later"}.get(w.status) if w else None
     ok = next((r for r in s.runs if r.action == "snapshot" and r.status == "ok"), None)
-    if w.ended and ok is not None and ok.started > w.ended:
-        return []
-    return [Finding(CRITICAL, f"the quiesce window opened at {stamp(w.started)} {how}"
-                              + (f": {w.detail}" if w.detail else ""))]
+    if how and not (ok is not None and ok.started > w.ended):
+        found.append(Finding(CRITICAL, f"the quiesce window opened at {stamp(w.started)} {how}"
+                                       + (f": {w.detail}" if w.detail else "")))
+    u = s.unresumed_window
+    if u is not None:
+        how = "could not be resumed" if u.status == "recovery-failed" else "is not fully resumed yet"
+        found.append(Finding(CRITICAL, f"the quiesce window opened at {stamp(u.started)} {how}"
+                                       + (f": {u.detail}" if u.detail else "")))
+    return found
 
 
 def _age(s: VolumeStatus, ages: Ages, now: datetime) -> list[Finding]:

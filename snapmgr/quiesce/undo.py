@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import os
 import shlex
-from datetime import datetime
 from pathlib import Path
 from typing import Collection, Mapping, Sequence
 
-from snapmgr import procfs, sh
+from snapmgr import sh
 from snapmgr.quiesce.freezing import thaw
 
 
@@ -41,18 +40,6 @@ def mark_done(steps: list[dict], pending: Collection[int]) -> None:
     for i, step in enumerate(steps):
         for action in step["undo"]:
             action["done"] = i not in pending
-
-
-def restarted_since(opened_boot: str | None, opened: datetime, unknown: bool) -> bool:
-    """Whether the machine restarted since a window opened at `opened` under boot id
-    `opened_boot`: a window opened under another boot id was interrupted by a restart.
-    An older snapmgr kept no boot id: then by the time of this boot, which a clock
-    stepped since could mislead; `unknown` when even that cannot be read."""
-    current = procfs.boot_id()
-    if opened_boot and current:
-        return opened_boot != current
-    booted = procfs.boot_time()
-    return unknown if booted is None else opened.timestamp() < booted
 
 
 def perform(action: dict, inherited_fds: bool, restarted: bool = False, queue: bool = False) -> str:

@@ -125,8 +125,8 @@ def main() -> int:
             return 0
     pending = [i for i in reversed(started) if i not in resumed]
     undo.mark_done(steps, pending)   # the others were resumed by snapmgr, or never paused
-    done, failed = perform_all([steps[i] for i in pending], inherited_fds=True)
-    _report(plan, reason, done, failed)
+    lines, failed = perform_all([steps[i] for i in pending], inherited_fds=True)
+    _report(plan, reason, lines, failed)
     return 0
 
 
@@ -134,19 +134,19 @@ def perform_all(steps: list[dict], inherited_fds: bool, restarted: bool = False,
                 queue: bool = False) -> tuple[list[str], int]:
     """Every undo action of the steps not done yet, in order; a failure is noted and the
     rest go on. Each action done is marked so in its step ("done"), so that a later try
-    repeats only what failed. What was done, and how many actions failed."""
-    done, failed = [], 0
+    repeats only what failed. A line for each action, and how many failed."""
+    lines, failed = [], 0
     for step in steps:
         for action in step["undo"]:
             if action.get("done"):
                 continue
             try:
-                done.append(f"{step['name']}: {undo.perform(action, inherited_fds, restarted, queue)}")
+                lines.append(f"{step['name']}: {undo.perform(action, inherited_fds, restarted, queue)}")
                 action["done"] = True
             except (SnapmgrError, OSError) as e:
-                done.append(f"{step['name']}: FAILED: {e}")
+                lines.append(f"{step['name']}: FAILED: {e}")
                 failed += 1
-    return done, failed
+    return lines, failed
 
 
 def _kill_and_wait(pid: int, lines: _Lines) -> None:
@@ -161,16 +161,16 @@ def _kill_and_wait(pid: int, lines: _Lines) -> None:
         pass
 
 
-def _report(plan: dict, reason: str, done: list[str], failed: int) -> None:
-    summary = f"quiesce watchdog: {reason}; " + ("; ".join(done) if done else "nothing was left to resume")
+def _report(plan: dict, reason: str, lines: list[str], failed: int) -> None:
+    summary = f"quiesce watchdog: {reason}; " + ("; ".join(lines) if lines else "nothing was left to resume")
     try:
         os.write(sys.stderr.fileno(), f"snapmgr: WARNING: {one_line(summary)}\n".encode())
     except OSError:
         pass  # snapmgr's terminal may be gone with it
     if plan.get("journal") and plan.get("window") is not None:
         journal = Journal(Path(plan["journal"]))
-        if failed:  # the next run tries the failed actions again
-            journal.window_still_open(plan["window"], plan["steps"], 1, summary)
+        if failed:  # a later run tries the failed actions again
+            journal.window_tried(plan["window"], plan["steps"], 1, "open", summary)
         else:
             journal.window_ended(plan["window"], "undone", summary)
         journal.close()

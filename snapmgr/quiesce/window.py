@@ -142,10 +142,10 @@ class Window:
                     failure = f"{q.name} ({q.kind}): {as_error(e)}"
                     log.error("resuming quiescer %s", failure)
                     self.report.resume_failures.append(failure)
-                    self.report.unresumed.append(i)
+                    self.report.unresumed.append(i)   # the watchdog, if it must act, tries it too
                 else:
                     self.report.records[q.name] = q.record()
-                watchdog.tell(resumed=i)
+                    watchdog.tell(resumed=i)
         except BaseException as e:
             watchdog.abandon(f"snapmgr failed while resuming: {e!r}")
             raise

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -326,42 +327,56 @@ def failing_post(ready: Path, posted: Path) -> list[str]:
                                   f"open({str(posted)!r}, 'a').write('posted\\n')"]
 
 
-def test_a_failed_undo_step_is_tried_again_alone_by_the_next_runs(ws):
+def as_if_tried_long_ago(ws) -> None:
+    """The last try of every window as a later run sees it once RETRY_AFTER has passed."""
+    with sqlite3.connect(ws.root / "state" / "journal.db") as db:
+        db.execute("UPDATE windows SET plan = json_set(plan, '$.tried_at', '2000-01-01T00:00:00+00:00')")
+    db.close()
+
+
+def test_a_failed_undo_step_is_tried_again_alone_by_a_later_run(ws):
     held, ready, posted, db_posted = (ws.root / name for name in ("held", "daemon-up", "posted", "db-posted"))
     ws.write_config({"data": {"backend": "rsync", "source": ws.source, "repository": ws.repo,
                               "quiesce": ["db", "app"]}},
-                    quiesce={"db": {"kind": "command", "pre": ["true"], "post": failing_post(ws.root, db_posted)},
+                    quiesce={"db": {"kind": "command", "pre": ["true"],
+                                    "post": [sys.executable, "-c", f"open({str(db_posted)!r}, 'a').write('posted\\n')"]},
                              "app": {"kind": "command", "pre": held_window_command(held),
                                      "post": failing_post(ready, posted), "max_window": "10min"}})
     lose_the_window(ws, held)
     first = ws.ok("recover", "--boot").stdout
     assert "tried to recover it now (try 1 of 3): app: FAILED: " in first and "db: ran " in first, first
-    assert "the next run tries the failed steps again" in first and not posted.exists()
+    assert "a later run tries the failed steps again" in first and not posted.exists()
     check = ws.run("check")
     assert check.returncode == 2 and "is not fully resumed yet" in check.stdout, check.stdout
-    # A dry run changes nothing, recovery included.
-    ws.ok("snapshot", "--dry-run")
-    assert not posted.exists()
     ready.write_text("")
-    again = ws.ok("list")   # any command recovers first
+    # Neither a dry run (which changes nothing) nor a run soon after the last try tries again...
+    for args in (["snapshot", "--dry-run"], ["list"]):
+        assert "quiesce window" not in ws.ok(*args).stderr and not posted.exists(), args
+    # ...a run once RETRY_AFTER has passed does, the failed step alone.
+    as_if_tried_long_ago(ws)
+    again = ws.ok("list")
     assert "recovered now: app: ran " in again.stderr and "db:" not in again.stderr, again.stderr
-    # The step that had succeeded was not repeated.
     assert posted.read_text() == "posted\n" and db_posted.read_text() == "posted\n"
     assert ws.ok("recover").stdout.strip() == "nothing to recover"
 
 
-def test_a_failed_undo_step_is_given_up_after_three_tries_and_the_check_says_so(ws):
-    held, posted = ws.root / "held", ws.root / "posted"
+def test_a_failed_undo_step_is_given_up_after_three_tries_until_recover_is_asked_again(ws):
+    held, ready, posted = ws.root / "held", ws.root / "daemon-up", ws.root / "posted"
     ws.write_config({"data": {"backend": "rsync", "source": ws.source, "repository": ws.repo, "quiesce": ["app"]}},
                     quiesce={"app": {"kind": "command", "pre": held_window_command(held),
-                                     "post": failing_post(ws.root / "never", posted), "max_window": "10min"}})
+                                     "post": failing_post(ready, posted), "max_window": "10min"}})
     lose_the_window(ws, held)
-    told = [ws.ok("recover").stdout for _ in range(3)]
+    told = [ws.ok("recover").stdout for _ in range(3)]   # asked: no wait between tries
     assert "(try 1 of 3)" in told[0] and "(try 2 of 3)" in told[1], told
     assert "recovery failed 3 times, the last now: app: FAILED: " in told[2] and "by hand" in told[2], told
-    assert ws.ok("recover").stdout.strip() == "nothing to recover" and not posted.exists()
+    as_if_tried_long_ago(ws)
+    assert "quiesce window" not in ws.ok("list").stderr and not posted.exists()   # given up
     check = ws.run("check")
     assert check.returncode == 2 and "could not be resumed: recovery failed 3 times" in check.stdout, check.stdout
+    ready.write_text("")
+    assert "recovered now: app: ran " in ws.ok("recover").stdout and posted.exists()
+    check = ws.run("check")
+    assert "could not be resumed" not in check.stdout and "resumed later" in check.stdout, check.stdout
 
 
 def test_a_resume_that_fails_in_the_run_is_tried_again_by_the_next(ws):
@@ -393,3 +408,22 @@ def test_an_undo_step_that_fails_in_the_watchdog_is_tried_again_by_the_next_run(
     ready.write_text("")
     again = ws.ok("recover").stdout
     assert "tried" not in again and "recovered now: app: ran " in again and posted.exists(), again
+
+
+def test_a_resume_that_failed_before_the_run_was_killed_is_tried_by_the_watchdog_and_later_runs(ws):
+    ready, posted, killed, a_posted = (ws.root / name for name in ("b-up", "b-posted", "killed", "a-posted"))
+    # Resumed in reverse: b's post fails, then a's kills snapmgr (its parent) the first time.
+    a_post = [sys.executable, "-c", f"import os, signal, sys\nif not os.path.exists({str(killed)!r}):\n"
+                                    f"    open({str(killed)!r}, 'w'); os.kill(os.getppid(), signal.SIGKILL); sys.exit(1)\n"
+                                    f"open({str(a_posted)!r}, 'a').write('posted\\n')"]
+    ws.write_config({"data": {"backend": "rsync", "source": ws.source, "repository": ws.repo, "quiesce": ["a", "b"]}},
+                    quiesce={"a": {"kind": "command", "pre": ["true"], "post": a_post},
+                             "b": {"kind": "command", "pre": ["true"], "post": failing_post(ready, posted)}})
+    assert ws.run("snapshot").returncode == -signal.SIGKILL
+    # The watchdog ran both posts: a's, which snapmgr had not finished, and b's, which failed.
+    wait_for(lambda: "is not fully resumed yet" in ws.run("check").stdout, timeout=30, what="the watchdog's account")
+    assert a_posted.read_text() == "posted\n" and not posted.exists()
+    ready.write_text("")
+    again = ws.ok("recover").stdout
+    assert "recovered now: b: ran " in again and "a:" not in again, again
+    assert posted.read_text() == "posted\n" and a_posted.read_text() == "posted\n"

@@ -263,7 +263,7 @@ def test_a_window_keeps_the_boot_it_was_opened_in_and_an_older_window_reads_with
     j.close()
 
 
-def test_a_window_still_open_keeps_its_marked_plan_and_tries_also_for_an_older_windows_plain_list(tmp_path):
+def test_a_try_keeps_the_marked_plan_also_of_an_older_windows_plain_list_and_the_unresumed_stay_found(tmp_path):
     j = Journal(tmp_path / "journal.db")
     plan = [{"name": "app", "undo": [{"run": ["true"], "env": {}, "timeout": 5}]}]
     new = j.window_opened(["data"], None, 123, plan, "0f5c2a7e-boot")
@@ -272,12 +272,23 @@ def test_a_window_still_open_keeps_its_marked_plan_and_tries_also_for_an_older_w
                         "('[\"old\"]', NULL, 7, '2026-01-01T00:00:00+00:00', 'open', ?)", (json.dumps(plan),)).lastrowid
     c.close()
     marked = [{"name": "app", "undo": [{"run": ["true"], "env": {}, "timeout": 5, "done": True}]}]
-    j.window_still_open(new, marked, 1, "app: FAILED: no", grade="application", quiesce_s=0.5)
-    j.window_still_open(old, marked, 2, "app: FAILED: no")
-    first, second = j.unsettled_windows()
-    assert (first.plan, first.attempts, first.boot_id, first.status, first.detail) == \
-        (marked, 1, "0f5c2a7e-boot", "open", "app: FAILED: no")
-    assert (second.plan, second.attempts, second.boot_id) == (marked, 2, None)
-    last = j.last_window("data")
-    assert (last.status, last.attempts, last.quiesce_s, last.ended) == ("open", 1, 0.5, None)
+    j.window_tried(new, marked, 1, "open", "app: FAILED: no", grade="application", quiesce_s=0.5)
+    j.window_tried(old, marked, 3, "recovery-failed", "given up")
+    assert [w.id for w in j.unsettled_windows()] == [new, old]   # each try is told once
+    j.window_reported(old)
+    [first] = j.unsettled_windows()
+    assert (first.plan, first.attempts, first.boot_id, first.status, first.detail, first.tried_at is not None) == \
+        (marked, 1, "0f5c2a7e-boot", "open", "app: FAILED: no", True)
+    second = j.window(old)
+    assert (second.plan, second.attempts, second.boot_id, second.status) == (marked, 3, None, "recovery-failed")
+    assert [w.id for w in j.unsettled_windows(failed=True)] == [new, old]
+    # A later window of the volume that closed cleanly hides neither.
+    later = j.window_opened(["data"], None, 124, plan, "0f5c2a7e-boot")
+    j.window_ended(later, "closed", None)
+    assert j.last_window("data").status == "closed"
+    unresumed = j.unresumed_window("data")
+    assert (unresumed.status, unresumed.attempts, unresumed.quiesce_s, unresumed.ended) == ("open", 1, 0.5, None)
+    assert j.unresumed_window("old").status == "recovery-failed"
+    j.window_tried(new, plan, 2, "recovered", "recovered now")
+    assert j.unresumed_window("data") is None and j.window(new).status == "recovered"
     j.close()

@@ -129,11 +129,13 @@ def window(status: str, minutes_ago: float, attempts: int = 0) -> WindowRecord:
     ({"last_window": window("undone", 20), "runs": (run("snapshot", "ok", 10),)}, True, None, []),
     ({"last_window": window("closed", 20)}, True, None, []),
     ({"last_window": window("open", 1)}, True, None, []),
-    # Not fully resumed: a later snapshot that succeeded says nothing of the failed step.
-    ({"last_window": window("open", 20, attempts=2), "runs": (run("snapshot", "ok", 10),)}, True, None,
+    # Not fully resumed: a later window, or a later snapshot that succeeded, says nothing of
+    # the failed step.
+    ({"unresumed_window": window("open", 20, attempts=2), "last_window": window("closed", 5),
+      "runs": (run("snapshot", "ok", 10),)}, True, None,
      [(CRITICAL, "the quiesce window opened at 2026-11-24 11:40:00 UTC is not fully resumed yet: the watchdog")]),
-    ({"last_window": window("recovery-failed", 20)}, True, None, [(CRITICAL, "could not be resumed: ")]),
-    ({"last_window": window("recovery-failed", 20), "runs": (run("snapshot", "ok", 10),)}, True, None, []),
+    ({"unresumed_window": window("recovery-failed", 20), "runs": (run("snapshot", "ok", 10),)}, True, None,
+     [(CRITICAL, "could not be resumed: ")]),
     ({"newest": replace(GOOD, record={"grade": "degraded", "degraded": ["cache (redis): refused"]})}, True, None,
      [(WARNING, "the newest snapshot data@20261124T113000Z is degraded: cache (redis): refused")]),
 ])
