@@ -70,6 +70,15 @@ def show(host, unit: str, prop: str) -> str:
     return sh(host, "systemctl", "show", f"--property={prop}", "--value", unit).strip()
 
 
+def await_a_failed_run(host, schedule: str, timeout: float) -> None:
+    """Wait for a run of the schedule's service to fail, then stop its timer, so that no new
+    run starts while the test looks at that one."""
+    service = f"snapmgr-{schedule}.service"
+    wait_for(lambda: show(host, service, "Result") == "exit-code", timeout=timeout, what=f"a failed run of {service}")
+    sh(host, "systemctl", "stop", f"snapmgr-{schedule}.timer")
+    wait_for(lambda: show(host, service, "ActiveState") == "failed", timeout=60, what="the run to end")
+
+
 def ours(name: str) -> bool:
     """snapmgr's units; not the lab's own (snapmgr-lab.service runs these tests) nor
     the tests' services."""
@@ -169,11 +178,7 @@ def test_a_failing_run_shows_in_systemctl_status_and_in_snapmgr_status(host, ws,
                                 "retention": "default", "quiesce": ["gate"]}},
               quiesce={"gate": {"kind": "command", "pre": ["/bin/false"]}})
     ws.ok("systemd", "install")
-    wait_for(lambda: show(host, "snapmgr-fast.service", "Result") == "exit-code", timeout=60,
-             what="a failed run of snapmgr-fast.service")
-    sh(host, "systemctl", "stop", "snapmgr-fast.timer")   # no new run while it is looked at
-    wait_for(lambda: show(host, "snapmgr-fast.service", "ActiveState") == "failed", timeout=60,
-             what="the run to end")
+    await_a_failed_run(host, "fast", timeout=60)
     out = run(host, "systemctl status snapmgr-fast.service")
     assert out.rc == 3 and "status=1/FAILURE" in out.stdout, out.stdout
     [fast] = ws.ok("--json", "systemd", "status").json()["timers"]
@@ -184,17 +189,12 @@ def test_a_failing_run_shows_in_systemctl_status_and_in_snapmgr_status(host, ws,
     assert ws.snapshots() == []
 
 
-
 def test_a_run_finding_its_volume_busy_says_so_in_the_journal_and_fails_when_its_timer_fires_again(host, ws,
                                                                                                    installed):
     configure(ws, {"fast": {"on_calendar": "*:*:0/10", "accuracy": "1s", "volumes": ["data"]}})
     with volume_lock(ws.root / "run", "data", 0):   # as a long manual snapshot would
         ws.ok("systemd", "install")
-        wait_for(lambda: show(host, "snapmgr-fast.service", "Result") == "exit-code", timeout=90,
-                 what="a run of snapmgr-fast.service that gave up")
-        sh(host, "systemctl", "stop", "snapmgr-fast.timer")   # no new run while it is looked at
-        wait_for(lambda: show(host, "snapmgr-fast.service", "ActiveState") == "failed", timeout=60,
-                 what="the run to end")
+        await_a_failed_run(host, "fast", timeout=90)
     told = run(host, "journalctl --no-pager --output=cat -u snapmgr-fast.service").stdout
     assert (f"snapmgr: WARNING: volume data is busy: another snapmgr run (pid {os.getpid()}) holds "
             f"{ws.root}/run/locks/data.lock; waiting for it up to ") in told, told
