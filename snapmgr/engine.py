@@ -219,7 +219,12 @@ class Engine:
         """The backend's snapshots, with their records."""
         backend = self.backend(volume)
         records = self._records(backend)
-        return [replace(s, record=records.read(s.id)) for s in backend.list()]
+        listed = [replace(s, record=records.read(s.id)) for s in backend.list()]
+        if any(s.record is None for s in listed):
+            # A delete removes the snapshot, then its record: one gone meanwhile is not shown.
+            still = {s.id for s in backend.list()}
+            listed = [s for s in listed if s.id in still]
+        return listed
 
     def _records(self, backend: Backend) -> Records:
         return Records(backend.records_dir(self.config.settings.state_dir))

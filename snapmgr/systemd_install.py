@@ -211,7 +211,11 @@ def _stop_and_disable(units: list[str]) -> None:
     in `systemctl --failed`."""
     templates = [u for u in units if "@." in u]
     running = [u for u in units if u not in templates]
-    _systemctl_each("disable", "--now", units=running)
+    timers = [u for u in running if u.endswith(".timer")]
+    # The timers first: one elapsing while its service is stopped in the same call would
+    # queue a start that cancels the stop ("Job ... canceled", and systemctl fails).
+    _systemctl_each("disable", "--now", units=timers)
+    _systemctl_each("disable", "--now", units=[u for u in running if u not in timers])
     _systemctl_each("disable", units=templates)
     for unit in running:
         sh.run(["systemctl", "reset-failed", "--", unit], timeout=TIMEOUT, check=False, holds_locks=False)

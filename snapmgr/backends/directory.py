@@ -111,6 +111,8 @@ class DirectoryBackend(Backend):
     def list(self) -> list[Snapshot]:
         snapshots = []
         for sid, path in self._snapshot_dirs():
+            if not self._sidecar(sid).exists() and not os.path.lexists(path):
+                continue   # deleted since the directory was read: the sidecar goes after the data
             meta = self._read_sidecar(sid)
             tags = frozenset(meta["tags"]) if meta else frozenset()
             snapshots.append(Snapshot(sid, path, tags, meta or {}, meta_readable=meta is not None))
