@@ -16,8 +16,8 @@ PROGRAM = "systemd-analyze"
 # schedule reaches (16384 iterations take systemd-analyze about a quarter of a second).
 SPAN = timedelta(days=8)
 FIRST_COUNT, GROWTH, MAX_COUNT = 16, 4, 16384
-# An elapse in the machine's time zone, which systemd's timers keep, then, unless that is
-# UTC, the same in UTC.
+# An elapse in the machine's time zone, which systemd's timers keep, then the same in UTC,
+# a line systemd leaves out when the zone is UTC by any name (UTC, GMT, Atlantic/Reykjavik).
 _ELAPSE_RE = re.compile(r"^\s*(?:Next elapse|Iter\. #\d+): \w+ (\S+ \S+) (\S+)\n"
                         r"(?:\s*\(in UTC\): \w+ (\S+ \S+) UTC\n)?", re.M)
 
@@ -40,7 +40,7 @@ def elapses(expression: str, count: int = 1) -> list[datetime]:
         raise CalendarError(f"{quote(expression)} is not a systemd calendar expression ({reason}; "
                             f"see man systemd.time, e.g. hourly, daily, *:0/15, Mon..Fri 09:00)")
     found = [datetime.fromisoformat(utc or local).replace(tzinfo=timezone.utc)
-             for local, zone, utc in _ELAPSE_RE.findall(done.stdout) if utc or zone == "UTC"]
+             for local, _, utc in _ELAPSE_RE.findall(done.stdout)]
     if not found:
         raise CalendarError(f"{quote(expression)} never elapses again")
     return found

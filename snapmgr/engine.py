@@ -436,7 +436,7 @@ class Engine:
         """The volume's lock, held also by every program run meanwhile, so that no
         program left running by a killed run can race the next one."""
         settings = self.config.settings
-        wait, why = (settings.lock_wait.total_seconds(), "settings.lock_wait") if self._lock_wait is None \
+        wait, why = (settings.lock_wait.total_seconds(), scheduled_wait.LOCK_WAIT) if self._lock_wait is None \
             else self._lock_wait()
         with volume_lock(settings.run_dir, volume.name, wait, why, unattended=self._lock_wait is not None) as fd, \
                 sh.holding(fd):

@@ -101,6 +101,7 @@ SCHEMA_VERSION = len(MIGRATIONS)
 # read: the later migrations only add columns of runs it does without, as it does in the
 # rows an older snapmgr wrote. The next run as root migrates the journal.
 READABLE_FROM = 4
+RUN_IDENTITY_SINCE = 5   # the schema from which runs keep their process's boot id and start ticks
 MAX_DETAIL = 100  # problems of one verify kept in the journal; the count is kept whole
 FULL_BELOW = 1 << 20  # free bytes under which a write error is most likely the full disk
 # SQLite's primary result codes that mean "not now" or "not here" rather than damage.
@@ -274,7 +275,7 @@ class Journal:
         """Per action, the latest run of each status (running, ok, failed), oldest first."""
         with self._guard():
             db = self._connection()
-            identity = "boot_id, start_ticks" if self._version >= 5 else "NULL, NULL"   # kept since schema 5
+            identity = "boot_id, start_ticks" if self._version >= RUN_IDENTITY_SINCE else "NULL, NULL"
             rows = db.execute(
                 f"SELECT action, pid, started, ended, status, error, {identity} FROM runs WHERE id IN "
                 "(SELECT max(id) FROM runs WHERE volume = ? GROUP BY action, status) ORDER BY id", (volume,)).fetchall()

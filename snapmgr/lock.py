@@ -28,7 +28,8 @@ from snapmgr.model import span
 
 log = logging.getLogger(__name__)
 POLL_S = 0.1
-REPORT_EVERY_S = 300.0   # a wait this long is told, and retold this often while it lasts
+REPORT_EVERY_S = 300.0   # a wait this long is told, and retold after as long while it lasts...
+REPORT_AT_MOST_EVERY_S = 3600.0   # ...then after twice as long each time, up to this
 _OPEN = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW
 
 
@@ -93,10 +94,12 @@ def _acquire(fd: int, path: Path, volume: str, wait: float, why: str, unattended
     if told:
         log.warning("volume %s is busy: another snapmgr run (%s) holds %s; waiting for it up to %s%s",
                     volume, _holder(path), path, _length(wait), f" ({why})" if why else "")
+    every = REPORT_EVERY_S
     while True:
         left = max(started + wait - time.monotonic(), 0)
-        if take_within(fd, min(left, REPORT_EVERY_S) if told else left):
+        if take_within(fd, min(left, every) if told else left):
             return
+        every = min(every * 2, REPORT_AT_MOST_EVERY_S)
         waited = time.monotonic() - started
         if waited >= wait:
             raise LockBusy(f"busy: another snapmgr run ({_holder(path)}) holds {path}; "

@@ -7,6 +7,7 @@ or by a resumed VM) enters into it."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
@@ -41,3 +42,14 @@ def boot_time() -> int | None:
             return next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
     except (OSError, StopIteration, ValueError, IndexError):
         return None
+
+
+def running_for(pid: int) -> float | None:
+    """How many seconds ago process `pid` started; None when /proc does not tell."""
+    ticks = start_ticks(pid)
+    try:
+        with open("/proc/uptime", "rb") as f:
+            uptime = float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None if ticks is None else max(uptime - ticks / os.sysconf("SC_CLK_TCK"), 0.0)

@@ -32,17 +32,24 @@ def running(pid: int, began: datetime, boot_id: str | None, ticks: int | None) -
     current = procfs.boot_id() if identified else None
     if current is not None and boot_id != current:
         return False   # the machine restarted since
+    if not _exists(pid):
+        return False
+    # /proc not telling: hidden from this user, or gone since the signal (asked again).
+    if identified:
+        now = procfs.start_ticks(pid)
+        return now == ticks if now is not None else _exists(pid)
+    since = started(pid)
+    return since <= began + SLACK if since is not None else _exists(pid)
+
+
+def _exists(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         pass   # it exists, and belongs to another user
-    if identified:
-        now = procfs.start_ticks(pid)
-        return now is None or now == ticks
-    since = started(pid)
-    return since is None or since <= began + SLACK
+    return True
 
 
 def started(pid: int) -> datetime | None:

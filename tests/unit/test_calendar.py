@@ -28,8 +28,8 @@ def test_elapses_are_in_order_and_utc(monkeypatch):
     assert all(t.utcoffset() == timedelta(0) and (t.hour, t.minute) == (0, 0) for t in times)
 
 
-
-@pytest.mark.parametrize("zone", ["America/New_York", "Asia/Kolkata"])
+# Atlantic/Reykjavik is UTC by another name (GMT): systemd prints no "(in UTC)" line then.
+@pytest.mark.parametrize("zone", ["America/New_York", "Asia/Kolkata", "Atlantic/Reykjavik", "Etc/GMT"])
 def test_elapses_follow_the_machines_time_zone_as_systemds_timers_do(monkeypatch, zone):
     monkeypatch.setenv("TZ", zone)
     times = calendar.elapses("daily", 3)

@@ -3,13 +3,14 @@ it will last at most, and again while it lasts. A short wait at a terminal is no
 
 import logging
 import multiprocessing
+import os
 import re
 import time
 from datetime import timedelta
 
 import pytest
 
-from snapmgr import lock, scheduled_wait
+from snapmgr import lock, procfs, scheduled_wait
 from snapmgr.config import Schedule
 from snapmgr.errors import LockBusy
 from snapmgr.lock import volume_lock
@@ -112,8 +113,10 @@ def schedule(on_calendar="hourly", timeout=None):
 
 
 def test_a_schedule_timeout_sets_the_wait_and_lock_wait_is_the_least():
-    assert scheduled_wait.of(schedule(timeout=timedelta(minutes=10)), timedelta(minutes=1))() == \
-        (600, "schedule often's timeout")
+    # Given up before systemd's TimeoutStartSec, counted from the start of this process.
+    seconds, why = scheduled_wait.of(schedule(timeout=timedelta(minutes=10)), timedelta(minutes=1))()
+    assert 590 - procfs.running_for(os.getpid()) - 1 < seconds < 590 - procfs.running_for(os.getpid()) + 1
+    assert why == "schedule often's timeout"
     assert scheduled_wait.of(schedule(timeout=timedelta(seconds=30)), timedelta(minutes=1))() == \
         (60, "settings.lock_wait")
 
@@ -128,3 +131,12 @@ def test_a_run_already_past_its_next_elapse_waits_lock_wait():
     wait = scheduled_wait.of(schedule("*:*:*"), timedelta(seconds=5))   # every second
     time.sleep(1.1)   # past the elapse that followed the run's start
     assert wait() == (5, "settings.lock_wait")
+
+
+def test_a_schedule_whose_next_run_cannot_be_told_still_runs_waiting_lock_wait(monkeypatch, caplog):
+    monkeypatch.setattr(scheduled_wait.calendar, "PROGRAM", "systemd-analyze-not-installed")
+    with caplog.at_level(logging.WARNING):
+        wait = scheduled_wait.of(schedule("hourly"), timedelta(seconds=5))
+    assert wait() == (5, "settings.lock_wait")
+    assert "cannot tell when schedule often runs again (cannot check OnCalendar 'hourly': " \
+           "systemd-analyze-not-installed is not installed" in caplog.text, caplog.text
