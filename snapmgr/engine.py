@@ -376,8 +376,10 @@ class Engine:
         told = []
         now = datetime.now(timezone.utc)
         for w in self.journal.unsettled_windows(failed=asked):
-            if w.status in ("open", "recovery-failed"):
-                if w.attempts and not (boot or asked) and now - w.tried_at < RETRY_AFTER:
+            if w.status == "open" or (asked and w.status == "recovery-failed"):
+                # Not tried yet, or long enough ago (a clock stepped back is no reason to wait).
+                due = not w.attempts or w.tried_at is None or not timedelta(0) <= now - w.tried_at < RETRY_AFTER
+                if not (due or boot or asked):
                     continue
                 try:
                     with ExitStack() as locks:
@@ -410,8 +412,9 @@ class Engine:
             status, detail = "open", (f"tried to recover it now (try {attempts} of {RECOVERY_ATTEMPTS}): {done}; "
                                       f"a later run tries the failed steps again")
         else:
-            status, detail = "recovery-failed", (f"recovery failed {attempts} times, the last now: {done}; resume "
-                                                 f"what failed by hand, or run snapmgr recover once it can succeed")
+            status, detail = "recovery-failed", (f"recovery failed {attempts} times, the last now: {done}; once "
+                                                 f"what failed can succeed (or was resumed by hand), snapmgr recover "
+                                                 f"tries it again and ends the window")
         self.journal.window_tried(w.id, w.plan, attempts, status, detail)
         return detail
 

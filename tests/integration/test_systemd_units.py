@@ -368,7 +368,7 @@ def test_a_failed_undo_step_is_given_up_after_three_tries_until_recover_is_asked
     lose_the_window(ws, held)
     told = [ws.ok("recover").stdout for _ in range(3)]   # asked: no wait between tries
     assert "(try 1 of 3)" in told[0] and "(try 2 of 3)" in told[1], told
-    assert "recovery failed 3 times, the last now: app: FAILED: " in told[2] and "by hand" in told[2], told
+    assert "recovery failed 3 times, the last now: app: FAILED: " in told[2] and "snapmgr recover" in told[2], told
     as_if_tried_long_ago(ws)
     assert "quiesce window" not in ws.ok("list").stderr and not posted.exists()   # given up
     check = ws.run("check")
@@ -427,3 +427,17 @@ def test_a_resume_that_failed_before_the_run_was_killed_is_tried_by_the_watchdog
     again = ws.ok("recover").stdout
     assert "recovered now: b: ran " in again and "a:" not in again, again
     assert posted.read_text() == "posted\n" and a_posted.read_text() == "posted\n"
+
+
+def test_a_window_an_earlier_version_of_the_retries_left_tried_without_a_time_is_tried_by_the_next_run(ws):
+    held, ready, posted = ws.root / "held", ws.root / "daemon-up", ws.root / "posted"
+    ws.write_config({"data": {"backend": "rsync", "source": ws.source, "repository": ws.repo, "quiesce": ["app"]}},
+                    quiesce={"app": {"kind": "command", "pre": held_window_command(held),
+                                     "post": failing_post(ready, posted), "max_window": "10min"}})
+    lose_the_window(ws, held)
+    assert "(try 1 of 3)" in ws.ok("recover").stdout
+    with sqlite3.connect(ws.root / "state" / "journal.db") as db:
+        db.execute("UPDATE windows SET plan = json_remove(plan, '$.tried_at')")
+    db.close()
+    ready.write_text("")
+    assert "recovered now: app: ran " in ws.ok("list").stderr and posted.exists()
