@@ -15,6 +15,7 @@ import os
 import shutil
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -70,11 +71,23 @@ def show(host, unit: str, prop: str) -> str:
     return sh(host, "systemctl", "show", f"--property={prop}", "--value", unit).strip()
 
 
+@contextmanager
+def logged_on_failure(host, unit: str):
+    """A failure inside says what the unit logged."""
+    try:
+        yield
+    except AssertionError as e:
+        log = run(host, f"journalctl --no-pager --output=short-precise -u {unit}").stdout
+        raise AssertionError(f"{e}; {unit} logged:\n{log}") from None
+
+
 def await_a_failed_run(host, schedule: str, timeout: float) -> None:
     """Wait for a run of the schedule's service to fail, then stop its timer, so that no new
     run starts while the test looks at that one."""
     service = f"snapmgr-{schedule}.service"
-    wait_for(lambda: show(host, service, "Result") == "exit-code", timeout=timeout, what=f"a failed run of {service}")
+    with logged_on_failure(host, service):
+        wait_for(lambda: show(host, service, "Result") == "exit-code", timeout=timeout,
+                 what=f"a failed run of {service}")
     sh(host, "systemctl", "stop", f"snapmgr-{schedule}.timer")
     wait_for(lambda: show(host, service, "ActiveState") == "failed", timeout=60, what="the run to end")
 
@@ -158,7 +171,8 @@ def test_a_timer_every_5s_takes_tagged_snapshots_and_prunes_them(host, ws, insta
         seen.update(s["id"] for s in listed)
         assert all(s["tags"] == ["fast"] for s in listed), listed
         return len(seen) >= 3 and len(listed) == 2 and show(host, "snapmgr-fast.service", "ActiveState") != "activating"
-    wait_for(pruned_after_three_runs, timeout=120, what="three timer runs, pruned to keep_last = 2")
+    with logged_on_failure(host, "snapmgr-fast.service"):
+        wait_for(pruned_after_three_runs, timeout=120, what="three timer runs, pruned to keep_last = 2")
     # Every 5s the timer triggers again, and until that run ends systemd has no next
     # elapse for it: status says the run is under way then (it did not, and this failed).
     def between_runs():
