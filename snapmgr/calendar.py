@@ -3,6 +3,7 @@ timer accepts is exactly what systemd accepts, and its next elapses are systemd'
 
 from __future__ import annotations
 
+import os
 import re
 from datetime import datetime, timedelta, timezone
 
@@ -22,6 +23,11 @@ _ELAPSE_RE = re.compile(r"^\s*(?:Next elapse|Iter\. #\d+): \w+ (\S+ \S+) (\S+)\n
                         r"(?:\s*\(in UTC\): \w+ (\S+ \S+) UTC\n)?", re.M)
 
 
+# The zone systemd's timers keep, named so that glibc reads it once: with TZ unset it
+# looks at /etc/localtime again for every time it converts (16384 elapses: 0.24 s, not 0.04 s).
+LOCAL_ZONE = ":/etc/localtime"
+
+
 class CalendarError(SnapmgrError):
     """An expression systemd refuses, or one that never elapses."""
 
@@ -31,7 +37,7 @@ def elapses(expression: str, count: int = 1) -> list[datetime]:
     the machine's time zone as systemd reads it: `daily` is local midnight."""
     try:
         done = sh.run([PROGRAM, "calendar", f"--iterations={count}", "--", expression],
-                      timeout=10, check=False, env={"LC_ALL": "C"})
+                      timeout=10, check=False, env={"LC_ALL": "C", "TZ": os.environ.get("TZ", LOCAL_ZONE)})
     except sh.CommandNotFound:
         raise CalendarError(f"cannot check OnCalendar {quote(expression)}: {PROGRAM} is not installed "
                             f"(Debian: apt install systemd)") from None
