@@ -15,6 +15,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -71,8 +72,8 @@ def show(host, unit: str, prop: str) -> str:
     return sh(host, "systemctl", "show", f"--property={prop}", "--value", unit).strip()
 
 
-def unit_log(host, unit: str) -> str:
-    return run(host, f"journalctl --no-pager --output=short-precise -u {unit}").stdout
+def unit_log(host, unit: str, since: float = 0) -> str:
+    return run(host, f"journalctl --no-pager --output=short-precise --since=@{int(since)} -u {unit}").stdout
 
 
 @contextmanager
@@ -89,12 +90,53 @@ def await_a_failed_run(host, schedule: str, timeout: float) -> None:
     run starts while the test looks at the last one (which fails as well). The failure is
     looked for in the log: a timer that fires again at once leaves the unit's own failed
     state too short a time to be seen."""
-    service = f"snapmgr-{schedule}.service"
+    service, since = f"snapmgr-{schedule}.service", time.time()   # not an earlier test's run
     with logged_on_failure(host, service):
-        wait_for(lambda: f"{service}: Failed with result 'exit-code'" in unit_log(host, service), timeout=timeout,
-                 what=f"a failed run of {service}")
+        wait_for(lambda: f"{service}: Failed with result 'exit-code'" in unit_log(host, service, since),
+                 timeout=timeout, what=f"a failed run of {service}")
         sh(host, "systemctl", "stop", f"snapmgr-{schedule}.timer")
         wait_for(lambda: show(host, service, "ActiveState") == "failed", timeout=60, what="the run to end")
+
+
+def ours(name: str) -> bool:
+    """snapmgr's units; not the lab's own (snapmgr-lab.service runs these tests) nor
+    the tests' services."""
+    return name.startswith("snapmgr-") and not name.startswith("snapmgr-lab")
+
+
+def own_files() -> list[Path]:
+    return sorted(p for p in UNIT_DIR.rglob("snapmgr-*") if ours(p.name))
+
+
+@pytest.fixture
+def installed(host, ws):
+    """snapmgr's units are removed after each test, and must leave nothing behind."""
+    yield
+    try:
+        ws.ok("systemd", "uninstall")
+        assert own_files() == []
+        listed = sh(host, "systemctl", "list-units", "--all", "--plain", "--no-legend", "--full", "snapmgr-*")
+        left = [line for line in listed.splitlines() if line.strip() and ours(line.split()[0])]
+        assert left == []
+    finally:  # whatever failed, the next test starts without them
+        for path in own_files():
+            path.unlink()
+        sh(host, "systemctl", "daemon-reload")
+
+
+@pytest.fixture
+def writer(host, ws):
+    """A running service that writes into the workspace's source."""
+    name = f"snapmgr-lab-app{next(_names)}.service"
+    (ws.root / "writer.py").write_text(WRITER)
+    (RUN_UNIT_DIR / name).write_text(f"[Service]\nExecStart={sys.executable} {ws.root / 'writer.py'} "
+                                     f"{ws.source / 'app.log'}\n")
+    sh(host, "systemctl", "daemon-reload")
+    sh(host, "systemctl", "start", name)
+    yield name
+    run(host, f"systemctl stop {name}")
+    (RUN_UNIT_DIR / name).unlink()
+    sh(host, "systemctl", "daemon-reload")
 
 
 def test_every_unit_passes_systemd_analyze_verify_and_install_enables_the_timers(host, ws, installed, writer):
