@@ -327,6 +327,17 @@ def failing_post(ready: Path, posted: Path) -> list[str]:
                                   f"open({str(posted)!r}, 'a').write('posted\\n')"]
 
 
+def a_lost_window_whose_post_fails_until_ready(ws) -> tuple[Path, Path]:
+    """A window lost as a power cut would, whose one quiescer's `post` fails until `ready`
+    exists and then appends to `posted`: (ready, posted)."""
+    held, ready, posted = ws.root / "held", ws.root / "daemon-up", ws.root / "posted"
+    ws.write_config({"data": {"backend": "rsync", "source": ws.source, "repository": ws.repo, "quiesce": ["app"]}},
+                    quiesce={"app": {"kind": "command", "pre": held_window_command(held),
+                                     "post": failing_post(ready, posted), "max_window": "10min"}})
+    lose_the_window(ws, held)
+    return ready, posted
+
+
 def as_if_tried_long_ago(ws) -> None:
     """The last try of every window as a later run sees it once RETRY_AFTER has passed."""
     with sqlite3.connect(ws.root / "state" / "journal.db") as db:
@@ -361,11 +372,7 @@ def test_a_failed_undo_step_is_tried_again_alone_by_a_later_run(ws):
 
 
 def test_a_failed_undo_step_is_given_up_after_three_tries_until_recover_is_asked_again(ws):
-    held, ready, posted = ws.root / "held", ws.root / "daemon-up", ws.root / "posted"
-    ws.write_config({"data": {"backend": "rsync", "source": ws.source, "repository": ws.repo, "quiesce": ["app"]}},
-                    quiesce={"app": {"kind": "command", "pre": held_window_command(held),
-                                     "post": failing_post(ready, posted), "max_window": "10min"}})
-    lose_the_window(ws, held)
+    ready, posted = a_lost_window_whose_post_fails_until_ready(ws)
     told = [ws.ok("recover").stdout for _ in range(3)]   # asked: no wait between tries
     assert "(try 1 of 3)" in told[0] and "(try 2 of 3)" in told[1], told
     assert "recovery failed 3 times, the last now: app: FAILED: " in told[2] and "snapmgr recover" in told[2], told
@@ -430,11 +437,7 @@ def test_a_resume_that_failed_before_the_run_was_killed_is_tried_by_the_watchdog
 
 
 def test_a_window_an_earlier_version_of_the_retries_left_tried_without_a_time_is_tried_by_the_next_run(ws):
-    held, ready, posted = ws.root / "held", ws.root / "daemon-up", ws.root / "posted"
-    ws.write_config({"data": {"backend": "rsync", "source": ws.source, "repository": ws.repo, "quiesce": ["app"]}},
-                    quiesce={"app": {"kind": "command", "pre": held_window_command(held),
-                                     "post": failing_post(ready, posted), "max_window": "10min"}})
-    lose_the_window(ws, held)
+    ready, posted = a_lost_window_whose_post_fails_until_ready(ws)
     assert "(try 1 of 3)" in ws.ok("recover").stdout
     with sqlite3.connect(ws.root / "state" / "journal.db") as db:
         db.execute("UPDATE windows SET plan = json_remove(plan, '$.tried_at')")
