@@ -34,7 +34,7 @@ def restore(engine: Engine, snapshot_text: str, paths: Sequence[str], dest: Path
     dest = Path(os.path.abspath(dest))
     if not in_place:
         check_dest(dest)
-    kept = kept_out(dest, wanted, _own_places(engine.config.settings, volume, backend))
+    kept = kept_out(dest, wanted, own_places(engine.config.settings, volume, backend))
     with ExitStack() as stack:
         if in_place and not dry_run:
             stack.enter_context(engine.locked(volume))
@@ -58,7 +58,7 @@ def restore(engine: Engine, snapshot_text: str, paths: Sequence[str], dest: Path
     return Restored(str(snapshot.id), dest, tuple(wanted), dry_run, tuple(changes), pre_rollback)
 
 
-def _own_places(settings: Settings, volume: Volume, backend: Backend) -> list[tuple[Path, str]]:
+def own_places(settings: Settings, volume: Volume, backend: Backend) -> list[tuple[Path, str]]:
     """What a restore must never write into, as real paths, each with what it is."""
     places = [(settings.state_dir, "snapmgr's state directory (its journal and records)"),
               (settings.run_dir, "snapmgr's run directory (its locks)"),

@@ -19,7 +19,9 @@ class CommandQuiescer(Quiescer):
     options = {"pre": schema.Field(schema.argv, required=True), "post": schema.Field(schema.argv)}
 
     def env(self, phase: str) -> dict[str, str]:
-        return {"SNAPMGR_PHASE": phase,
+        # SNAPMGR_PHASE says "rollback" in a rollback's window; SNAPMGR_STEP always pre or post.
+        return {"SNAPMGR_PHASE": "rollback" if self.context.purpose == "rollback" else phase,
+                "SNAPMGR_STEP": phase,
                 "SNAPMGR_QUIESCER": self.name,
                 "SNAPMGR_VOLUMES": " ".join(self.context.volumes),
                 "SNAPMGR_SNAPSHOT": " ".join(self.context.snapshots),

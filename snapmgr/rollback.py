@@ -1,0 +1,104 @@
+"""`snapmgr rollback`: put a volume back as one of its snapshots holds it, boringly.
+
+First the plan (how, what the volume loses, what becomes of the newer snapshots, what
+happens to the services), which a dry run stops at and a person confirms. Then, under the
+volume's lock, with its services stopped for the whole of it (their restart guaranteed by
+the watchdog): a protected pre-rollback snapshot of the volume as it is, which a rollback
+to it undoes; the rollback itself; the services back; the volume compared with the
+snapshot. Only rsync volumes roll back so far, by copying the snapshot back over the
+source with deletion; the other backends' own ways come next."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from snapmgr import compare_jobs
+from snapmgr.backends.base import Backend
+from snapmgr.config import Volume
+from snapmgr.engine import Engine
+from snapmgr.errors import SnapmgrError, UsageError
+from snapmgr.model import Snapshot
+from snapmgr.restore import copy, kept_out
+from snapmgr.restore_job import own_places
+from snapmgr.volume_paths import shown
+
+SHOWN_PATHS = 5   # of each kind of loss, in the plan
+
+
+@dataclass(frozen=True)
+class Losses:
+    """What the live volume has that the snapshot has not: the rollback takes it away."""
+
+    added: int        # entries made since the snapshot: deleted
+    removed: int      # entries deleted since: brought back
+    changed: int      # entries changed since (a directory too): put back as they were
+    shown: tuple[str, ...]   # some of them, "+ path", "- path", "~ path"
+
+
+@dataclass(frozen=True)
+class Plan:
+    volume: str
+    target: str
+    method: str
+    takes_effect: str
+    losses: Losses
+    newer: tuple[tuple[str, str], ...]   # each newer snapshot, and what becomes of it
+    services: tuple[str, ...]            # what is done to each quiescer's service
+
+
+@dataclass(frozen=True)
+class RolledBack:
+    plan: Plan
+    dry_run: bool
+    pre_rollback: str | None = None
+    seconds: float | None = None
+    check: str | None = None    # how the volume compares with the snapshot afterwards
+
+
+def plan(engine: Engine, target_text: str) -> tuple[Volume, Backend, Snapshot, Plan]:
+    volume, backend, target = engine.snapshot_of(target_text)
+    if volume.backend != "rsync":
+        raise SnapmgrError(f"rolling back a {volume.backend} volume is not built yet; snapmgr restore {target.id} / "
+                           f"--in-place --delete copies the snapshot back file by file")
+    if backend.live_root() is None:
+        raise SnapmgrError(f"volume {volume.name} is not mounted now: there is nothing to roll back")
+    newer = tuple((str(s.id), "kept") for s in sorted(backend.list(), key=lambda s: s.id) if s.id > target.id)
+    return volume, backend, target, Plan(
+        volume.name, str(target.id),
+        "rsync --delete from the snapshot into the source; what the snapshots leave out is kept as it is",
+        "now", _losses(engine, target), newer, tuple(engine.rollback_quiescers(volume)))
+
+
+def rollback(engine: Engine, target_text: str, dry_run: bool, confirm: Callable[[Plan], bool]) -> RolledBack:
+    """The plan, and unless `dry_run` and once `confirm(plan)` says yes, the rollback."""
+    volume, backend, target, planned = plan(engine, target_text)
+    if dry_run:
+        return RolledBack(planned, True)
+    if not confirm(planned):
+        raise UsageError("not confirmed: nothing was changed")
+    started = time.monotonic()
+    live = backend.live_root()
+    kept = kept_out(live, [b""], own_places(engine.config.settings, volume, backend))
+    with engine.locked(volume), engine.journal.run(volume.name, "rollback", os.getpid()):
+        def roll_back() -> str:
+            pre_rollback = engine.pre_rollback(volume, quiesce=False)
+            with backend.browse_root(target) as root:
+                copy(root, [b""], live, delete=True, left_out=backend.left_out(), kept=kept,
+                     own_mounts=backend.own_mounts())
+            return pre_rollback
+        pre_rollback = engine.held_for_rollback(volume, roll_back)
+    after = compare_jobs.diff(engine, str(target.id), compare_jobs.LIVE)
+    check = f"the volume matches {target.id}" if not after.changes else \
+        f"the volume differs from {target.id} in {len(after.changes)} entries (snapmgr diff {target.id} live)"
+    return RolledBack(planned, False, pre_rollback, round(time.monotonic() - started, 3), check)
+
+
+def _losses(engine: Engine, target: Snapshot) -> Losses:
+    changes = compare_jobs.diff(engine, str(target.id), compare_jobs.LIVE, quick=True).changes
+    count = {status: sum(1 for c in changes if c.status == status) for status in ("added", "removed", "changed")}
+    marks = {"added": "+", "removed": "-", "changed": "~"}
+    listed = tuple(f"{marks[c.status]} {shown(c.path)}" for c in changes[:SHOWN_PATHS])
+    return Losses(count["added"], count["removed"], count["changed"], listed)
