@@ -19,7 +19,7 @@ from snapmgr import compare_jobs
 from snapmgr.backends.base import Backend
 from snapmgr.config import Volume
 from snapmgr.engine import Engine
-from snapmgr.errors import SnapmgrError, UsageError
+from snapmgr.errors import Interrupted, SnapmgrError, UsageError
 from snapmgr.model import Snapshot
 from snapmgr.restore import copy, kept_out
 from snapmgr.restore_job import own_places
@@ -85,9 +85,16 @@ def rollback(engine: Engine, target_text: str, dry_run: bool, confirm: Callable[
     with engine.locked(volume), engine.journal.run(volume.name, "rollback", os.getpid()):
         def roll_back() -> str:
             pre_rollback = engine.pre_rollback(volume, quiesce=False)
-            with backend.browse_root(target) as root:
-                copy(root, [b""], live, delete=True, left_out=backend.left_out(), kept=kept,
-                     own_mounts=backend.own_mounts())
+            try:
+                with backend.browse_root(target) as root:
+                    copy(root, [b""], live, delete=True, left_out=backend.left_out(), kept=kept,
+                         own_mounts=backend.own_mounts())
+            except SnapmgrError as e:
+                # Raised inside the journal's run, so the journal keeps this line too; a
+                # stop (Ctrl-C, SIGTERM) stays one, for its exit code.
+                told = (f"{e}; the rollback was cut short and the volume may be part way: as it was before, it is "
+                        f"in {pre_rollback} (snapmgr rollback {pre_rollback} puts it back)")
+                raise (Interrupted if isinstance(e, Interrupted) else SnapmgrError)(told) from None
             return pre_rollback
         pre_rollback = engine.held_for_rollback(volume, roll_back)
     after = compare_jobs.diff(engine, str(target.id), compare_jobs.LIVE)

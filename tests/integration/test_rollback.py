@@ -11,7 +11,7 @@ import sqlite3
 import subprocess
 import sys
 
-from tests.integration.helpers import Workspace
+from tests.integration.helpers import Workspace, pids_of, wait_for
 
 QUIESCE_LOG = "quiesce.log"
 
@@ -134,3 +134,27 @@ def test_a_database_quiescer_needs_a_systemd_one_to_stop_its_server(ws):
     assert refused.returncode != 0 and "quiescer db (sqlite) of volume data cannot keep its server off the files " \
         "a rollback replaces: add a systemd quiescer" in refused.stderr, refused.stderr
     assert state(ws) == before and ws.snapshots() == [target]
+
+
+def test_a_rollback_stopped_mid_copy_starts_the_services_again_and_says_how_to_undo_it(ws):
+    started, big = ws.root / "started", ws.source / "big.bin"
+    rsync_volume(ws, {"app": {"kind": "command", "pre": ["true"],
+                              "post": [sys.executable, "-c", f"open({str(started)!r}, 'w')"]}})
+    big.write_bytes(b"1" * 3_000_000)
+    ws.ok("snapshot")
+    [target] = ws.snapshots()
+    big.write_bytes(b"3" * 3_000_000)
+    ws.ok("snapshot")   # so that the pre-rollback snapshot links big.bin instead of copying it
+    before = state(ws)
+    ws.throttle_rsync(100)   # copying big.bin back takes half a minute
+    proc = ws.start("rollback", target, "--yes")
+    wait_for(lambda: pids_of("rsync", f"{ws.repo / target}/./"), timeout=60, what="the rollback's rsync to start")
+    proc.terminate()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "stopped by SIGTERM; the rollback was cut short" in err, err
+    pre = err.split("(snapmgr rollback ")[1].split(" puts it back)")[0]
+    assert started.exists()   # the services are back
+    assert [s["tags"] for s in ws.ok("--json", "list").json()["snapshots"] if s["id"] == pre] == [["pre-rollback"]]
+    ws.env["PATH"] = os.environ["PATH"]
+    ws.ok("rollback", pre, "--yes")
+    assert state(ws) == before
