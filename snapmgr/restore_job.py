@@ -10,8 +10,6 @@ from pathlib import Path
 from typing import Sequence
 
 from snapmgr import volume_paths
-from snapmgr.backends.base import Backend
-from snapmgr.config import Settings, Volume
 from snapmgr.engine import Engine
 from snapmgr.errors import Interrupted, SnapmgrError, UsageError
 from snapmgr.restore import SHOWN_CONFLICTS, Restored, check_dest, conflicts, copy, kept_out
@@ -34,7 +32,7 @@ def restore(engine: Engine, snapshot_text: str, paths: Sequence[str], dest: Path
     dest = Path(os.path.abspath(dest))
     if not in_place:
         check_dest(dest)
-    kept = kept_out(dest, wanted, own_places(engine.config.settings, volume, backend))
+    kept = kept_out(dest, wanted, own_places(engine))
     with ExitStack() as stack:
         if in_place and not dry_run:
             stack.enter_context(engine.locked(volume))
@@ -58,11 +56,14 @@ def restore(engine: Engine, snapshot_text: str, paths: Sequence[str], dest: Path
     return Restored(str(snapshot.id), dest, tuple(wanted), dry_run, tuple(changes), pre_rollback)
 
 
-def own_places(settings: Settings, volume: Volume, backend: Backend) -> list[tuple[Path, str]]:
-    """What a restore must never write into, as real paths, each with what it is."""
+def own_places(engine: Engine) -> list[tuple[Path, str]]:
+    """What a restore must never write into, as real paths, each with what it is: also
+    where every other volume keeps its snapshots, which may lie inside this one's source."""
+    settings = engine.config.settings
     places = [(settings.state_dir, "snapmgr's state directory (its journal and records)"),
               (settings.run_dir, "snapmgr's run directory (its locks)"),
-              *((storage, f"where volume {volume.name} keeps its snapshots") for storage in backend.written_paths())]
+              *((storage, f"where volume {v.name} keeps its snapshots")
+                for v in engine.config.volumes.values() for storage in engine.backend(v).written_paths())]
     return [(Path(os.path.realpath(place)), what) for place, what in places]
 
 

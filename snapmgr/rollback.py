@@ -81,7 +81,7 @@ def rollback(engine: Engine, target_text: str, dry_run: bool, confirm: Callable[
         raise UsageError("not confirmed: nothing was changed")
     started = time.monotonic()
     live = backend.live_root()
-    kept = kept_out(live, [b""], own_places(engine.config.settings, volume, backend))
+    kept = kept_out(live, [b""], own_places(engine))
     with engine.locked(volume), engine.journal.run(volume.name, "rollback", os.getpid()):
         def roll_back() -> str:
             pre_rollback = engine.pre_rollback(volume, quiesce=False)

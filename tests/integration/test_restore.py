@@ -278,3 +278,19 @@ def test_in_place_holds_the_volume_lock_and_a_stopped_restore_blocks_nothing(ws)
     ws.env["PATH"] = os.environ["PATH"]
     ws.ok("restore", old, "big.bin", "--in-place")
     assert big.read_bytes() == b"1" * 3_000_000
+
+
+def test_in_place_with_delete_never_touches_where_another_volume_keeps_its_snapshots(ws):
+    # Volume b keeps its snapshots inside a's source, which a's snapshots do not leave out.
+    inner = ws.source / "b-repo"
+    other = ws.root / "b-source"
+    other.mkdir()
+    (other / "f").write_text("b's")
+    ws.write_config({"a": {"backend": "rsync", "source": ws.source, "repository": ws.repo},
+                     "b": {"backend": "rsync", "source": other, "repository": inner}})
+    (ws.source / "x").write_text("a's")
+    old = ws.ok("--json", "snapshot", "a").json()["results"][0]["created"]["id"]
+    ws.ok("snapshot", "b")
+    [b_snapshot] = ws.snapshots("b")
+    ws.ok("restore", old, str(ws.source), "--in-place", "--delete")
+    assert ws.snapshots("b") == [b_snapshot] and (inner / b_snapshot / "f").read_text() == "b's"
