@@ -179,13 +179,12 @@ def rollback(c: Context, snapshot, dry_run, yes):
     The plan is shown first: what the volume loses, what becomes of newer snapshots,
     what is done to the services; then, on a terminal, a question."""
     def confirm(plan) -> bool:
-        if yes:
-            return True
-        if not (sys.stdin.isatty() and sys.stderr.isatty()):
+        if not (yes or sys.stdin.isatty() and sys.stderr.isatty()):
             raise UsageError("a rollback replaces the live volume: off a terminal, --yes says to go ahead "
                              "(--dry-run shows the plan)")
-        click.echo(render.rollback_plan_text(plan), err=True)
-        return click.confirm("roll back?", err=True)
+        if not (c.json or c.quiet):   # the plan is told before anything changes, asked or not
+            click.echo(render.rollback_plan_text(plan), err=True)
+        return yes or click.confirm("roll back?", err=True)
     done = rollback_job.rollback(c.engine(recover=not dry_run), snapshot, dry_run, confirm)
     unpublished = _shown(c, lambda: render.rolled_back_json(done), render.rolled_back_text(done),
                          None if dry_run else [done.plan.volume])

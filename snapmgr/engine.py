@@ -534,10 +534,15 @@ class Engine:
         """The quiescers of the group, then each volume's own, each once. For a rollback,
         those that have a part in it (see Quiescer.in_rollback), with no time limit: a
         rollback cut short would leave the volume half replaced."""
-        names = list(dict.fromkeys([*(group.quiesce if group else ()), *(q for v in volumes for q in v.quiesce)]))
+        groups = [group] if group else []
+        if purpose == "rollback":   # whatever writes to the volume, as any snapshot of it would pause it
+            groups = [g for g in self.config.groups.values() if any(v.name in g.volumes for v in volumes)]
+        names = list(dict.fromkeys([*(q for g in groups for q in g.quiesce), *(q for v in volumes for q in v.quiesce)]))
         specs = [self.config.quiescers[n] for n in names]
         if purpose == "rollback":
-            specs = _stopping_for_rollback(specs, volumes)
+            # Every one must stop its service: an optional one that could not would leave
+            # it writing while the files are replaced.
+            specs = [replace(s, required=True) for s in _stopping_for_rollback(specs, volumes)]
         settings = self.config.settings
         busy = {f"state_dir {settings.state_dir}": settings.state_dir, f"run_dir {settings.run_dir}": settings.run_dir,
                 f"snapmgr's Python {sys.prefix}": Path(sys.prefix), "snapmgr itself": Path(__file__).parent}

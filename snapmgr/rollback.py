@@ -83,24 +83,33 @@ def rollback(engine: Engine, target_text: str, dry_run: bool, confirm: Callable[
     live = backend.live_root()
     kept = kept_out(live, [b""], own_places(engine))
     with engine.locked(volume), engine.journal.run(volume.name, "rollback", os.getpid()):
-        def roll_back() -> str:
+        def roll_back() -> tuple[str, str]:
             pre_rollback = engine.pre_rollback(volume, quiesce=False)
             try:
                 with backend.browse_root(target) as root:
                     copy(root, [b""], live, delete=True, left_out=backend.left_out(), kept=kept,
                          own_mounts=backend.own_mounts())
-            except SnapmgrError as e:
+            except (SnapmgrError, KeyboardInterrupt) as e:
                 # Raised inside the journal's run, so the journal keeps this line too; a
                 # stop (Ctrl-C, SIGTERM) stays one, for its exit code.
-                told = (f"{e}; the rollback was cut short and the volume may be part way: as it was before, it is "
-                        f"in {pre_rollback} (snapmgr rollback {pre_rollback} puts it back)")
-                raise (Interrupted if isinstance(e, Interrupted) else SnapmgrError)(told) from None
-            return pre_rollback
-        pre_rollback = engine.held_for_rollback(volume, roll_back)
-    after = compare_jobs.diff(engine, str(target.id), compare_jobs.LIVE)
-    check = f"the volume matches {target.id}" if not after.changes else \
-        f"the volume differs from {target.id} in {len(after.changes)} entries (snapmgr diff {target.id} live)"
+                told = (f"{e or 'interrupted'}; the rollback was cut short and the volume may be part way: as it "
+                        f"was before, it is in {pre_rollback} (snapmgr rollback {pre_rollback} puts it back)")
+                raise (SnapmgrError if isinstance(e, SnapmgrError) and not isinstance(e, Interrupted)
+                       else Interrupted)(told) from None
+            return pre_rollback, _compared(engine, target)   # before the services write again
+        pre_rollback, check = engine.held_for_rollback(volume, roll_back)
     return RolledBack(planned, False, pre_rollback, round(time.monotonic() - started, 3), check)
+
+
+def _compared(engine: Engine, target: Snapshot) -> str:
+    """How the volume compares with the snapshot: what a rollback that went through says."""
+    try:
+        after = compare_jobs.diff(engine, str(target.id), compare_jobs.LIVE)
+    except SnapmgrError as e:
+        return f"it could not be compared with {target.id}: {e}"
+    if not after.changes:
+        return f"the volume matches {target.id}"
+    return f"the volume differs from {target.id} in {len(after.changes)} entries (snapmgr diff {target.id} live)"
 
 
 def _losses(engine: Engine, target: Snapshot) -> Losses:

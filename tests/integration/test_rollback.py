@@ -152,9 +152,25 @@ def test_a_rollback_stopped_mid_copy_starts_the_services_again_and_says_how_to_u
     proc.terminate()
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "stopped by SIGTERM; the rollback was cut short" in err, err
-    pre = err.split("(snapmgr rollback ")[1].split(" puts it back)")[0]
+    pre = err.rsplit("(snapmgr rollback ", 1)[1].split(" puts it back)")[0]
     assert started.exists()   # the services are back
     assert [s["tags"] for s in ws.ok("--json", "list").json()["snapshots"] if s["id"] == pre] == [["pre-rollback"]]
     ws.env["PATH"] = os.environ["PATH"]
     ws.ok("rollback", pre, "--yes")
     assert state(ws) == before
+
+
+def test_every_quiescer_of_the_volume_and_of_its_groups_must_stop_its_service(ws):
+    # Optional for snapshots, required for a rollback: a service left writing would race it.
+    rsync_volume(ws, {"app": {"kind": "command", "pre": ["false"], "required": False}})
+    target = snapshot_then_change(ws)
+    before = state(ws)
+    refused = ws.run("rollback", target, "--yes")
+    assert refused.returncode != 0 and "quiescer app (command): false exited with status 1" in refused.stderr
+    assert state(ws) == before and len(ws.snapshots()) == 1
+    # A group's quiescer pauses what writes to its volumes: a rollback of one stops it too.
+    ws.write_config({"data": {"backend": "rsync", "source": ws.source, "repository": ws.repo}},
+                    quiesce={"shared": {"kind": "command", "pre": ["true"]}},
+                    groups={"stack": {"volumes": ["data"], "quiesce": ["shared"]}})
+    [services] = ws.ok("--json", "rollback", target, "--dry-run").json()["services"]
+    assert services == "shared: run true"
