@@ -108,8 +108,8 @@ def answered(ws: Workspace, args: list[str], answer: str) -> str:
 
 def test_the_services_are_stopped_for_the_whole_rollback_and_told_it_is_one(ws):
     log = ws.root / QUIESCE_LOG
-    probe = ("import json, os, sys; open(sys.argv[1], 'a').write(json.dumps([os.environ['SNAPMGR_PHASE'], "
-             "os.environ['SNAPMGR_STEP'], open(sys.argv[2]).read(), sorted(os.listdir(sys.argv[3]))]) + '\\n')")
+    probe = ("import json, os, sys; open(sys.argv[1], 'a').write(json.dumps([os.environ['SNAPMGR_ACTION'], "
+             "os.environ['SNAPMGR_PHASE'], open(sys.argv[2]).read(), sorted(os.listdir(sys.argv[3]))]) + '\\n')")
     step = [sys.executable, "-c", probe, str(log), str(ws.source / "a"), str(ws.repo)]
     rsync_volume(ws, {"app": {"kind": "command", "pre": step, "post": step}})
     target = snapshot_then_change(ws)
