@@ -24,6 +24,7 @@ from snapmgr.model import Snapshot
 from snapmgr.restore import copy, kept_out
 from snapmgr.restore_job import own_places
 from snapmgr.volume_paths import shown
+from snapmgr.writers import open_for_writing
 
 SHOWN_PATHS = 5   # of each kind of loss, in the plan
 
@@ -84,6 +85,12 @@ def rollback(engine: Engine, target_text: str, dry_run: bool, confirm: Callable[
     kept = kept_out(live, [b""], own_places(engine))
     with engine.locked(volume), engine.journal.run(volume.name, "rollback", os.getpid()):
         def roll_back() -> tuple[str, str]:
+            if still := open_for_writing(live):
+                raise SnapmgrError(f"{live} is still written by " + ", ".join(f"{name} (pid {pid})" for pid, name in
+                                                                               sorted(still.items()))
+                                   + f" with the services stopped: stop it first (a systemd quiescer of volume "
+                                     f"{volume.name} that names its unit does it for every rollback); nothing "
+                                     f"was changed")
             pre_rollback = engine.pre_rollback(volume, quiesce=False)
             try:
                 with backend.browse_root(target) as root:

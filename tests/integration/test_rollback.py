@@ -174,3 +174,23 @@ def test_every_quiescer_of_the_volume_and_of_its_groups_must_stop_its_service(ws
                     groups={"stack": {"volumes": ["data"], "quiesce": ["shared"]}})
     [services] = ws.ok("--json", "rollback", target, "--dry-run").json()["services"]
     assert services == "shared: run true"
+
+
+def test_a_process_still_writing_to_the_volume_with_the_services_stopped_is_named_and_nothing_changes(ws):
+    # As a database server whose quiescer stopped another service: it still has its files open.
+    rsync_volume(ws)
+    target = snapshot_then_change(ws)
+    before = state(ws)
+    writer = subprocess.Popen([sys.executable, "-c", f"import sys, time; f = open({str(ws.source / 'a')!r}, 'a'); "
+                               f"print('open', flush=True); time.sleep(60)"], stdout=subprocess.PIPE)
+    try:
+        assert writer.stdout.readline() == b"open\n"
+        name = open(f"/proc/{writer.pid}/comm").read().strip()
+        refused = ws.run("rollback", target, "--yes")
+    finally:
+        writer.kill()
+        writer.wait()
+    assert refused.returncode != 0 and f"is still written by {name} (pid {writer.pid})" in refused.stderr, \
+        refused.stderr
+    assert "nothing was changed" in refused.stderr and state(ws) == before and ws.snapshots() == [target]
+    ws.ok("rollback", target, "--yes")   # once it is gone
