@@ -64,8 +64,13 @@ def plan(engine: Engine, target_text: str) -> tuple[Volume, Backend, Snapshot, P
     if volume.backend != "rsync":
         raise SnapmgrError(f"rolling back a {volume.backend} volume is not built yet; snapmgr restore {target.id} / "
                            f"--in-place --delete copies the snapshot back file by file")
-    if backend.live_root() is None:
+    live = backend.live_root()
+    if live is None:
         raise SnapmgrError(f"volume {volume.name} is not mounted now: there is nothing to roll back")
+    recorded = target.meta.get("source_filesystem")
+    if recorded is not None and recorded != os.statvfs(live).f_fsid:
+        raise SnapmgrError(f"{live} is not on the filesystem {target.id} was taken from (is it mounted?): a rollback "
+                           f"would fill whatever lies underneath; nothing was changed")
     newer = tuple((str(s.id), "kept") for s in sorted(backend.list(), key=lambda s: s.id) if s.id > target.id)
     return volume, backend, target, Plan(
         volume.name, str(target.id),

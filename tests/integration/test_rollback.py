@@ -11,7 +11,7 @@ import sqlite3
 import subprocess
 import sys
 
-from tests.integration.helpers import Workspace, pids_of, wait_for
+from tests.integration.helpers import Workspace, loop_mount, needs_root, pids_of, wait_for
 
 QUIESCE_LOG = "quiesce.log"
 
@@ -194,3 +194,24 @@ def test_a_process_still_writing_to_the_volume_with_the_services_stopped_is_name
         refused.stderr
     assert "nothing was changed" in refused.stderr and state(ws) == before and ws.snapshots() == [target]
     ws.ok("rollback", target, "--yes")   # once it is gone
+
+
+@needs_root
+def test_a_source_whose_filesystem_is_not_mounted_is_refused(ws, tmp_path):
+    with loop_mount(tmp_path, "ext4") as mnt:
+        source = mnt / "src"
+        source.mkdir()
+        (source / "a").write_text("one")
+        ws.write_config({"data": {"backend": "rsync", "source": source, "repository": ws.repo}})
+        ws.ok("snapshot")
+        [target] = ws.snapshots()
+        subprocess.run(["umount", mnt], check=True)
+        try:
+            source.mkdir()   # the same path, on the filesystem underneath
+            refused = ws.run("rollback", target, "--yes")
+            assert refused.returncode != 0 and f"{source} is not on the filesystem {target} was taken from (is it " \
+                "mounted?)" in refused.stderr, refused.stderr
+            assert list(source.iterdir()) == [] and ws.snapshots() == [target]
+            source.rmdir()
+        finally:
+            subprocess.run(["mount", "-o", "loop", tmp_path / "ext4.img", mnt], check=True)
