@@ -182,7 +182,7 @@ def rollback(c: Context, snapshot, dry_run, yes):
         if not (yes or sys.stdin.isatty() and sys.stderr.isatty()):
             raise UsageError("a rollback replaces the live volume: off a terminal, --yes says to go ahead "
                              "(--dry-run shows the plan)")
-        if not (c.json or c.quiet):   # the plan is told before anything changes, asked or not
+        if not (yes and (c.json or c.quiet)):   # the plan is told before anything changes; always when asked
             click.echo(render.rollback_plan_text(plan), err=True)
         return yes or click.confirm("roll back?", err=True)
     done = rollback_job.rollback(c.engine(recover=not dry_run), snapshot, dry_run, confirm)

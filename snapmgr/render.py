@@ -126,7 +126,8 @@ def rollback_plan_text(p: Plan) -> str:
              f"come back, {loss.changed} changed since are put back as they were",
              *(f"  {line}" for line in loss.shown),
              "first, a protected pre-rollback snapshot of the volume as it is (snapmgr rollback to it undoes this)",
-             "services: " + ("; ".join(p.services) if p.services else "none (the volume has no quiescers)")]
+             "services: " + ("; ".join(p.services) if p.services else "no quiescer stops any (whatever still writes "
+                                                                     "to the volume is refused, by name)")]
     if p.newer:
         lines.append("newer snapshots: " + ", ".join(f"{s} ({fate})" for s, fate in p.newer))
     return "\n".join(lines)
