@@ -18,6 +18,7 @@ import click
 
 from snapmgr import config as configuration
 from snapmgr import compare_jobs, monitor, render, restore_job, systemd_install
+from snapmgr import rollback as rollback_job
 from snapmgr.engine import Engine, Outcome
 from snapmgr.journal import JournalError
 from snapmgr.manifest import export
@@ -161,6 +162,32 @@ def restore(c: Context, snapshot, paths, dest, in_place, overwrite, delete, dry_
     done = restore_job.restore(c.engine(recover=not dry_run), snapshot, paths, dest, overwrite, in_place, delete, dry_run)
     unpublished = _shown(c, lambda: render.restored_json(done), render.restored_text(done),
                          [SnapshotId.parse(done.pre_rollback).volume] if done.pre_rollback else None)
+    if unpublished:
+        _error(str(unpublished))
+        sys.exit(EXIT_FAILED)
+
+
+@cli.command()
+@click.argument("snapshot", metavar="VOLUME@ID")
+@click.option("--dry-run", "-n", is_flag=True, help="Show the plan; change nothing.")
+@click.option("--yes", "-y", is_flag=True, help="Roll back without asking (off a terminal, required).")
+@pass_ctx
+def rollback(c: Context, snapshot, dry_run, yes):
+    """Put a volume back as the snapshot VOLUME@ID holds it, after a protected pre-rollback
+    snapshot of it as it is, with its services stopped meanwhile.
+
+    The plan is shown first: what the volume loses, what becomes of newer snapshots,
+    what is done to the services; then, on a terminal, a question."""
+    def confirm(plan) -> bool:
+        if not (yes or sys.stdin.isatty() and sys.stderr.isatty()):
+            raise UsageError("a rollback replaces the live volume: off a terminal, --yes says to go ahead "
+                             "(--dry-run shows the plan)")
+        if not (yes and (c.json or c.quiet)):   # the plan is told before anything changes; always when asked
+            click.echo(render.rollback_plan_text(plan), err=True)
+        return yes or click.confirm("roll back?", err=True)
+    done = rollback_job.rollback(c.engine(recover=not dry_run), snapshot, dry_run, confirm)
+    unpublished = _shown(c, lambda: render.rolled_back_json(done), render.rolled_back_text(done),
+                         None if dry_run else [done.plan.volume])
     if unpublished:
         _error(str(unpublished))
         sys.exit(EXIT_FAILED)

@@ -17,7 +17,7 @@ from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Callable, Collection, Iterable
+from typing import Callable, Collection, Iterable, TypeVar
 
 from snapmgr import (manifest, manifest_recording, observed, priority, procfs, quiesce, retention, scheduled_wait,
                      sh, space_guard)
@@ -37,12 +37,16 @@ from snapmgr.records import Records
 from snapmgr.schema import did_you_mean
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 DEFAULT_TAG = "manual"
 RECOVERY_ATTEMPTS = 3   # tries to resume an interrupted window whose undo steps fail
 # Between the tries later runs make: a `post` whose daemon is not up yet at boot fails for
 # every command run meanwhile.
 RETRY_AFTER = timedelta(minutes=5)
 PRE_ROLLBACK_TAG = "pre-rollback"
+# How long a rollback may keep the services stopped before the watchdog starts them again
+# whatever the rollback's state: a safety net, not a limit any rollback should meet.
+ROLLBACK_WINDOW = timedelta(days=1)
 
 
 @dataclass
@@ -468,12 +472,13 @@ class Engine:
         return outcomes
 
     def _take(self, volumes: list[Volume], group: Group | None, tags: frozenset[str], dry_run: bool,
-              progress: Progress | None, outcomes: list[Outcome]) -> None:
-        """Stage every volume, then take them all inside one quiesce window, then record."""
+              progress: Progress | None, outcomes: list[Outcome], quiesce: bool = True) -> None:
+        """Stage every volume, then take them all inside one quiesce window (unless not
+        `quiesce`), then record."""
         backends = [self.backend(v) for v in volumes]
         now = self.clock()
         ids = [SnapshotId.next_free(v.name, now, (s.id for s in b.list())) for v, b in zip(volumes, backends)]
-        window = self._window(volumes, backends, ids, group, dry_run)
+        window = self._window(volumes, backends, ids, group, dry_run) if quiesce else Window([], 0)
         if dry_run:
             if refused := space_guard.refusal(volumes, backends, group):
                 raise refused
@@ -525,10 +530,19 @@ class Engine:
             raise failure
 
     def _window(self, volumes: list[Volume], backends: list[Backend], ids: list[SnapshotId], group: Group | None,
-                dry_run: bool) -> Window:
-        """The quiescers of the group, then each volume's own, each once."""
-        names = list(dict.fromkeys([*(group.quiesce if group else ()), *(q for v in volumes for q in v.quiesce)]))
+                dry_run: bool, purpose: str = "snapshot") -> Window:
+        """The quiescers of the group, then each volume's own, each once. For a rollback,
+        those that have a part in it (see Quiescer.in_rollback), with no time limit: a
+        rollback cut short would leave the volume half replaced."""
+        groups = [group] if group else []
+        if purpose == "rollback":   # whatever writes to the volume, as any snapshot of it would pause it
+            groups = [g for g in self.config.groups.values() if any(v.name in g.volumes for v in volumes)]
+        names = list(dict.fromkeys([*(q for g in groups for q in g.quiesce), *(q for v in volumes for q in v.quiesce)]))
         specs = [self.config.quiescers[n] for n in names]
+        if purpose == "rollback":
+            # Every one must stop its service: an optional one that could not would leave
+            # it writing while the files are replaced.
+            specs = [replace(s, required=True) for s in _stopping_for_rollback(specs, volumes)]
         settings = self.config.settings
         busy = {f"state_dir {settings.state_dir}": settings.state_dir, f"run_dir {settings.run_dir}": settings.run_dir,
                 f"snapmgr's Python {sys.prefix}": Path(sys.prefix), "snapmgr itself": Path(__file__).parent}
@@ -536,7 +550,9 @@ class Engine:
         context = quiesce.Context(self.config.path, tuple(v.name for v in volumes), tuple(map(str, ids)), dry_run, busy,
                                   tuple(b.volume for b in backends if not b.atomic))
         limits = [s.max_window for s in specs] + ([group.max_window] if group else [])
-        return Window([quiesce.KINDS[s.kind](s, context) for s in specs],
+        if purpose == "rollback":
+            limits = [ROLLBACK_WINDOW]
+        return Window([quiesce.KINDS[s.kind](s, replace(context, purpose=purpose)) for s in specs],
                       min(limits, default=timedelta(0)).total_seconds())
 
     def _hold(self, window: Window, volumes: list[Volume], group: Group | None,
@@ -652,14 +668,37 @@ class Engine:
         records.delete(snapshot.id)
         manifest.delete(records.directory, snapshot.id)
 
-    def pre_rollback(self, volume: Volume) -> str:
+    def pre_rollback(self, volume: Volume, quiesce: bool = True) -> str:
         """A protected snapshot of the volume as it is, taken under the lock already held:
-        what a restore in place (or a rollback) can be undone with."""
+        what a restore in place (or a rollback) can be undone with. `quiesce` False: the
+        services are stopped already (held_for_rollback)."""
         outcome = Outcome(volume.name)
-        self._take([volume], None, frozenset({PRE_ROLLBACK_TAG}), False, None, [outcome])
+        self._take([volume], None, frozenset({PRE_ROLLBACK_TAG}), False, None, [outcome], quiesce)
         if outcome.error or outcome.created is None:
             raise SnapmgrError(f"the {PRE_ROLLBACK_TAG} snapshot failed, so nothing was restored: {outcome.error}")
         return str(outcome.created.id)
+
+    def held_for_rollback(self, volume: Volume, work: Callable[[], T]) -> T:
+        """`work()` with the volume's services stopped for a rollback (each quiescer in its
+        part of one, see Quiescer.in_rollback), their restart guaranteed by the watchdog,
+        under the volume's lock, which the caller holds. What `work` raised is raised once
+        the services are back; a service that did not come back is an error after it."""
+        window = self._window([volume], [self.backend(volume)], [], None, False, purpose="rollback")
+        results: list = []
+        self._hold(window, [volume], None, [work], results)
+        [result] = results
+        if isinstance(result, SnapmgrError):
+            raise result
+        if window.report.resume_failures:
+            raise SnapmgrError(f"rolled back, but starting the services again failed: "
+                               f"{'; '.join(window.report.resume_failures)} (later runs try again; snapmgr check "
+                               f"is critical until then)")
+        return result
+
+    def rollback_quiescers(self, volume: Volume) -> list[str]:
+        """What a rollback of the volume does to its services, one line per quiescer."""
+        window = self._window([volume], [self.backend(volume)], [], None, True, purpose="rollback")
+        return [f"{q.name}: {q.describe()}" for q in window.quiescers]
 
     # Lookups ------------------------------------------------------------------------------
 
@@ -718,3 +757,18 @@ def _attempt(take: Callable[[], Snapshot]) -> Snapshot | SnapmgrError:
     except (SnapmgrError, OSError) as e:
         log.debug("taking the snapshot failed", exc_info=True)
         return as_error(e)
+
+
+def _stopping_for_rollback(specs: list, volumes: list[Volume]) -> list:
+    """The quiescers a rollback runs: a database session cannot keep its server off files
+    being replaced, so a volume with one needs a systemd quiescer that stops the server,
+    and then the session is not needed; a frozen filesystem could not be written."""
+    kinds = {s.name: quiesce.KINDS[s.kind] for s in specs}
+    servers = [s for s in specs if kinds[s.name].in_rollback == "server"]
+    if servers and not any(s.kind == "systemd" for s in specs):
+        names = ", ".join(f"{s.name} ({s.kind})" for s in servers)
+        raise SnapmgrError(f"quiescer {names} of volume {', '.join(v.name for v in volumes)} cannot keep its server "
+                           f"off the files a rollback replaces: add a systemd quiescer that stops the server "
+                           f"(kind = \"systemd\", units = [...]) to the volume's quiesce list, and the rollback "
+                           f"stops it instead")
+    return [s for s in specs if kinds[s.name].in_rollback == "pause"]

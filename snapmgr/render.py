@@ -5,6 +5,7 @@ The JSON shapes are an interface: add keys, never rename or remove them."""
 from __future__ import annotations
 
 import base64
+from dataclasses import asdict
 from datetime import datetime, timezone
 from typing import Sequence
 
@@ -16,6 +17,7 @@ from snapmgr.journal import Verify
 from snapmgr.manifest import path_text
 from snapmgr.manifest.entry import KINDS
 from snapmgr.restore import Restored
+from snapmgr.rollback import Plan, RolledBack
 from snapmgr.systemd_install import Changes as UnitChanges, TimerState
 from snapmgr.versions import History, State
 from snapmgr.errors import one_line
@@ -107,6 +109,35 @@ def outcome_json(o: Outcome) -> dict:
 def restored_json(r: Restored) -> dict:
     return {"snapshot": r.snapshot, "dest": str(r.dest), "paths": [escaped(p) for p in r.paths],
             "dry_run": r.dry_run, "pre_rollback": r.pre_rollback, "changes": list(r.changes)}
+
+
+def rolled_back_json(r: RolledBack) -> dict:
+    p = r.plan
+    return {"volume": p.volume, "snapshot": p.target, "dry_run": r.dry_run, "method": p.method,
+            "takes_effect": p.takes_effect, "losses": asdict(p.losses) | {"shown": list(p.losses.shown)},
+            "newer": [{"snapshot": s, "fate": fate} for s, fate in p.newer], "services": list(p.services),
+            "pre_rollback": r.pre_rollback, "seconds": r.seconds, "check": r.check}
+
+
+def rollback_plan_text(p: Plan) -> str:
+    loss = p.losses
+    lines = [f"roll {p.volume} back to {p.target}, {p.takes_effect}: {p.method}",
+             f"it loses what changed since: {loss.added} entries made since are deleted, {loss.removed} deleted since "
+             f"come back, {loss.changed} changed since are put back as they were",
+             *(f"  {line}" for line in loss.shown),
+             "first, a protected pre-rollback snapshot of the volume as it is (snapmgr rollback to it undoes this)",
+             "services: " + ("; ".join(p.services) if p.services else "no quiescer stops any (whatever still writes "
+                                                                     "to the volume is refused, by name)")]
+    if p.newer:
+        lines.append("newer snapshots: " + ", ".join(f"{s} ({fate})" for s, fate in p.newer))
+    return "\n".join(lines)
+
+
+def rolled_back_text(r: RolledBack) -> str:
+    if r.dry_run:
+        return "dry run, nothing changed:\n" + rollback_plan_text(r.plan)
+    return (f"rolled {r.plan.volume} back to {r.plan.target} in {r.seconds:g}s; took {r.pre_rollback} first "
+            f"(snapmgr rollback {r.pre_rollback} undoes it); {r.check}")
 
 
 def diff_json(d: Diff) -> dict:

@@ -32,7 +32,7 @@ def restore(engine: Engine, snapshot_text: str, paths: Sequence[str], dest: Path
     dest = Path(os.path.abspath(dest))
     if not in_place:
         check_dest(dest)
-    kept = kept_out(dest, wanted, _own_places(engine))
+    kept = kept_out(dest, wanted, own_places(engine))
     with ExitStack() as stack:
         if in_place and not dry_run:
             stack.enter_context(engine.locked(volume))
@@ -56,7 +56,7 @@ def restore(engine: Engine, snapshot_text: str, paths: Sequence[str], dest: Path
     return Restored(str(snapshot.id), dest, tuple(wanted), dry_run, tuple(changes), pre_rollback)
 
 
-def _own_places(engine: Engine) -> list[tuple[Path, str]]:
+def own_places(engine: Engine) -> list[tuple[Path, str]]:
     """What a restore must never write into, as real paths, each with what it is: also
     where every other volume keeps its snapshots, which may lie inside this one's source."""
     settings = engine.config.settings

@@ -117,7 +117,10 @@ class RsyncBackend(DirectoryBackend):
         syncfs(partial)
         # copied_bytes: what this snapshot holds that no earlier one shares (the files
         # rsync copied rather than hardlinked), over its prepass and its pass in the window.
-        meta = {"source": str(self.opts["source"]), "link_dest": latest.name if latest else None,
+        # source_filesystem: which filesystem the source was (statvfs f_fsid), so that a
+        # rollback can tell it from whatever lies underneath when it is not mounted.
+        meta = {"source": str(self.opts["source"]), "source_filesystem": os.statvfs(self.opts["source"]).f_fsid,
+                "link_dest": latest.name if latest else None,
                 "rsync_stats": _summed(_parse_stats(r.stdout) for r in results),
                 "copied_bytes": prepass_copied + sum(map(_copied, results))}
         if failed := [r.returncode for r in results if r.returncode]:

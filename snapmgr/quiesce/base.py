@@ -46,6 +46,9 @@ class Context:
     busy_paths: Mapping[str, Path]
     # The volumes whose snapshots are copies made file by file (rsync), not one instant.
     copied: tuple[str, ...] = ()
+    # What the window is for: "snapshot", or "rollback" (services stopped while the
+    # volume's files are replaced).
+    purpose: str = "snapshot"
 
 
 class Quiescer(abc.ABC):
@@ -55,6 +58,10 @@ class Quiescer(abc.ABC):
     # What prepare() holds still: the application's own state, or only a filesystem
     # (which decides the snapshot's grade: application or frozen).
     holds: ClassVar[str] = "application"
+    # In a rollback's window: "pause" (as for a snapshot, adapted to it), "skip" (nothing
+    # to do: a frozen filesystem could not be written), or "server" (a database session
+    # cannot keep a server off files being replaced: a systemd quiescer must stop it).
+    in_rollback: ClassVar[str] = "pause"
 
     def __init__(self, spec: Spec, context: Context):
         self.spec = spec

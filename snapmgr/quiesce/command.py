@@ -19,7 +19,10 @@ class CommandQuiescer(Quiescer):
     options = {"pre": schema.Field(schema.argv, required=True), "post": schema.Field(schema.argv)}
 
     def env(self, phase: str) -> dict[str, str]:
+        # SNAPMGR_PHASE stays pre or post in a rollback too: a script shared by both that
+        # branches on it must still stop and start its service. SNAPMGR_ACTION tells them apart.
         return {"SNAPMGR_PHASE": phase,
+                "SNAPMGR_ACTION": self.context.purpose,
                 "SNAPMGR_QUIESCER": self.name,
                 "SNAPMGR_VOLUMES": " ".join(self.context.volumes),
                 "SNAPMGR_SNAPSHOT": " ".join(self.context.snapshots),

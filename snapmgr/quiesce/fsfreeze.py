@@ -17,6 +17,7 @@ from snapmgr.quiesce.freezing import freeze, thaw
 
 class FsfreezeQuiescer(Quiescer):
     kind = "fsfreeze"
+    in_rollback = "skip"
     holds = "filesystem"
     options = {"mountpoints": schema.Field(schema.list_of(schema.mountpoint, non_empty=True), required=True)}
 

@@ -35,6 +35,7 @@ def release(version: str) -> tuple[int, int]:
 
 class MysqlQuiescer(Quiescer):
     kind = "mysql"
+    in_rollback = "server"
     options = {"socket": schema.Field(schema.path(), default=Path("/run/mysqld/mysqld.sock")),
                "user": schema.Field(schema.string, default="root"),
                "password_file": schema.Field(schema.path(must_exist=True))}

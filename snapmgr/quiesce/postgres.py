@@ -25,6 +25,7 @@ NOT_IN_PROGRESS = "55000"     # object_not_in_prerequisite_state: no backup to s
 
 class PostgresQuiescer(Quiescer):
     kind = "postgres"
+    in_rollback = "server"
     options = {"host": schema.Field(schema.string, default="/var/run/postgresql"),
                "port": schema.Field(schema.port, default=5432),
                "user": schema.Field(schema.string, default="postgres"),

@@ -21,6 +21,7 @@ POLL_S = 0.05
 
 class RedisQuiescer(Quiescer):
     kind = "redis"
+    in_rollback = "server"
     options = {"host": schema.Field(schema.string, default="127.0.0.1"),
                "port": schema.Field(schema.port, default=6379),
                "password_file": schema.Field(schema.path(must_exist=True))}

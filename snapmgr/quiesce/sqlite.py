@@ -18,6 +18,7 @@ from snapmgr.quiesce.base import Quiescer
 
 class SqliteQuiescer(Quiescer):
     kind = "sqlite"
+    in_rollback = "server"
     options = {"databases": schema.Field(schema.list_of(schema.path(must_exist=True), non_empty=True),
                                          required=True)}
 

@@ -42,7 +42,8 @@ class SystemdQuiescer(Quiescer):
 
     @property
     def freezing(self) -> bool:
-        return self.opts["mode"] == "freeze"
+        # A rollback replaces the files under the services: they are stopped, never frozen.
+        return self.opts["mode"] == "freeze" and self.context.purpose != "rollback"
 
     def open(self) -> None:
         if not Path("/run/systemd/system").is_dir():

@@ -108,3 +108,21 @@ def test_kill_9_in_the_window_brings_the_units_back_within_5s(host, ws, make_uni
     wait_for(lambda: state(host, unit, "ActiveState") == "active" and state(host, unit, "FreezerState") == "running",
              timeout=5, what=f"{unit} back within 5s")
     assert "was not closed by its run" in ws.ok("list").stderr
+
+
+def test_a_rollback_stops_even_a_freeze_mode_unit_and_starts_it_once_the_volume_is_back(host, ws, make_unit):
+    unit = make_unit()
+    wait_for(lambda: (ws.source / f"{unit}.log").exists(), what="the writer")
+    ws.write_config(volume(ws, ["app", "probe"]), quiesce={
+        "app": {"kind": "systemd", "units": [unit], "mode": "freeze"},
+        "probe": {"kind": "command", "pre": probe(ws, unit)}})
+    ws.ok("snapshot")
+    [target] = ws.snapshots()
+    (ws.source / "later").write_text("made after the snapshot")
+    assert "app: systemctl stop " in ws.ok("--json", "rollback", target, "--dry-run").json()["services"][0]
+    pid_before = state(host, unit, "MainPID")
+    done = ws.ok("--json", "rollback", target, "--yes").json()
+    # Stopped, not frozen: a frozen service would find its files replaced under it.
+    assert (ws.root / "inside").read_text().split() == ["inactive", "running"]
+    assert not (ws.source / "later").exists() and done["pre_rollback"] in ws.snapshots()
+    assert state(host, unit, "ActiveState") == "active" and state(host, unit, "MainPID") != pid_before
