@@ -171,8 +171,12 @@ def restore(c: Context, snapshot, paths, dest, in_place, overwrite, delete, dry_
 @click.argument("snapshot", metavar="VOLUME@ID")
 @click.option("--dry-run", "-n", is_flag=True, help="Show the plan; change nothing.")
 @click.option("--yes", "-y", is_flag=True, help="Roll back without asking (off a terminal, required).")
+@click.option("--destroy-newer", "choice", flag_value="destroy-newer",
+              help="ZFS: destroy the snapshots newer than VOLUME@ID, which the plan lists, to roll back in place.")
+@click.option("--keep-newer", "choice", flag_value="keep-newer",
+              help="ZFS: keep the snapshots newer than VOLUME@ID on the dataset as it is now, renamed aside.")
 @pass_ctx
-def rollback(c: Context, snapshot, dry_run, yes):
+def rollback(c: Context, snapshot, dry_run, yes, choice):
     """Put a volume back as the snapshot VOLUME@ID holds it, after a protected pre-rollback
     snapshot of it as it is, with its services stopped meanwhile.
 
@@ -185,7 +189,7 @@ def rollback(c: Context, snapshot, dry_run, yes):
         if not (yes and (c.json or c.quiet)):   # the plan is told before anything changes; always when asked
             click.echo(render.rollback_plan_text(plan), err=True)
         return yes or click.confirm("roll back?", err=True)
-    done = rollback_job.rollback(c.engine(recover=not dry_run), snapshot, dry_run, confirm)
+    done = rollback_job.rollback(c.engine(recover=not dry_run), snapshot, dry_run, confirm, choice)
     unpublished = _shown(c, lambda: render.rolled_back_json(done), render.rolled_back_text(done),
                          None if dry_run else [done.plan.volume])
     if unpublished:

@@ -16,12 +16,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 from snapmgr import compare_jobs
-from snapmgr.backends.base import Backend
+from snapmgr.backends.base import Backend, RollbackWay
 from snapmgr.config import Volume
 from snapmgr.engine import Engine
 from snapmgr.errors import Interrupted, SnapmgrError, UsageError, as_error
 from snapmgr.model import Snapshot
-from snapmgr.restore import copy, kept_out
 from snapmgr.restore_job import own_places
 from snapmgr.volume_paths import shown
 from snapmgr.writers import open_for_writing
@@ -59,35 +58,32 @@ class RolledBack:
     check: str | None = None    # how the volume compares with the snapshot afterwards
 
 
-def plan(engine: Engine, target_text: str) -> tuple[Volume, Backend, Snapshot, Plan]:
+def plan(engine: Engine, target_text: str, choice: str | None = None) -> tuple[Volume, Backend, Snapshot,
+                                                                          RollbackWay, Plan]:
     volume, backend, target = engine.snapshot_of(target_text)
-    if volume.backend != "rsync":
-        raise SnapmgrError(f"rolling back a {volume.backend} volume is not built yet; snapmgr restore {target.id} / "
-                           f"--in-place --delete copies the snapshot back file by file")
-    live = backend.live_root()
-    if live is None:
+    if choice is not None and choice not in backend.rollback_choices:
+        raise UsageError(f"--{choice} is for volumes whose rollback would otherwise lose newer snapshots (ZFS); "
+                         f"a rollback of {volume.backend} volume {volume.name} keeps them anyway")
+    if backend.live_root() is None:
         raise SnapmgrError(f"volume {volume.name} is not mounted now: there is nothing to roll back")
-    recorded = target.meta.get("source_filesystem")
-    if recorded is not None and recorded != os.statvfs(live).f_fsid:
-        raise SnapmgrError(f"{live} is not on the filesystem {target.id} was taken from (is it mounted?): a rollback "
-                           f"would fill whatever lies underneath; nothing was changed")
-    newer = tuple((str(s.id), "kept") for s in sorted(backend.list(), key=lambda s: s.id) if s.id > target.id)
-    return volume, backend, target, Plan(
-        volume.name, str(target.id),
-        "rsync --delete from the snapshot into the source; what the snapshots leave out is kept as it is",
-        "now", _losses(engine, target), newer, tuple(engine.rollback_quiescers(volume)))
+    snapshots = sorted(backend.list(), key=lambda s: s.id)
+    way = backend.rollback_way(target, snapshots, choice)
+    newer = tuple((str(s.id), way.fates.get(s.id, "kept")) for s in snapshots if s.id > target.id)
+    return volume, backend, target, way, Plan(
+        volume.name, str(target.id), way.method, way.takes_effect, _losses(engine, target), newer,
+        tuple(engine.rollback_quiescers(volume)))
 
 
-def rollback(engine: Engine, target_text: str, dry_run: bool, confirm: Callable[[Plan], bool]) -> RolledBack:
+def rollback(engine: Engine, target_text: str, dry_run: bool, confirm: Callable[[Plan], bool],
+             choice: str | None = None) -> RolledBack:
     """The plan, and unless `dry_run` and once `confirm(plan)` says yes, the rollback."""
-    volume, backend, target, planned = plan(engine, target_text)
+    volume, backend, target, way, planned = plan(engine, target_text, choice)
     if dry_run:
         return RolledBack(planned, True)
     if not confirm(planned):
         raise UsageError("not confirmed: nothing was changed")
     started = time.monotonic()
     live = backend.live_root()
-    kept = kept_out(live, [b""], own_places(engine))
     with engine.locked(volume), engine.journal.run(volume.name, "rollback", os.getpid()):
         def roll_back() -> tuple[str, str]:
             if still := open_for_writing(live):
@@ -98,9 +94,7 @@ def rollback(engine: Engine, target_text: str, dry_run: bool, confirm: Callable[
                                      f"was changed")
             pre_rollback = engine.pre_rollback(volume, quiesce=False)
             try:
-                with backend.browse_root(target) as root:
-                    copy(root, [b""], live, delete=True, left_out=backend.left_out(), kept=kept,
-                         own_mounts=backend.own_mounts())
+                backend.roll_back(target, way, own_places(engine), resuming=False)
             except (SnapmgrError, KeyboardInterrupt) as e:
                 # Raised inside the journal's run, so the journal keeps this line too; a
                 # stop (Ctrl-C, SIGTERM) stays one, for its exit code.

@@ -14,6 +14,7 @@ from typing import Callable, ClassVar, Mapping
 
 from snapmgr.backends import shared_mounts
 from snapmgr.model import ForeignSnapshot, MinFree, Snapshot, SnapshotId, human_size
+from snapmgr.errors import SnapmgrError
 from snapmgr.schema import Field
 
 Progress = Callable[[str], None]
@@ -163,6 +164,33 @@ class Backend(abc.ABC):
         out from `snapshots`: the volume's listing, just made (never listed again)."""
         return self.free_space()
 
+    # Rollback -----------------------------------------------------------------------------
+
+    # What a rollback may be told to do with the snapshots newer than its target, where
+    # the backend's own way would otherwise lose them (ZFS: "destroy-newer", "keep-newer").
+    rollback_choices: ClassVar[tuple[str, ...]] = ()
+
+    def rollback_way(self, target: Snapshot, snapshots: list[Snapshot], choice: str | None) -> RollbackWay:
+        """How roll_back() would put the volume back as `target` holds it, `snapshots`
+        being all of the volume's; SnapmgrError saying why it will not (and what to ask
+        instead) when it cannot be done safely as asked."""
+        raise SnapmgrError(f"rolling back a {self.name} volume is not built yet; snapmgr restore {target.id} / "
+                           f"--in-place --delete copies the snapshot back file by file")
+
+    def roll_back(self, target: Snapshot, way: RollbackWay, keep: tuple[Path, ...], resuming: bool) -> str | None:
+        """Put the volume back as `target` holds it, the way rollback_way() told, once the
+        services are stopped and the pre-rollback snapshot is taken. `keep`: places under
+        live_root() never touched (other volumes' storage). `resuming`: an earlier call
+        was cut short (killed, or failed part way), and this one finishes what it began.
+        Returns what is still to happen and when (a merge deferred to the next
+        activation), None once the volume is the snapshot."""
+        raise SnapmgrError(f"rolling back a {self.name} volume is not built yet")
+
+    def rollback_pending(self, target: SnapshotId) -> str | None:
+        """For a roll_back() that left something to happen later: what still is, or None
+        once it has happened."""
+        return None
+
     @abc.abstractmethod
     def plan_create(self, snapshot_id: SnapshotId) -> str:
         """One line saying what create() would do, for --dry-run."""
@@ -190,6 +218,18 @@ class Backend(abc.ABC):
         """What undoes a build of the snapshot's browse directory; None: unmounting
         everything in it."""
         return None
+
+
+@dataclass(frozen=True)
+class RollbackWay:
+    """How a backend would put its volume back as a snapshot holds it: what the plan tells
+    before anything changes, and what roll_back() is given to do it."""
+
+    method: str                    # what is done, for people
+    choice: str | None = None      # one of the backend's rollback_choices, as asked
+    takes_effect: str = "now"      # or when it does: "at the next activation of vg0/data"
+    # What becomes of the snapshots that are not simply kept: "consumed by the merge".
+    fates: Mapping[SnapshotId, str] = field(default_factory=dict)
 
 
 def taken_with_another(step: Callable[[], Snapshot]) -> Snapshot | None:

@@ -17,10 +17,11 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 from snapmgr import schema, sh
 from snapmgr.backends import changes, rsync_filters
-from snapmgr.backends.base import Progress, Space
+from snapmgr.backends.base import Progress, RollbackWay, Space
 from snapmgr.backends.directory import DirectoryBackend, syncfs
 from snapmgr.errors import SnapmgrError, SpaceRefused, quote
 from snapmgr.model import Snapshot, SnapshotId, human_size
+from snapmgr.restore import copy, kept_out
 
 log = logging.getLogger(__name__)
 
@@ -217,6 +218,22 @@ class RsyncBackend(DirectoryBackend):
         return replace(self._filesystem_space(), held=sum(held_each.values()), held_each=held_each,
                        note="held: what each snapshot copied when taken; a file it shared with a pruned "
                             "snapshot is counted in none")
+
+    def rollback_way(self, target: Snapshot, snapshots: list[Snapshot], choice: str | None) -> RollbackWay:
+        live = self.live_root()
+        recorded = target.meta.get("source_filesystem")
+        if recorded is not None and recorded != os.statvfs(live).f_fsid:
+            raise SnapmgrError(f"{live} is not on the filesystem {target.id} was taken from (is it mounted?): a "
+                               f"rollback would fill whatever lies underneath; nothing was changed")
+        return RollbackWay("rsync --delete from the snapshot into the source; what the snapshots leave out is kept "
+                           "as it is")
+
+    def roll_back(self, target: Snapshot, way: RollbackWay, keep: tuple[Path, ...], resuming: bool) -> None:
+        # A copy cut short is finished by copying again: rsync skips what already matches.
+        live = self.live_root()
+        with self.browse_root(target) as root:
+            copy(root, [b""], live, delete=True, left_out=self.left_out(), kept=kept_out(live, [b""], keep),
+                 own_mounts=self.own_mounts())
 
     def _publish(self, snapshot_id: SnapshotId) -> None:
         self._partial(snapshot_id).rename(self.snapshot_dir / str(snapshot_id))
