@@ -168,7 +168,9 @@ def restore(c: Context, snapshot, paths, dest, in_place, overwrite, delete, dry_
 
 
 @cli.command()
-@click.argument("snapshot", metavar="VOLUME@ID")
+@click.argument("snapshot", metavar="VOLUME@ID | VOLUME")
+@click.option("--resume", is_flag=True,
+              help="Finish the rollback of VOLUME (give the volume alone) that was cut short.")
 @click.option("--dry-run", "-n", is_flag=True, help="Show the plan; change nothing.")
 @click.option("--yes", "-y", is_flag=True, help="Roll back without asking (off a terminal, required).")
 @click.option("--destroy-newer", "choice", flag_value="destroy-newer",
@@ -176,12 +178,13 @@ def restore(c: Context, snapshot, paths, dest, in_place, overwrite, delete, dry_
 @click.option("--keep-newer", "choice", flag_value="keep-newer",
               help="ZFS: keep the snapshots newer than VOLUME@ID on the dataset as it is now, renamed aside.")
 @pass_ctx
-def rollback(c: Context, snapshot, dry_run, yes, choice):
+def rollback(c: Context, snapshot, resume, dry_run, yes, choice):
     """Put a volume back as the snapshot VOLUME@ID holds it, after a protected pre-rollback
     snapshot of it as it is, with its services stopped meanwhile.
 
     The plan is shown first: what the volume loses, what becomes of newer snapshots,
-    what is done to the services; then, on a terminal, a question."""
+    what is done to the services; then, on a terminal, a question. A rollback cut short
+    is finished by `snapmgr rollback --resume VOLUME`."""
     def confirm(plan) -> bool:
         if not (yes or sys.stdin.isatty() and sys.stderr.isatty()):
             raise UsageError("a rollback replaces the live volume: off a terminal, --yes says to go ahead "
@@ -189,7 +192,12 @@ def rollback(c: Context, snapshot, dry_run, yes, choice):
         if not (yes and (c.json or c.quiet)):   # the plan is told before anything changes; always when asked
             click.echo(render.rollback_plan_text(plan), err=True)
         return yes or click.confirm("roll back?", err=True)
-    done = rollback_job.rollback(c.engine(recover=not dry_run), snapshot, dry_run, confirm, choice)
+    if resume:
+        if "@" in snapshot or choice:
+            raise UsageError("--resume takes the volume alone, and finishes the rollback as it was asked")
+        done = rollback_job.resume(c.engine(recover=not dry_run), snapshot, dry_run, confirm)
+    else:
+        done = rollback_job.rollback(c.engine(recover=not dry_run), snapshot, dry_run, confirm, choice)
     unpublished = _shown(c, lambda: render.rolled_back_json(done), render.rolled_back_text(done),
                          None if dry_run else [done.plan.volume])
     if unpublished:

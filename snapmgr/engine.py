@@ -25,11 +25,11 @@ from snapmgr.backends import BACKENDS
 from snapmgr.backends.base import Backend, Progress, Space, taken_with_another
 from snapmgr.config import Config, Group, Schedule, Volume
 from snapmgr.errors import Interrupted, LockBusy, SnapmgrError, UsageError, as_error, quote
-from snapmgr.journal import (Journal, JournalError, Run, RunRecord, Verify, VolumeHistory, Window as StoredWindow,
-                             WindowRecord)
+from snapmgr.journal import (UNFINISHED, Journal, JournalError, RollbackRecord, Run, RunRecord, Verify, VolumeHistory,
+                             Window as StoredWindow, WindowRecord)
 from snapmgr.lock import volume_lock
 from snapmgr.manifest.verify import Problem, check as check_snapshot
-from snapmgr.model import ForeignSnapshot, MinFree, Snapshot, SnapshotId
+from snapmgr.model import ForeignSnapshot, MinFree, Snapshot, SnapshotId, stamp
 from snapmgr.quiesce import undo
 from snapmgr.quiesce.watchdog import Watchdog, perform_all
 from snapmgr.quiesce.window import Window, WindowOverrun
@@ -81,6 +81,8 @@ class VolumeStatus:
     last_window: WindowRecord | None = None
     unresumed_window: WindowRecord | None = None   # the latest not fully resumed, whatever came after
     observed_at: datetime | None = None   # when the snapshots were listed, if not now (status(live=False))
+    rollback: RollbackRecord | None = None     # the latest, if it is not over: under way, cut short or pending
+    rollback_pending: str | None = None        # what a pending one still waits for, where the backend was asked
 
 
 @dataclass(frozen=True)
@@ -293,7 +295,7 @@ class Engine:
         common = {"history": journal.history(volume.name), "space": listing.space,
                   "space_problem": listing.space_problem, "min_free": volume.min_free, "observed_at": listing.at,
                   "runs": tuple(journal.last_runs(volume.name)), "last_window": journal.last_window(volume.name),
-                  "unresumed_window": journal.unresumed_window(volume.name)}
+                  "unresumed_window": journal.unresumed_window(volume.name)} | self._rollback_state(volume, listing)
         snapshots = listing.snapshots
         if snapshots is None:
             return VolumeStatus(volume.name, volume.backend, None, None, problem=listing.problem, **common)
@@ -305,6 +307,16 @@ class Engine:
         return VolumeStatus(volume.name, volume.backend, len(snapshots), newest, problem=problem,
                             invalid=tuple(str(s.id) for s in invalid), last_verify=last_verify, damaged=damaged,
                             newest_good=max(good, key=lambda s: s.id, default=None), **common)
+
+    def _rollback_state(self, volume: Volume, listing: observed.Listing) -> dict:
+        last = self.journal.last_rollback(volume.name, (*UNFINISHED, "pending"))
+        if last is None or last.state != "pending" or listing.at is not None:
+            return {"rollback": last}   # a pending one is asked about only where the backend can be
+        try:
+            still = self.backend(volume).rollback_pending(SnapshotId.parse(last.target))
+        except (SnapmgrError, OSError) as e:
+            still = f"{last.detail} (whether it still is cannot be told: {as_error(e)})"
+        return {"rollback": last if still else None, "rollback_pending": still}
 
     def verify(self, targets: Iterable[str], progress: Progress | None = None
                ) -> tuple[list[Verification], list[str]]:
@@ -404,7 +416,41 @@ class Engine:
             told.append(f"the quiesce window of {', '.join(w.volumes)} opened by pid {w.pid} at "
                         f"{w.started:%Y-%m-%d %H:%M:%S} UTC was not closed by its run; {detail}")
             self.journal.window_reported(w.id)
-        return told
+        return told + [line for v in self.config.volumes.values() if (line := self._rollback_told(v))]
+
+    def _rollback_told(self, volume: Volume) -> str | None:
+        """What is left of the volume's last rollback that is not over, for every run to
+        tell: one cut short leaves the volume part way until it is resumed or undone.
+        A rollback whose run is gone (the lock is free) was cut short by a kill; a pending
+        one that has taken effect since is over."""
+        last = self.journal.last_rollback(volume.name, ("begun", *UNFINISHED, "pending"))
+        if last is None:
+            return None
+        if last.state in ("begun", "rolling-back"):
+            try:
+                with volume_lock(self.config.settings.run_dir, volume.name, 0):
+                    last = self.journal.last_rollback(volume.name)   # as it stands, now that no run works on it
+                    if last.state == "begun":
+                        self.journal.rollback_moved(last.id, "refused", "its run was killed before it changed anything")
+                        return None
+                    if last.state == "rolling-back":
+                        self.journal.rollback_moved(last.id, "cut-short", f"its run (pid {last.run.pid}) was killed"
+                                                    if last.run else "its run was killed")
+                        last = self.journal.last_rollback(volume.name)
+            except LockBusy:
+                return None   # its run is still at it
+        if last.state == "cut-short":
+            return (f"volume {volume.name}: the rollback to {last.target} begun at {stamp(last.started)} was cut short "
+                    f"and the volume may be part way: snapmgr rollback --resume {volume.name} finishes it, snapmgr "
+                    f"rollback {last.pre_rollback} puts the volume back as it was")
+        if last.state == "pending":
+            try:
+                if self.backend(volume).rollback_pending(SnapshotId.parse(last.target)) is None:
+                    self.journal.rollback_moved(last.id, "done", f"took effect by {stamp(self.clock())}")
+            except (SnapmgrError, OSError):
+                log.debug("volume %s: whether its rollback is still pending cannot be told", volume.name,
+                          exc_info=True)
+        return None
 
     def _record_try(self, w: StoredWindow, lines: list[str], failed: int) -> str:
         """Record how a try to resume the window went; say how."""
@@ -472,13 +518,14 @@ class Engine:
         return outcomes
 
     def _take(self, volumes: list[Volume], group: Group | None, tags: frozenset[str], dry_run: bool,
-              progress: Progress | None, outcomes: list[Outcome], quiesce: bool = True) -> None:
-        """Stage every volume, then take them all inside one quiesce window (unless not
-        `quiesce`), then record."""
+              progress: Progress | None, outcomes: list[Outcome], held_grade: str | None = None) -> None:
+        """Stage every volume, then take them all inside one quiesce window, then record.
+        `held_grade`: the services are held already (a rollback's window), as well as
+        that grade says; no window of its own."""
         backends = [self.backend(v) for v in volumes]
         now = self.clock()
         ids = [SnapshotId.next_free(v.name, now, (s.id for s in b.list())) for v, b in zip(volumes, backends)]
-        window = self._window(volumes, backends, ids, group, dry_run) if quiesce else Window([], 0)
+        window = self._window(volumes, backends, ids, group, dry_run) if held_grade is None else Window([], 0)
         if dry_run:
             if refused := space_guard.refusal(volumes, backends, group):
                 raise refused
@@ -511,6 +558,8 @@ class Engine:
             results += [taken_with_another(t) or stopped for t in takes[len(results):]]
             results += [stopped] * (len(volumes) - len(results))
         meta = window.report.as_meta() | {"group": group.name if group else None}
+        if held_grade is not None:
+            meta["grade"] = held_grade
         recorded: list[tuple[Outcome, manifest_recording.Taken]] = []
         for outcome, run, volume, backend, result in zip(outcomes, runs, volumes, backends, results):
             record = dict(meta)
@@ -623,8 +672,13 @@ class Engine:
         if volume.retention is None:
             return
         outcome.policy = volume.retention.name
+        try:
+            cut_short = self.journal.last_rollback(volume.name, UNFINISHED)
+        except JournalError:
+            cut_short = None   # told of by the run's own record; the journal that knew of one is lost anyway
+        needed = {SnapshotId.parse(cut_short.target): "the target of a rollback cut short"} if cut_short else {}
         outcome.decisions = retention.decide(backend.list(), volume.retention, self.clock(),
-                                             self.config.settings.timezone)
+                                             self.config.settings.timezone, needed)
         doomed = [d.snapshot for d in outcome.decisions if not d.keep]
         if dry_run or not doomed:
             return
@@ -668,24 +722,26 @@ class Engine:
         records.delete(snapshot.id)
         manifest.delete(records.directory, snapshot.id)
 
-    def pre_rollback(self, volume: Volume, quiesce: bool = True) -> str:
+    def pre_rollback(self, volume: Volume, held_grade: str | None = None) -> str:
         """A protected snapshot of the volume as it is, taken under the lock already held:
-        what a restore in place (or a rollback) can be undone with. `quiesce` False: the
-        services are stopped already (held_for_rollback)."""
+        what a restore in place (or a rollback) can be undone with. `held_grade`: the
+        services are held already (held_for_rollback), as well as that grade says."""
         outcome = Outcome(volume.name)
-        self._take([volume], None, frozenset({PRE_ROLLBACK_TAG}), False, None, [outcome], quiesce)
+        self._take([volume], None, frozenset({PRE_ROLLBACK_TAG}), False, None, [outcome], held_grade)
         if outcome.error or outcome.created is None:
             raise SnapmgrError(f"the {PRE_ROLLBACK_TAG} snapshot failed, so nothing was restored: {outcome.error}")
         return str(outcome.created.id)
 
-    def held_for_rollback(self, volume: Volume, work: Callable[[], T]) -> T:
-        """`work()` with the volume's services stopped for a rollback (each quiescer in its
-        part of one, see Quiescer.in_rollback), their restart guaranteed by the watchdog,
-        under the volume's lock, which the caller holds. What `work` raised is raised once
-        the services are back; a service that did not come back is an error after it."""
+    def held_for_rollback(self, volume: Volume, work: Callable[[str], T]) -> T:
+        """`work(grade)` with the volume's services stopped for a rollback (each quiescer in
+        its part of one, see Quiescer.in_rollback), their restart guaranteed by the
+        watchdog, under the volume's lock, which the caller holds; `grade`: what a snapshot
+        taken meanwhile is. What `work` raised is raised once the services are back; a
+        service that did not come back is an error after it."""
         window = self._window([volume], [self.backend(volume)], [], None, False, purpose="rollback")
+        grade = "application" if window.quiescers else "crash"
         results: list = []
-        self._hold(window, [volume], None, [work], results)
+        self._hold(window, [volume], None, [lambda: work(grade)], results)
         [result] = results
         if isinstance(result, SnapmgrError):
             raise result

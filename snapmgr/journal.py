@@ -95,13 +95,32 @@ MIGRATIONS = (
     ALTER TABLE runs ADD COLUMN boot_id TEXT;           -- of the boot it began in
     ALTER TABLE runs ADD COLUMN start_ticks INTEGER;    -- when its process started, in clock ticks since that boot
     """,
+    """
+    CREATE TABLE rollbacks (
+        id           INTEGER PRIMARY KEY,
+        run_id       INTEGER REFERENCES runs (id),   -- the last run that worked on it (a resume's)
+        volume       TEXT NOT NULL,
+        target       TEXT NOT NULL,
+        method       TEXT NOT NULL,
+        choice       TEXT,               -- what was asked of newer snapshots: destroy-newer, keep-newer
+        pre_rollback TEXT,               -- the snapshot of the volume as it was, once taken
+        started      TEXT NOT NULL,
+        ended        TEXT,
+        state        TEXT NOT NULL,      -- begun, rolling-back, cut-short, pending, done, refused, superseded
+        detail       TEXT,
+        seconds      REAL
+    );
+    CREATE INDEX rollbacks_by_volume ON rollbacks (volume, id);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 # The oldest schema a reader that may not migrate the journal (a monitoring user) can
 # read: the later migrations only add columns of runs it does without, as it does in the
-# rows an older snapmgr wrote. The next run as root migrates the journal.
+# rows an older snapmgr wrote, and the rollbacks, of which such a journal holds none.
+# The next run as root migrates the journal.
 READABLE_FROM = 4
 RUN_IDENTITY_SINCE = 5   # the schema from which runs keep their process's boot id and start ticks
+ROLLBACKS_SINCE = 6      # the schema from which rollbacks are kept
 MAX_DETAIL = 100  # problems of one verify kept in the journal; the count is kept whole
 FULL_BELOW = 1 << 20  # free bytes under which a write error is most likely the full disk
 # SQLite's primary result codes that mean "not now" or "not here" rather than damage.
@@ -156,6 +175,32 @@ class WindowRecord:
     quiesce_s: float | None
     freeze_s: float | None
     attempts: int = 0               # tries to resume it that failed in part
+
+
+@dataclass(frozen=True)
+class RollbackRecord:
+    """One rollback of a volume, as far as it went."""
+
+    id: int
+    volume: str
+    target: str
+    method: str
+    choice: str | None
+    pre_rollback: str | None
+    started: datetime
+    ended: datetime | None
+    state: str          # begun, rolling-back, cut-short, pending, done, refused, superseded
+    detail: str | None
+    seconds: float | None
+    run: RunRecord | None    # the last run that worked on it, to tell whether it still does
+
+    @property
+    def unfinished(self) -> bool:
+        """Whether the volume may be part way between what it was and the target."""
+        return self.state in UNFINISHED
+
+
+UNFINISHED = ("rolling-back", "cut-short")   # rolling-back: also while its run still works on it
 
 
 @dataclass(frozen=True)
@@ -308,6 +353,23 @@ class Journal:
                 (volume,)).fetchone()
         return row and WindowRecord(_parse(row[0]), _parse(row[1]), *row[2:])
 
+    def last_rollback(self, volume: str, states: tuple[str, ...] = ()) -> RollbackRecord | None:
+        """The volume's latest rollback (in one of `states`, if given)."""
+        if self._version < ROLLBACKS_SINCE:
+            return None   # a reader of a journal one upgrade behind: none kept yet
+        where = f" AND b.state IN ({', '.join('?' * len(states))})" if states else ""
+        with self._guard():
+            row = self._connection().execute(
+                "SELECT b.id, b.volume, b.target, b.method, b.choice, b.pre_rollback, b.started, b.ended, b.state, "
+                "b.detail, b.seconds, r.action, r.pid, r.started, r.ended, r.status, r.error, r.boot_id, "
+                "r.start_ticks FROM rollbacks b LEFT JOIN runs r ON r.id = b.run_id "
+                f"WHERE b.volume = ?{where} ORDER BY b.id DESC LIMIT 1", (volume, *states)).fetchone()
+        if row is None:
+            return None
+        run = RunRecord(row[11], row[12], _parse(row[13]), _parse(row[14]), *row[15:]) if row[11] else None
+        return RollbackRecord(row[0], row[1], row[2], row[3], row[4], row[5], _parse(row[6]), _parse(row[7]),
+                              *row[8:11], run)
+
     def observations(self) -> dict[str, tuple[datetime, str]]:
         """Volume -> when a run last listed its snapshots, and what it saw (JSON text)."""
         with self._guard():
@@ -382,6 +444,24 @@ class Journal:
                         "WHERE id = ? AND status IN ('open', 'recovery-failed')",
                         (json.dumps(steps), attempts, _now(), status, status, _now(), detail, grade, quiesce_s,
                          freeze_s, window_id))
+
+    def rollback_begun(self, run: Run, volume: str, target: str, method: str, choice: str | None) -> int | None:
+        return self._write("INSERT INTO rollbacks (run_id, volume, target, method, choice, started, state) "
+                           "VALUES (?, ?, ?, ?, ?, ?, 'begun')", (run.id, volume, target, method, choice, _now()))
+
+    def rollback_moved(self, rollback_id: int, state: str, detail: str | None = None, run: Run | None = None,
+                       pre_rollback: str | None = None, seconds: float | None = None) -> None:
+        """The rollback is now in `state`; `run`: a resume's, which works on it from now."""
+        ended = None if state in ("begun", "rolling-back") else _now()
+        self._write("UPDATE rollbacks SET state = ?, ended = ?, detail = coalesce(?, detail), "
+                    "run_id = coalesce(?, run_id), pre_rollback = coalesce(?, pre_rollback), "
+                    "seconds = coalesce(?, seconds) WHERE id = ?",
+                    (state, ended, detail, run and run.id, pre_rollback, seconds, rollback_id))
+        if state in ("done", "pending"):
+            # The volume is the target now, whatever earlier rollbacks left it part way at.
+            self._write("UPDATE rollbacks SET state = 'superseded', ended = coalesce(ended, ?) "
+                        "WHERE volume = (SELECT volume FROM rollbacks WHERE id = ?) AND id < ? AND state IN "
+                        f"({', '.join('?' * len(UNFINISHED))})", (_now(), rollback_id, rollback_id, *UNFINISHED))
 
     def observed(self, volume: str, at: datetime, listing: dict) -> None:
         """What listing the volume's snapshots at `at` showed. It replaces what was seen

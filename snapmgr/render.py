@@ -116,28 +116,35 @@ def rolled_back_json(r: RolledBack) -> dict:
     return {"volume": p.volume, "snapshot": p.target, "dry_run": r.dry_run, "method": p.method,
             "takes_effect": p.takes_effect, "losses": asdict(p.losses) | {"shown": list(p.losses.shown)},
             "newer": [{"snapshot": s, "fate": fate} for s, fate in p.newer], "services": list(p.services),
-            "pre_rollback": r.pre_rollback, "seconds": r.seconds, "check": r.check}
+            "pre_rollback": r.pre_rollback, "seconds": r.seconds, "check": r.check, "pending": r.pending,
+            "affected": [{"snapshot": s, "fate": fate} for s, fate in p.others], "resumes": p.resumes}
 
 
 def rollback_plan_text(p: Plan) -> str:
     loss = p.losses
     lines = [f"roll {p.volume} back to {p.target}, {p.takes_effect}: {p.method}",
+             *([p.resumes] if p.resumes else []),
              f"it loses what changed since: {loss.added} entries made since are deleted, {loss.removed} deleted since "
              f"come back, {loss.changed} changed since are put back as they were",
              *(f"  {line}" for line in loss.shown),
-             "first, a protected pre-rollback snapshot of the volume as it is (snapmgr rollback to it undoes this)",
+             *([] if p.resumes else ["first, a protected pre-rollback snapshot of the volume as it is (snapmgr "
+                                     "rollback to it undoes this)"]),
              "services: " + ("; ".join(p.services) if p.services else "no quiescer stops any (whatever still writes "
                                                                      "to the volume is refused, by name)")]
     if p.newer:
         lines.append("newer snapshots: " + ", ".join(f"{s} ({fate})" for s, fate in p.newer))
+    if p.others:
+        lines.append("also: " + ", ".join(f"{s} ({fate})" for s, fate in p.others))
     return "\n".join(lines)
 
 
 def rolled_back_text(r: RolledBack) -> str:
     if r.dry_run:
         return "dry run, nothing changed:\n" + rollback_plan_text(r.plan)
-    return (f"rolled {r.plan.volume} back to {r.plan.target} in {r.seconds:g}s; took {r.pre_rollback} first "
-            f"(snapmgr rollback {r.pre_rollback} undoes it); {r.check}")
+    how = "finished the rollback of" if r.plan.resumes else "rolled"
+    after = f"; {r.check}" if r.check else f"; it takes effect {r.pending}" if r.pending else ""
+    return (f"{how} {r.plan.volume} back to {r.plan.target} in {r.seconds:g}s; {r.pre_rollback} holds it as it was "
+            f"(snapmgr rollback {r.pre_rollback} undoes it){after}")
 
 
 def diff_json(d: Diff) -> dict:
@@ -179,6 +186,9 @@ def status_json(s: VolumeStatus, now: datetime) -> dict:
         "damaged": list(s.damaged),
         "space": space_json(s),
         "space_error": s.space_problem,
+        "rollback": None if s.rollback is None else {
+            "target": s.rollback.target, "state": s.rollback.state, "started": when(s.rollback.started),
+            "pre_rollback": s.rollback.pre_rollback, "detail": s.rollback.detail, "pending": s.rollback_pending},
     }
 
 
@@ -272,6 +282,8 @@ def status_table(statuses: Sequence[VolumeStatus], now: datetime) -> str:
     for s in statuses:
         h = s.history
         now_state = state(s)
+        if s.rollback is not None:
+            now_state += f", rollback to {s.rollback.target} {s.rollback.state.replace('-', ' ')}"
         rows.append((s.volume, s.backend, now_state, "?" if s.snapshots is None else str(s.snapshots),
                      age(h.last_success, now), _window(s.newest), _verified(s, now), _space(s),
                      (s.problem or h.last_error) if now_state == "failing" else "-"))

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, tzinfo
-from typing import Iterable
+from typing import Iterable, Mapping
 
-from snapmgr.model import Policy, Snapshot
+from snapmgr.model import Policy, Snapshot, SnapshotId
 
 # Counting rules from the shortest period to the longest, as strftime patterns of the
 # period a snapshot falls in (keep_last: every snapshot is its own period). ISO weeks run
@@ -45,11 +45,15 @@ class Decision:
     reason: str  # the rule that keeps it, or "no rule keeps it"
 
 
-def decide(snapshots: Iterable[Snapshot], policy: Policy, now: datetime, tz: tzinfo | None) -> list[Decision]:
+def decide(snapshots: Iterable[Snapshot], policy: Policy, now: datetime, tz: tzinfo | None,
+           needed: Mapping[SnapshotId, str] | None = None) -> list[Decision]:
     """One decision per snapshot, newest first. Periods are counted in `tz`; None means the
-    system's local time, with each snapshot's own daylight-saving offset."""
+    system's local time, with each snapshot's own daylight-saving offset. `needed`: the
+    snapshots something still needs, and what (a rollback cut short, its target)."""
     ordered = sorted(snapshots, key=lambda s: s.id, reverse=True)
-    reasons: dict = {s.id: f"protected ({s.protection})" for s in ordered if s.protection}
+    needed = needed or {}
+    reasons: dict = {s.id: f"protected ({s.protection or needed[s.id]})" for s in ordered
+                     if s.protection or s.id in needed}
     doomed = {s.id: f"invalid ({s.invalid})" for s in ordered if s.invalid and s.id not in reasons}
     candidates = [s for s in ordered if s.id not in reasons and s.id not in doomed]
 

@@ -4,9 +4,14 @@ First the plan (how, what the volume loses, what becomes of the newer snapshots,
 happens to the services), which a dry run stops at and a person confirms. Then, under the
 volume's lock, with its services stopped for the whole of it (their restart guaranteed by
 the watchdog): a protected pre-rollback snapshot of the volume as it is, which a rollback
-to it undoes; the rollback itself; the services back; the volume compared with the
-snapshot. Only rsync volumes roll back so far, by copying the snapshot back over the
-source with deletion; the other backends' own ways come next."""
+to it undoes; the rollback itself, each backend its own way (Backend.roll_back); the
+services back; the volume compared with the snapshot.
+
+Each step is kept in the journal's rollbacks: a rollback cut short (killed, stopped,
+failed part way) leaves the volume part way, which every later run tells of (the check
+is critical) until `rollback --resume` finishes it or a rollback to the pre-rollback
+snapshot undoes it. The watchdog still starts the services again meanwhile: nothing is
+ever left stopped, and the snapshots hold both states whole."""
 
 from __future__ import annotations
 
@@ -20,7 +25,8 @@ from snapmgr.backends.base import Backend, RollbackWay
 from snapmgr.config import Volume
 from snapmgr.engine import Engine
 from snapmgr.errors import Interrupted, SnapmgrError, UsageError, as_error
-from snapmgr.model import Snapshot
+from snapmgr.journal import UNFINISHED, RollbackRecord, Run
+from snapmgr.model import Snapshot, stamp
 from snapmgr.restore_job import own_places
 from snapmgr.volume_paths import shown
 from snapmgr.writers import open_for_writing
@@ -47,6 +53,8 @@ class Plan:
     losses: Losses
     newer: tuple[tuple[str, str], ...]   # each newer snapshot, and what becomes of it
     services: tuple[str, ...]            # what is done to each quiescer's service
+    others: tuple[tuple[str, str], ...] = ()   # the target and older snapshots the rollback affects, and how
+    resumes: str | None = None           # the rollback cut short that this one finishes, for people
 
 
 @dataclass(frozen=True)
@@ -56,10 +64,25 @@ class RolledBack:
     pre_rollback: str | None = None
     seconds: float | None = None
     check: str | None = None    # how the volume compares with the snapshot afterwards
+    pending: str | None = None  # what is still to happen, and when (a merge at the next activation)
 
 
-def plan(engine: Engine, target_text: str, choice: str | None = None) -> tuple[Volume, Backend, Snapshot,
-                                                                          RollbackWay, Plan]:
+@dataclass(frozen=True)
+class _Planned:
+    volume: Volume
+    backend: Backend
+    target: Snapshot
+    way: RollbackWay
+    plan: Plan
+
+    def same_as(self, other: _Planned) -> bool:
+        """Whether `other`, planned later, does what this one told (its losses aside)."""
+        return (self.target.id, self.way, self.plan.newer, self.plan.others, self.plan.services) == \
+            (other.target.id, other.way, other.plan.newer, other.plan.others, other.plan.services)
+
+
+def plan(engine: Engine, target_text: str, choice: str | None = None, resuming: RollbackRecord | None = None,
+         losses: bool = True) -> _Planned:
     volume, backend, target = engine.snapshot_of(target_text)
     if choice is not None and choice not in backend.rollback_choices:
         raise UsageError(f"--{choice} is for volumes whose rollback would otherwise lose newer snapshots (ZFS); "
@@ -69,42 +92,118 @@ def plan(engine: Engine, target_text: str, choice: str | None = None) -> tuple[V
     snapshots = sorted(backend.list(), key=lambda s: s.id)
     way = backend.rollback_way(target, snapshots, choice)
     newer = tuple((str(s.id), way.fates.get(s.id, "kept")) for s in snapshots if s.id > target.id)
-    return volume, backend, target, way, Plan(
-        volume.name, str(target.id), way.method, way.takes_effect, _losses(engine, target), newer,
-        tuple(engine.rollback_quiescers(volume)))
+    others = tuple((str(sid), fate) for sid, fate in sorted(way.fates.items()) if sid <= target.id)
+    resumes = None if resuming is None else (
+        f"it finishes the rollback to {resuming.target} begun at {stamp(resuming.started)}, which was cut short"
+        + (f" ({resuming.detail})" if resuming.detail else "") + f"; {resuming.pre_rollback} holds the volume as "
+        f"it was before that one")
+    return _Planned(volume, backend, target, way, Plan(
+        volume.name, str(target.id), way.method, way.takes_effect,
+        _losses(engine, target) if losses else Losses(0, 0, 0, ()), newer,
+        tuple(engine.rollback_quiescers(volume)), others, resumes))
 
 
 def rollback(engine: Engine, target_text: str, dry_run: bool, confirm: Callable[[Plan], bool],
              choice: str | None = None) -> RolledBack:
     """The plan, and unless `dry_run` and once `confirm(plan)` says yes, the rollback."""
-    volume, backend, target, way, planned = plan(engine, target_text, choice)
+    planned = plan(engine, target_text, choice)
     if dry_run:
-        return RolledBack(planned, True)
-    if not confirm(planned):
+        return RolledBack(planned.plan, True)
+    if not confirm(planned.plan):
         raise UsageError("not confirmed: nothing was changed")
     started = time.monotonic()
+    volume = planned.volume
+    with engine.locked(volume), engine.journal.run(volume.name, "rollback", os.getpid()) as run:
+        _check_unchanged(planned, plan(engine, target_text, choice, losses=False))
+        record = engine.journal.rollback_begun(run, volume.name, planned.plan.target, planned.way.method, choice)
+        if record is None:
+            raise SnapmgrError(f"the journal cannot record the rollback ({engine.journal.failure}), and a rollback "
+                               f"cut short could not be resumed without it; nothing was changed")
+        return _carried_out(engine, planned, run, record, None, started)
+
+
+def resume(engine: Engine, volume_name: str, dry_run: bool, confirm: Callable[[Plan], bool]) -> RolledBack:
+    """Finish the volume's rollback that was cut short (killed, stopped, failed part way):
+    the same steps again, with its services stopped, but no new pre-rollback snapshot
+    (the volume is part way: the one taken then holds it as it was)."""
+    [volume] = engine.volumes([volume_name])
+    record = _cut_short(engine, volume.name)
+    planned = plan(engine, record.target, record.choice, record)
+    if dry_run:
+        return RolledBack(planned.plan, True)
+    if not confirm(planned.plan):
+        raise UsageError("not confirmed: nothing was changed")
+    started = time.monotonic()
+    with engine.locked(volume), engine.journal.run(volume.name, "rollback", os.getpid()) as run:
+        now = _cut_short(engine, volume.name)
+        if now.id != record.id:
+            raise SnapmgrError(f"the rollbacks of volume {volume.name} changed since the plan was shown; nothing "
+                               f"was changed: run it again")
+        _check_unchanged(planned, plan(engine, record.target, record.choice, record, losses=False))
+        return _carried_out(engine, planned, run, record.id, record.pre_rollback, started)
+
+
+def _cut_short(engine: Engine, volume: str) -> RollbackRecord:
+    record = engine.journal.last_rollback(volume, UNFINISHED)
+    if record is None or record.pre_rollback is None:
+        raise UsageError(f"volume {volume} has no rollback cut short to resume")
+    return record
+
+
+def _check_unchanged(shown: _Planned, now: _Planned) -> None:
+    # The plan was made before the lock: a snapshot taken or pruned meanwhile by another
+    # run would make this another rollback than the one confirmed.
+    if not shown.same_as(now):
+        raise SnapmgrError(f"volume {shown.volume.name} changed while the plan was shown (another run took or "
+                           f"deleted a snapshot); nothing was changed: run it again to see the plan as it is now")
+
+
+def _carried_out(engine: Engine, planned: _Planned, run: Run, record: int, pre_rollback: str | None,
+                 started: float) -> RolledBack:
+    """The rollback, with the services stopped for the whole of it: the pre-rollback
+    snapshot unless there is one already (a resume), the backend's part, and the
+    comparison, each step kept in the journal so that a rollback cut short can be
+    resumed and is told of until it is."""
+    volume, backend, target = planned.volume, planned.backend, planned.target
     live = backend.live_root()
-    with engine.locked(volume), engine.journal.run(volume.name, "rollback", os.getpid()):
-        def roll_back() -> tuple[str, str]:
-            if still := open_for_writing(live):
-                raise SnapmgrError(f"{live} is still written by " + ", ".join(f"{name} (pid {pid})" for pid, name in
-                                                                               sorted(still.items()))
-                                   + f" with the services stopped: stop it first (a systemd quiescer of volume "
-                                     f"{volume.name} that names its unit does it for every rollback); nothing "
-                                     f"was changed")
-            pre_rollback = engine.pre_rollback(volume, quiesce=False)
-            try:
-                backend.roll_back(target, way, own_places(engine), resuming=False)
-            except (SnapmgrError, KeyboardInterrupt) as e:
-                # Raised inside the journal's run, so the journal keeps this line too; a
-                # stop (Ctrl-C, SIGTERM) stays one, for its exit code.
-                told = (f"{e or 'interrupted'}; the rollback was cut short and the volume may be part way: as it "
-                        f"was before, it is in {pre_rollback} (snapmgr rollback {pre_rollback} puts it back)")
-                raise (SnapmgrError if isinstance(e, SnapmgrError) and not isinstance(e, Interrupted)
-                       else Interrupted)(told) from None
-            return pre_rollback, _compared(engine, target)   # before the services write again
-        pre_rollback, check = engine.held_for_rollback(volume, roll_back)
-    return RolledBack(planned, False, pre_rollback, round(time.monotonic() - started, 3), check)
+    journal = engine.journal
+    under_way = False
+
+    def roll_back(grade: str) -> tuple[str, str | None, str]:
+        nonlocal under_way
+        if still := open_for_writing(live):
+            raise SnapmgrError(f"{live} is still written by " + ", ".join(f"{name} (pid {pid})" for pid, name in
+                                                                           sorted(still.items()))
+                               + f" with the services stopped: stop it first (a systemd quiescer of volume "
+                                 f"{volume.name} that names its unit does it for every rollback); nothing "
+                                 f"was changed")
+        pre = pre_rollback or engine.pre_rollback(volume, held_grade=grade)
+        journal.rollback_moved(record, "rolling-back", run=run, pre_rollback=pre)
+        under_way = True
+        try:
+            left = backend.roll_back(target, planned.way, own_places(engine), resuming=pre_rollback is not None)
+        except (SnapmgrError, OSError, KeyboardInterrupt) as e:
+            # Raised inside the journal's run, so the journal keeps this line too; a
+            # stop (Ctrl-C, SIGTERM) stays one, for its exit code.
+            told = (f"{as_error(e) if isinstance(e, Exception) else 'interrupted'}; the rollback was cut short and "
+                    f"the volume may be part way: snapmgr rollback --resume {volume.name} finishes it, snapmgr "
+                    f"rollback {pre} puts the volume back as it was")
+            journal.rollback_moved(record, "cut-short", told)
+            raise (SnapmgrError if isinstance(e, Exception) and not isinstance(e, Interrupted)
+                   else Interrupted)(told) from None
+        # Done as soon as the volume is the target: a service that does not start again
+        # after it is another matter (held_for_rollback says so).
+        journal.rollback_moved(record, "pending" if left else "done", left,
+                               seconds=round(time.monotonic() - started, 3))
+        return pre, left, _compared(engine, target) if left is None else None   # before the services write again
+
+    try:
+        pre, left, check = engine.held_for_rollback(volume, roll_back)
+    except BaseException as e:
+        if not under_way:
+            journal.rollback_moved(record, "refused", str(e) or type(e).__name__)
+        raise
+    return RolledBack(planned.plan, False, pre, round(time.monotonic() - started, 3), check, left)
 
 
 def _compared(engine: Engine, target: Snapshot) -> str:

@@ -169,6 +169,7 @@ def assess(s: VolumeStatus, ages: Ages | None, now: datetime, live: bool,
         found.append(Finding(CRITICAL, f"verify found damage in {', '.join(s.damaged)}"))
     found += _runs(s.runs, alive)
     found += _window(s)
+    found += _rollback(s, alive)
     if ages is not None and s.snapshots is not None:
         found += _age(s, ages, now)
     if s.newest is not None and s.newest.grade == "degraded":
@@ -210,6 +211,21 @@ def _window(s: VolumeStatus) -> list[Finding]:
         found.append(Finding(CRITICAL, f"the quiesce window opened at {stamp(u.started)} {how}"
                                        + (f": {u.detail}" if u.detail else "")))
     return found
+
+
+def _rollback(s: VolumeStatus, alive: Callable[[RunRecord], bool]) -> list[Finding]:
+    """A rollback cut short (its run killed too) leaves the volume part way until it is
+    resumed or undone; one pending takes effect later."""
+    r = s.rollback
+    if r is None:
+        return []
+    if r.state == "cut-short" or (r.state == "rolling-back" and not (r.run and alive(r.run))):
+        return [Finding(CRITICAL, f"the rollback to {r.target} begun at {stamp(r.started)} was cut short and the "
+                                  f"volume may be part way: snapmgr rollback --resume {s.volume} finishes it, "
+                                  f"snapmgr rollback {r.pre_rollback} puts it back as it was")]
+    if r.state == "pending":
+        return [Finding(WARNING, f"the rollback to {r.target} is pending: {s.rollback_pending or r.detail}")]
+    return []
 
 
 def _age(s: VolumeStatus, ages: Ages, now: datetime) -> list[Finding]:

@@ -81,7 +81,7 @@ def test_json_shapes_are_stable(ws):
     assert set(status) == {"volume", "backend", "state", "snapshots", "newest", "last_success",
                            "last_success_age_seconds", "last_failure", "last_error", "invalid",
                            "newest_grade", "quiesce_window_s", "freeze_window_s", "newest_manifest", "last_verify",
-                           "damaged", "space", "space_error"}
+                           "damaged", "space", "space_error", "rollback"}
     assert status["state"] == "ok" and status["snapshots"] == 1 and status["newest"] == result["created"]["id"]
     assert 0 <= status["last_success_age_seconds"] < 60
     check = ws.ok("--json", "config", "check").json()

@@ -385,6 +385,7 @@ def test_nobody_checks_a_journal_an_older_snapmgr_left_until_root_upgrades_it(ws
     with sqlite3.connect(journal(ws)) as db:   # as schema 4 had it: runs kept no identity
         db.execute("ALTER TABLE runs DROP COLUMN boot_id")
         db.execute("ALTER TABLE runs DROP COLUMN start_ticks")
+        db.execute("DROP TABLE rollbacks")
         db.execute("PRAGMA user_version=4")
     db.close()
     readable_by_nobody(ws)

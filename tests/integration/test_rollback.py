@@ -7,9 +7,14 @@ from __future__ import annotations
 import json
 import os
 import pty
+import random
 import sqlite3
 import subprocess
 import sys
+import time
+from pathlib import Path
+
+import pytest
 
 from tests.integration.helpers import Workspace, loop_mount, needs_root, pids_of, wait_for
 
@@ -136,28 +141,104 @@ def test_a_database_quiescer_needs_a_systemd_one_to_stop_its_server(ws):
     assert state(ws) == before and ws.snapshots() == [target]
 
 
-def test_a_rollback_stopped_mid_copy_starts_the_services_again_and_says_how_to_undo_it(ws):
-    started, big = ws.root / "started", ws.source / "big.bin"
-    rsync_volume(ws, {"app": {"kind": "command", "pre": ["true"],
-                              "post": [sys.executable, "-c", f"open({str(started)!r}, 'w')"]}})
+def slow_rollback(ws: Workspace, log: Path) -> tuple[str, dict, dict]:
+    """A volume with a command quiescer whose pre and post write "pre" and "post" to `log`,
+    a snapshot, then a change whose copy back takes half a minute: (the snapshot, the
+    volume as it is, as the snapshot holds it)."""
+    big = ws.source / "big.bin"
+    rsync_volume(ws, {"app": {"kind": "command", **{
+        phase: [sys.executable, "-c", f"open({str(log)!r}, 'a').write({phase + chr(10)!r})"]
+        for phase in ("pre", "post")}}})
     big.write_bytes(b"1" * 3_000_000)
+    (ws.source / "a-gone").write_text("deleted since")
     ws.ok("snapshot")
     [target] = ws.snapshots()
+    then = state(ws)
     big.write_bytes(b"3" * 3_000_000)
+    (ws.source / "a-gone").unlink()
     ws.ok("snapshot")   # so that the pre-rollback snapshot links big.bin instead of copying it
-    before = state(ws)
-    ws.throttle_rsync(100)   # copying big.bin back takes half a minute
+    ws.throttle_rsync(100)
+    return target, state(ws), then
+
+
+def services(log: Path) -> list[str]:
+    return log.read_text().split() if log.exists() else []
+
+
+def test_a_rollback_stopped_mid_copy_is_told_of_until_resumed_and_the_services_are_back_meanwhile(ws):
+    log = ws.root / "services"
+    target, before, then = slow_rollback(ws, log)
     proc = ws.start("rollback", target, "--yes")
     wait_for(lambda: pids_of("rsync", f"{ws.repo / target}/./"), timeout=60, what="the rollback's rsync to start")
     proc.terminate()
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "stopped by SIGTERM; the rollback was cut short" in err, err
-    pre = err.rsplit("(snapmgr rollback ", 1)[1].split(" puts it back)")[0]
-    assert started.exists()   # the services are back
+    pre = err.rsplit("snapmgr rollback ", 1)[1].split(" puts the volume back")[0]
+    assert services(log)[-2:] == ["pre", "post"]   # the services are back
     assert [s["tags"] for s in ws.ok("--json", "list").json()["snapshots"] if s["id"] == pre] == [["pre-rollback"]]
     ws.env["PATH"] = os.environ["PATH"]
+    # Every run tells of it; the check is critical; status shows it; prune keeps the target.
+    told = ws.ok("list")
+    assert f"the rollback to {target} begun at" in told.stderr and "snapmgr rollback --resume data" in told.stderr
+    check = ws.run("check")
+    assert check.returncode == 2 and f"rollback to {target}" in check.stdout and "cut short" in check.stdout
+    status = ws.ok("--json", "status").json()["volumes"][0]["rollback"]
+    assert status["state"] == "cut-short" and status["target"] == target and status["pre_rollback"] == pre
+    # The resume: no new pre-rollback snapshot; the volume is the target; nothing is told any more.
+    plan = ws.ok("rollback", "--resume", "data", "--dry-run").stdout
+    assert f"it finishes the rollback to {target} begun at" in plan and "first, a protected" not in plan
+    log.unlink()
+    done = ws.ok("--json", "rollback", "--resume", "data", "--yes").json()
+    assert done["pre_rollback"] == pre and done["resumes"] and services(log) == ["pre", "post"]
+    assert state(ws) == then and len(ws.snapshots()) == 3
+    assert ws.ok("--json", "status").json()["volumes"][0]["rollback"] is None
+    assert "rollback" not in ws.run("check").stdout and "cut short" not in ws.ok("list").stderr
+    # ... and undone by the pre-rollback snapshot, as a finished rollback is.
     ws.ok("rollback", pre, "--yes")
     assert state(ws) == before
+    assert ws.run("rollback", "--resume", "data", "--yes").stderr.strip() == \
+        "snapmgr: error: volume data has no rollback cut short to resume"
+
+
+def test_a_rollback_cut_short_is_settled_by_rolling_back_to_its_pre_rollback_snapshot(ws):
+    target, before, _ = slow_rollback(ws, ws.root / "services")
+    proc = ws.start("--json", "rollback", target, "--yes")
+    wait_for(lambda: pids_of("rsync", f"{ws.repo / target}/./"), timeout=60, what="the rollback's rsync to start")
+    proc.terminate()
+    proc.communicate(timeout=60)
+    ws.env["PATH"] = os.environ["PATH"]
+    [pre] = [s["id"] for s in ws.ok("--json", "list").json()["snapshots"] if s["tags"] == ["pre-rollback"]]
+    ws.ok("rollback", pre, "--yes")
+    assert state(ws) == before
+    assert ws.ok("--json", "status").json()["volumes"][0]["rollback"] is None
+
+
+@pytest.mark.parametrize("trial", range(8))
+def test_kill_9_at_a_random_point_never_leaves_a_mix_that_looks_finished(ws, trial):
+    log = ws.root / "services"
+    target, before, then = slow_rollback(ws, log)
+    ws.throttle_rsync(1000)   # the copy back takes about 3 s: the kill lands anywhere in the rollback
+    delay = random.Random(trial).uniform(0.3, 5)
+    proc = ws.start("rollback", target, "--yes")
+    time.sleep(delay)
+    proc.kill()
+    proc.communicate(timeout=60)
+    # The watchdog starts the services again, if the run had stopped them.
+    wait_for(lambda: services(log)[-1:] != ["pre"], timeout=60, what="the watchdog to start the services again")
+    ws.env["PATH"] = os.environ["PATH"]
+    # Once the watchdog is gone too, a run finds the rollback's lock free: then it was cut short.
+    wait_for(lambda: (ws.ok("--json", "status").json()["volumes"][0]["rollback"] or {}).get("state") != "rolling-back",
+             timeout=60, what="the killed rollback's lock to be free")
+    told = ws.ok("list").stderr
+    status = ws.ok("--json", "status").json()["volumes"][0]["rollback"]
+    now = state(ws)
+    if status is None:   # nothing changed, or it finished: then it says so
+        assert now in (before, then), f"killed after {delay:.2f}s: a mix, not told of"
+    else:
+        assert status["state"] == "cut-short" and "snapmgr rollback --resume data" in told
+        ws.ok("rollback", "--resume", "data", "--yes")
+        assert state(ws) == then
+    assert services(log)[-1:] != ["pre"], f"killed after {delay:.2f}s: the services were left stopped"
 
 
 def test_every_quiescer_of_the_volume_and_of_its_groups_must_stop_its_service(ws):
