@@ -52,7 +52,7 @@ def decide(snapshots: Iterable[Snapshot], policy: Policy, now: datetime, tz: tzi
     snapshots something still needs, and what (a rollback cut short, its target)."""
     ordered = sorted(snapshots, key=lambda s: s.id, reverse=True)
     needed = needed or {}
-    reasons: dict = {s.id: f"protected ({s.protection or needed[s.id]})" for s in ordered
+    reasons: dict = {s.id: f"protected ({needed.get(s.id) or s.protection})" for s in ordered
                      if s.protection or s.id in needed}
     doomed = {s.id: f"invalid ({s.invalid})" for s in ordered if s.invalid and s.id not in reasons}
     candidates = [s for s in ordered if s.id not in reasons and s.id not in doomed]

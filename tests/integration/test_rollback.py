@@ -127,6 +127,31 @@ def test_the_services_are_stopped_for_the_whole_rollback_and_told_it_is_one(ws):
     # Stopped before the pre-rollback snapshot was taken, started once the volume was back.
     assert pre[:3] == ["rollback", "pre", "two"] and done["pre_rollback"] not in pre[3]
     assert post[:3] == ["rollback", "post", "one"] and done["pre_rollback"] in post[3]
+    # Taken with the services stopped: as good as a quiesced snapshot.
+    grades = {s["id"]: s["grade"] for s in ws.ok("--json", "list").json()["snapshots"]}
+    assert grades[done["pre_rollback"]] == "application"
+
+
+def test_a_snapshot_taken_while_the_question_waits_makes_the_rollback_refuse(ws):
+    rsync_volume(ws)
+    target = snapshot_then_change(ws)
+    before = state(ws)
+    leader, follower = pty.openpty()
+    try:
+        p = subprocess.Popen(ws.command("rollback", target), stdin=follower, stdout=subprocess.PIPE,
+                             stderr=follower, env=ws.env)
+        shown = b""
+        while b"roll back?" not in shown:
+            shown += os.read(leader, 65536)
+        ws.ok("snapshot")   # the plan shown no longer says what becomes of every newer snapshot
+        os.write(leader, b"y\n")
+        p.wait(timeout=60)
+        shown += os.read(leader, 65536)
+    finally:
+        os.close(follower)
+        os.close(leader)
+    assert p.returncode == 1 and b"changed while the plan was shown" in shown, shown
+    assert state(ws) == before and len(ws.snapshots()) == 2
 
 
 def test_a_database_quiescer_needs_a_systemd_one_to_stop_its_server(ws):
@@ -208,6 +233,12 @@ def test_a_rollback_cut_short_is_settled_by_rolling_back_to_its_pre_rollback_sna
     proc.communicate(timeout=60)
     ws.env["PATH"] = os.environ["PATH"]
     [pre] = [s["id"] for s in ws.ok("--json", "list").json()["snapshots"] if s["tags"] == ["pre-rollback"]]
+    # Pruning keeps what a resume needs, the target, however old.
+    ws.write_config({"data": {"backend": "rsync", "source": ws.source, "repository": ws.repo, "retention": "one"}},
+                    {"one": {"keep_last": 1}})
+    [pruned] = ws.ok("--json", "prune", "--dry-run").json()["results"]
+    reasons = {d["id"]: d["reason"] for d in pruned["decisions"]}
+    assert reasons[target] == "protected (the target of a rollback cut short)", reasons
     ws.ok("rollback", pre, "--yes")
     assert state(ws) == before
     assert ws.ok("--json", "status").json()["volumes"][0]["rollback"] is None
