@@ -450,18 +450,20 @@ class Journal:
                            "VALUES (?, ?, ?, ?, ?, ?, 'begun')", (run.id, volume, target, method, choice, _now()))
 
     def rollback_moved(self, rollback_id: int, state: str, detail: str | None = None, run: Run | None = None,
-                       pre_rollback: str | None = None, seconds: float | None = None) -> None:
-        """The rollback is now in `state`; `run`: a resume's, which works on it from now."""
+                       pre_rollback: str | None = None, seconds: float | None = None) -> bool:
+        """The rollback is now in `state`; `run`: a resume's, which works on it from now.
+        Whether that was recorded."""
         ended = None if state in ("begun", "rolling-back") else _now()
-        self._write("UPDATE rollbacks SET state = ?, ended = ?, detail = coalesce(?, detail), "
-                    "run_id = coalesce(?, run_id), pre_rollback = coalesce(?, pre_rollback), "
-                    "seconds = coalesce(?, seconds) WHERE id = ?",
-                    (state, ended, detail, run and run.id, pre_rollback, seconds, rollback_id))
-        if state in ("done", "pending"):
+        recorded = self._write("UPDATE rollbacks SET state = ?, ended = ?, detail = coalesce(?, detail), "
+                               "run_id = coalesce(?, run_id), pre_rollback = coalesce(?, pre_rollback), "
+                               "seconds = coalesce(?, seconds) WHERE id = ?",
+                               (state, ended, detail, run and run.id, pre_rollback, seconds, rollback_id))
+        if recorded is not None and state in ("done", "pending"):
             # The volume is the target now, whatever earlier rollbacks left it part way at.
             self._write("UPDATE rollbacks SET state = 'superseded', ended = coalesce(ended, ?) "
                         "WHERE volume = (SELECT volume FROM rollbacks WHERE id = ?) AND id < ? AND state IN "
                         f"({', '.join('?' * len(UNFINISHED))})", (_now(), rollback_id, rollback_id, *UNFINISHED))
+        return recorded is not None
 
     def observed(self, volume: str, at: datetime, listing: dict) -> None:
         """What listing the volume's snapshots at `at` showed. It replaces what was seen

@@ -178,7 +178,10 @@ def _carried_out(engine: Engine, planned: _Planned, run: Run, record: int, pre_r
                                  f"{volume.name} that names its unit does it for every rollback); nothing "
                                  f"was changed")
         pre = pre_rollback or engine.pre_rollback(volume, held_grade=grade)
-        journal.rollback_moved(record, "rolling-back", run=run, pre_rollback=pre)
+        if not journal.rollback_moved(record, "rolling-back", run=run, pre_rollback=pre):
+            raise SnapmgrError(f"the journal cannot record that the rollback is under way ({journal.failure}), and a "
+                               f"rollback cut short could not be resumed without it; nothing was changed but the "
+                               f"pre-rollback snapshot {pre}")
         under_way = True
         try:
             left = backend.roll_back(target, planned.way, own_places(engine), resuming=pre_rollback is not None)
