@@ -123,12 +123,11 @@ class BtrfsBackend(DirectoryBackend):
         inner = sorted(btrfs_rollback.nested(where.live, btrfsutil),
                        key=lambda p: Path(os.path.realpath(self.snapshot_dir)).is_relative_to(where.live / p))
         btrfs_rollback.check_carried(target.path, inner, keep, where.live)
-        snapshots_of = {btrfsutil.subvolume_info(path).parent_uuid for _, path in self._snapshot_dirs()}
         with where.parent(self.run_dir, self.volume) as parent:
-            left = btrfs_rollback.swap_in(parent, where.name, target.path, btrfsutil.subvolume_info(target.path).uuid,
-                                          inner, snapshots_of, resuming, where.takes_effect if where.mounted else None,
-                                          btrfsutil)
-        return left
+            return btrfs_rollback.swap_in(
+                parent, where.name, target.path, inner,
+                lambda: {btrfsutil.subvolume_info(path).parent_uuid for _, path in self._snapshot_dirs()},
+                resuming, where.takes_effect if where.mounted else None, btrfsutil)
 
     def rollback_pending(self, target: SnapshotId) -> str | None:
         live = self.opts["subvolume"]

@@ -21,7 +21,7 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from snapmgr import sh
 from snapmgr.backends import mounts, shared_mounts
@@ -151,12 +151,15 @@ def check_carried(target: Path, inner: Iterable[PurePosixPath], places: Iterable
                                f"away first; nothing was changed")
 
 
-def swap_in(parent: Path, name: str, target: Path, target_uuid: bytes, inner: list[PurePosixPath],
-            snapshots_of: set[bytes], resuming: bool, pending: str | None, btrfsutil) -> str | None:
+def swap_in(parent: Path, name: str, target: Path, inner: list[PurePosixPath],
+            snapshots_of: Callable[[], set[bytes]], resuming: bool, pending: str | None, btrfsutil) -> str | None:
     """Put `target` in place of `parent/name`, or finish doing so (see the module's
-    docstring). `snapshots_of`: the uuids of the subvolumes the volume's snapshots were
+    docstring). `snapshots_of()`: the uuids of the subvolumes the volume's snapshots were
     taken of. Returns `pending` when the mount still shows the replaced subvolume."""
     live, temporary = parent / name, parent / f".{name}{TEMPORARY}"
+    if not os.path.lexists(target) and target.is_relative_to(live):
+        target = temporary / target.relative_to(live)   # the snapshots' subvolume, carried before a kill
+    target_uuid = btrfsutil.subvolume_info(target).uuid
     if os.path.lexists(temporary):
         if _newer(temporary, live, btrfsutil):
             if not resuming:
@@ -167,14 +170,14 @@ def swap_in(parent: Path, name: str, target: Path, target_uuid: bytes, inner: li
                 raise SnapmgrError(f"{quote(temporary)}, left by a rollback cut short, is not a snapshot of "
                                    f"{quote(target)}: resume the rollback to the snapshot it was made of")
         else:
-            left = _finish(live, temporary, snapshots_of, pending, btrfsutil)
+            left = _finish(temporary, snapshots_of(), pending, btrfsutil)
             if resuming:
                 return left
             if left:
                 raise SnapmgrError(f"an earlier rollback of {quote(live)} has not taken effect yet (it does {left}): "
                                    f"roll back once it has")
             btrfsutil.create_snapshot(target, temporary)
-    elif resuming and _swapped(live, target_uuid, snapshots_of, btrfsutil):
+    elif resuming and _swapped(live, target_uuid, snapshots_of(), btrfsutil):
         return None
     else:
         btrfsutil.create_snapshot(target, temporary)
@@ -182,7 +185,7 @@ def swap_in(parent: Path, name: str, target: Path, target_uuid: bytes, inner: li
         _carry(live, temporary, path)
     exchange(live, temporary)
     _fsync_dir(parent)
-    return _finish(live, temporary, snapshots_of, pending, btrfsutil)
+    return _finish(temporary, snapshots_of(), pending, btrfsutil)
 
 
 def _newer(a: Path, b: Path, btrfsutil) -> bool:
@@ -214,7 +217,7 @@ def _carry(live: Path, temporary: Path, path: PurePosixPath) -> None:
     os.rename(source, there)
 
 
-def _finish(live: Path, replaced: Path, snapshots_of: set[bytes], pending: str | None, btrfsutil) -> str | None:
+def _finish(replaced: Path, snapshots_of: set[bytes], pending: str | None, btrfsutil) -> str | None:
     """Delete the replaced subvolume, unless a mount still shows it (then what is
     pending) or no snapshot holds it."""
     if _mounted(replaced, btrfsutil):

@@ -1,0 +1,175 @@
+"""btrfs rollbacks cut short: each state a killed rollback can leave, made for real on a
+btrfs loop device, finished by roll_back(resuming=True); and trials that SIGKILL
+`snapmgr rollback --yes` at random points, after which the volume is wholly as it was or
+wholly the snapshot, the pre-rollback snapshot intact, and a resume finishes.
+
+Until `snapmgr rollback --resume` exists, the resume calls the backend directly, as the
+orchestration would once the pre-rollback snapshot is taken."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+import btrfsutil
+import pytest
+
+from snapmgr.backends.btrfs import BtrfsBackend
+from snapmgr.backends.directory import exchange
+from snapmgr.errors import SnapmgrError
+from tests.integration.helpers import Workspace, loop_mount, make_tree, needs_root, tree
+
+pytestmark = needs_root
+NESTED = ("n1", "deep/n2", ".snapshots")   # the snapshots' own subvolume is one of them
+TRIALS = 16
+
+
+@pytest.fixture
+def vol(ws, tmp_path):
+    """A btrfs volume with nested subvolumes (its snapshots in one), a target snapshot, a
+    changed live state and the pre-rollback snapshot of it: what roll_back() starts from."""
+    with loop_mount(tmp_path, "btrfs") as mnt:
+        live = mnt / "data"
+        btrfsutil.create_subvolume(live)
+        for path in NESTED:
+            (live / path).parent.mkdir(parents=True, exist_ok=True)
+            btrfsutil.create_subvolume(live / path)
+        (live / "n1" / "x").write_text("nested")
+        ws.write_config({"data": {"backend": "btrfs", "subvolume": live, "snapshot_dir": live / ".snapshots"}})
+        make_tree(live, files=200)
+        ws.ok("snapshot")
+        change(live)
+        yield Volume(ws, live)
+
+
+def change(live: Path) -> None:
+    """The live state moves on from the target: added, removed, changed."""
+    (live / "added").write_text("since")
+    (live / "d0" / "f0000").unlink()
+    (live / "d1" / "f0001").write_text("changed")
+
+
+class Volume:
+    def __init__(self, ws: Workspace, live: Path):
+        self.ws, self.live = ws, live
+        self.temporary = live.with_name(".data.rollback")
+        self.backend = BtrfsBackend("data", {"subvolume": live, "snapshot_dir": live / ".snapshots"}, ws.root / "run")
+
+    def target(self):
+        return min(self.backend.list(), key=lambda s: s.id)
+
+    def own(self, root: Path) -> dict:
+        """The volume's own files (what its snapshots hold): not those of nested subvolumes."""
+        return {p: v for p, v in tree(root).items() if not any(p == n or p.startswith(n + "/") for n in NESTED)}
+
+    def resume(self, target=None) -> str | None:
+        """roll_back(resuming=True), given the target when the snapshots are not listed
+        (their subvolume was being carried over when the rollback was killed)."""
+        target = target or self.target()
+        way = self.backend.rollback_way(target, [], None)
+        return self.backend.roll_back(target, way, (), resuming=True)
+
+    def assert_rolled_back(self) -> None:
+        assert self.own(self.live) == self.own(self.target().path)
+        assert (self.live / "n1" / "x").read_text() == "nested"
+        assert not os.path.lexists(self.temporary)
+        assert not btrfsutil.get_subvolume_read_only(self.live)
+
+
+def test_a_swap_cut_short_at_each_step_is_finished(vol):
+    target = vol.target()
+    ids = [btrfsutil.subvolume_id(vol.live)]
+    # Killed right after the writable snapshot was made.
+    vol.ws.ok("snapshot")   # the pre-rollback snapshot, of the live subvolume
+    btrfsutil.create_snapshot(target.path, vol.temporary)
+    with pytest.raises(SnapmgrError, match="was left by a rollback cut short before the swap: resume it"):
+        vol.backend.roll_back(target, vol.backend.rollback_way(target, vol.backend.list(), None), (), resuming=False)
+    assert vol.resume() is None
+    vol.assert_rolled_back()
+    # Killed with one nested subvolume moved into the new tree.
+    change(vol.live)
+    vol.ws.ok("snapshot")
+    btrfsutil.create_snapshot(target.path, vol.temporary)
+    os.rmdir(vol.temporary / "n1")
+    os.rename(vol.live / "n1", vol.temporary / "n1")
+    assert vol.resume() is None
+    vol.assert_rolled_back()
+    # Killed after the swap, before the replaced subvolume was deleted.
+    change(vol.live)
+    vol.ws.ok("snapshot")
+    before = vol.own(vol.live)
+    btrfsutil.create_snapshot(target.path, vol.temporary)
+    for path in NESTED:
+        os.rmdir(vol.temporary / path)
+        os.rename(vol.live / path, vol.temporary / path)
+    exchange(vol.live, vol.temporary)
+    ids.append(btrfsutil.subvolume_id(vol.temporary))
+    assert vol.resume() is None
+    vol.assert_rolled_back()
+    # Killed after all of it: nothing left to do, nothing done again.
+    done = btrfsutil.subvolume_id(vol.live)
+    assert vol.resume() is None and btrfsutil.subvolume_id(vol.live) == done
+    vol.assert_rolled_back()
+    # Each pre-rollback snapshot holds a replaced subvolume, now deleted.
+    newest = max(vol.backend.list(), key=lambda s: s.id)
+    assert vol.own(newest.path) == before
+    assert not any(btrfsutil.subvolume_id(vol.live.parent / p) in ids for p in os.listdir(vol.live.parent)
+                   if btrfsutil.is_subvolume(vol.live.parent / p))
+
+
+def test_rollbacks_killed_at_random_points_leave_one_state_or_the_other(vol):
+    target = vol.target()
+    wanted = vol.own(target.path)
+    rng = random.Random(int(os.environ.get("SNAPMGR_TRIAL_SEED", "11")))
+    run = vol.ws.start("rollback", str(target.id), "--yes")
+    started = time.monotonic()
+    assert run.wait(timeout=120) == 0, run.communicate()
+    whole = time.monotonic() - started   # how long a whole run takes, to spread the kills over
+    outcomes: dict[str, int] = {}
+    for trial in range(TRIALS):
+        change(vol.live)
+        old = vol.own(vol.live)
+        before = {s.id for s in vol.backend.list()}
+        run = vol.ws.start("rollback", str(target.id), "--yes")
+        if trial % 2:
+            time.sleep(rng.uniform(0, whole))
+        else:
+            # Half the kills fall among the swap's steps: just after the pre-rollback snapshot appears.
+            deadline = time.monotonic() + 60
+            while {s.id for s in vol.backend.list()} == before and run.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.002)
+            time.sleep(rng.uniform(0, 0.3))
+        run.send_signal(signal.SIGKILL)
+        run.wait()
+        run.stdout.close(), run.stderr.close()
+        live = vol.own(vol.live)
+        assert live in (old, wanted), f"trial {trial}: a mix"
+        where = stage(vol, live == wanted)
+        outcomes[where] = outcomes.get(where, 0) + 1
+        for path in NESTED:   # each nested subvolume is in the live tree or the new one, never lost
+            assert btrfsutil.is_subvolume(vol.live / path) or btrfsutil.is_subvolume(vol.temporary / path)
+        taken = [s for s in vol.backend.list() if s.id not in before] if os.path.lexists(vol.live / ".snapshots") \
+            else None
+        if taken == []:
+            # Killed before the pre-rollback snapshot: nothing was changed, and a rollback runs from the start.
+            assert live == old and not os.path.lexists(vol.temporary)
+            vol.ws.ok("rollback", str(target.id), "--yes")
+        else:
+            if taken:
+                assert [vol.own(s.path) for s in taken] == [old]
+            assert vol.resume(target) is None
+        vol.assert_rolled_back()
+    print(f"{TRIALS} kills: {outcomes}")
+
+
+def stage(vol: Volume, rolled_back: bool) -> str:
+    """Where a kill left the rollback, for the trials' summary."""
+    if not os.path.lexists(vol.temporary):
+        return "rolled back" if rolled_back else "not started"
+    if rolled_back:
+        return "swapped, replaced subvolume not yet deleted"
+    carried = sum(btrfsutil.is_subvolume(vol.temporary / p) for p in NESTED)
+    return f"new tree made, {carried} nested subvolumes carried"
