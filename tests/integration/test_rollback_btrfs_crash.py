@@ -23,8 +23,9 @@ from snapmgr.errors import SnapmgrError
 from tests.integration.helpers import Workspace, loop_mount, make_tree, needs_root, tree
 
 pytestmark = needs_root
-NESTED = ("n1", "deep/n2", ".snapshots")   # the snapshots' own subvolume is one of them
-TRIALS = 16
+# The snapshots' own subvolume is one of them; the many make carrying them take a while.
+NESTED = ("n1", "deep/n2", ".snapshots", *(f"many/s{i:03d}" for i in range(100)))
+TRIALS = 20
 
 
 @pytest.fixture
@@ -63,7 +64,8 @@ class Volume:
 
     def own(self, root: Path) -> dict:
         """The volume's own files (what its snapshots hold): not those of nested subvolumes."""
-        return {p: v for p, v in tree(root).items() if not any(p == n or p.startswith(n + "/") for n in NESTED)}
+        nested = set(NESTED)
+        return {p: v for p, v in tree(root).items() if not any(a in nested for a in (p, *_ancestors(p)))}
 
     def resume(self, target=None) -> str | None:
         """roll_back(resuming=True), given the target when the snapshots are not listed
@@ -124,10 +126,18 @@ def test_rollbacks_killed_at_random_points_leave_one_state_or_the_other(vol):
     target = vol.target()
     wanted = vol.own(target.path)
     rng = random.Random(int(os.environ.get("SNAPMGR_TRIAL_SEED", "11")))
-    run = vol.ws.start("rollback", str(target.id), "--yes")
+    # A whole run first, to spread the kills over: over all of it, and over the swap's
+    # steps (from the pre-rollback snapshot to the temporary name's going away).
     started = time.monotonic()
+    run = vol.ws.start("rollback", str(target.id), "--yes")
+    taken = after_the_snapshot(vol, run, {target.id})
+    while not os.path.lexists(vol.temporary) and run.poll() is None:
+        time.sleep(0.0005)
+    while os.path.lexists(vol.temporary) and run.poll() is None:
+        time.sleep(0.0005)
+    swap = time.monotonic() - taken
     assert run.wait(timeout=120) == 0, run.communicate()
-    whole = time.monotonic() - started   # how long a whole run takes, to spread the kills over
+    whole = time.monotonic() - started
     outcomes: dict[str, int] = {}
     for trial in range(TRIALS):
         change(vol.live)
@@ -137,11 +147,8 @@ def test_rollbacks_killed_at_random_points_leave_one_state_or_the_other(vol):
         if trial % 2:
             time.sleep(rng.uniform(0, whole))
         else:
-            # Half the kills fall among the swap's steps: just after the pre-rollback snapshot appears.
-            deadline = time.monotonic() + 60
-            while {s.id for s in vol.backend.list()} == before and run.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.002)
-            time.sleep(rng.uniform(0, 0.3))
+            after_the_snapshot(vol, run, before)
+            time.sleep(rng.uniform(0, swap))
         run.send_signal(signal.SIGKILL)
         run.wait()
         run.stdout.close(), run.stderr.close()
@@ -150,7 +157,7 @@ def test_rollbacks_killed_at_random_points_leave_one_state_or_the_other(vol):
         where = stage(vol, live == wanted)
         outcomes[where] = outcomes.get(where, 0) + 1
         for path in NESTED:   # each nested subvolume is in the live tree or the new one, never lost
-            assert btrfsutil.is_subvolume(vol.live / path) or btrfsutil.is_subvolume(vol.temporary / path)
+            assert is_subvolume(vol.live / path) or is_subvolume(vol.temporary / path)
         taken = [s for s in vol.backend.list() if s.id not in before] if os.path.lexists(vol.live / ".snapshots") \
             else None
         if taken == []:
@@ -162,7 +169,24 @@ def test_rollbacks_killed_at_random_points_leave_one_state_or_the_other(vol):
                 assert [vol.own(s.path) for s in taken] == [old]
             assert vol.resume(target) is None
         vol.assert_rolled_back()
-    print(f"{TRIALS} kills: {outcomes}")
+    print(f"{TRIALS} kills over {whole:.2f} s runs, half of them within {swap:.3f} s of the pre-rollback snapshot: "
+          f"{outcomes}")
+
+
+def after_the_snapshot(vol: Volume, run, before: set) -> float:
+    """Once the run's pre-rollback snapshot is listed (or the run has ended): when."""
+    while {s.id for s in vol.backend.list()} == before and run.poll() is None:
+        time.sleep(0.001)
+    return time.monotonic()
+
+
+def is_subvolume(path: Path) -> bool:
+    return os.path.lexists(path) and btrfsutil.is_subvolume(path)
+
+
+def _ancestors(path: str) -> list[str]:
+    parts = path.split("/")
+    return ["/".join(parts[:i]) for i in range(1, len(parts))]
 
 
 def stage(vol: Volume, rolled_back: bool) -> str:
@@ -171,5 +195,5 @@ def stage(vol: Volume, rolled_back: bool) -> str:
         return "rolled back" if rolled_back else "not started"
     if rolled_back:
         return "swapped, replaced subvolume not yet deleted"
-    carried = sum(btrfsutil.is_subvolume(vol.temporary / p) for p in NESTED)
+    carried = sum(is_subvolume(vol.temporary / p) for p in NESTED)
     return f"new tree made, {carried} nested subvolumes carried"
