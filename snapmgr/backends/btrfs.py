@@ -11,12 +11,13 @@ import os
 import re
 from dataclasses import replace
 from pathlib import Path
+from typing import Sequence
 
 from snapmgr import schema, sh
 from snapmgr.backends import btrfs_rollback, mounts
 from snapmgr.backends.base import Progress, RollbackWay, Space
 from snapmgr.backends.directory import DirectoryBackend
-from snapmgr.errors import SnapmgrError, quote
+from snapmgr.errors import SnapmgrError, as_error, quote
 from snapmgr.model import Snapshot, SnapshotId
 
 # The root directory of every btrfs subvolume has this inode number.
@@ -112,7 +113,8 @@ class BtrfsBackend(DirectoryBackend):
                            f"pre-rollback snapshot holds it" + (" and it is no longer mounted" if where.mounted else ""),
                            takes_effect=where.takes_effect)
 
-    def roll_back(self, target: Snapshot, way: RollbackWay, keep, resuming: bool) -> str | None:
+    def roll_back(self, target: Snapshot, way: RollbackWay, keep: Sequence[tuple[Path, str]],
+                  resuming: bool) -> str | None:
         btrfsutil = _btrfsutil()
         live = self.opts["subvolume"]
         if resuming and mounts.mounted_at(Path(os.path.realpath(live))) \
@@ -123,11 +125,14 @@ class BtrfsBackend(DirectoryBackend):
         inner = sorted(btrfs_rollback.nested(where.live, btrfsutil),
                        key=lambda p: Path(os.path.realpath(self.snapshot_dir)).is_relative_to(where.live / p))
         btrfs_rollback.check_carried(target.path, inner, keep, where.live)
-        with where.parent(self.run_dir, self.volume) as parent:
-            return btrfs_rollback.swap_in(
-                parent, where.name, target.path, inner,
-                lambda: {btrfsutil.subvolume_info(path).parent_uuid for _, path in self._snapshot_dirs()},
-                resuming, where.takes_effect if where.mounted else None, btrfsutil)
+        try:
+            with where.parent(self.run_dir, self.volume) as parent:
+                return btrfs_rollback.swap_in(
+                    parent, where.name, target.path, inner,
+                    lambda: {btrfsutil.subvolume_info(path).parent_uuid for _, path in self._snapshot_dirs()},
+                    resuming, where.takes_effect if where.mounted else None, btrfsutil)
+        except OSError as e:   # BtrfsUtilError too: the orchestration words what a SnapmgrError cut short
+            raise as_error(e) from None
 
     def rollback_pending(self, target: SnapshotId) -> str | None:
         live = self.opts["subvolume"]

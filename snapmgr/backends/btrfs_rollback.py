@@ -25,12 +25,13 @@ from typing import Callable, Iterable, Iterator
 
 from snapmgr import sh
 from snapmgr.backends import mounts, shared_mounts
-from snapmgr.backends.directory import exchange, _fsync_dir
+from snapmgr.backends.directory import exchange, fsync_dir
 from snapmgr.errors import SnapmgrError, quote
 
 FSTAB = Path("/etc/fstab")
 TOP_LEVEL = 5   # BTRFS_FS_TREE_OBJECTID: the subvolume every btrfs filesystem starts with
 TEMPORARY = ".rollback"
+MOUNT_TIMEOUT = 60
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ class Layout:
             return
         where = run_dir / "rollback" / volume
         build = lambda: sh.run(["mount", "-t", "btrfs", "-o", f"subvolid={TOP_LEVEL}", self.mounted.source, where],
-                               timeout=shared_mounts.UMOUNT_TIMEOUT)
+                               timeout=MOUNT_TIMEOUT)
         with shared_mounts.used(where, build) as top:
             yield top / self.inside.parent
 
@@ -184,7 +185,7 @@ def swap_in(parent: Path, name: str, target: Path, inner: list[PurePosixPath],
     for path in inner:
         _carry(live, temporary, path)
     exchange(live, temporary)
-    _fsync_dir(parent)
+    fsync_dir(parent)
     return _finish(temporary, snapshots_of(), pending, btrfsutil)
 
 
