@@ -116,10 +116,19 @@ def test_what_a_swap_would_lose_is_refused(ws, fs):
     assert refused.returncode == 1 and refused.stderr.count("\n") == 1
     assert (f"{str(live / '.snapshots')!r}, where the snapshots are, is inside {str(live)!r} but not in a subvolume "
             f"of its own") in refused.stderr and "nothing was changed" in refused.stderr
-    # Another filesystem mounted inside would stay on the replaced subvolume.
+    # A nested subvolume where the snapshot has a file.
     btrfs_volume(ws, live, fs / ".snapshots")
     ws.ok("snapshot")
     target = max(ws.snapshots())
+    btrfsutil.create_subvolume(live / "a.d")
+    (live / "a").unlink()
+    os.rename(live / "a.d", live / "a")
+    refused = ws.run("rollback", target, "--dry-run")
+    assert refused.returncode == 1
+    assert (f"{str(fs / '.snapshots' / target / 'a')!r} is not the empty directory a snapshot holds in place of "
+            f"the nested subvolume {str(live / 'a')!r}") in refused.stderr
+    btrfsutil.delete_subvolume(live / "a")
+    # Another filesystem mounted inside would stay on the replaced subvolume.
     (live / "m").mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "tmpfs", live / "m"], check=True)
     try:
@@ -160,8 +169,11 @@ def test_a_subvolume_mounted_by_name_is_rolled_back_at_its_next_mount(ws, fs, mo
     subprocess.run(["umount", where], check=True)
     subprocess.run(remount, check=True)
     assert tree(where) == tree(fs / ".snapshots" / target) and backend.rollback_pending(target) is None
-    # The replaced subvolume waited for that; the next rollback deletes it.
+    # The replaced subvolume waited for that: a resume, once nothing is pending, deletes it.
     assert ".data.rollback" in subvolumes(fs)
+    target_snapshot = next(s for s in backend.list() if str(s.id) == target)
+    assert backend.roll_back(target_snapshot, backend.rollback_way(target_snapshot, [], None), (), True) is None
+    assert ".data.rollback" not in subvolumes(fs) and tree(where) == tree(fs / ".snapshots" / target)
     ws.ok("rollback", done["pre_rollback"], "--yes")
     assert ".data.rollback" in subvolumes(fs) and tree(fs / "data") == before
     assert backend.rollback_pending(target) is not None
