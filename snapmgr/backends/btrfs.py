@@ -115,11 +115,13 @@ class BtrfsBackend(DirectoryBackend):
 
     def roll_back(self, target: Snapshot, way: RollbackWay, keep: Sequence[tuple[Path, str]],
                   resuming: bool) -> str | None:
+        """`way` is not needed: what to do is read again from the subvolumes and mounts
+        (a resume may come after a remount)."""
         btrfsutil = _btrfsutil()
         live = self.opts["subvolume"]
         if resuming and mounts.mounted_at(Path(os.path.realpath(live))) \
                 and btrfs_rollback.shows_replaced(live, btrfsutil):
-            return way.takes_effect   # swapped; the mount shows the new one once mounted again
+            return self.rollback_pending(target.id)   # swapped: the mount shows the new one once mounted again
         where = btrfs_rollback.layout(live, btrfsutil)
         # The snapshots' own subvolume moves last: until the swap, they are not listed.
         inner = sorted(btrfs_rollback.nested(where.live, btrfsutil),

@@ -11,12 +11,15 @@ from __future__ import annotations
 import os
 import random
 import signal
+import subprocess
 import time
 from pathlib import Path
 
 import btrfsutil
 import pytest
 
+from snapmgr.backends import mounts
+from snapmgr.backends.base import RollbackWay
 from snapmgr.backends.btrfs import BtrfsBackend
 from snapmgr.backends.directory import exchange
 from snapmgr.errors import SnapmgrError
@@ -71,8 +74,9 @@ class Volume:
         """roll_back(resuming=True), given the target when the snapshots are not listed
         (their subvolume was being carried over when the rollback was killed)."""
         target = target or self.target()
-        way = self.backend.rollback_way(target, [], None)
-        return self.backend.roll_back(target, way, (), resuming=True)
+        # btrfs reads what to do from the storage (rollback_way refuses while a swap
+        # waits for a remount), so the way here is only a name.
+        return self.backend.roll_back(target, RollbackWay("resume"), (), resuming=True)
 
     def assert_rolled_back(self) -> None:
         assert self.own(self.live) == self.own(self.target().path)
@@ -197,3 +201,51 @@ def stage(vol: Volume, rolled_back: bool) -> str:
         return "swapped, replaced subvolume not yet deleted"
     carried = sum(is_subvolume(vol.temporary / p) for p in NESTED)
     return f"new tree made, {carried} nested subvolumes carried"
+
+
+def test_rollbacks_of_a_subvolume_mounted_by_name_killed_at_random_points(ws, tmp_path):
+    """The same trials where the subvolume is mounted with subvol=: the swap goes through
+    the top level mounted in the run directory, which a kill may leave mounted."""
+    with loop_mount(tmp_path, "btrfs") as mnt:
+        btrfsutil.create_subvolume(mnt / "data")
+        where = tmp_path / "live"
+        where.mkdir()
+        device = next(m.source for m in mounts.mounts() if m.mountpoint == mnt)
+        mount = ["mount", "-t", "btrfs", "-o", "subvol=/data", device, where]
+        subprocess.run(mount, check=True)
+        try:
+            ws.write_config({"data": {"backend": "btrfs", "subvolume": where, "snapshot_dir": mnt / ".snapshots"}})
+            make_tree(where, files=200)
+            ws.ok("snapshot")
+            vol = Volume(ws, where)
+            vol.backend = BtrfsBackend("data", {"subvolume": where, "snapshot_dir": mnt / ".snapshots"},
+                                       ws.root / "run")
+            target = vol.target()
+            wanted = vol.own(target.path)
+            rng = random.Random(int(os.environ.get("SNAPMGR_TRIAL_SEED", "11")))
+            for trial in range(TRIALS // 2):
+                change(where)
+                old = vol.own(where)
+                before = {s.id for s in vol.backend.list()}
+                run = ws.start("rollback", str(target.id), "--yes")
+                after_the_snapshot(vol, run, before)
+                time.sleep(rng.uniform(0, 0.1))
+                run.send_signal(signal.SIGKILL)
+                run.wait()
+                run.stdout.close(), run.stderr.close()
+                assert vol.own(where) == old   # the mount shows the replaced subvolume until mounted again
+                assert vol.own(mnt / "data") in (old, wanted), f"trial {trial}: a mix"
+                taken = [s for s in vol.backend.list() if s.id not in before]
+                if taken:
+                    assert [vol.own(s.path) for s in taken] == [old]
+                    assert vol.resume(target).startswith(f"at the next mount of {str(where)!r}")
+                else:
+                    ws.ok("rollback", str(target.id), "--yes")
+                assert vol.own(mnt / "data") == wanted
+                subprocess.run(["umount", where], check=True)
+                subprocess.run(mount, check=True)
+                assert vol.own(where) == wanted and vol.backend.rollback_pending(target.id) is None
+                assert vol.resume(target) is None and not os.path.lexists(mnt / ".data.rollback")
+                assert not mounts.below(ws.root / "run")
+        finally:
+            subprocess.run(["umount", where], check=False)
