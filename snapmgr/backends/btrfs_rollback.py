@@ -207,15 +207,20 @@ def _carry(live: Path, temporary: Path, path: PurePosixPath) -> None:
     source, there = live / path, temporary / path
     if not os.path.lexists(source):
         return   # moved by the rollback that was cut short
+    # The deepest directory the snapshot has on the way keeps its times as it holds them.
+    touched = there.parent
+    while not os.path.lexists(touched):
+        touched = touched.parent
+    held = os.stat(touched)
     if os.path.lexists(there):
         os.rmdir(there)
-    else:
-        for ancestor in reversed([p for p in path.parents if p != PurePosixPath()]):
-            if not os.path.lexists(temporary / ancestor):
-                st = os.stat(live / ancestor)
-                os.mkdir(temporary / ancestor, st.st_mode & 0o7777)
-                os.chown(temporary / ancestor, st.st_uid, st.st_gid)
+    for ancestor in reversed([p for p in path.parents if p != PurePosixPath()]):
+        if not os.path.lexists(temporary / ancestor):
+            st = os.stat(live / ancestor)
+            os.mkdir(temporary / ancestor, st.st_mode & 0o7777)
+            os.chown(temporary / ancestor, st.st_uid, st.st_gid)
     os.rename(source, there)
+    os.utime(touched, ns=(held.st_atime_ns, held.st_mtime_ns))
 
 
 def _finish(replaced: Path, snapshots_of: set[bytes], pending: str | None, btrfsutil) -> str | None:

@@ -103,6 +103,8 @@ def test_nested_subvolumes_and_the_snapshots_inside_are_carried_over(ws, fs):
     assert (live / "old" / "x").read_text() == "changed after the snapshot"
     assert (live / "new" / "dir" / "sub" / "y").read_text() == "made after the snapshot"
     assert (live / "new" / "dir").stat().st_mode & 0o777 == 0o750
+    # The directories they were moved into are as the snapshot holds them.
+    assert live.stat().st_mtime_ns == (live / ".snapshots" / target).stat().st_mtime_ns
     assert ws.snapshots() == sorted([target, done["pre_rollback"]])
     assert subvolumes(fs) == {"data", "data/.snapshots", "data/old", "data/new/dir/sub",
                               *(f"data/.snapshots/{s}" for s in ws.snapshots())}
