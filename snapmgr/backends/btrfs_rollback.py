@@ -92,20 +92,22 @@ def layout(live: Path, btrfsutil) -> Layout:
 
 def _check_mounted_by_name(live: Path, inside: PurePosixPath, btrfsutil) -> None:
     """A mount that finds the subvolume by its name finds the swapped-in one next time;
-    one by id, or of the default subvolume, finds the replaced one forever."""
+    one by id, or of the default subvolume, finds the replaced one forever. Without a
+    line in /etc/fstab, the mount was made by hand, and its next one is taken to name
+    the subvolume, unless it is the default, which a mount without subvol= finds."""
     options = fstab_options(live)
-    if options is None:
-        return   # mounted by hand: the next mount is the user's to make, by subvol=
-    if "subvolid" in options:
+    if options is not None and "subvolid" in options:
         raise SnapmgrError(f"{quote(live)} is mounted by subvolid= ({FSTAB}), which would keep mounting the "
                            f"replaced subvolume after a rollback: use subvol=/{inside} instead of subvolid= there "
                            f"first; nothing was changed")
-    if "subvol" not in options:
-        default = btrfsutil.get_default_subvolume(live)
-        raise SnapmgrError(f"{quote(live)} is mounted as its filesystem's default subvolume (no subvol= in its "
-                           f"{FSTAB} line{', and it is the default' if default == btrfsutil.subvolume_id(live) else ''}"
-                           f"), which a rollback does not change: add subvol=/{inside} to that line first; nothing "
-                           f"was changed")
+    if options is not None and "subvol" not in options:
+        why = f"no subvol= in its {FSTAB} line"
+    elif options is None and btrfsutil.get_default_subvolume(live) == btrfsutil.subvolume_id(live):
+        why = f"it is the default one, and {FSTAB} has no line for it"
+    else:
+        return
+    raise SnapmgrError(f"{quote(live)} is mounted as its filesystem's default subvolume ({why}), which a rollback "
+                       f"does not change: mount it with subvol=/{inside} (in {FSTAB}) first; nothing was changed")
 
 
 def fstab_options(mountpoint: Path) -> dict[str, str] | None:

@@ -188,12 +188,19 @@ def test_a_subvolume_mounted_by_id_or_as_the_default_is_refused(ws, fs, mounted,
     for options, why in [("subvolid=256", "is mounted by subvolid= (/etc/fstab), which would keep mounting the "
                                           "replaced subvolume after a rollback: use subvol=/data instead"),
                          ("defaults", "is mounted as its filesystem's default subvolume (no subvol= in its "
-                                      "/etc/fstab line), which a rollback does not change: add subvol=/data")]:
+                                      "/etc/fstab line), which a rollback does not change: mount it with "
+                                      "subvol=/data (in /etc/fstab) first")]:
         fstab = tmp_path / "fstab"
         fstab.write_text(f"# test\nUUID=x {where} btrfs {options} 0 0\n")
         refused = with_fstab(ws, fstab, "rollback", target, "--yes")
         assert refused.returncode == 1 and refused.stderr.count("\n") == 1, refused.stderr
         assert f"{str(where)!r} {why}" in refused.stderr and "nothing was changed" in refused.stderr
+    # Mounted by hand (no fstab line), as the default subvolume: the next mount may find it by id.
+    subprocess.run(["btrfs", "subvolume", "set-default", where], check=True)
+    refused = ws.run("rollback", target, "--yes")
+    assert refused.returncode == 1
+    assert (f"{str(where)!r} is mounted as its filesystem's default subvolume (it is the default one, and "
+            f"/etc/fstab has no line for it)") in refused.stderr
     assert ws.snapshots() == [target] and (where / "c").exists()
 
 
