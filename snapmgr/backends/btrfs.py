@@ -116,7 +116,9 @@ class BtrfsBackend(DirectoryBackend):
     def roll_back(self, target: Snapshot, way: RollbackWay, keep: Sequence[tuple[Path, str]],
                   resuming: bool) -> str | None:
         """`way` is not needed: what to do is read again from the subvolumes and mounts
-        (a resume may come after a remount)."""
+        (a resume may come after a remount). `resuming` takes the pre-rollback snapshot
+        to be there, as the orchestration takes it before any roll_back(): it is how a
+        swap already made is told from one not begun, once the temporary name is gone."""
         btrfsutil = _btrfsutil()
         live = self.opts["subvolume"]
         if resuming and mounts.mounted_at(Path(os.path.realpath(live))) \
