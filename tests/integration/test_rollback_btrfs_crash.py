@@ -107,11 +107,7 @@ def test_a_swap_cut_short_at_each_step_is_finished(vol):
     change(vol.live)
     vol.ws.ok("snapshot")
     before = vol.own(vol.live)
-    btrfsutil.create_snapshot(target.path, vol.temporary)
-    for path in NESTED:
-        os.rmdir(vol.temporary / path)
-        os.rename(vol.live / path, vol.temporary / path)
-    exchange(vol.live, vol.temporary)
+    swap_by_hand(vol, target)
     ids.append(btrfsutil.subvolume_id(vol.temporary))
     assert vol.resume() is None
     vol.assert_rolled_back()
@@ -123,11 +119,7 @@ def test_a_swap_cut_short_at_each_step_is_finished(vol):
     # earlier one first.
     change(vol.live)
     vol.ws.ok("snapshot")
-    btrfsutil.create_snapshot(target.path, vol.temporary)
-    for path in NESTED:
-        os.rmdir(vol.temporary / path)
-        os.rename(vol.live / path, vol.temporary / path)
-    exchange(vol.live, vol.temporary)
+    swap_by_hand(vol, target)
     change(vol.live)
     vol.ws.ok("rollback", str(target.id), "--yes")
     vol.assert_rolled_back()
@@ -135,6 +127,16 @@ def test_a_swap_cut_short_at_each_step_is_finished(vol):
     assert before in [vol.own(s.path) for s in vol.backend.list()]
     assert not any(btrfsutil.subvolume_id(vol.live.parent / p) in ids for p in os.listdir(vol.live.parent)
                    if btrfsutil.is_subvolume(vol.live.parent / p))
+
+
+def swap_by_hand(vol: Volume, target) -> None:
+    """What a rollback killed right after the swap leaves: the replaced subvolume under
+    the temporary name."""
+    btrfsutil.create_snapshot(target.path, vol.temporary)
+    for path in NESTED:
+        os.rmdir(vol.temporary / path)
+        os.rename(vol.live / path, vol.temporary / path)
+    exchange(vol.live, vol.temporary)
 
 
 def test_rollbacks_killed_at_random_points_leave_one_state_or_the_other(vol):
