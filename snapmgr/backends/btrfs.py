@@ -11,11 +11,13 @@ import os
 import re
 from dataclasses import replace
 from pathlib import Path
+from typing import Sequence
 
 from snapmgr import schema, sh
-from snapmgr.backends.base import Progress, Space
+from snapmgr.backends import btrfs_rollback, mounts
+from snapmgr.backends.base import Progress, RollbackWay, Space
 from snapmgr.backends.directory import DirectoryBackend
-from snapmgr.errors import SnapmgrError
+from snapmgr.errors import SnapmgrError, as_error, quote
 from snapmgr.model import Snapshot, SnapshotId
 
 # The root directory of every btrfs subvolume has this inode number.
@@ -88,6 +90,59 @@ class BtrfsBackend(DirectoryBackend):
         return replace(space, held=sum(held_each.values()), held_each=held_each,
                        note="held: each snapshot's qgroup exclusive bytes"
                             + ("; btrfs says they are out of date (btrfs quota rescan)" if stale else ""))
+
+    # Rollback: see snapmgr.backends.btrfs_rollback ----------------------------------
+
+    def rollback_way(self, target: Snapshot, snapshots: list[Snapshot], choice: str | None) -> RollbackWay:
+        btrfsutil = _btrfsutil()
+        where = btrfs_rollback.layout(self.opts["subvolume"], btrfsutil)
+        inner = btrfs_rollback.nested(where.live, btrfsutil)
+        if where.mounted and inner:
+            # Moved into the new tree before the swap, they would be gone from the mount
+            # that keeps showing the old one until it is mounted again.
+            raise SnapmgrError(f"{quote(where.live)} is mounted with subvol= and holds nested subvolumes "
+                               f"({', '.join(quote(p) for p in inner[:5])}), which would be missing from it until "
+                               f"it is mounted again: roll back with it unmounted (subvolume = its path through a "
+                               f"mount of the filesystem's top level); nothing was changed")
+        btrfs_rollback.check_carried(target.path, inner, [(self.snapshot_dir, "where the snapshots are")],
+                                     where.live)
+        carried = (f"; the nested subvolumes {', '.join(quote(p) for p in inner)} moved into it first"
+                   if inner else "")
+        return RollbackWay(f"a writable snapshot of {target.id} swapped in for {quote(where.live)} in one step "
+                           f"(renameat2 RENAME_EXCHANGE){carried}; the replaced subvolume is deleted once the "
+                           f"pre-rollback snapshot holds it" + (" and it is no longer mounted" if where.mounted else ""),
+                           takes_effect=where.takes_effect)
+
+    def roll_back(self, target: Snapshot, way: RollbackWay, keep: Sequence[tuple[Path, str]],
+                  resuming: bool) -> str | None:
+        """`way` is not needed: what to do is read again from the subvolumes and mounts
+        (a resume may come after a remount). `resuming` takes the pre-rollback snapshot
+        to be there, as the orchestration takes it before any roll_back(): it is how a
+        swap already made is told from one not begun, once the temporary name is gone."""
+        btrfsutil = _btrfsutil()
+        live = self.opts["subvolume"]
+        if resuming and mounts.mounted_at(Path(os.path.realpath(live))) \
+                and btrfs_rollback.shows_replaced(live, btrfsutil):
+            return self.rollback_pending(target.id)   # swapped: the mount shows the new one once mounted again
+        where = btrfs_rollback.layout(live, btrfsutil)
+        # The snapshots' own subvolume moves last: until the swap, they are not listed.
+        inner = sorted(btrfs_rollback.nested(where.live, btrfsutil),
+                       key=lambda p: Path(os.path.realpath(self.snapshot_dir)).is_relative_to(where.live / p))
+        btrfs_rollback.check_carried(target.path, inner, keep, where.live)
+        try:
+            with where.parent(self.run_dir, self.volume) as parent:
+                return btrfs_rollback.swap_in(
+                    parent, where.name, target.path, inner,
+                    lambda: {btrfsutil.subvolume_info(path).parent_uuid for _, path in self._snapshot_dirs()},
+                    resuming, where.takes_effect if where.mounted else None, btrfsutil)
+        except OSError as e:   # BtrfsUtilError too: the orchestration words what a SnapmgrError cut short
+            raise as_error(e) from None
+
+    def rollback_pending(self, target: SnapshotId) -> str | None:
+        live = self.opts["subvolume"]
+        if btrfs_rollback.shows_replaced(live, _btrfsutil()):
+            return f"at the next mount of {quote(live)}, which still shows the subvolume it replaced"
+        return None
 
 
 def _btrfsutil():

@@ -87,7 +87,7 @@ class DirectoryBackend(Backend):
         except BaseException:
             self._sidecar(snapshot_id).unlink(missing_ok=True)
             raise
-        _fsync_dir(self.snapshot_dir)
+        fsync_dir(self.snapshot_dir)
         return Snapshot(snapshot_id, self.snapshot_dir / str(snapshot_id), frozenset(tags), meta)
 
     def written_paths(self) -> tuple[Path, ...]:
@@ -137,7 +137,7 @@ class DirectoryBackend(Backend):
     def delete(self, snapshot: Snapshot) -> None:
         self._discard(snapshot.path)
         self._sidecar(snapshot.id).unlink(missing_ok=True)
-        _fsync_dir(self.snapshot_dir)
+        fsync_dir(self.snapshot_dir)
 
     @contextmanager
     def browse_root(self, snapshot: Snapshot) -> Iterator[Path]:
@@ -188,7 +188,7 @@ def _opened_dir(path: Path) -> Iterator[int]:
         os.close(fd)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     with _opened_dir(path) as fd:
         os.fsync(fd)
 

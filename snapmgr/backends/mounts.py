@@ -27,8 +27,8 @@ def mounts() -> list[Mount]:
         fields = line.split(b" ")
         sep = fields.index(b"-")
         major, minor = fields[2].split(b":")
-        found.append(Mount((int(major), int(minor)), _unescaped(fields[3]), Path(_unescaped(fields[4]).decode(
-            errors="surrogateescape")), fields[sep + 1].decode(), _unescaped(fields[sep + 2]).decode(errors="replace")))
+        found.append(Mount((int(major), int(minor)), unescaped(fields[3]), Path(unescaped(fields[4]).decode(
+            errors="surrogateescape")), fields[sep + 1].decode(), unescaped(fields[sep + 2]).decode(errors="replace")))
     return found
 
 
@@ -62,6 +62,6 @@ def below(path: Path) -> list[Mount]:
     return [m for m in mounts() if m.mountpoint == real or real in m.mountpoint.parents]
 
 
-def _unescaped(field: bytes) -> bytes:
+def unescaped(field: bytes) -> bytes:
     # The kernel writes space, tab, newline and backslash in paths as \ooo.
     return _OCTAL_RE.sub(lambda m: bytes([int(m[1], 8)]), field)
