@@ -35,7 +35,12 @@ class BtrfsBackend(DirectoryBackend):
 
     @property
     def snapshot_dir(self) -> Path:
-        return self.opts["snapshot_dir"]
+        configured = self.opts["snapshot_dir"]
+        if os.path.lexists(configured):
+            return configured
+        # A rollback killed between carrying them into the new tree and the swap leaves
+        # them there: listed from there, a resume finds its target.
+        return btrfs_rollback.carried(self.opts["subvolume"], configured)
 
     def _is_snapshot(self, path: Path) -> bool:
         return os.stat(path).st_ino == SUBVOLUME_ROOT_INODE

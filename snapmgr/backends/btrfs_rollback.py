@@ -191,6 +191,16 @@ def swap_in(parent: Path, name: str, target: Path, inner: list[PurePosixPath],
     return _finish(temporary, snapshots_of(), pending, btrfsutil)
 
 
+def carried(live: Path, path: Path) -> Path:
+    """Where `path`, inside the live subvolume, is while a rollback killed before its swap
+    has carried it into the new tree; `path` itself otherwise."""
+    if path.is_relative_to(live):
+        moved = live.with_name(f".{live.name}{TEMPORARY}") / path.relative_to(live)
+        if os.path.lexists(moved):
+            return moved
+    return path
+
+
 def _newer(a: Path, b: Path, btrfsutil) -> bool:
     return btrfsutil.subvolume_id(a) > btrfsutil.subvolume_id(b)
 

@@ -3,8 +3,8 @@ btrfs loop device, finished by roll_back(resuming=True); and trials that SIGKILL
 `snapmgr rollback --yes` at random points, after which the volume is wholly as it was or
 wholly the snapshot, the pre-rollback snapshot intact, and a resume finishes.
 
-Until `snapmgr rollback --resume` exists, the resume calls the backend directly, as the
-orchestration would once the pre-rollback snapshot is taken."""
+The states made by hand are finished by the backend's resume directly; the killed runs by
+`snapmgr rollback --resume`, as the journal says they were cut short."""
 
 from __future__ import annotations
 
@@ -175,16 +175,17 @@ def test_rollbacks_killed_at_random_points_leave_one_state_or_the_other(vol):
         outcomes[where] = outcomes.get(where, 0) + 1
         for path in NESTED:   # each nested subvolume is in the live tree or the new one, never lost
             assert is_subvolume(vol.live / path) or is_subvolume(vol.temporary / path)
-        taken = [s for s in vol.backend.list() if s.id not in before] if os.path.lexists(vol.live / ".snapshots") \
-            else None
-        if taken == []:
-            # Killed before the pre-rollback snapshot: nothing was changed, and a rollback runs from the start.
-            assert live == old and not os.path.lexists(vol.temporary)
+        taken = [s for s in vol.backend.list() if s.id not in before]   # found in the new tree too
+        assert [vol.own(s.path) for s in taken] in ([], [old])
+        # The next run finds the rollback's lock free: then one under way was cut short.
+        cut_short = vol.ws.ok("--json", "status").json()["volumes"][0]["rollback"]
+        if cut_short is not None:
+            assert cut_short["state"] == "cut-short" and cut_short["pre_rollback"] == str(taken[0].id)
+            vol.ws.ok("rollback", "--resume", "data", "--yes")
+        elif live == old:
+            # Killed before it changed anything (perhaps after its pre-rollback snapshot): a rollback from the start.
+            assert not os.path.lexists(vol.temporary)
             vol.ws.ok("rollback", str(target.id), "--yes")
-        else:
-            if taken:
-                assert [vol.own(s.path) for s in taken] == [old]
-            assert vol.resume(target) is None
         vol.assert_rolled_back()
     print(f"{TRIALS} kills over {whole:.2f} s runs, half of them within {swap:.3f} s of the pre-rollback snapshot: "
           f"{outcomes}")
