@@ -194,20 +194,25 @@ def _swap(origin: Origin, target: Snapshot, resuming: bool) -> None:
             raise SnapmgrError(f"neither {origin.name} nor {origin.vg}/{aside} exists: make the volume again from its "
                                f"pre-rollback snapshot by hand (lvcreate --snapshot --setactivationskip n --name "
                                f"{origin.lv} {origin.vg}/SNAPSHOT)")
-        lvm(_successor(origin, target, old), timeout=300)
+        try:
+            lvm(_successor(origin, target, old), timeout=300)
+        except SnapmgrError as e:
+            lvm(["lvrename", f"{origin.vg}/{aside}", origin.name], timeout=120)
+            remount.put_back(origin.device, origin.record)
+            raise SnapmgrError(f"{e}; {origin.name} was put back as it was") from None
+    if old["lv_autoactivation"] == "0":   # lvcreate cannot set it on a snapshot
+        lvm(["lvchange", "--setautoactivation", "n", origin.name], timeout=120)
     lvm(["lvremove", "--yes", f"{origin.vg}/{aside}"], timeout=300)
     remount.put_back(origin.device, origin.record)
 
 
 def _successor(origin: Origin, target: Snapshot, old: dict) -> list[str]:
-    """The lvcreate that makes the thin snapshot of the target the volume's LV, as the
-    old one was set up."""
+    """The lvcreate that makes a thin snapshot of the target the volume's LV, with the
+    old one's tags (snapmgr's own excepted: they would list it as a snapshot)."""
     argv = ["lvcreate", "--snapshot", "--setactivationskip", "n", "--activate", "y", "--name", origin.lv]
     for tag in old["lv_tags"].split(","):
         if tag and not tag.startswith(OWN_TAGS):
             argv += ["--addtag", tag]
-    if old["lv_autoactivation"] == "0":
-        argv += ["--setautoactivation", "n"]
     return argv + [target.meta["lv"]]
 
 
