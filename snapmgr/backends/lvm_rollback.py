@@ -104,7 +104,9 @@ def _thick_way(origin: Origin, target: Snapshot, snapshots: list[Snapshot], rows
     fates = {target.id: "consumed by the merge"}
     for s in snapshots:
         row = rows.get(_name(s))
-        if s.id != target.id and not s.invalid and row is not None and (free := int(row["lv_size"]) - _used(row)) < needed:
+        if s.id == target.id or s.invalid or row is None:
+            continue
+        if (free := int(row["lv_size"]) - _used(row)) < needed:
             fates[s.id] = (f"at risk: the merge copies up to {human_size(used)} into its snapshot space, which has "
                            f"{human_size(free)} free; it is invalidated if that fills")
     takes_effect = "now" if live != Path("/") else f"at the next activation of {origin.name} (a reboot: it is /)"
