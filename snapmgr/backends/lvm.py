@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from snapmgr import schema, sh
-from snapmgr.backends import mounts, shared_mounts
-from snapmgr.backends.base import Backend, Progress, Space
+from snapmgr.backends import lvm_rollback, mounts, shared_mounts
+from snapmgr.backends.base import Backend, Progress, RollbackWay, Space
+from snapmgr.backends.lvm_cli import lvm
 from snapmgr.errors import SnapmgrError, quote
 from snapmgr.model import Snapshot, SnapshotId, human_size
 
@@ -89,12 +90,6 @@ def percent(value: Any) -> int:
     return number
 
 
-def lvm(argv: list, timeout: float) -> sh.Completed:
-    # LVM closes every descriptor it inherits, with a warning on stderr: the volume lock
-    # is of no use to it (its own VG lock orders its commands).
-    return sh.run(argv, timeout=timeout, holds_locks=False)
-
-
 def lvs(*selection: str) -> list[dict]:
     """LVM's own JSON report of the selected LVs; sizes in bytes."""
     out = lvm(["lvs", "--reportformat", "json", "--units", "b", "--nosuffix", "-o", REPORT, *selection],
@@ -152,6 +147,22 @@ class LvmBackend(Backend):
 
     def _take_down(self, snapshot_id: SnapshotId) -> shared_mounts.TakeDown:
         return lambda: self._release(snapshot_id)
+
+    def rollback_way(self, target: Snapshot, snapshots: list[Snapshot], choice: str | None) -> RollbackWay:
+        rows, origin = self._report()
+        room = None if _is_thin(origin) else self._size().bytes_for(int(origin["lv_size"]))
+        return lvm_rollback.way(self._rollback_origin, target, snapshots, rows, room, self.live_root())
+
+    def roll_back(self, target: Snapshot, way: RollbackWay, keep: tuple[Path, ...], resuming: bool) -> str | None:
+        self._release_browsed(target.id)   # a mounted snapshot would defer its merge
+        return lvm_rollback.roll_back(self._rollback_origin, target, resuming)
+
+    def rollback_pending(self, target: SnapshotId) -> str | None:
+        return lvm_rollback.pending(self._rollback_origin, self._lv_name(target))
+
+    @property
+    def _rollback_origin(self) -> lvm_rollback.Origin:
+        return lvm_rollback.Origin(self.vg, self.opts["lv"][1], self.run_dir / f"{self.volume}.rollback-mounts")
 
     # Helpers ------------------------------------------------------------------------
 
@@ -213,6 +224,10 @@ class LvmBackend(Backend):
     def _checked_origin(self) -> dict:
         """The origin's report row, once the space guard has passed."""
         rows, origin = self._report()
+        if origin["lv_attr"][0] == "O":
+            raise SnapmgrError(f"refusing to snapshot {self.origin_name}: a snapshot is being merged into it (a "
+                               f"rollback), which completes at its next activation (a reboot, or unmount it and run "
+                               f"lvchange --refresh {self.origin_name}); LVM cannot snapshot it until then")
         if _is_thin(origin):
             self._check_pool(rows[origin["pool_lv"]])
         else:
@@ -228,7 +243,8 @@ class LvmBackend(Backend):
             raise SnapmgrError(f"volume {self.volume}: cannot read volume group {self.vg}: {e}") from None
         origin = rows.get(self.opts["lv"][1])
         if origin is None:
-            raise SnapmgrError(f"volume {self.volume}: logical volume {self.origin_name} does not exist")
+            why = lvm_rollback.interrupted(self._rollback_origin, rows)
+            raise SnapmgrError(f"volume {self.volume}: {why or f'logical volume {self.origin_name} does not exist'}")
         return rows, origin
 
     def _lv_name(self, snapshot_id: SnapshotId) -> str:

@@ -19,6 +19,9 @@ class Mount:
     mountpoint: Path
     fstype: str
     source: str
+    # Its filesystem's options, then the mount's own, which win where they differ (a
+    # read-only mount of a writable filesystem): what mounting it again the same way takes.
+    options: str = ""
 
 
 def mounts() -> list[Mount]:
@@ -28,7 +31,8 @@ def mounts() -> list[Mount]:
         sep = fields.index(b"-")
         major, minor = fields[2].split(b":")
         found.append(Mount((int(major), int(minor)), unescaped(fields[3]), Path(unescaped(fields[4]).decode(
-            errors="surrogateescape")), fields[sep + 1].decode(), unescaped(fields[sep + 2]).decode(errors="replace")))
+            errors="surrogateescape")), fields[sep + 1].decode(), unescaped(fields[sep + 2]).decode(errors="replace"),
+            _options(fields[5], fields[sep + 3])))
     return found
 
 
@@ -60,6 +64,10 @@ def below(path: Path) -> list[Mount]:
     """The mounts at `path` and below it, in the order they were made."""
     real = Path(os.path.realpath(path))
     return [m for m in mounts() if m.mountpoint == real or real in m.mountpoint.parents]
+
+
+def _options(own: bytes, filesystem: bytes) -> str:
+    return ",".join(dict.fromkeys(unescaped(filesystem).decode().split(",") + unescaped(own).decode().split(",")))
 
 
 def unescaped(field: bytes) -> bytes:
