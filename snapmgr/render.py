@@ -114,7 +114,8 @@ def restored_json(r: Restored) -> dict:
 def rolled_back_json(r: RolledBack) -> dict:
     p = r.plan
     return {"volume": p.volume, "snapshot": p.target, "dry_run": r.dry_run, "method": p.method,
-            "takes_effect": p.takes_effect, "losses": asdict(p.losses) | {"shown": list(p.losses.shown)},
+            "takes_effect": p.takes_effect,
+            "losses": None if p.losses is None else asdict(p.losses) | {"shown": list(p.losses.shown)},
             "newer": [{"snapshot": s, "fate": fate} for s, fate in p.newer], "services": list(p.services),
             "pre_rollback": r.pre_rollback, "seconds": r.seconds, "check": r.check, "pending": r.pending,
             "affected": [{"snapshot": s, "fate": fate} for s, fate in p.others], "resumes": p.resumes}
@@ -122,11 +123,13 @@ def rolled_back_json(r: RolledBack) -> dict:
 
 def rollback_plan_text(p: Plan) -> str:
     loss = p.losses
+    told = [f"it loses what changed since: {loss.added} entries made since are deleted, {loss.removed} deleted "
+            f"since come back, {loss.changed} changed since are put back as they were",
+            *(f"  {line}" for line in loss.shown)] if loss else \
+        ["what it loses cannot be listed: the volume is not mounted now"]
     lines = [f"roll {p.volume} back to {p.target}, {p.takes_effect}: {p.method}",
              *([p.resumes] if p.resumes else []),
-             f"it loses what changed since: {loss.added} entries made since are deleted, {loss.removed} deleted since "
-             f"come back, {loss.changed} changed since are put back as they were",
-             *(f"  {line}" for line in loss.shown),
+             *told,
              *([] if p.resumes else ["first, a protected pre-rollback snapshot of the volume as it is (snapmgr "
                                      "rollback to it undoes this)"]),
              "services: " + ("; ".join(p.services) if p.services else "no quiescer stops any (whatever still writes "
@@ -142,7 +145,7 @@ def rolled_back_text(r: RolledBack) -> str:
     if r.dry_run:
         return "dry run, nothing changed:\n" + rollback_plan_text(r.plan)
     how = "finished the rollback of" if r.plan.resumes else "rolled"
-    after = f"; {r.check}" if r.check else f"; it takes effect {r.pending}" if r.pending else ""
+    after = f"; {r.check}" if r.check else f"; not in effect yet: {r.pending}" if r.pending else ""
     return (f"{how} {r.plan.volume} back to {r.plan.target} in {r.seconds:g}s; {r.pre_rollback} holds it as it was "
             f"(snapmgr rollback {r.pre_rollback} undoes it){after}")
 

@@ -50,7 +50,7 @@ class Plan:
     target: str
     method: str
     takes_effect: str
-    losses: Losses
+    losses: Losses | None                # None: not told (the volume is not mounted)
     newer: tuple[tuple[str, str], ...]   # each newer snapshot, and what becomes of it
     services: tuple[str, ...]            # what is done to each quiescer's service
     others: tuple[tuple[str, str], ...] = ()   # the target and older snapshots the rollback affects, and how
@@ -87,7 +87,8 @@ def plan(engine: Engine, target_text: str, choice: str | None = None, resuming: 
     if choice is not None and choice not in backend.rollback_choices:
         raise UsageError(f"--{choice} is for volumes whose rollback would otherwise lose newer snapshots (ZFS); "
                          f"a rollback of {volume.backend} volume {volume.name} keeps them anyway")
-    if backend.live_root() is None:
+    mounted = backend.live_root() is not None
+    if not mounted and resuming is None:   # a rollback cut short may have left it unmounted, or gone (LVM thin)
         raise SnapmgrError(f"volume {volume.name} is not mounted now: there is nothing to roll back")
     snapshots = sorted(backend.list(), key=lambda s: s.id)
     way = backend.rollback_way(target, snapshots, choice)
@@ -99,7 +100,7 @@ def plan(engine: Engine, target_text: str, choice: str | None = None, resuming: 
         f"it was before that one")
     return _Planned(volume, backend, target, way, Plan(
         volume.name, str(target.id), way.method, way.takes_effect,
-        _losses(engine, target) if losses else Losses(0, 0, 0, ()), newer,
+        _losses(engine, target) if losses and mounted else None, newer,
         tuple(engine.rollback_quiescers(volume)), others, resumes))
 
 
@@ -171,7 +172,7 @@ def _carried_out(engine: Engine, planned: _Planned, run: Run, record: int, pre_r
 
     def roll_back(grade: str) -> tuple[str, str | None, str]:
         nonlocal under_way
-        if still := open_for_writing(live):
+        if live is not None and (still := open_for_writing(live)):
             raise SnapmgrError(f"{live} is still written by " + ", ".join(f"{name} (pid {pid})" for pid, name in
                                                                            sorted(still.items()))
                                + f" with the services stopped: stop it first (a systemd quiescer of volume "
@@ -198,7 +199,11 @@ def _carried_out(engine: Engine, planned: _Planned, run: Run, record: int, pre_r
         # after it is another matter (held_for_rollback says so).
         journal.rollback_moved(record, "pending" if left else "done", left,
                                seconds=round(time.monotonic() - started, 3))
-        return pre, left, _compared(engine, target) if left is None else None   # before the services write again
+        # Compared before the services write again; a target the rollback consumed cannot be.
+        consumed = planned.way.fates.get(target.id)
+        check = None if left else _compared(engine, target) if consumed is None else \
+            f"{target.id} is {consumed}, so the volume was not compared with it"
+        return pre, left, check
 
     try:
         pre, left, check = engine.held_for_rollback(volume, roll_back)

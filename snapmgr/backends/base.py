@@ -10,7 +10,7 @@ import abc
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, ClassVar, Mapping
+from typing import Callable, ClassVar, Mapping, Sequence
 
 from snapmgr.backends import shared_mounts
 from snapmgr.model import ForeignSnapshot, MinFree, Snapshot, SnapshotId, human_size
@@ -177,10 +177,11 @@ class Backend(abc.ABC):
         raise SnapmgrError(f"rolling back a {self.name} volume is not built yet; snapmgr restore {target.id} / "
                            f"--in-place --delete copies the snapshot back file by file")
 
-    def roll_back(self, target: Snapshot, way: RollbackWay, keep: tuple[Path, ...], resuming: bool) -> str | None:
+    def roll_back(self, target: Snapshot, way: RollbackWay, keep: Sequence[tuple[Path, str]],
+                  resuming: bool) -> str | None:
         """Put the volume back as `target` holds it, the way rollback_way() told, once the
         services are stopped and the pre-rollback snapshot is taken. `keep`: places under
-        live_root() never touched (other volumes' storage). `resuming`: an earlier call
+        live_root() never touched, each with what it is (other volumes' storage). `resuming`: an earlier call
         was cut short (killed, or failed part way), and this one finishes what it began.
         Returns what is still to happen and when (a merge deferred to the next
         activation), None once the volume is the snapshot."""

@@ -20,7 +20,7 @@ import shlex
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from snapmgr import schema, sh
 from snapmgr.backends import lvm_rollback, mounts, shared_mounts
@@ -153,7 +153,8 @@ class LvmBackend(Backend):
         room = None if _is_thin(origin) else self._size().bytes_for(int(origin["lv_size"]))
         return lvm_rollback.way(self._rollback_origin, target, snapshots, rows, room, self.live_root())
 
-    def roll_back(self, target: Snapshot, way: RollbackWay, keep: tuple[Path, ...], resuming: bool) -> str | None:
+    def roll_back(self, target: Snapshot, way: RollbackWay, keep: Sequence[tuple[Path, str]],
+                  resuming: bool) -> str | None:
         self._release_browsed(target.id)   # a mounted snapshot would defer its merge
         return lvm_rollback.roll_back(self._rollback_origin, target, resuming)
 

@@ -228,7 +228,7 @@ class RsyncBackend(DirectoryBackend):
         return RollbackWay("rsync --delete from the snapshot into the source; what the snapshots leave out is kept "
                            "as it is")
 
-    def roll_back(self, target: Snapshot, way: RollbackWay, keep: tuple[Path, ...], resuming: bool) -> None:
+    def roll_back(self, target: Snapshot, way: RollbackWay, keep: Sequence[tuple[Path, str]], resuming: bool) -> None:
         # A copy cut short is finished by copying again: rsync skips what already matches.
         live = self.live_root()
         with self.browse_root(target) as root:
