@@ -11,8 +11,8 @@ rollback's own `seconds` from its --json output (everything after the confirmati
 the median, min and max of each.
 Needs root and a free loop device, which it releases.
 
-    ./run bench rollback                      # 10,000 files, 5 timed rounds
-    ./run bench rollback --files 2000 --rounds 3
+    ./run bench rollback_btrfs                      # 10,000 files, 5 timed rounds
+    ./run bench rollback_btrfs --files 2000 --rounds 3
 """
 
 from __future__ import annotations
