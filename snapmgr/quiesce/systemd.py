@@ -44,6 +44,10 @@ class SystemdQuiescer(Quiescer):
         self.stages: list[list[str]] = []
 
     @property
+    def active(self) -> list[str]:
+        return [u for stage in self.stages for u in stage]
+
+    @property
     def units(self) -> tuple[str, ...]:
         return self.opts["units"]
 
@@ -103,21 +107,21 @@ class SystemdQuiescer(Quiescer):
     def undo(self) -> list[dict]:
         # snapmgr-recover.service runs before the units (it is ordered Before= them): a
         # start there is queued, for waiting on it would wait forever. Nothing is frozen
-        # after a restart; a thaw waits for nothing. The units start before their triggers.
-        actions = []
-        for stage in reversed(self.stages):
-            queued = None if self.freezing else ["systemctl", "start", "--no-block", "--", *stage]
-            at_boot = [] if self.freezing else queued
-            actions.append(undo.run_action(self._argv(self.verbs[1], stage), {}, self.timeout, at_boot, queued))
-        return actions
+        # after a restart; a thaw waits for nothing.
+        queued = None if self.freezing else ["systemctl", "start", "--no-block", "--", *self.active]
+        at_boot = [] if self.freezing else queued
+        return [undo.run_action(self._argv(self.verbs[1], self.active), {}, self.timeout, at_boot, queued)] \
+            if self.active else []
 
     def prepare(self) -> None:
         for stage in self.stages:
             self._systemctl(self.verbs[0], stage)
 
     def resume(self) -> None:
-        for stage in reversed(self.stages):
-            self._systemctl(self.verbs[1], stage)
+        # In one transaction, which systemd orders by the units' own dependencies: a socket
+        # starts before its service, which would otherwise get no listening descriptor.
+        if self.active:
+            self._systemctl(self.verbs[1], self.active)
 
     def _systemctl(self, verb: str, units: list[str]) -> None:
         # holds_locks=False: a started service must not hold the volume lock.
@@ -134,7 +138,7 @@ class SystemdQuiescer(Quiescer):
             return f"systemctl {pause} {units}, then {back} (only the units that were active)"
         triggers = " ".join(self.triggers)
         return (f"systemctl {pause} {triggers} (which start them on demand), then {pause} {units}; then {back} "
-                f"{units}, then {triggers} (only the units that were active)")
+                f"them all (only the units that were active)")
 
 
 def _systemd_running() -> bool:

@@ -163,7 +163,7 @@ def socket_unit(host, ws):
     sh(host, "systemctl", "daemon-reload")
 
 
-def test_a_rollback_stops_the_socket_of_a_socket_activated_service_first_and_starts_it_last(host, ws,
+def test_a_rollback_stops_the_socket_of_a_socket_activated_service_before_it_and_starts_both(host, ws,
                                                                                             socket_unit):
     name, path = socket_unit
     assert connect(path) == "up" and state(host, f"{name}.service", "ActiveState") == "active"
@@ -180,14 +180,15 @@ def test_a_rollback_stops_the_socket_of_a_socket_activated_service_first_and_sta
     ws.ok("snapshot")
     [target] = ws.snapshots()
     (ws.source / "a").write_text("two")
-    [services] = ws.ok("--json", "rollback", target, "--dry-run").json()["services"]
-    assert services.startswith(f"app: systemctl stop {name}.socket (which start them on demand), then stop "
-                               f"{name}.service; then start {name}.service, then {name}.socket"), services
+    services = ws.ok("--json", "rollback", target, "--dry-run").json()["services"]
+    assert services[0] == (f"app: systemctl stop {name}.socket (which start them on demand), then stop "
+                           f"{name}.service; then start them all (only the units that were active)"), services
     pid_before = state(host, f"{name}.service", "MainPID")
     ws.ok("rollback", target, "--yes")
     # The socket was stopped before the service: the connection found nobody listening and
     # started nothing while the files were replaced.
-    assert (ws.root / "inside").read_text().split() == ["ConnectionRefusedError", "inactive", "inactive"]
+    got, *states = (ws.root / "inside").read_text().split()
+    assert got in ("ConnectionRefusedError", "FileNotFoundError") and states == ["inactive", "inactive"]
     assert (ws.source / "a").read_text() == "one"
     assert state(host, f"{name}.socket", "ActiveState") == "active"
     assert state(host, f"{name}.service", "ActiveState") == "active"
