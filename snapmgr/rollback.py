@@ -23,7 +23,7 @@ from snapmgr.errors import Interrupted, SnapmgrError, UsageError, as_error
 from snapmgr.model import Snapshot
 from snapmgr.restore_job import own_places
 from snapmgr.volume_paths import shown
-from snapmgr.writers import open_for_writing
+from snapmgr.writers import users
 
 SHOWN_PATHS = 5   # of each kind of loss, in the plan
 
@@ -86,7 +86,7 @@ def rollback(engine: Engine, target_text: str, dry_run: bool, confirm: Callable[
     live = backend.live_root()
     with engine.locked(volume), engine.journal.run(volume.name, "rollback", os.getpid()):
         def roll_back() -> tuple[str, str]:
-            if still := open_for_writing(live):
+            if still := users([live, *backend.own_mounts()]).writers:
                 raise SnapmgrError(f"{live} is still written by " + ", ".join(f"{name} (pid {pid})" for pid, name in
                                                                                sorted(still.items()))
                                    + f" with the services stopped: stop it first (a systemd quiescer of volume "
