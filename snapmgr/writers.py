@@ -35,7 +35,7 @@ class Users:
 
 @dataclass(frozen=True)
 class _Place:
-    """Where a directory is within its filesystem, whatever it is mounted as."""
+    """Where a file is within its filesystem, whatever it is mounted as."""
 
     device: tuple[int, int]   # the filesystem's, as mount tables and /proc/PID/maps give it
     path: PurePosixPath       # from the filesystem's root
