@@ -125,3 +125,20 @@ def test_on_btrfs_the_subvolume_is_the_volume_and_the_rest_of_the_filesystem_not
             found = users([top / "data"])
         assert writer in found.writers and mapper in found.writers
         assert beside not in found.writers and beside not in found.holders
+
+
+@needs_root
+def test_a_rollback_is_refused_while_a_process_in_another_mount_namespace_writes_to_the_volume(ws):
+    ws.write_config({"data": {"backend": "rsync", "source": ws.source, "repository": ws.repo}})
+    (ws.source / "a").write_text("one")
+    ws.ok("snapshot")
+    [target] = ws.snapshots()
+    (ws.source / "a").write_text("two")
+    elsewhere = ws.root / "elsewhere"
+    elsewhere.mkdir()
+    code = ("import subprocess, sys; subprocess.run(['mount', '--bind', sys.argv[1], sys.argv[2]], check=True); "
+            "f = open(sys.argv[2] + '/a', 'a')")
+    with running(code, str(ws.source), str(elsewhere), prefix=("unshare", "--mount")) as writer:
+        refused = ws.run("rollback", target, "--yes")
+    assert refused.returncode != 0 and f"(pid {writer}) with the services stopped" in refused.stderr, refused.stderr
+    assert (ws.source / "a").read_text() == "two" and ws.snapshots() == [target]
