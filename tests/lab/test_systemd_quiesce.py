@@ -193,3 +193,24 @@ def test_a_rollback_stops_the_socket_of_a_socket_activated_service_before_it_and
     assert state(host, f"{name}.socket", "ActiveState") == "active"
     assert state(host, f"{name}.service", "ActiveState") == "active"
     assert state(host, f"{name}.service", "MainPID") != pid_before and connect(path) == "up"
+
+
+def test_kill_9_in_a_rollbacks_window_brings_the_socket_and_its_service_back(host, ws, socket_unit):
+    name, path = socket_unit
+    assert connect(path) == "up"
+    hold = [sys.executable, "-c", f"open({str(ws.root / 'held')!r}, 'w'); import time; time.sleep(60)"]
+    ws.write_config(volume(ws, ["app", "hold"]), quiesce={
+        "app": {"kind": "systemd", "units": [f"{name}.service"]}, "hold": {"kind": "command", "pre": hold}})
+    (ws.source / "a").write_text("one")
+    ws.ok("snapshot")
+    [target] = ws.snapshots()
+    (ws.root / "held").unlink()
+    run = ws.start("rollback", target, "--yes")
+    wait_for(lambda: (ws.root / "held").exists() or run.poll() is not None, what="the window")
+    assert run.poll() is None, run.communicate()
+    assert state(host, f"{name}.socket", "ActiveState") == "inactive"
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    wait_for(lambda: state(host, f"{name}.socket", "ActiveState") == "active" and
+             state(host, f"{name}.service", "ActiveState") == "active", timeout=5, what="both back within 5s")
+    assert connect(path) == "up"
