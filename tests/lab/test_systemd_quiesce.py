@@ -198,13 +198,13 @@ def test_a_rollback_stops_the_socket_of_a_socket_activated_service_before_it_and
 def test_kill_9_in_a_rollbacks_window_brings_the_socket_and_its_service_back(host, ws, socket_unit):
     name, path = socket_unit
     assert connect(path) == "up"
+    (ws.source / "a").write_text("one")
+    ws.write_config(volume(ws, []))
+    ws.ok("snapshot")
+    [target] = ws.snapshots()
     hold = [sys.executable, "-c", f"open({str(ws.root / 'held')!r}, 'w'); import time; time.sleep(60)"]
     ws.write_config(volume(ws, ["app", "hold"]), quiesce={
         "app": {"kind": "systemd", "units": [f"{name}.service"]}, "hold": {"kind": "command", "pre": hold}})
-    (ws.source / "a").write_text("one")
-    ws.ok("snapshot")
-    [target] = ws.snapshots()
-    (ws.root / "held").unlink()
     run = ws.start("rollback", target, "--yes")
     wait_for(lambda: (ws.root / "held").exists() or run.poll() is not None, what="the window")
     assert run.poll() is None, run.communicate()
