@@ -22,7 +22,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Iterator
 
-from snapmgr import trust
+from snapmgr import procfs, trust
 from snapmgr.errors import LockBusy, SnapmgrError
 from snapmgr.model import span
 
@@ -147,16 +147,11 @@ def _holders(path: Path) -> dict[int, str]:
     except OSError:
         return {}
     found = {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
+    for fd in procfs.descriptors():
         try:
-            for fd in (proc / "fd").iterdir():
-                linked = os.stat(fd)
-                if (linked.st_dev, linked.st_ino) == (st.st_dev, st.st_ino) and \
-                        "FLOCK" in (proc / "fdinfo" / fd.name).read_text():
-                    found[int(proc.name)] = (proc / "comm").read_text().strip()
-                    break
+            linked = fd.stat()
+            if (linked.st_dev, linked.st_ino) == (st.st_dev, st.st_ino) and "FLOCK" in fd.info():
+                found[fd.pid] = procfs.command(fd.pid)
         except OSError:  # the process ended, or closed the descriptor, meanwhile
             continue
     return found

@@ -29,7 +29,7 @@ from snapmgr.journal import UNFINISHED, RollbackRecord, Run
 from snapmgr.model import Snapshot, stamp
 from snapmgr.restore_job import own_places
 from snapmgr.volume_paths import shown
-from snapmgr.writers import open_for_writing
+from snapmgr.writers import users
 
 SHOWN_PATHS = 5   # of each kind of loss, in the plan
 
@@ -172,7 +172,7 @@ def _carried_out(engine: Engine, planned: _Planned, run: Run, record: int, pre_r
 
     def roll_back(grade: str) -> tuple[str, str | None, str]:
         nonlocal under_way
-        if live is not None and (still := open_for_writing(live)):
+        if live is not None and (still := users([live, *backend.own_mounts()]).writers):
             raise SnapmgrError(f"{live} is still written by " + ", ".join(f"{name} (pid {pid})" for pid, name in
                                                                            sorted(still.items()))
                                + f" with the services stopped: stop it first (a systemd quiescer of volume "

@@ -24,9 +24,11 @@ class Mount:
     options: str = ""
 
 
-def mounts() -> list[Mount]:
+def mounts(pid: int | None = None) -> list[Mount]:
+    """This process's mount table, or process `pid`'s (its mount namespace, its
+    mountpoints as seen from its root directory)."""
     found = []
-    for line in MOUNTINFO.read_bytes().splitlines():
+    for line in (MOUNTINFO if pid is None else Path(f"/proc/{pid}/mountinfo")).read_bytes().splitlines():
         fields = line.split(b" ")
         sep = fields.index(b"-")
         major, minor = fields[2].split(b":")

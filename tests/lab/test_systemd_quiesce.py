@@ -126,3 +126,91 @@ def test_a_rollback_stops_even_a_freeze_mode_unit_and_starts_it_once_the_volume_
     assert (ws.root / "inside").read_text().split() == ["inactive", "running"]
     assert not (ws.source / "later").exists() and done["pre_rollback"] in ws.snapshots()
     assert state(host, unit, "ActiveState") == "active" and state(host, unit, "MainPID") != pid_before
+
+
+# Answers every connection on the socket systemd passes it (LISTEN_FDS: descriptor 3).
+SERVER = ("import socket\nlistening = socket.socket(fileno=3)\nwhile True:\n"
+          "    conn, _ = listening.accept(); conn.sendall(b'up\\n'); conn.close()\n")
+
+
+def connect(path: Path) -> str:
+    """What a client gets from the socket: the service's answer, or the error's name."""
+    import socket
+    client = socket.socket(socket.AF_UNIX)
+    try:
+        client.connect(str(path))
+        return client.makefile().readline().strip()
+    except OSError as e:
+        return type(e).__name__
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def socket_unit(host, ws):
+    """A socket-activated service (Accept=no), started by a first connection."""
+    name = f"snapmgr-lab-socket{next(_units)}"
+    path = Path(f"/run/{name}.sock")
+    (ws.root / "server.py").write_text(SERVER)
+    (UNIT_DIR / f"{name}.socket").write_text(f"[Socket]\nListenStream={path}\nAccept=no\n")
+    (UNIT_DIR / f"{name}.service").write_text(f"[Service]\nExecStart={sys.executable} {ws.root / 'server.py'}\n")
+    sh(host, "systemctl", "daemon-reload")
+    sh(host, "systemctl", "start", f"{name}.socket")
+    yield name, path
+    host.run(f"systemctl stop {name}.socket {name}.service")
+    for suffix in (".socket", ".service"):
+        (UNIT_DIR / f"{name}{suffix}").unlink()
+    sh(host, "systemctl", "daemon-reload")
+
+
+def test_a_rollback_stops_the_socket_of_a_socket_activated_service_before_it_and_starts_both(host, ws,
+                                                                                            socket_unit):
+    name, path = socket_unit
+    assert connect(path) == "up" and state(host, f"{name}.service", "ActiveState") == "active"
+    # Inside the window: a client connects, then what systemd says of the service and the socket.
+    inside = ("import socket, subprocess, sys\nc = socket.socket(socket.AF_UNIX)\ntry:\n"
+              "    c.connect(sys.argv[2]); got = 'connected'\nexcept OSError as e:\n    got = type(e).__name__\n"
+              "states = subprocess.run(['systemctl', 'show', '--property=ActiveState', '--value', *sys.argv[3:]], "
+              "capture_output=True, text=True).stdout.split()\nopen(sys.argv[1], 'w').write(' '.join([got, *states]))\n")
+    ws.write_config(volume(ws, ["app", "probe"]), quiesce={
+        "app": {"kind": "systemd", "units": [f"{name}.service"]},
+        "probe": {"kind": "command", "pre": [sys.executable, "-c", inside, str(ws.root / "inside"), str(path),
+                                             f"{name}.service", f"{name}.socket"]}})
+    (ws.source / "a").write_text("one")
+    ws.ok("snapshot")
+    [target] = ws.snapshots()
+    (ws.source / "a").write_text("two")
+    services = ws.ok("--json", "rollback", target, "--dry-run").json()["services"]
+    assert services[0] == (f"app: systemctl stop {name}.socket (which start them on demand), then stop "
+                           f"{name}.service; then start them all (only the units that were active)"), services
+    pid_before = state(host, f"{name}.service", "MainPID")
+    ws.ok("rollback", target, "--yes")
+    # The socket was stopped before the service: the connection found nobody listening and
+    # started nothing while the files were replaced.
+    got, *states = (ws.root / "inside").read_text().split()
+    assert got in ("ConnectionRefusedError", "FileNotFoundError") and states == ["inactive", "inactive"]
+    assert (ws.source / "a").read_text() == "one"
+    assert state(host, f"{name}.socket", "ActiveState") == "active"
+    assert state(host, f"{name}.service", "ActiveState") == "active"
+    assert state(host, f"{name}.service", "MainPID") != pid_before and connect(path) == "up"
+
+
+def test_kill_9_in_a_rollbacks_window_brings_the_socket_and_its_service_back(host, ws, socket_unit):
+    name, path = socket_unit
+    assert connect(path) == "up"
+    (ws.source / "a").write_text("one")
+    ws.write_config(volume(ws, []))
+    ws.ok("snapshot")
+    [target] = ws.snapshots()
+    hold = [sys.executable, "-c", f"open({str(ws.root / 'held')!r}, 'w'); import time; time.sleep(60)"]
+    ws.write_config(volume(ws, ["app", "hold"]), quiesce={
+        "app": {"kind": "systemd", "units": [f"{name}.service"]}, "hold": {"kind": "command", "pre": hold}})
+    run = ws.start("rollback", target, "--yes")
+    wait_for(lambda: (ws.root / "held").exists() or run.poll() is not None, what="the window")
+    assert run.poll() is None, run.communicate()
+    assert state(host, f"{name}.socket", "ActiveState") == "inactive"
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    wait_for(lambda: state(host, f"{name}.socket", "ActiveState") == "active" and
+             state(host, f"{name}.service", "ActiveState") == "active", timeout=5, what="both back within 5s")
+    assert connect(path) == "up"
