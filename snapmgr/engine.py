@@ -423,20 +423,24 @@ class Engine:
         tell: one cut short leaves the volume part way until it is resumed or undone.
         A rollback whose run is gone (the lock is free) was cut short by a kill; a pending
         one that has taken effect since is over."""
-        last = self.journal.last_rollback(volume.name, ("begun", *UNFINISHED, "pending"))
+        open_states = ("begun", *UNFINISHED, "pending")
+        last = self.journal.last_rollback(volume.name, open_states)
         if last is None:
             return None
         if last.state in ("begun", "rolling-back"):
             try:
                 with volume_lock(self.config.settings.run_dir, volume.name, 0):
-                    last = self.journal.last_rollback(volume.name)   # as it stands, now that no run works on it
+                    # As it stands, now that no run works on it.
+                    last = self.journal.last_rollback(volume.name, open_states)
+                    if last is None:
+                        return None
                     if last.state == "begun":
                         self.journal.rollback_moved(last.id, "refused", "its run was killed before it changed anything")
                         return None
                     if last.state == "rolling-back":
                         self.journal.rollback_moved(last.id, "cut-short", f"its run (pid {last.run.pid}) was killed"
                                                     if last.run else "its run was killed")
-                        last = self.journal.last_rollback(volume.name)
+                        last = self.journal.last_rollback(volume.name, open_states)
             except LockBusy:
                 return None   # its run is still at it
         if last.state == "cut-short":
@@ -560,6 +564,7 @@ class Engine:
         meta = window.report.as_meta() | {"group": group.name if group else None}
         if held_grade is not None:
             meta["grade"] = held_grade
+        meta = self._part_way(volumes, meta)
         recorded: list[tuple[Outcome, manifest_recording.Taken]] = []
         for outcome, run, volume, backend, result in zip(outcomes, runs, volumes, backends, results):
             record = dict(meta)
@@ -577,6 +582,19 @@ class Engine:
                 outcome.error = outcome.error or error
         if failure is not None:
             raise failure
+
+    def _part_way(self, volumes: list[Volume], meta: dict) -> dict:
+        """A snapshot of a volume that a rollback cut short left part way holds a mix of
+        two states, whatever its quiescers did: degraded, saying so."""
+        try:
+            cut = [(v.name, r) for v in volumes if (r := self.journal.last_rollback(v.name, UNFINISHED))]
+        except JournalError:
+            return meta   # the run's own record tells of the journal
+        if not cut:
+            return meta
+        why = [f"{name}: taken while the rollback to {r.target} was cut short, so the volume may be part way"
+               for name, r in cut]
+        return meta | {"grade": "degraded", "degraded": [*meta.get("degraded", []), *why]}
 
     def _window(self, volumes: list[Volume], backends: list[Backend], ids: list[SnapshotId], group: Group | None,
                 dry_run: bool, purpose: str = "snapshot") -> Window:

@@ -62,3 +62,8 @@ class Interrupted(SnapmgrError):
     """Raised by the SIGTERM handler so that every `finally` below runs (children are
     killed, locks released) exactly as on Ctrl-C."""
     exit_code = EXIT_INTERRUPTED
+
+
+class RollbackRefused(SnapmgrError):
+    """A backend's rollback that stopped before changing anything (its message says so):
+    the volume is as it was, so no rollback was cut short."""

@@ -454,15 +454,16 @@ class Journal:
         """The rollback is now in `state`; `run`: a resume's, which works on it from now.
         Whether that was recorded."""
         ended = None if state in ("begun", "rolling-back") else _now()
+        # Done (or pending), the volume is the target, whatever earlier rollbacks left it
+        # part way at: in the same transaction, so that no kill can leave one to resume.
+        superseded = [("UPDATE rollbacks SET state = 'superseded', ended = coalesce(ended, ?) WHERE volume = "
+                       "(SELECT volume FROM rollbacks WHERE id = ?) AND id < ? AND state IN "
+                       f"({', '.join('?' * len(UNFINISHED))})", (_now(), rollback_id, rollback_id, *UNFINISHED))]
         recorded = self._write("UPDATE rollbacks SET state = ?, ended = ?, detail = coalesce(?, detail), "
                                "run_id = coalesce(?, run_id), pre_rollback = coalesce(?, pre_rollback), "
                                "seconds = coalesce(?, seconds) WHERE id = ?",
-                               (state, ended, detail, run and run.id, pre_rollback, seconds, rollback_id))
-        if recorded is not None and state in ("done", "pending"):
-            # The volume is the target now, whatever earlier rollbacks left it part way at.
-            self._write("UPDATE rollbacks SET state = 'superseded', ended = coalesce(ended, ?) "
-                        "WHERE volume = (SELECT volume FROM rollbacks WHERE id = ?) AND id < ? AND state IN "
-                        f"({', '.join('?' * len(UNFINISHED))})", (_now(), rollback_id, rollback_id, *UNFINISHED))
+                               (state, ended, detail, run and run.id, pre_rollback, seconds, rollback_id),
+                               *(superseded if state in ("done", "pending") else ()))
         return recorded is not None
 
     def observed(self, volume: str, at: datetime, listing: dict) -> None:
@@ -508,14 +509,18 @@ class Journal:
             self._write("INSERT INTO snapshot_events (run_id, snapshot, event, at) VALUES (?, ?, ?, ?)",
                         (run_id, snapshot, event, _now()))
 
-    def _write(self, sql: str, params: tuple) -> int | None:
-        """Run one statement in its own transaction; the new row's id, or None when the
-        journal could not be written (then `failure` says why)."""
+    def _write(self, sql: str, params: tuple, *more: tuple[str, tuple]) -> int | None:
+        """Run the statement, and `more` (each a statement and its parameters), in one
+        transaction; the new row's id, or None when the journal could not be written
+        (then `failure` says why)."""
         if isinstance(self.failure, JournalDamaged):
             return None
         try:
             with self._guard(), self._transaction(self._connection()) as db:
-                return db.execute(sql, params).lastrowid
+                row_id = db.execute(sql, params).lastrowid
+                for statement, values in more:
+                    db.execute(statement, values)
+                return row_id
         except JournalError as e:
             self.failure = self.failure or e
             return None

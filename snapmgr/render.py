@@ -117,7 +117,7 @@ def rolled_back_json(r: RolledBack) -> dict:
             "takes_effect": p.takes_effect,
             "losses": None if p.losses is None else asdict(p.losses) | {"shown": list(p.losses.shown)},
             "newer": [{"snapshot": s, "fate": fate} for s, fate in p.newer], "services": list(p.services),
-            "pre_rollback": r.pre_rollback, "seconds": r.seconds, "check": r.check, "pending": r.pending,
+            "pre_rollback": r.pre_rollback, "seconds": r.seconds, "check": r.check, "pending": r.pending, "before_resume": r.before_resume,
             "affected": [{"snapshot": s, "fate": fate} for s, fate in p.others], "resumes": p.resumes}
 
 
@@ -130,8 +130,9 @@ def rollback_plan_text(p: Plan) -> str:
     lines = [f"roll {p.volume} back to {p.target}, {p.takes_effect}: {p.method}",
              *([p.resumes] if p.resumes else []),
              *told,
-             *([] if p.resumes else ["first, a protected pre-rollback snapshot of the volume as it is (snapmgr "
-                                     "rollback to it undoes this)"]),
+             "first, a protected pre-rollback snapshot of the volume as it is " + (
+                 "(what was written since the cut is kept there)" if p.resumes else
+                 "(snapmgr rollback to it undoes this)"),
              "services: " + ("; ".join(p.services) if p.services else "no quiescer stops any (whatever still writes "
                                                                      "to the volume is refused, by name)")]
     if p.newer:
@@ -146,8 +147,9 @@ def rolled_back_text(r: RolledBack) -> str:
         return "dry run, nothing changed:\n" + rollback_plan_text(r.plan)
     how = "finished the rollback of" if r.plan.resumes else "rolled"
     after = f"; {r.check}" if r.check else f"; not in effect yet: {r.pending}" if r.pending else ""
+    cut = f", {r.before_resume} as the cut left it" if r.before_resume else ""
     return (f"{how} {r.plan.volume} back to {r.plan.target} in {r.seconds:g}s; {r.pre_rollback} holds it as it was "
-            f"(snapmgr rollback {r.pre_rollback} undoes it){after}")
+            f"(snapmgr rollback {r.pre_rollback} undoes it){cut}{after}")
 
 
 def diff_json(d: Diff) -> dict:

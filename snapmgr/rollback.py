@@ -24,7 +24,7 @@ from snapmgr import compare_jobs
 from snapmgr.backends.base import Backend, RollbackWay
 from snapmgr.config import Volume
 from snapmgr.engine import Engine
-from snapmgr.errors import Interrupted, SnapmgrError, UsageError, as_error
+from snapmgr.errors import Interrupted, RollbackRefused, SnapmgrError, UsageError, as_error, quote
 from snapmgr.journal import UNFINISHED, RollbackRecord, Run
 from snapmgr.model import Snapshot, stamp
 from snapmgr.restore_job import own_places
@@ -65,6 +65,7 @@ class RolledBack:
     seconds: float | None = None
     check: str | None = None    # how the volume compares with the snapshot afterwards
     pending: str | None = None  # what is still to happen, and when (a merge at the next activation)
+    before_resume: str | None = None   # a resume's own pre-rollback snapshot: the volume as the cut left it
 
 
 @dataclass(frozen=True)
@@ -125,8 +126,7 @@ def rollback(engine: Engine, target_text: str, dry_run: bool, confirm: Callable[
 
 def resume(engine: Engine, volume_name: str, dry_run: bool, confirm: Callable[[Plan], bool]) -> RolledBack:
     """Finish the volume's rollback that was cut short (killed, stopped, failed part way):
-    the same steps again, with its services stopped, but no new pre-rollback snapshot
-    (the volume is part way: the one taken then holds it as it was)."""
+    the same steps again, with its services stopped."""
     [volume] = engine.volumes([volume_name])
     record = _cut_short(engine, volume.name)
     planned = plan(engine, record.target, record.choice, record)
@@ -141,7 +141,7 @@ def resume(engine: Engine, volume_name: str, dry_run: bool, confirm: Callable[[P
             raise SnapmgrError(f"the rollbacks of volume {volume.name} changed since the plan was shown; nothing "
                                f"was changed: run it again")
         _check_unchanged(planned, plan(engine, record.target, record.choice, record, losses=False))
-        return _carried_out(engine, planned, run, record.id, record.pre_rollback, started)
+        return _carried_out(engine, planned, run, record.id, record, started)
 
 
 def _cut_short(engine: Engine, volume: str) -> RollbackRecord:
@@ -159,40 +159,47 @@ def _check_unchanged(shown: _Planned, now: _Planned) -> None:
                            f"deleted a snapshot); nothing was changed: run it again to see the plan as it is now")
 
 
-def _carried_out(engine: Engine, planned: _Planned, run: Run, record: int, pre_rollback: str | None,
+def _carried_out(engine: Engine, planned: _Planned, run: Run, record: int, resuming: RollbackRecord | None,
                  started: float) -> RolledBack:
     """The rollback, with the services stopped for the whole of it: the pre-rollback
-    snapshot unless there is one already (a resume), the backend's part, and the
-    comparison, each step kept in the journal so that a rollback cut short can be
-    resumed and is told of until it is."""
+    snapshot, the backend's part, and the comparison, each step kept in the journal so
+    that a rollback cut short can be resumed and is told of until it is. A resume takes
+    a pre-rollback snapshot too (what the services wrote since the cut is in no other),
+    and the rollback keeps the one taken before it began."""
     volume, backend, target = planned.volume, planned.backend, planned.target
     live = backend.live_root()
     journal = engine.journal
     under_way = False
+    # What a rollback that changed nothing leaves the record at: a resume's, as it was.
+    unchanged = "cut-short" if resuming else "refused"
 
-    def roll_back(grade: str) -> tuple[str, str | None, str]:
+    def roll_back(grade: str) -> tuple[str, str | None, str | None, str | None]:
         nonlocal under_way
         if live is not None and (still := users([live, *backend.own_mounts()]).writers):
-            raise SnapmgrError(f"{live} is still written by " + ", ".join(f"{name} (pid {pid})" for pid, name in
-                                                                           sorted(still.items()))
-                               + f" with the services stopped: stop it first (a systemd quiescer of volume "
-                                 f"{volume.name} that names its unit does it for every rollback); nothing "
-                                 f"was changed")
-        pre = pre_rollback or engine.pre_rollback(volume, held_grade=grade)
+            raise SnapmgrError(f"{quote(live)} is still written by " + ", ".join(
+                f"{quote(name)} (pid {pid})" for pid, name in sorted(still.items()))
+                + f" with the services stopped: stop it first (a systemd quiescer of volume {volume.name} that "
+                  f"names its unit does it for every rollback); nothing was changed")
+        # A volume a rollback cut short left unmounted (or without its LV) has nothing new to keep.
+        taken = engine.pre_rollback(volume, held_grade=grade) if live is not None or not resuming else None
+        pre = resuming.pre_rollback if resuming else taken
         if not journal.rollback_moved(record, "rolling-back", run=run, pre_rollback=pre):
             raise SnapmgrError(f"the journal cannot record that the rollback is under way ({journal.failure}), and a "
                                f"rollback cut short could not be resumed without it; nothing was changed but the "
-                               f"pre-rollback snapshot {pre}")
+                               f"pre-rollback snapshot {taken}")
         under_way = True
         try:
-            left = backend.roll_back(target, planned.way, own_places(engine), resuming=pre_rollback is not None)
+            left = backend.roll_back(target, planned.way, own_places(engine), resuming=resuming is not None)
+        except RollbackRefused as e:
+            journal.rollback_moved(record, unchanged, None if resuming else str(e))
+            raise SnapmgrError(str(e)) from None
         except (SnapmgrError, OSError, KeyboardInterrupt) as e:
+            cause = str(as_error(e)) if isinstance(e, Exception) else "interrupted"
+            journal.rollback_moved(record, "cut-short", cause)
             # Raised inside the journal's run, so the journal keeps this line too; a
             # stop (Ctrl-C, SIGTERM) stays one, for its exit code.
-            told = (f"{as_error(e) if isinstance(e, Exception) else 'interrupted'}; the rollback was cut short and "
-                    f"the volume may be part way: snapmgr rollback --resume {volume.name} finishes it, snapmgr "
-                    f"rollback {pre} puts the volume back as it was")
-            journal.rollback_moved(record, "cut-short", told)
+            told = (f"{cause}; the rollback was cut short and the volume may be part way: snapmgr rollback --resume "
+                    f"{volume.name} finishes it, snapmgr rollback {pre} puts the volume back as it was")
             raise (SnapmgrError if isinstance(e, Exception) and not isinstance(e, Interrupted)
                    else Interrupted)(told) from None
         # Done as soon as the volume is the target: a service that does not start again
@@ -203,15 +210,16 @@ def _carried_out(engine: Engine, planned: _Planned, run: Run, record: int, pre_r
         consumed = planned.way.fates.get(target.id)
         check = None if left else _compared(engine, target) if consumed is None else \
             f"{target.id} is {consumed}, so the volume was not compared with it"
-        return pre, left, check
+        return pre, taken, left, check
 
     try:
-        pre, left, check = engine.held_for_rollback(volume, roll_back)
+        pre, taken, left, check = engine.held_for_rollback(volume, roll_back)
     except BaseException as e:
-        if not under_way:
+        if not under_way and not resuming:
             journal.rollback_moved(record, "refused", str(e) or type(e).__name__)
         raise
-    return RolledBack(planned.plan, False, pre, round(time.monotonic() - started, 3), check, left)
+    return RolledBack(planned.plan, False, pre, round(time.monotonic() - started, 3), check, left,
+                      taken if resuming else None)
 
 
 def _compared(engine: Engine, target: Snapshot) -> str:

@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Iterator
 from snapmgr import sh
 from snapmgr.backends import mounts, shared_mounts
 from snapmgr.backends.directory import exchange, fsync_dir
-from snapmgr.errors import SnapmgrError, quote
+from snapmgr.errors import RollbackRefused, SnapmgrError, quote
 
 FSTAB = Path("/etc/fstab")
 TOP_LEVEL = 5   # BTRFS_FS_TREE_OBJECTID: the subvolume every btrfs filesystem starts with
@@ -143,13 +143,13 @@ def check_carried(target: Path, inner: Iterable[PurePosixPath], places: Iterable
     for place, what in places:
         place = Path(os.path.realpath(place))
         if os.path.lexists(place) and place.is_relative_to(real) and not any(place.is_relative_to(c) for c in carried):
-            raise SnapmgrError(f"{quote(place)}, {what}, is inside {quote(live)} but not in a subvolume of its own, "
+            raise RollbackRefused(f"{quote(place)}, {what}, is inside {quote(live)} but not in a subvolume of its own, "
                                f"so a rollback would put it back as the snapshot holds it: make it a subvolume "
                                f"(btrfs subvolume create) or keep it outside; nothing was changed")
     for path in inner:
         there = target / path
         if os.path.lexists(there) and not (there.is_dir() and not there.is_symlink() and not any(there.iterdir())):
-            raise SnapmgrError(f"{quote(there)} is not the empty directory a snapshot holds in place of the nested "
+            raise RollbackRefused(f"{quote(there)} is not the empty directory a snapshot holds in place of the nested "
                                f"subvolume {quote(live / path)}, which a rollback carries over: move one of them "
                                f"away first; nothing was changed")
 

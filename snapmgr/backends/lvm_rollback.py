@@ -29,7 +29,7 @@ from pathlib import Path
 from snapmgr.backends import remount
 from snapmgr.backends.base import RollbackWay
 from snapmgr.backends.lvm_cli import lvm
-from snapmgr.errors import SnapmgrError
+from snapmgr.errors import RollbackRefused, SnapmgrError
 from snapmgr.model import Snapshot, human_size
 
 ASIDE = "_rb_"   # the old LV of a thin volume, renamed aside: <lv>_rb_<label of the target>
@@ -154,7 +154,7 @@ def _merge(origin: Origin, target: Snapshot, resuming: bool) -> str | None:
     row = everything(origin.vg).get(name)
     if row is None:
         if not resuming:
-            raise SnapmgrError(f"{target.meta['lv']} does not exist (any more); nothing was changed")
+            raise RollbackRefused(f"{target.meta['lv']} does not exist (any more); nothing was changed")
         remount.put_back(origin.device, origin.record)   # merged before the cut
         return None
     busy = remount.taken_off(origin.device, origin.record, resuming)
@@ -187,7 +187,7 @@ def _swap(origin: Origin, target: Snapshot, resuming: bool) -> None:
             remount.put_back(origin.device, origin.record)   # swapped before the cut
             return
         if busy := remount.taken_off(origin.device, origin.record, resuming):
-            raise SnapmgrError(f"{busy}: stop what uses it and roll back again; nothing was changed but the "
+            raise RollbackRefused(f"{busy}: stop what uses it and roll back again; nothing was changed but the "
                                f"pre-rollback snapshot")
         lvm(["lvrename", origin.name, f"{origin.vg}/{aside}"], timeout=120)
         live, old = None, live

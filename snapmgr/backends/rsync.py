@@ -19,7 +19,7 @@ from snapmgr import schema, sh
 from snapmgr.backends import changes, rsync_filters
 from snapmgr.backends.base import Progress, RollbackWay, Space
 from snapmgr.backends.directory import DirectoryBackend, syncfs
-from snapmgr.errors import SnapmgrError, SpaceRefused, quote
+from snapmgr.errors import RollbackRefused, SnapmgrError, SpaceRefused, UsageError, quote
 from snapmgr.model import Snapshot, SnapshotId, human_size
 from snapmgr.restore import copy, kept_out
 
@@ -223,7 +223,7 @@ class RsyncBackend(DirectoryBackend):
         live = self.live_root()
         recorded = target.meta.get("source_filesystem")
         if recorded is not None and recorded != os.statvfs(live).f_fsid:
-            raise SnapmgrError(f"{live} is not on the filesystem {target.id} was taken from (is it mounted?): a "
+            raise SnapmgrError(f"{quote(live)} is not on the filesystem {target.id} was taken from (is it mounted?): a "
                                f"rollback would fill whatever lies underneath; nothing was changed")
         return RollbackWay("rsync --delete from the snapshot into the source; what the snapshots leave out is kept "
                            "as it is")
@@ -231,9 +231,12 @@ class RsyncBackend(DirectoryBackend):
     def roll_back(self, target: Snapshot, way: RollbackWay, keep: Sequence[tuple[Path, str]], resuming: bool) -> None:
         # A copy cut short is finished by copying again: rsync skips what already matches.
         live = self.live_root()
+        try:
+            kept = kept_out(live, [b""], keep)
+        except UsageError as e:
+            raise RollbackRefused(f"{e}; nothing was changed") from None
         with self.browse_root(target) as root:
-            copy(root, [b""], live, delete=True, left_out=self.left_out(), kept=kept_out(live, [b""], keep),
-                 own_mounts=self.own_mounts())
+            copy(root, [b""], live, delete=True, left_out=self.left_out(), kept=kept, own_mounts=self.own_mounts())
 
     def _publish(self, snapshot_id: SnapshotId) -> None:
         self._partial(snapshot_id).rename(self.snapshot_dir / str(snapshot_id))

@@ -209,15 +209,36 @@ def test_a_rollback_stopped_mid_copy_is_told_of_until_resumed_and_the_services_a
     assert check.returncode == 2 and f"rollback to {target}" in check.stdout and "cut short" in check.stdout
     status = ws.ok("--json", "status").json()["volumes"][0]["rollback"]
     assert status["state"] == "cut-short" and status["target"] == target and status["pre_rollback"] == pre
+    # A snapshot of the volume meanwhile holds a mix: degraded, saying why.
+    ws.ok("snapshot")
+    [mixed] = [s for s in ws.ok("--json", "list").json()["snapshots"] if s["grade"] == "degraded"]
+    assert f"taken while the rollback to {target} was cut short" in mixed["consistency"]["degraded"][0]
+    # A resume refused before it changed anything leaves the rollback cut short.
+    writer = subprocess.Popen([sys.executable, "-c", "import sys, time; f = open(sys.argv[1], 'a'); "
+                               "print('open', flush=True); time.sleep(60)", str(ws.source / "a-gone")],
+                              stdout=subprocess.PIPE)
+    try:
+        assert writer.stdout.readline() == b"open\n"
+        refused = ws.run("rollback", "--resume", "data", "--yes")
+    finally:
+        writer.kill()
+        writer.wait()
+    assert refused.returncode == 1 and "is still written by" in refused.stderr, refused.stderr
+    assert ws.ok("--json", "status").json()["volumes"][0]["rollback"]["state"] == "cut-short"
     # The resume: no new pre-rollback snapshot; the volume is the target; nothing is told any more.
     plan = ws.ok("rollback", "--resume", "data", "--dry-run").stdout
-    assert f"it finishes the rollback to {target} begun at" in plan and "first, a protected" not in plan
+    assert f"it finishes the rollback to {target} begun at" in plan and "(what was written since the cut" in plan
     log.unlink()
+    (ws.source / "written-since-the-cut").write_text("kept")   # by the services the watchdog started again
     done = ws.ok("--json", "rollback", "--resume", "data", "--yes").json()
     assert done["pre_rollback"] == pre and done["resumes"] and services(log) == ["pre", "post"]
-    assert state(ws) == then and len(ws.snapshots()) == 3
+    assert state(ws) == then and len(ws.snapshots()) == 5
+    kept = {s["id"]: s["path"] for s in ws.ok("--json", "list").json()["snapshots"]}[done["before_resume"]]
+    assert (Path(kept) / "written-since-the-cut").read_text() == "kept"
     assert ws.ok("--json", "status").json()["volumes"][0]["rollback"] is None
-    assert "rollback" not in ws.run("check").stdout and "cut short" not in ws.ok("list").stderr
+    # The newest snapshot (the resume's own, of the volume as the cut left it) is degraded: a warning, no more.
+    after = ws.run("check")
+    assert after.returncode == 1 and "rollback --resume" not in after.stdout and "cut short" not in ws.ok("list").stderr
     # ... and undone by the pre-rollback snapshot, as a finished rollback is.
     ws.ok("rollback", pre, "--yes")
     assert state(ws) == before
@@ -302,7 +323,7 @@ def test_a_process_still_writing_to_the_volume_with_the_services_stopped_is_name
     finally:
         writer.kill()
         writer.wait()
-    assert refused.returncode != 0 and f"is still written by {name} (pid {writer.pid})" in refused.stderr, \
+    assert refused.returncode != 0 and f"is still written by '{name}' (pid {writer.pid})" in refused.stderr, \
         refused.stderr
     assert "nothing was changed" in refused.stderr and state(ws) == before and ws.snapshots() == [target]
     ws.ok("rollback", target, "--yes")   # once it is gone
@@ -321,7 +342,7 @@ def test_a_source_whose_filesystem_is_not_mounted_is_refused(ws, tmp_path):
         try:
             source.mkdir()   # the same path, on the filesystem underneath
             refused = ws.run("rollback", target, "--yes")
-            assert refused.returncode != 0 and f"{source} is not on the filesystem {target} was taken from (is it " \
+            assert refused.returncode != 0 and f"'{source}' is not on the filesystem {target} was taken from (is it " \
                 "mounted?)" in refused.stderr, refused.stderr
             assert list(source.iterdir()) == [] and ws.snapshots() == [target]
             source.rmdir()
