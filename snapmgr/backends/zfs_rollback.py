@@ -32,9 +32,10 @@ TIMEOUT = 120
 # from (a clone left by a rollback cut short is finished only by a rollback to the same one).
 CANMOUNT = "snapmgr:canmount"
 ROLLBACK_TO = "snapmgr:rollback-to"
-# Local properties a clone cannot be given, or gets otherwise.
-NOT_COPIED = frozenset({"canmount", "volsize", "volblocksize", "encryption", "keyformat", "keylocation",
-                        "pbkdf2iters", CANMOUNT, ROLLBACK_TO})
+# Local properties a clone cannot be given: it has its origin's (set when a dataset is
+# created, or by its encryption root), or gets them otherwise.
+NOT_COPIED = frozenset({"canmount", "volsize", "volblocksize", "normalization", "utf8only", "casesensitivity",
+                        "encryption", "keyformat", "keylocation", "pbkdf2iters", CANMOUNT, ROLLBACK_TO})
 
 
 @dataclass(frozen=True)
