@@ -60,6 +60,13 @@ def write(root: Path, files: dict[str, str | None]) -> None:
     subprocess.run(["sync", "-f", root], check=True)
 
 
+def state(host) -> str:
+    """The pool's datasets and the ZFS mounts, for a failure's message."""
+    datasets = sh(host, "zfs", "list", "-r", "-o", "name,mountpoint,mounted,canmount,origin", "labpool")
+    mounted = [line for line in Path("/proc/self/mountinfo").read_text().splitlines() if " zfs " in line]
+    return datasets + "\n" + "\n".join(mounted)
+
+
 def listed(ws) -> dict[str, list[str]]:
     return {s["id"]: s["tags"] for s in ws.ok("--json", "list").json()["snapshots"]}
 
@@ -88,7 +95,10 @@ def test_a_rollback_swaps_a_clone_in_keeps_the_old_dataset_and_is_undone_by_anot
 
     done = ws.ok("--json", "rollback", target, "--yes").json()
     assert content(root) == {"file": "v1", "gone": "there at first", "c/passenger": "not the volume's"}
-    assert done["check"].startswith(f"the volume matches {target}")
+    # The only difference: the directory the child is mounted on (the snapshot has the
+    # parent's directory there, the live volume the child's root).
+    changes = ws.ok("--json", "diff", target, "live").json()["changes"]
+    assert [c["path"].strip("/") for c in changes] in ([], ["c"]), (changes, state(host))
     safety = done["pre_rollback"]
     kept = f"{ds}.pre-rollback-{safety.split('@')[1]}"
     assert datasets_beside(host, ds) == [ds, kept]
@@ -105,7 +115,7 @@ def test_a_rollback_swaps_a_clone_in_keeps_the_old_dataset_and_is_undone_by_anot
 
     # Rolling back to the pre-rollback snapshot undoes it; the dataset holds the whole line again.
     again = ws.ok("--json", "rollback", safety, "--yes").json()
-    assert content(root) == before and again["newer"] == []
+    assert content(root) == before and again["newer"] == [], state(host)
     assert prop(host, ds, "origin") == "-" and len(listed(ws)) == 3
 
 
@@ -191,7 +201,7 @@ def test_a_recursive_volume_rolls_back_every_dataset(host, ws, ds):
     assert browsed(ws, done["pre_rollback"]) == before
 
     ws.ok("rollback", done["pre_rollback"], "--yes")
-    assert content(root) == before and prop(host, f"{ds}/c", "mounted") == "yes"
+    assert content(root) == before and prop(host, f"{ds}/c", "mounted") == "yes", state(host)
 
 
 def test_a_busy_dataset_is_named_with_who_holds_it_and_left_as_it_was(host, ws, ds):
@@ -207,8 +217,9 @@ def test_a_busy_dataset_is_named_with_who_holds_it_and_left_as_it_was(host, ws, 
     finally:
         holder.kill()
         holder.wait()
-    assert r.returncode == 1 and len(r.stderr.splitlines()) == 1
-    assert f"{ds}/c cannot be unmounted from {root}/c: it is used by sleep (pid {holder.pid})" in r.stderr
+    error = r.stderr.splitlines()[-1]     # after the plan, which is shown whenever the question would be asked
+    assert r.returncode == 1 and f"{ds}/c cannot be unmounted from {root}/c: it is used by sleep (pid {holder.pid})" \
+        in error
     assert content(root)["file"] == "two" and prop(host, f"{ds}/c", "mounted") == "yes"
     assert datasets_beside(host, ds) == [ds]
     ws.ok("rollback", target, "--yes", "--keep-newer")
