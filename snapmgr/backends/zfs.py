@@ -75,8 +75,10 @@ def dataset(value: Any) -> str:
 
 
 def beside(dataset: str, name: str) -> bool:
-    """Whether `name` is the dataset or one a rollback of it made beside it."""
-    return name in (dataset, dataset + TMP) or name.startswith(dataset + KEPT)
+    """Whether `name` is the dataset or one a rollback of it made beside it (not one below
+    those: a recursive snapshot's names sort the children's first)."""
+    label = name[len(dataset + KEPT):]
+    return name in (dataset, dataset + TMP) or name.startswith(dataset + KEPT) and "/" not in label
 
 
 def _lzc():
