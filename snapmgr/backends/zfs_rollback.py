@@ -10,9 +10,9 @@ and canmount=noauto, until someone destroys it; its snapmgr snapshots stay the v
 
 Every step is one ZFS transaction, and which of the three names exist tells how far a
 rollback went, so one cut short (killed, or failed) is finished by running it again. Only
-between the two renames has no dataset the live name. `zfs rename -u` renames without
-mounting anything (lzc_rename does not remount either, but leaves the mountpoint in the
-kernel's table stale); the mounts are taken down first and made again last."""
+between the two renames has no dataset the live name. The renames are `zfs rename -u`,
+which neither unmounts nor mounts anything (as lzc_rename, which lacks the checks of the
+CLI): the mounts are taken down first and made again last."""
 
 from __future__ import annotations
 
