@@ -11,8 +11,8 @@ and canmount=noauto, until someone destroys it; its snapmgr snapshots stay the v
 Every step is one ZFS transaction, and which of the three names exist tells how far a
 rollback went, so one cut short (killed, or failed) is finished by running it again. Only
 between the two renames has no dataset the live name. The renames are `zfs rename -u`,
-which neither unmounts nor mounts anything (as lzc_rename, which lacks the checks of the
-CLI): the mounts are taken down first and made again last."""
+which neither unmounts nor mounts anything: the mounts are taken down first and made
+again last."""
 
 from __future__ import annotations
 
