@@ -29,7 +29,7 @@ from snapmgr.journal import (UNFINISHED, Journal, JournalError, RollbackRecord, 
                              Window as StoredWindow, WindowRecord)
 from snapmgr.lock import volume_lock
 from snapmgr.manifest.verify import Problem, check as check_snapshot
-from snapmgr.model import ForeignSnapshot, MinFree, Snapshot, SnapshotId, stamp
+from snapmgr.model import PRE_ROLLBACK_TAG, ForeignSnapshot, MinFree, Snapshot, SnapshotId, stamp
 from snapmgr.quiesce import undo
 from snapmgr.quiesce.watchdog import Watchdog, perform_all
 from snapmgr.quiesce.window import Window, WindowOverrun
@@ -43,7 +43,6 @@ RECOVERY_ATTEMPTS = 3   # tries to resume an interrupted window whose undo steps
 # Between the tries later runs make: a `post` whose daemon is not up yet at boot fails for
 # every command run meanwhile.
 RETRY_AFTER = timedelta(minutes=5)
-PRE_ROLLBACK_TAG = "pre-rollback"
 # How long a rollback may keep the services stopped before the watchdog starts them again
 # whatever the rollback's state: a safety net, not a limit any rollback should meet.
 ROLLBACK_WINDOW = timedelta(days=1)

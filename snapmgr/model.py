@@ -19,7 +19,8 @@ NAME_RULE = "letters, digits and _+.- only, not starting with '-' or '.', at mos
 STAMP_FORMAT = "%Y%m%dT%H%M%SZ"
 ID_RE = re.compile(r"(?P<volume>[^@]+)@(?P<stamp>[0-9]{8}T[0-9]{6}Z)(?:-(?P<seq>[1-9][0-9]{0,5}))?")
 
-PROTECTED_TAGS = frozenset({"manual", "pre-rollback"})
+PRE_ROLLBACK_TAG = "pre-rollback"   # of the snapshot a rollback takes first, which undoes it
+PROTECTED_TAGS = frozenset({"manual", PRE_ROLLBACK_TAG})
 
 
 def is_valid_name(name: str) -> bool:

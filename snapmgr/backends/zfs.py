@@ -18,7 +18,14 @@ read-only bind mounts under the run directory. A ZFS volume (a block device) and
 dataset with canmount=off have no files anyone sees live: the tree leaves them out. A
 dataset mounted anywhere else, or mountable but not mounted, has no place in that tree:
 browsing the snapshot is then an error naming it, so that no manifest, verify or
-restore silently leaves its files out."""
+restore silently leaves its files out.
+
+A rollback (zfs_rollback) swaps a clone of the target snapshot in for each dataset and
+keeps the dataset it replaces beside it, as <dataset>.pre-rollback-<label>, with the
+snapshots newer than the target: those stay the volume's, listed, browsed (mounted
+directly, since the dataset is not) and deleted as the others are. A snapshot a clone
+still depends on is destroyed deferred: ZFS destroys it once the clone is gone, and it is
+no longer listed meanwhile."""
 
 from __future__ import annotations
 
@@ -36,10 +43,10 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple
 from snapmgr import schema, sh
 from snapmgr.backends import mounts
 from snapmgr.signals import signals_held
-from snapmgr.backends.base import Backend, Progress, Space
+from snapmgr.backends.base import Backend, Progress, RollbackWay, Space
 from snapmgr.backends.rsync_filters import anchored
 from snapmgr.errors import SnapmgrError, quote
-from snapmgr.model import ForeignSnapshot, Snapshot, SnapshotId
+from snapmgr.model import PRE_ROLLBACK_TAG, ForeignSnapshot, Snapshot, SnapshotId
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +55,10 @@ PROP_VOLUME = "snapmgr:volume"
 PROP_ID = "snapmgr:id"
 PROP_TAGS = "snapmgr:tags"
 UNSET = "-"                     # how `zfs list` shows a property that is not set
+# Beside a dataset, during a rollback of it: the clone built to replace it; after one: the
+# dataset it replaced, <dataset>.pre-rollback-<label of the pre-rollback snapshot>.
+TMP = ".rollback-tmp"
+KEPT = ".pre-rollback-"
 DATASET_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*(/[A-Za-z0-9_.:-]+)*")
 MOUNT_TIMEOUT = 60
 INSTALL_HINT = "install Debian's python3-pyzfs (contrib): apt install python3-pyzfs"
@@ -61,6 +72,13 @@ def dataset(value: Any) -> str:
     if not DATASET_RE.fullmatch(text):
         raise ValueError(f"{quote(text)} is not a ZFS dataset name (e.g. tank/data)")
     return text
+
+
+def beside(dataset: str, name: str) -> bool:
+    """Whether `name` is the dataset or one a rollback of it made beside it (not one below
+    those: a recursive snapshot's names sort the children's first)."""
+    label = name[len(dataset + KEPT):]
+    return name in (dataset, dataset + TMP) or name.startswith(dataset + KEPT) and "/" not in label
 
 
 def _lzc():
@@ -117,8 +135,8 @@ class ZfsBackend(Backend):
         ours: dict[str, list[str]] = {}
         tags: dict[str, str] = {}
         written: dict[str, int] = defaultdict(int)
-        for name, _, volume, sid, labels, size in self._rows("written"):
-            if volume == self.volume:
+        for name, _, volume, sid, labels, size, deferred in self._rows("written", "defer_destroy"):
+            if volume == self.volume and deferred != "on":
                 ours.setdefault(sid, []).append(name)
                 tags[sid] = labels
                 written[sid] += int(size) if size.isdigit() else 0
@@ -128,10 +146,11 @@ class ZfsBackend(Backend):
             if sid is None:
                 log.warning("%s: snapmgr:id '%s' is not a snapshot id; leaving it alone", names[0], text)
                 continue
-            expected = [f"{d}@{PREFIX}{sid.label}" for d in self.datasets]
-            missing = [n for n in expected if n not in names]
+            found = {d: next((n for n in names if beside(d, n.split("@")[0])), None) for d in self.datasets}
+            missing = [f"{d}@{PREFIX}{sid.label}" for d, n in found.items() if n is None]
             invalid = f"incomplete: {', '.join(missing)} no longer exist(s)" if missing else None
-            snapshots.append(Snapshot(sid, Path(expected[0]), frozenset(filter(None, tags[text].split(","))),
+            first = found[self.datasets[0]] or f"{self.datasets[0]}@{PREFIX}{sid.label}"
+            snapshots.append(Snapshot(sid, Path(first), frozenset(filter(None, tags[text].split(","))),
                                       {"snapshots": sorted(names), "written": written[text]}, invalid=invalid))
         return snapshots
 
@@ -144,9 +163,77 @@ class ZfsBackend(Backend):
         self._release_browsed(snapshot.id)
         names = snapshot.meta["snapshots"]
         try:
-            lzc.lzc_destroy_snaps([n.encode() for n in names], defer=False)
+            # Deferred: one a clone depends on (after a rollback, the origin of the dataset
+            # kept beside) goes when the clone does; any other at once.
+            lzc.lzc_destroy_snaps([n.encode() for n in names], defer=True)
         except lzc.exceptions.ZFSError as e:
             raise _zfs_error(f"zfs destroy of {', '.join(names)} failed", e) from None
+
+    # Rollback -----------------------------------------------------------------------
+
+    rollback_choices = ("destroy-newer", "keep-newer")
+
+    def rollback_way(self, target: Snapshot, snapshots: list[Snapshot], choice: str | None) -> RollbackWay:
+        """Every rollback is the clone-promote-swap of zfs_rollback: `zfs rollback` to the
+        newest snapshot would destroy the pre-rollback one, taken just before. The
+        snapmgr snapshots newer than the target that are on the live datasets leave them
+        with the swap (which breaks incremental replication from them: zrepl #494), so
+        that takes --keep-newer or --destroy-newer; those on datasets earlier rollbacks
+        kept stay there."""
+        if target.invalid:
+            raise SnapmgrError(f"{target.id} is {target.invalid}: it cannot be rolled back to; nothing was changed")
+        root = next((d for d in self.datasets if "/" not in d), None)
+        if root is not None:
+            raise SnapmgrError(f"{root} is the root dataset of its pool, which cannot be renamed, and a rollback "
+                               f"swaps a clone of the snapshot in for it: only the datasets below a pool's root roll "
+                               f"back; nothing was changed")
+        kept = ", ".join(f"{d}{KEPT}LABEL" for d in self.datasets)
+        method = (f"clone {target.id}, promote the clone and swap it in for {', '.join(self.datasets)}"
+                  f"{' and every dataset below' if self.opts['recursive'] else ''}; the dataset(s) as they are now, "
+                  f"with the pre-rollback snapshot, are kept unmounted as {kept} (LABEL: the pre-rollback "
+                  f"snapshot's) until you destroy them")
+        if self.opts["recursive"]:
+            held = {self._live_name(n.split("@")[0]) for n in target.meta["snapshots"]}
+            since = [d for d in self._targets() if d not in held]
+            if since:
+                raise SnapmgrError(f"{', '.join(since)} were made since {target.id}, which does not hold them: a "
+                                   f"rollback would move them away with the datasets it replaces, where no snapshot "
+                                   f"shows them in place; destroy or rename them first; nothing was changed")
+        moving = [s for s in snapshots if s.id > target.id and self._on_live(s)]
+        if not moving:
+            return RollbackWay(method, choice)
+        if choice is None:
+            raise SnapmgrError(f"{target.id} is not the newest snapshot of volume {self.volume}: "
+                               f"{', '.join(str(s.id) for s in moving)} would leave {', '.join(self.datasets)} "
+                               f"(which breaks incremental replication from them): --keep-newer keeps them on "
+                               f"{kept}, --destroy-newer destroys them; nothing was changed")
+        fate = "destroyed" if choice == "destroy-newer" else f"moves to {kept}"
+        return RollbackWay(method, choice, fates={s.id: fate for s in moving})
+
+    def roll_back(self, target: Snapshot, way: RollbackWay, keep: tuple[Path, ...], resuming: bool) -> None:
+        # Built on this module's helpers, so imported only here.
+        from snapmgr.backends import zfs_rollback
+        snapshots = self.list()
+        pre = max((s for s in snapshots if PRE_ROLLBACK_TAG in s.tags and s.id > target.id), key=lambda s: s.id,
+                  default=None)
+        if pre is None:
+            raise SnapmgrError(f"volume {self.volume} has no pre-rollback snapshot newer than {target.id}, which a "
+                               f"rollback keeps the volume's datasets as they are by; nothing was changed")
+        held = next((s.meta["snapshots"] for s in snapshots if s.id == target.id), None)
+        if held is None:
+            raise SnapmgrError(f"{target.id} no longer exists: it cannot be rolled back to")
+        zfs_rollback.roll_back([zfs_rollback.Swap.of(d, held, PREFIX + target.id.label, pre.id.label,
+                                                     self.opts["recursive"]) for d in self.datasets])
+        doomed = [n for s in self.list() if way.fates.get(s.id) == "destroyed" for n in s.meta["snapshots"]]
+        if doomed:
+            lzc = _lzc()
+            try:
+                lzc.lzc_destroy_snaps([n.encode() for n in doomed], defer=True)
+            except lzc.exceptions.ZFSError as e:
+                raise _zfs_error(f"zfs destroy of {', '.join(doomed)} failed", e) from None
+
+    def _on_live(self, snapshot: Snapshot) -> bool:
+        return any(n.split("@")[0] in self.datasets for n in snapshot.meta["snapshots"])
 
     def live_root(self) -> Path | None:
         # Where the kernel has the first dataset mounted, whether by its mountpoint
@@ -169,14 +256,20 @@ class ZfsBackend(Backend):
     @contextmanager
     def browse_root(self, snapshot: Snapshot) -> Iterator[Path]:
         name = PREFIX + snapshot.id.label
-        sources = []
-        for d, where, place in self._places(n.split("@")[0] for n in snapshot.meta["snapshots"]):
+        # Each snapshot by the live dataset it is of: one on a dataset a rollback kept
+        # beside has no .zfs directory anyone sees, and is mounted itself.
+        held = {self._live_name(n.split("@")[0]): n for n in snapshot.meta["snapshots"]}
+        sources: list[tuple[str, Path | str, Path]] = []
+        for d, where, place in self._places(held):
+            if held[d].split("@")[0] != d:
+                sources.append((d, held[d], place))
+                continue
             source = where / ".zfs" / "snapshot" / name
             # ZFS mounts the snapshot on first access and unmounts it when idle by itself. An
             # lstat() is no access (it shows the unmounted stub's inode): opening it is.
             os.close(os.open(source, os.O_RDONLY | os.O_DIRECTORY))
             sources.append((d, source, place))
-        if len(sources) == 1:
+        if len(sources) == 1 and isinstance(sources[0][1], Path):
             yield sources[0][1]
             return
         # Each dataset's snapshot is a filesystem of its own: they are bound into one tree,
@@ -186,7 +279,8 @@ class ZfsBackend(Backend):
         def build() -> None:
             for d, source, place in sources:
                 _check_place(tree, place, d)
-                sh.run(["mount", "--bind", "-o", "ro", source, tree / place], timeout=MOUNT_TIMEOUT)
+                how = ["--bind", "-o", "ro"] if isinstance(source, Path) else ["-t", "zfs", "-o", "ro"]
+                sh.run(["mount", *how, source, tree / place], timeout=MOUNT_TIMEOUT)
 
         with self._browsed(snapshot.id, build) as root:
             yield root
@@ -269,8 +363,29 @@ class ZfsBackend(Backend):
         depth = [] if self.opts["recursive"] else ["-d", "1"]
         out = sh.run(["zfs", "list", "-H", "-p", "-t", "snapshot", "-o",
                       ",".join(["name", "creation", PROP_VOLUME, PROP_ID, PROP_TAGS, *more]), "-r", *depth,
-                      *self.datasets], timeout=120).stdout
+                      *self._homes()], timeout=120).stdout
         return [tuple(line.split("\t")) for line in out.splitlines() if line]
+
+    def _homes(self) -> list[str]:
+        """The volume's datasets and those rollbacks of them made beside them, whose
+        snapshots are the volume's too; of a rollback cut short between its two renames,
+        only the latter."""
+        parents = sorted({d.rpartition("/")[0] for d in self.datasets if "/" in d})
+        out = sh.run(["zfs", "list", "-H", "-o", "name", "-t", "filesystem,volume", "-d", "1", *parents],
+                     timeout=60).stdout if parents else ""
+        return list(dict.fromkeys([*(d for d in self.datasets if "/" not in d),
+                                   *(n for n in out.split() if any(beside(d, n) for d in self.datasets))]))
+
+    def _live_name(self, name: str) -> str:
+        """The name under the volume's dataset of a dataset (or one below it) that a
+        rollback made beside it."""
+        for d in self.datasets:
+            if name == d + TMP or name.startswith(d + TMP + "/"):
+                return d + name[len(d + TMP):]
+            if name.startswith(d + KEPT):
+                rest = name[len(d + KEPT):]      # the label, then any "/child"
+                return d + rest[len(rest.partition("/")[0]):]
+        return name
 
 
 class _Pending:
