@@ -79,14 +79,22 @@ def browsed(ws, sid: str) -> dict[str, str]:
         return content(root)
 
 
+def snapshot_then_change(ws, ds: str, first: dict, then: dict) -> str:
+    """Volume data of dataset `ds`, holding `first` when snapshotted, then `then`: the snapshot."""
+    root = Path(f"/{ds}")
+    ws.write_config({"data": zfs_volume(ds)})
+    write(root, first)
+    ws.ok("snapshot", "data")
+    [target] = ws.snapshots()
+    write(root, then)
+    return target
+
+
 def test_a_rollback_swaps_a_clone_in_keeps_the_old_dataset_and_is_undone_by_another(host, ws, ds):
     root = Path(f"/{ds}")
     sh(host, "zfs", "set", "compression=lz4", ds)    # a local property, which the clone must have too
-    ws.write_config({"data": zfs_volume(ds)})
-    write(root, {"file": "v1", "gone": "there at first"})
-    ws.ok("snapshot", "data")
-    [target] = ws.snapshots()
-    write(root, {"file": "v2", "gone": None, "new": "made since"})
+    target = snapshot_then_change(ws, ds, {"file": "v1", "gone": "there at first"},
+                                  {"file": "v2", "gone": None, "new": "made since"})
     before = content(root)
 
     plan = ws.ok("--json", "rollback", target, "--dry-run").json()
@@ -158,11 +166,7 @@ def test_newer_snapshots_are_refused_unless_kept_or_destroyed_as_asked(host, ws,
 
 def test_a_snapshot_a_kept_dataset_depends_on_is_deleted_deferred(host, ws, ds):
     root = Path(f"/{ds}")
-    ws.write_config({"data": zfs_volume(ds)})
-    write(root, {"file": "one"})
-    ws.ok("snapshot", "data")
-    [target] = ws.snapshots()
-    write(root, {"file": "two"})
+    target = snapshot_then_change(ws, ds, {"file": "one"}, {"file": "two"})
     safety = ws.ok("--json", "rollback", target, "--yes").json()["pre_rollback"]
     kept = f"{ds}.pre-rollback-{safety.split('@')[1]}"
     snap = f"{ds}@snapmgr-{target.split('@')[1]}"
@@ -206,11 +210,7 @@ def test_a_recursive_volume_rolls_back_every_dataset(host, ws, ds):
 
 def test_a_busy_dataset_is_named_with_who_holds_it_and_left_as_it_was(host, ws, ds):
     root = Path(f"/{ds}")
-    ws.write_config({"data": zfs_volume(ds)})
-    write(root, {"file": "one"})
-    ws.ok("snapshot", "data")
-    [target] = ws.snapshots()
-    write(root, {"file": "two"})
+    target = snapshot_then_change(ws, ds, {"file": "one"}, {"file": "two"})
     holder = subprocess.Popen(["sleep", "600"], cwd=root / "c")
     try:
         r = ws.run("rollback", target, "--yes")
