@@ -724,6 +724,12 @@ class Engine:
             missing = [str(i) for i in ids if i not in existing]
             if missing:
                 raise SnapmgrError(f"no such snapshot: {', '.join(missing)}")
+            cut = self.journal.last_rollback(volume.name, UNFINISHED)
+            needed = [str(i) for i in ids if cut and str(i) in (cut.target, cut.pre_rollback)]
+            if needed:
+                raise SnapmgrError(f"{', '.join(needed)} is what settles the rollback to {cut.target} that was cut "
+                                   f"short (snapmgr rollback --resume {volume.name} finishes it, snapmgr rollback "
+                                   f"{cut.pre_rollback} undoes it): settle it first; nothing was deleted")
             if dry_run:
                 outcome.planned = "would delete " + ", ".join(str(i) for i in ids)
                 return

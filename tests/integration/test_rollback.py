@@ -209,6 +209,9 @@ def test_a_rollback_stopped_mid_copy_is_told_of_until_resumed_and_the_services_a
     assert check.returncode == 2 and f"rollback to {target}" in check.stdout and "cut short" in check.stdout
     status = ws.ok("--json", "status").json()["volumes"][0]["rollback"]
     assert status["state"] == "cut-short" and status["target"] == target and status["pre_rollback"] == pre
+    # What settles it cannot be deleted meanwhile.
+    kept = ws.run("delete", target)
+    assert kept.returncode == 1 and "is what settles the rollback to" in kept.stderr and target in ws.snapshots()
     # A snapshot of the volume meanwhile holds a mix: degraded, saying why.
     ws.ok("snapshot")
     [mixed] = [s for s in ws.ok("--json", "list").json()["snapshots"] if s["grade"] == "degraded"]
