@@ -8,6 +8,7 @@ and a snapshot a kept dataset depends on deleted deferred."""
 from __future__ import annotations
 
 import itertools
+import os
 import subprocess
 from pathlib import Path
 
@@ -238,7 +239,12 @@ def test_a_rollback_cut_short_is_finished_by_resuming(host, ws, ds, cut):
     backend = engine.backend(volume)
     [target] = backend.list()
     way = backend.rollback_way(target, [target], None)
-    safety = engine.pre_rollback(volume, quiesce=False)
+    safety = engine.pre_rollback(volume, held_grade="crash")
+    # What the run left in the journal when it was killed: its rollback under way.
+    journal = engine.journal
+    record = journal.rollback_begun(journal.begin("data", "rollback", os.getpid()), "data", str(target.id),
+                                    way.method, None)
+    journal.rollback_moved(record, "rolling-back", pre_rollback=safety)
 
     # What a kill -9 leaves: the clone built and promoted (it holds the target now), and
     # maybe the old dataset renamed away, with nothing under the volume's name.
@@ -251,7 +257,9 @@ def test_a_rollback_cut_short_is_finished_by_resuming(host, ws, ds, cut):
         assert host.run(f"zfs list {ds}").rc != 0
     assert {str(s.id) for s in backend.list()} == {str(target.id), safety}   # listed all the while
 
-    backend.roll_back(target, way, (), resuming=True)
+    assert "snapmgr rollback --resume data" in ws.ok("list").stderr   # the next run tells of it
+    ws.ok("rollback", "--resume", "data", "--yes")
     assert content(root) == {"file": "one", "c/passenger": "not the volume's"}
+    assert ws.ok("--json", "status").json()["volumes"][0]["rollback"] is None
     assert datasets_beside(host, ds) == [ds, swap.kept] and prop(host, ds, "canmount") == "on"
     assert prop(host, ds, "snapmgr:canmount") == "-" and prop(host, swap.kept, "canmount") == "noauto"
