@@ -91,7 +91,9 @@ def plan(engine: Engine, target_text: str, choice: str | None = None, resuming: 
     mounted = backend.live_root() is not None
     if not mounted and resuming is None:   # a rollback cut short may have left it unmounted, or gone (LVM thin)
         raise SnapmgrError(f"volume {volume.name} is not mounted now: there is nothing to roll back")
-    snapshots = sorted(backend.list(), key=lambda s: s.id)
+    # A resumed rollback's own pre-rollback snapshot is not one whose fate it decides.
+    snapshots = sorted((s for s in backend.list() if not (resuming and str(s.id) == resuming.pre_rollback)),
+                       key=lambda s: s.id)
     way = backend.rollback_way(target, snapshots, choice)
     newer = tuple((str(s.id), way.fates.get(s.id, "kept")) for s in snapshots if s.id > target.id)
     others = tuple((str(sid), fate) for sid, fate in sorted(way.fates.items()) if sid <= target.id)
