@@ -143,14 +143,14 @@ class BtrfsBackend(DirectoryBackend):
         except OSError as e:   # BtrfsUtilError too: the orchestration words what a SnapmgrError cut short
             raise as_error(e) from None
 
-    def _snapshotted(self) -> dict[bytes, int]:
-        """The uuid of each subvolume the snapshots were taken of, with the transaction
-        that made its newest one."""
+    def _snapshotted(self) -> dict[bytes, btrfs_rollback.Newest]:
+        """The uuid of each subvolume the snapshots were taken of, with its newest one."""
         btrfsutil = _btrfsutil()
-        newest: dict[bytes, int] = {}
+        newest: dict[bytes, btrfs_rollback.Newest] = {}
         for _, path in self._snapshot_dirs():
             info = btrfsutil.subvolume_info(path)
-            newest[info.parent_uuid] = max(newest.get(info.parent_uuid, 0), info.otransid)
+            if info.parent_uuid not in newest or newest[info.parent_uuid].otransid < info.otransid:
+                newest[info.parent_uuid] = btrfs_rollback.Newest(path, info.otransid)
         return newest
 
     def rollback_pending(self, target: SnapshotId) -> str | None:

@@ -35,6 +35,14 @@ MOUNT_TIMEOUT = 60
 
 
 @dataclass(frozen=True)
+class Newest:
+    """A subvolume's newest snapshot: where it is, and the transaction that made it."""
+
+    path: Path
+    otransid: int
+
+
+@dataclass(frozen=True)
 class Layout:
     """Where the live subvolume's parent directory can be reached, for the swap."""
 
@@ -181,11 +189,11 @@ def undo_cut_short(parent: Path, name: str, target: Path, resuming: bool, btrfsu
 
 
 def swap_in(parent: Path, name: str, target: Path, inner: list[PurePosixPath],
-            snapshots_of: Callable[[], dict[bytes, int]], resuming: bool, pending: str | None,
+            snapshots_of: Callable[[], dict[bytes, Newest]], resuming: bool, pending: str | None,
             btrfsutil) -> str | None:
     """Put `target` in place of `parent/name`, or finish doing so (see the module's
     docstring). `snapshots_of()`: the uuids of the subvolumes the volume's snapshots were
-    taken of, each with the transaction of the newest. Returns `pending` when the mount
+    taken of, each with its newest snapshot. Returns `pending` when the mount
     still shows the replaced subvolume."""
     live, temporary = parent / name, parent / f".{name}{TEMPORARY}"
     if not os.path.lexists(target) and target.is_relative_to(live):
@@ -233,7 +241,7 @@ def _newer(a: Path, b: Path, btrfsutil) -> bool:
     return btrfsutil.subvolume_id(a) > btrfsutil.subvolume_id(b)
 
 
-def _swapped(live: Path, target_uuid: bytes, snapshots_of: dict[bytes, int], btrfsutil) -> bool:
+def _swapped(live: Path, target_uuid: bytes, snapshots_of: dict[bytes, Newest], btrfsutil) -> bool:
     """With no temporary name left: whether the live subvolume is the one a rollback to
     the target made (a snapshot of it that nothing has been snapshotted from since, as
     the pre-rollback snapshot was from the subvolume it replaced)."""
@@ -263,7 +271,7 @@ def _carry(live: Path, temporary: Path, path: PurePosixPath) -> None:
     os.utime(touched, ns=(held.st_atime_ns, held.st_mtime_ns))
 
 
-def _finish(replaced: Path, snapshots_of: dict[bytes, int], pending: str | None, btrfsutil) -> str | None:
+def _finish(replaced: Path, snapshots_of: dict[bytes, Newest], pending: str | None, btrfsutil) -> str | None:
     """Delete the replaced subvolume, unless a mount still shows it (then what is
     pending), no snapshot holds it, or it was written to after its newest snapshot."""
     if _mounted(replaced, btrfsutil):
@@ -293,13 +301,30 @@ def _finish(replaced: Path, snapshots_of: dict[bytes, int], pending: str | None,
     return None
 
 
-def _written_since(subvolume: Path, snapshots_of: dict[bytes, int], btrfsutil) -> bool:
-    """Whether `subvolume` changed after its newest snapshot: its ctransid (the
-    transaction that last changed it, once committed) is later than the one that made
-    the snapshot (otransid), which holds what that transaction holds."""
+def _written_since(subvolume: Path, snapshots_of: dict[bytes, Newest], btrfsutil) -> bool:
+    """Whether `subvolume` changed after its newest snapshot. Not if its ctransid (the
+    transaction that last changed it, once committed) is not later than the one that
+    made the snapshot (otransid). A later one may be a read's atime only, so then each
+    entry is compared with the snapshot's: a snapshot shares the inodes, whose ctime any
+    write, chmod, link or rename moves (a creation or deletion that of its directory)."""
     btrfsutil.sync(subvolume)
     info = btrfsutil.subvolume_info(subvolume)
-    return info.uuid in snapshots_of and info.ctransid > snapshots_of[info.uuid]
+    newest = snapshots_of.get(info.uuid)
+    if newest is None or info.ctransid <= newest.otransid:
+        return False
+    return _inodes(subvolume) != _inodes(newest.path)
+
+
+def _inodes(root: Path) -> dict[str, tuple[int, int, int, int]]:
+    """Each entry below `root` (the root itself is renamed by the swap): its inode,
+    ctime, size and mode."""
+    found = {}
+    for top, dirs, files in os.walk(root):
+        for name in dirs + files:
+            st = os.lstat(os.path.join(top, name))
+            found[os.path.relpath(os.path.join(top, name), root)] = (st.st_ino, st.st_ctime_ns, st.st_size,
+                                                                     st.st_mode)
+    return found
 
 
 def _mounted(subvolume: Path, btrfsutil) -> bool:

@@ -12,7 +12,7 @@ import btrfsutil
 
 from snapmgr.backends import mounts
 from snapmgr.journal import Journal
-from tests.integration.helpers import loop_mount, make_tree, needs_root
+from tests.integration.helpers import loop_mount, make_tree, needs_root, tree
 from tests.integration.test_rollback_btrfs_crash import NESTED, Volume, change, is_subvolume, vol  # noqa: F401
 
 pytestmark = needs_root
@@ -80,13 +80,18 @@ def test_a_replaced_subvolume_written_to_while_still_mounted_is_kept(ws, tmp_pat
                 change(where)
                 ws.ok("rollback", target, "--yes")
                 assert mounts.mounted_at(where) is not None and os.path.lexists(replaced)
+                tree(where)   # read (atimes) whether written to or not
                 if written:   # the services, started again, write to what the mount shows
                     (where / "late").write_text("kept")
                 subprocess.run(["umount", where], check=True)
                 subprocess.run(mount, check=True)
 
-            # Not written to after the swap: the next rollback deletes it.
+            # Not written to after the swap, only read: the next rollback deletes it.
             rolled_back_then_mounted_again(written=False)
+            # The reads alone moved its ctransid past its pre-rollback snapshot's transaction.
+            btrfsutil.sync(replaced)
+            pre = btrfsutil.subvolume_info(mnt / ".snapshots" / ws.snapshots()[-1])
+            assert btrfsutil.subvolume_info(replaced).ctransid > pre.otransid
             first = btrfsutil.subvolume_id(replaced)
             rolled_back_then_mounted_again(written=True)
             assert btrfsutil.subvolume_id(replaced) != first
