@@ -2,13 +2,14 @@
 the live subvolume's nested subvolumes moved into it, and the two swapped in one step
 (renameat2 RENAME_EXCHANGE). The swap is the commit point: killed before it, the live
 subvolume is as it was; after it, it is the snapshot. The replaced subvolume is deleted
-once a snapshot of it (the pre-rollback one) is found.
+once a snapshot of it (the pre-rollback one) is found. A rollback to another snapshot
+first undoes one cut short before its swap (the nested subvolumes it carried go back).
 
 When the live subvolume is itself a mount point (mounted with subvol=), its parent is
 not visible through it: the filesystem's top level is mounted in the run directory and
 the swap is made there. The mount keeps showing the replaced subvolume until it is
 mounted again, which is when the rollback takes effect; the replaced subvolume stays
-until then.
+until then, and for good if anything was written to it meanwhile.
 
 What a killed rollback left is read from the subvolumes themselves: the temporary name
 holds either the new tree (not swapped yet: it is newer than the live one) or the
@@ -174,7 +175,7 @@ def undo_cut_short(parent: Path, name: str, target: Path, resuming: bool, btrfsu
     if not os.path.lexists(target) and target.is_relative_to(live):
         target = temporary / target.relative_to(live)
     if btrfsutil.subvolume_info(temporary).parent_uuid == btrfsutil.subvolume_info(target).uuid:
-        return target   # the same rollback again: swap_in finishes it
+        return target   # the same rollback again: for a resume, which swap_in tells of
     back = nested(temporary, btrfsutil)
     for path in back:
         if os.path.lexists(live / path):
