@@ -130,18 +130,28 @@ class BtrfsBackend(DirectoryBackend):
                 and btrfs_rollback.shows_replaced(live, btrfsutil):
             return self.rollback_pending(target.id)   # swapped: the mount shows the new one once mounted again
         where = btrfs_rollback.layout(live, btrfsutil)
-        # The snapshots' own subvolume moves last: until the swap, they are not listed.
-        inner = sorted(btrfs_rollback.nested(where.live, btrfsutil),
-                       key=lambda p: Path(os.path.realpath(self.snapshot_dir)).is_relative_to(where.live / p))
-        btrfs_rollback.check_carried(target.path, inner, keep, where.live)
         try:
             with where.parent(self.run_dir, self.volume) as parent:
-                return btrfs_rollback.swap_in(
-                    parent, where.name, target.path, inner,
-                    lambda: {btrfsutil.subvolume_info(path).parent_uuid for _, path in self._snapshot_dirs()},
-                    resuming, where.takes_effect if where.mounted else None, btrfsutil)
+                target_path = btrfs_rollback.undo_cut_short(parent, where.name, target.path, resuming, btrfsutil)
+                # The snapshots' own subvolume moves last: until the swap, they are not listed.
+                snapshots = Path(os.path.realpath(self.snapshot_dir))
+                inner = sorted(btrfs_rollback.nested(where.live, btrfsutil),
+                               key=lambda p: snapshots.is_relative_to(where.live / p))
+                btrfs_rollback.check_carried(target_path, inner, keep, where.live)
+                return btrfs_rollback.swap_in(parent, where.name, target_path, inner, self._snapshotted,
+                                              resuming, where.takes_effect if where.mounted else None, btrfsutil)
         except OSError as e:   # BtrfsUtilError too: the orchestration words what a SnapmgrError cut short
             raise as_error(e) from None
+
+    def _snapshotted(self) -> dict[bytes, btrfs_rollback.Newest]:
+        """The uuid of each subvolume the snapshots were taken of, with its newest one."""
+        btrfsutil = _btrfsutil()
+        newest: dict[bytes, btrfs_rollback.Newest] = {}
+        for _, path in self._snapshot_dirs():
+            info = btrfsutil.subvolume_info(path)
+            if info.parent_uuid not in newest or newest[info.parent_uuid].otransid < info.otransid:
+                newest[info.parent_uuid] = btrfs_rollback.Newest(path, info.otransid)
+        return newest
 
     def rollback_pending(self, target: SnapshotId) -> str | None:
         live = self.opts["subvolume"]

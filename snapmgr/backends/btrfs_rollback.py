@@ -2,13 +2,14 @@
 the live subvolume's nested subvolumes moved into it, and the two swapped in one step
 (renameat2 RENAME_EXCHANGE). The swap is the commit point: killed before it, the live
 subvolume is as it was; after it, it is the snapshot. The replaced subvolume is deleted
-once a snapshot of it (the pre-rollback one) is found.
+once a snapshot of it (the pre-rollback one) is found. A rollback to another snapshot
+first undoes one cut short before its swap (the nested subvolumes it carried go back).
 
 When the live subvolume is itself a mount point (mounted with subvol=), its parent is
 not visible through it: the filesystem's top level is mounted in the run directory and
 the swap is made there. The mount keeps showing the replaced subvolume until it is
 mounted again, which is when the rollback takes effect; the replaced subvolume stays
-until then.
+until then, and for good if anything was written to it meanwhile.
 
 What a killed rollback left is read from the subvolumes themselves: the temporary name
 holds either the new tree (not swapped yet: it is newer than the live one) or the
@@ -32,6 +33,14 @@ FSTAB = Path("/etc/fstab")
 TOP_LEVEL = 5   # BTRFS_FS_TREE_OBJECTID: the subvolume every btrfs filesystem starts with
 TEMPORARY = ".rollback"
 MOUNT_TIMEOUT = 60
+
+
+@dataclass(frozen=True)
+class Newest:
+    """A subvolume's newest snapshot: where it is, and the transaction that made it."""
+
+    path: Path
+    otransid: int
 
 
 @dataclass(frozen=True)
@@ -68,24 +77,24 @@ class Layout:
 
 
 def layout(live: Path, btrfsutil) -> Layout:
-    """How the live subvolume is reached; SnapmgrError, changing nothing, where a swap
+    """How the live subvolume is reached; RollbackRefused, changing nothing, where a swap
     could not take effect (a mount by subvolid= or of the default subvolume) or would
     leave something behind (a filesystem mounted inside it)."""
     live = Path(os.path.realpath(live))
     if btrfsutil.subvolume_id(live) == TOP_LEVEL:
-        raise SnapmgrError(f"{quote(live)} is the top level of its btrfs filesystem, which cannot be swapped for "
-                           f"another subvolume: roll back a subvolume below it, or use snapmgr restore --in-place")
+        raise RollbackRefused(f"{quote(live)} is the top level of its btrfs filesystem, which cannot be swapped for "
+                              f"another subvolume: roll back a subvolume below it, or use snapmgr restore --in-place")
     inside = [m for m in mounts.below(live) if m.mountpoint != live]
     if inside:
-        raise SnapmgrError(f"{quote(inside[0].mountpoint)} is mounted inside {quote(live)} and would stay on the "
-                           f"replaced subvolume: unmount it first")
+        raise RollbackRefused(f"{quote(inside[0].mountpoint)} is mounted inside {quote(live)} and would stay on the "
+                              f"replaced subvolume: unmount it first")
     mounted = mounts.mounted_at(live)
     if mounted is None:
         return Layout(live, None, PurePosixPath())
     inside_path = PurePosixPath(btrfsutil.subvolume_path(live))
     if _is_temporary(inside_path.name):
-        raise SnapmgrError(f"an earlier rollback of {quote(live)} takes effect at its next mount, which has not "
-                           f"happened yet: mount it again first")
+        raise RollbackRefused(f"an earlier rollback of {quote(live)} takes effect at its next mount, which has not "
+                              f"happened yet: mount it again first")
     _check_mounted_by_name(live, inside_path, btrfsutil)
     return Layout(live, mounted, inside_path)
 
@@ -97,17 +106,17 @@ def _check_mounted_by_name(live: Path, inside: PurePosixPath, btrfsutil) -> None
     the subvolume, unless it is the default, which a mount without subvol= finds."""
     options = fstab_options(live)
     if options is not None and "subvolid" in options:
-        raise SnapmgrError(f"{quote(live)} is mounted by subvolid= ({FSTAB}), which would keep mounting the "
-                           f"replaced subvolume after a rollback: use subvol=/{inside} instead of subvolid= there "
-                           f"first; nothing was changed")
+        raise RollbackRefused(f"{quote(live)} is mounted by subvolid= ({FSTAB}), which would keep mounting the "
+                              f"replaced subvolume after a rollback: use subvol=/{inside} instead of subvolid= there "
+                              f"first; nothing was changed")
     if options is not None and "subvol" not in options:
         why = f"no subvol= in its {FSTAB} line"
     elif options is None and btrfsutil.get_default_subvolume(live) == btrfsutil.subvolume_id(live):
         why = f"it is the default one, and {FSTAB} has no line for it"
     else:
         return
-    raise SnapmgrError(f"{quote(live)} is mounted as its filesystem's default subvolume ({why}), which a rollback "
-                       f"does not change: mount it with subvol=/{inside} (in {FSTAB}) first; nothing was changed")
+    raise RollbackRefused(f"{quote(live)} is mounted as its filesystem's default subvolume ({why}), which a rollback "
+                          f"does not change: mount it with subvol=/{inside} (in {FSTAB}) first; nothing was changed")
 
 
 def fstab_options(mountpoint: Path) -> dict[str, str] | None:
@@ -144,21 +153,49 @@ def check_carried(target: Path, inner: Iterable[PurePosixPath], places: Iterable
         place = Path(os.path.realpath(place))
         if os.path.lexists(place) and place.is_relative_to(real) and not any(place.is_relative_to(c) for c in carried):
             raise RollbackRefused(f"{quote(place)}, {what}, is inside {quote(live)} but not in a subvolume of its own, "
-                               f"so a rollback would put it back as the snapshot holds it: make it a subvolume "
-                               f"(btrfs subvolume create) or keep it outside; nothing was changed")
+                                  f"so a rollback would put it back as the snapshot holds it: make it a subvolume "
+                                  f"(btrfs subvolume create) or keep it outside; nothing was changed")
     for path in inner:
         there = target / path
         if os.path.lexists(there) and not (there.is_dir() and not there.is_symlink() and not any(there.iterdir())):
             raise RollbackRefused(f"{quote(there)} is not the empty directory a snapshot holds in place of the nested "
-                               f"subvolume {quote(live / path)}, which a rollback carries over: move one of them "
-                               f"away first; nothing was changed")
+                                  f"subvolume {quote(live / path)}, which a rollback carries over: move one of them "
+                                  f"away first; nothing was changed")
+
+
+def undo_cut_short(parent: Path, name: str, target: Path, resuming: bool, btrfsutil) -> Path:
+    """Undo what a rollback to another snapshot, cut short before its swap, left: the
+    new tree it made, with the nested subvolumes it carried into it, which go back into
+    the live subvolume before the new tree is deleted. Such a rollback changed nothing
+    the live subvolume holds but those, so any rollback may start from it (the undo
+    too, to the pre-rollback snapshot). Returns where `target` is afterwards."""
+    live, temporary = parent / name, parent / f".{name}{TEMPORARY}"
+    if resuming or not os.path.lexists(temporary) or not _newer(temporary, live, btrfsutil):
+        return target
+    if not os.path.lexists(target) and target.is_relative_to(live):
+        target = temporary / target.relative_to(live)
+    if btrfsutil.subvolume_info(temporary).parent_uuid == btrfsutil.subvolume_info(target).uuid:
+        return target   # the same rollback again: for a resume, which swap_in tells of
+    back = nested(temporary, btrfsutil)
+    for path in back:
+        if os.path.lexists(live / path):
+            raise RollbackRefused(f"{quote(temporary)}, left by a rollback cut short before the swap, holds the nested "
+                                  f"subvolume {quote(temporary / path)}, but {quote(live / path)} is there too: move "
+                                  f"one of them away first; nothing was changed")
+    for path in back:
+        os.rename(temporary / path, live / path)
+    fsync_dir(parent)
+    btrfsutil.delete_subvolume(temporary)
+    return live / target.relative_to(temporary) if target.is_relative_to(temporary) else target
 
 
 def swap_in(parent: Path, name: str, target: Path, inner: list[PurePosixPath],
-            snapshots_of: Callable[[], set[bytes]], resuming: bool, pending: str | None, btrfsutil) -> str | None:
+            snapshots_of: Callable[[], dict[bytes, Newest]], resuming: bool, pending: str | None,
+            btrfsutil) -> str | None:
     """Put `target` in place of `parent/name`, or finish doing so (see the module's
     docstring). `snapshots_of()`: the uuids of the subvolumes the volume's snapshots were
-    taken of. Returns `pending` when the mount still shows the replaced subvolume."""
+    taken of, each with its newest snapshot. Returns `pending` when the mount
+    still shows the replaced subvolume."""
     live, temporary = parent / name, parent / f".{name}{TEMPORARY}"
     if not os.path.lexists(target) and target.is_relative_to(live):
         target = temporary / target.relative_to(live)   # the snapshots' subvolume, carried before a kill
@@ -166,19 +203,19 @@ def swap_in(parent: Path, name: str, target: Path, inner: list[PurePosixPath],
     if os.path.lexists(temporary):
         if _newer(temporary, live, btrfsutil):
             if not resuming:
-                raise SnapmgrError(f"{quote(temporary)} was left by a rollback cut short before the swap: resume it "
-                                   f"(snapmgr rollback --resume) or delete it (btrfs subvolume delete) and move the "
-                                   f"nested subvolumes in it back first")
+                raise RollbackRefused(f"{quote(temporary)} was left by a rollback cut short before the swap: "
+                                      f"resume it (snapmgr rollback --resume) or undo it (a rollback to its "
+                                      f"pre-rollback snapshot); nothing was changed")
             if btrfsutil.subvolume_info(temporary).parent_uuid != target_uuid:
-                raise SnapmgrError(f"{quote(temporary)}, left by a rollback cut short, is not a snapshot of "
-                                   f"{quote(target)}: resume the rollback to the snapshot it was made of")
+                raise RollbackRefused(f"{quote(temporary)}, left by a rollback cut short, is not a snapshot of "
+                                      f"{quote(target)}: resume the rollback to the snapshot it was made of")
         else:
             left = _finish(temporary, snapshots_of(), pending, btrfsutil)
             if resuming:
                 return left
             if left:
-                raise SnapmgrError(f"an earlier rollback of {quote(live)} has not taken effect yet (it does {left}): "
-                                   f"roll back once it has")
+                raise RollbackRefused(f"an earlier rollback of {quote(live)} has not taken effect yet (it does "
+                                      f"{left}): roll back once it has")
             btrfsutil.create_snapshot(target, temporary)
     elif resuming and _swapped(live, target_uuid, snapshots_of(), btrfsutil):
         return None
@@ -205,7 +242,7 @@ def _newer(a: Path, b: Path, btrfsutil) -> bool:
     return btrfsutil.subvolume_id(a) > btrfsutil.subvolume_id(b)
 
 
-def _swapped(live: Path, target_uuid: bytes, snapshots_of: set[bytes], btrfsutil) -> bool:
+def _swapped(live: Path, target_uuid: bytes, snapshots_of: dict[bytes, Newest], btrfsutil) -> bool:
     """With no temporary name left: whether the live subvolume is the one a rollback to
     the target made (a snapshot of it that nothing has been snapshotted from since, as
     the pre-rollback snapshot was from the subvolume it replaced)."""
@@ -235,14 +272,24 @@ def _carry(live: Path, temporary: Path, path: PurePosixPath) -> None:
     os.utime(touched, ns=(held.st_atime_ns, held.st_mtime_ns))
 
 
-def _finish(replaced: Path, snapshots_of: set[bytes], pending: str | None, btrfsutil) -> str | None:
+def _finish(replaced: Path, snapshots_of: dict[bytes, Newest], pending: str | None, btrfsutil) -> str | None:
     """Delete the replaced subvolume, unless a mount still shows it (then what is
-    pending) or no snapshot holds it."""
+    pending), no snapshot holds it, or it was written to after its newest snapshot."""
     if _mounted(replaced, btrfsutil):
         if pending:
             return pending
         raise SnapmgrError(f"rolled back, but the replaced subvolume is mounted elsewhere, so it is kept as "
                            f"{quote(replaced)}: delete it (btrfs subvolume delete) once it is unmounted")
+    # Only a mount that kept showing it until mounted again lets anything write to the
+    # replaced subvolume after the swap (the services were stopped for it); without one,
+    # carrying its nested subvolumes out changed it, which is no loss.
+    if pending and _written_since(replaced, snapshots_of, btrfsutil):
+        named = "/" + btrfsutil.subvolume_path(replaced)
+        raise RollbackRefused(f"the subvolume a rollback replaced, {quote(named)} on "
+                              f"{quote(mounts.containing(replaced.parent).source)}, was written to after its "
+                              f"pre-rollback snapshot, while still mounted, so it is kept: mount the filesystem's top "
+                              f"level (subvolid={TOP_LEVEL}), copy what is needed from it, then delete it (btrfs "
+                              f"subvolume delete); nothing was changed")
     if btrfsutil.subvolume_info(replaced).uuid not in snapshots_of:
         raise SnapmgrError(f"rolled back, but no snapshot of the replaced subvolume was found, so it is kept as "
                            f"{quote(replaced)}: delete it (btrfs subvolume delete) once it is not needed")
@@ -253,6 +300,32 @@ def _finish(replaced: Path, snapshots_of: set[bytes], pending: str | None, btrfs
             raise SnapmgrError(f"rolled back, but the replaced subvolume {quote(replaced)} could not be deleted: "
                                f"{os.strerror(e.errno)}") from None
     return None
+
+
+def _written_since(subvolume: Path, snapshots_of: dict[bytes, Newest], btrfsutil) -> bool:
+    """Whether `subvolume` changed after its newest snapshot. Not if its ctransid (the
+    transaction that last changed it, once committed) is not later than the one that
+    made the snapshot (otransid). A later one may be a read's atime only, so then each
+    entry is compared with the snapshot's: a snapshot shares the inodes, whose ctime any
+    write, chmod, link or rename moves (a creation or deletion that of its directory)."""
+    btrfsutil.sync(subvolume)
+    info = btrfsutil.subvolume_info(subvolume)
+    newest = snapshots_of.get(info.uuid)
+    if newest is None or info.ctransid <= newest.otransid:
+        return False
+    return _inodes(subvolume) != _inodes(newest.path)
+
+
+def _inodes(root: Path) -> dict[str, tuple[int, int, int, int]]:
+    """Each entry below `root` (the root itself is renamed by the swap): its inode,
+    ctime, size and mode."""
+    found = {}
+    for top, dirs, files in os.walk(root):
+        for name in dirs + files:
+            st = os.lstat(os.path.join(top, name))
+            found[os.path.relpath(os.path.join(top, name), root)] = (st.st_ino, st.st_ctime_ns, st.st_size,
+                                                                     st.st_mode)
+    return found
 
 
 def _mounted(subvolume: Path, btrfsutil) -> bool:
