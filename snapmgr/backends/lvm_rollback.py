@@ -200,9 +200,9 @@ def _swap(origin: Origin, target: Snapshot, resuming: bool) -> None:
         live, old = None, live
     if live is None:
         if old is None:
-            raise RollbackRefused(f"neither {origin.name} nor {origin.vg}/{aside} exists: make the volume again from its "
-                               f"pre-rollback snapshot by hand (lvcreate --snapshot --setactivationskip n --name "
-                               f"{origin.lv} {origin.vg}/SNAPSHOT)")
+            raise RollbackRefused(f"neither {origin.name} nor {origin.vg}/{aside} exists: make the volume again from "
+                                  f"its pre-rollback snapshot by hand (lvcreate --snapshot --setactivationskip n "
+                                  f"--name {origin.lv} {origin.vg}/SNAPSHOT)")
         try:
             lvm(_successor(origin, target, old), timeout=300)
         except SnapmgrError as e:
