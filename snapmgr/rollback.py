@@ -26,7 +26,7 @@ from snapmgr.config import Volume
 from snapmgr.engine import Engine
 from snapmgr.errors import Interrupted, RollbackRefused, SnapmgrError, UsageError, as_error, quote
 from snapmgr.journal import UNFINISHED, RollbackRecord, Run
-from snapmgr.model import Snapshot, stamp
+from snapmgr.model import Snapshot, SnapshotId, stamp
 from snapmgr.restore_job import own_places
 from snapmgr.volume_paths import shown
 from snapmgr.writers import users
@@ -84,7 +84,7 @@ class _Planned:
 
 def plan(engine: Engine, target_text: str, choice: str | None = None, resuming: RollbackRecord | None = None,
          losses: bool = True) -> _Planned:
-    volume, backend, target = engine.snapshot_of(target_text)
+    volume, backend, target = _target(engine, target_text, resuming is not None)
     if choice is not None and choice not in backend.rollback_choices:
         raise UsageError(f"--{choice} is for volumes whose rollback would otherwise lose newer snapshots (ZFS); "
                          f"a rollback of {volume.backend} volume {volume.name} keeps them anyway")
@@ -94,7 +94,7 @@ def plan(engine: Engine, target_text: str, choice: str | None = None, resuming: 
     # A resumed rollback's own pre-rollback snapshot is not one whose fate it decides.
     snapshots = sorted((s for s in backend.list() if not (resuming and str(s.id) == resuming.pre_rollback)),
                        key=lambda s: s.id)
-    way = backend.rollback_way(target, snapshots, choice)
+    way = backend.rollback_way(target, snapshots, choice, resuming=resuming is not None)
     newer = tuple((str(s.id), way.fates.get(s.id, "kept")) for s in snapshots if s.id > target.id)
     others = tuple((str(sid), fate) for sid, fate in sorted(way.fates.items()) if sid <= target.id)
     resumes = None if resuming is None else (
@@ -105,6 +105,18 @@ def plan(engine: Engine, target_text: str, choice: str | None = None, resuming: 
         volume.name, str(target.id), way.method, way.takes_effect,
         _losses(engine, target) if losses and mounted else None, newer,
         tuple(engine.rollback_quiescers(volume)), others, resumes))
+
+
+def _target(engine: Engine, text: str, resuming: bool) -> tuple[Volume, Backend, Snapshot]:
+    """The snapshot to roll back to; for a resume, one the rollback cut short began to
+    consume (and so no longer listed) too."""
+    if resuming:
+        sid = SnapshotId.parse(text)
+        [volume] = engine.volumes([sid.volume])
+        backend = engine.backend(volume)
+        if (consumed := backend.consumed(sid)) is not None:
+            return volume, backend, consumed
+    return engine.snapshot_of(text)
 
 
 def rollback(engine: Engine, target_text: str, dry_run: bool, confirm: Callable[[Plan], bool],

@@ -170,10 +170,13 @@ class Backend(abc.ABC):
     # the backend's own way would otherwise lose them (ZFS: "destroy-newer", "keep-newer").
     rollback_choices: ClassVar[tuple[str, ...]] = ()
 
-    def rollback_way(self, target: Snapshot, snapshots: list[Snapshot], choice: str | None) -> RollbackWay:
+    def rollback_way(self, target: Snapshot, snapshots: list[Snapshot], choice: str | None,
+                     resuming: bool = False) -> RollbackWay:
         """How roll_back() would put the volume back as `target` holds it, `snapshots`
         being all of the volume's; SnapmgrError saying why it will not (and what to ask
-        instead) when it cannot be done safely as asked."""
+        instead) when it cannot be done safely as asked. `resuming`: for a roll_back()
+        cut short, whose storage may be part way (the volume's own part renamed, a merge
+        begun), which this one is to accept."""
         raise SnapmgrError(f"rolling back a {self.name} volume is not built yet; snapmgr restore {target.id} / "
                            f"--in-place --delete copies the snapshot back file by file")
 
@@ -186,6 +189,12 @@ class Backend(abc.ABC):
         Returns what is still to happen and when (a merge deferred to the next
         activation), None once the volume is the snapshot."""
         raise SnapmgrError(f"rolling back a {self.name} volume is not built yet")
+
+    def consumed(self, target: SnapshotId) -> Snapshot | None:
+        """The target of a roll_back() cut short that consumed it (a merge): what
+        roll_back(resuming=True) is to be given for it, no longer listed; None when the
+        backend's rollbacks consume no snapshot or this one was not."""
+        return None
 
     def rollback_pending(self, target: SnapshotId) -> str | None:
         """For a roll_back() that left something to happen later: what still is, or None

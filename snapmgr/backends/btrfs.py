@@ -98,7 +98,8 @@ class BtrfsBackend(DirectoryBackend):
 
     # Rollback: see snapmgr.backends.btrfs_rollback ----------------------------------
 
-    def rollback_way(self, target: Snapshot, snapshots: list[Snapshot], choice: str | None) -> RollbackWay:
+    def rollback_way(self, target: Snapshot, snapshots: list[Snapshot], choice: str | None,
+                     resuming: bool = False) -> RollbackWay:
         btrfsutil = _btrfsutil()
         where = btrfs_rollback.layout(self.opts["subvolume"], btrfsutil)
         inner = btrfs_rollback.nested(where.live, btrfsutil)

@@ -148,15 +148,32 @@ class LvmBackend(Backend):
     def _take_down(self, snapshot_id: SnapshotId) -> shared_mounts.TakeDown:
         return lambda: self._release(snapshot_id)
 
-    def rollback_way(self, target: Snapshot, snapshots: list[Snapshot], choice: str | None) -> RollbackWay:
-        rows, origin = self._report()
+    def rollback_way(self, target: Snapshot, snapshots: list[Snapshot], choice: str | None,
+                     resuming: bool = False) -> RollbackWay:
+        rows = self._rows()
+        origin = rows.get(self.opts["lv"][1])
+        if origin is None and resuming:   # a thin rollback cut short after renaming it aside
+            origin = rows.get(self._rollback_origin.aside(target))
+        if origin is None:
+            raise self._missing(rows)
         room = None if _is_thin(origin) else self._size().bytes_for(int(origin["lv_size"]))
-        return lvm_rollback.way(self._rollback_origin, target, snapshots, rows, room, self.live_root())
+        return lvm_rollback.way(self._rollback_origin, target, snapshots, rows, origin, room, self.live_root(),
+                                resuming)
 
     def roll_back(self, target: Snapshot, way: RollbackWay, keep: Sequence[tuple[Path, str]],
                   resuming: bool) -> str | None:
         self._release_browsed(target.id)   # a mounted snapshot would defer its merge
         return lvm_rollback.roll_back(self._rollback_origin, target, resuming)
+
+    def consumed(self, target: SnapshotId) -> Snapshot | None:
+        """A thick target whose merge has begun: LVM hides it while it merges and removes
+        it once merged, so list() no longer has it. Named as _lv_name() named it."""
+        name = self._lv_name(target)
+        rows = lvm_rollback.everything(self.vg)
+        origin, row = rows.get(self.opts["lv"][1]), rows.get(name)
+        if origin is None or _is_thin(origin) or (row is not None and row["lv_merging"] != "1"):
+            return None
+        return Snapshot(target, Path("/dev", self.vg, name), frozenset(), {"lv": f"{self.vg}/{name}", "kind": "thick"})
 
     def rollback_pending(self, target: SnapshotId) -> str | None:
         return lvm_rollback.pending(self._rollback_origin, self._lv_name(target))
@@ -238,15 +255,21 @@ class LvmBackend(Backend):
     def _report(self) -> tuple[dict[str, dict], dict]:
         """Every LV of the VG by name, and the origin's row. One report of the whole VG
         has all the space figures: the origin, its thin pool, the VG's free space."""
-        try:
-            rows = {r["lv_name"]: r for r in lvs(self.vg)}
-        except sh.CommandError as e:
-            raise SnapmgrError(f"volume {self.volume}: cannot read volume group {self.vg}: {e}") from None
+        rows = self._rows()
         origin = rows.get(self.opts["lv"][1])
         if origin is None:
-            why = lvm_rollback.interrupted(self._rollback_origin, rows)
-            raise SnapmgrError(f"volume {self.volume}: {why or f'logical volume {self.origin_name} does not exist'}")
+            raise self._missing(rows)
         return rows, origin
+
+    def _rows(self) -> dict[str, dict]:
+        try:
+            return {r["lv_name"]: r for r in lvs(self.vg)}
+        except sh.CommandError as e:
+            raise SnapmgrError(f"volume {self.volume}: cannot read volume group {self.vg}: {e}") from None
+
+    def _missing(self, rows: dict[str, dict]) -> SnapmgrError:
+        why = lvm_rollback.interrupted(self._rollback_origin, rows)
+        return SnapmgrError(f"volume {self.volume}: {why or f'logical volume {self.origin_name} does not exist'}")
 
     def _lv_name(self, snapshot_id: SnapshotId) -> str:
         return f"{self.opts['lv'][1]}-{snapshot_id.label}"

@@ -75,22 +75,31 @@ def everything(vg: str) -> dict[str, dict]:
     return {r["lv_name"].strip("[]"): r for r in json.loads(out)["report"][0]["lv"]}
 
 
-def way(origin: Origin, target: Snapshot, snapshots: list[Snapshot], rows: dict[str, dict], room: int | None,
-        live: Path | None) -> RollbackWay:
-    """`rows`: the VG's LVs by name; `room`: the bytes a thick pre-rollback snapshot gets;
-    `live`: where the volume is mounted."""
+def way(origin: Origin, target: Snapshot, snapshots: list[Snapshot], rows: dict[str, dict], row: dict,
+        room: int | None, live: Path | None, resuming: bool) -> RollbackWay:
+    """`rows`: the VG's visible LVs by name; `row`: the volume's LV (renamed aside by a
+    thin rollback cut short); `room`: the bytes a thick pre-rollback snapshot gets;
+    `live`: where the volume is mounted; `resuming`: a rollback to `target` was cut short."""
     if target.invalid:
         raise SnapmgrError(f"{target.id} is invalid ({target.invalid}): there is nothing to roll back to")
-    thin = rows[origin.lv]["segtype"] == "thin"
+    thin = row["segtype"] == "thin"
     if thin != (target.meta["kind"] == "thin"):
         raise SnapmgrError(f"{target.id} is a {target.meta['kind']} snapshot but {origin.name} is "
                            f"{'a thin' if thin else 'a thick'} LV: it cannot be rolled back to; nothing was changed")
-    return _thin_way(origin, target, live) if thin else _thick_way(origin, target, snapshots, rows, room, live)
+    if thin:
+        return _thin_way(origin, target, live)
+    return _thick_way(origin, target, snapshots, rows, row["lv_attr"][0] == "O", room, live, resuming)
 
 
-def _thick_way(origin: Origin, target: Snapshot, snapshots: list[Snapshot], rows: dict[str, dict], room: int,
-               live: Path | None) -> RollbackWay:
-    if rows[origin.lv]["lv_attr"][0] == "O":
+def _thick_way(origin: Origin, target: Snapshot, snapshots: list[Snapshot], rows: dict[str, dict], merging: bool,
+               room: int, live: Path | None, resuming: bool) -> RollbackWay:
+    takes_effect = "now" if live != Path("/") else f"at the next activation of {origin.name} (a reboot: it is /)"
+    fates = {target.id: "consumed by the merge"}
+    if resuming and (merging or _name(target) not in rows):   # hidden while it merges, gone once merged
+        return RollbackWay(f"the merge of {target.meta['lv']} into {origin.name} that the rollback cut short began "
+                           f"is finished, {origin.name} unmounted meanwhile: {target.id} is consumed by it",
+                           takes_effect=takes_effect, fates=fates)
+    if merging:
         raise SnapmgrError(f"{origin.name} has a merge pending already (an earlier rollback): it completes at its "
                            f"next activation (a reboot, or unmount it and run lvchange --refresh {origin.name}); "
                            f"nothing was changed")
@@ -101,7 +110,6 @@ def _thick_way(origin: Origin, target: Snapshot, snapshots: list[Snapshot], rows
                            f"copied into the pre-rollback snapshot, which snapshot_size makes {human_size(room)}: it "
                            f"would be invalidated; set snapshot_size to at least {human_size(needed)} for the "
                            f"rollback; nothing was changed")
-    fates = {target.id: "consumed by the merge"}
     for s in snapshots:
         row = rows.get(_name(s))
         if s.id == target.id or s.invalid or row is None:
@@ -109,7 +117,6 @@ def _thick_way(origin: Origin, target: Snapshot, snapshots: list[Snapshot], rows
         if (free := int(row["lv_size"]) - _used(row)) < needed:
             fates[s.id] = (f"at risk: the merge copies up to {human_size(used)} into its snapshot space, which has "
                            f"{human_size(free)} free; it is invalidated if that fills")
-    takes_effect = "now" if live != Path("/") else f"at the next activation of {origin.name} (a reboot: it is /)"
     return RollbackWay(f"lvconvert --merge {target.meta['lv']} into {origin.name}, unmounted meanwhile: "
                        f"{target.id} is consumed by the merge (the pre-rollback snapshot undoes the rollback)",
                        takes_effect=takes_effect, fates=fates)
@@ -193,9 +200,9 @@ def _swap(origin: Origin, target: Snapshot, resuming: bool) -> None:
         live, old = None, live
     if live is None:
         if old is None:
-            raise SnapmgrError(f"neither {origin.name} nor {origin.vg}/{aside} exists: make the volume again from its "
-                               f"pre-rollback snapshot by hand (lvcreate --snapshot --setactivationskip n --name "
-                               f"{origin.lv} {origin.vg}/SNAPSHOT)")
+            raise RollbackRefused(f"neither {origin.name} nor {origin.vg}/{aside} exists: make the volume again from "
+                                  f"its pre-rollback snapshot by hand (lvcreate --snapshot --setactivationskip n "
+                                  f"--name {origin.lv} {origin.vg}/SNAPSHOT)")
         try:
             lvm(_successor(origin, target, old), timeout=300)
         except SnapmgrError as e:

@@ -219,7 +219,8 @@ class RsyncBackend(DirectoryBackend):
                        note="held: what each snapshot copied when taken; a file it shared with a pruned "
                             "snapshot is counted in none")
 
-    def rollback_way(self, target: Snapshot, snapshots: list[Snapshot], choice: str | None) -> RollbackWay:
+    def rollback_way(self, target: Snapshot, snapshots: list[Snapshot], choice: str | None,
+                     resuming: bool = False) -> RollbackWay:
         live = self.live_root()
         recorded = target.meta.get("source_filesystem")
         if recorded is not None and recorded != os.statvfs(live).f_fsid:

@@ -173,7 +173,8 @@ class ZfsBackend(Backend):
 
     rollback_choices = ("destroy-newer", "keep-newer")
 
-    def rollback_way(self, target: Snapshot, snapshots: list[Snapshot], choice: str | None) -> RollbackWay:
+    def rollback_way(self, target: Snapshot, snapshots: list[Snapshot], choice: str | None,
+                     resuming: bool = False) -> RollbackWay:
         """Every rollback is the clone-promote-swap of zfs_rollback: `zfs rollback` to the
         newest snapshot would destroy the pre-rollback one, taken just before. The
         snapmgr snapshots newer than the target that are on the live datasets leave them

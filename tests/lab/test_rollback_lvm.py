@@ -9,8 +9,12 @@ import time
 
 import pytest
 
+from snapmgr import config, rollback
 from snapmgr.backends import lvm_rollback
+from snapmgr.engine import Engine
+from snapmgr.errors import Interrupted
 from snapmgr.model import SnapshotId
+from tests.integration.helpers import pids_of, wait_for
 from tests.lab.conftest import VG, LogicalVolume, lv_report, lvm_volume, sh
 from tests.lab.test_lvm import backend_of
 
@@ -102,13 +106,11 @@ def test_thick_rollback_refused_when_the_pre_rollback_snapshot_could_not_hold_th
     assert fate["snapshot"] == newer and fate["fate"].startswith("at risk: the merge copies up to")
 
 
-@pytest.mark.parametrize("completed_by", ["hand", "resume"])
-def test_thick_rollback_deferred_while_the_origin_is_busy_then_completed(host, ws, thick_lv, tidy, completed_by):
+def test_thick_rollback_deferred_while_the_origin_is_busy_then_completed_by_hand(host, ws, thick_lv, tidy):
     ws.write_config({"data": lvm_volume(thick_lv, snapshot_size="32M")})
     target = snapshot_then_change(ws, thick_lv)
     backend = backend_of(ws)
     [snapshot] = backend.list()
-    way = backend.rollback_way(snapshot, [snapshot], None)
     before = files(thick_lv)
     # A process whose working directory is on the volume keeps it from being unmounted.
     blocker = subprocess.Popen(["sleep", "600"], cwd=thick_lv.mountpoint)
@@ -124,19 +126,39 @@ def test_thick_rollback_deferred_while_the_origin_is_busy_then_completed(host, w
         blocker.kill()
         blocker.wait()
 
-    if completed_by == "hand":
-        sh(host, "umount", thick_lv.mountpoint)
-        sh(host, "lvchange", "--refresh", thick_lv.path)
-        deadline = time.monotonic() + MERGE_WAIT
-        while backend.rollback_pending(snapshot.id) is not None and time.monotonic() < deadline:
-            time.sleep(0.5)
-        sh(host, "mount", f"/dev/{thick_lv.path}", thick_lv.mountpoint)
-    else:
-        assert backend.roll_back(snapshot, way, (), resuming=True) is None
-        assert host.mount_point(str(thick_lv.mountpoint)).exists
+    sh(host, "umount", thick_lv.mountpoint)
+    sh(host, "lvchange", "--refresh", thick_lv.path)
+    deadline = time.monotonic() + MERGE_WAIT
+    while backend.rollback_pending(snapshot.id) is not None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    sh(host, "mount", f"/dev/{thick_lv.path}", thick_lv.mountpoint)
     assert backend.rollback_pending(snapshot.id) is None
     assert files(thick_lv) == {"a": b"one", "b": b"keep"}
     assert snapshot.meta["lv"].split("/")[1] not in all_lv_names(host)
+    ws.ok("snapshot", "data")                                 # snapshots work again
+
+
+def test_thick_rollback_stopped_once_the_merge_has_begun_is_resumed(host, ws, thick_lv, tidy):
+    ws.write_config({"data": lvm_volume(thick_lv, snapshot_size="48M")})
+    target = snapshot_then_change(ws, thick_lv)
+    thick_lv.write("big", b"\xcd" * (24 << 20))   # a merge that lasts beyond lvconvert's first look at it
+    target_lv = lv_of(ws, target)
+    proc = ws.start("rollback", target, "--yes")
+    # Stopped while lvconvert waits for the merge it began, the volume unmounted.
+    wait_for(lambda: pids_of("lvconvert", target_lv), timeout=120, what="the rollback's lvconvert --merge")
+    wait_for(lambda: lv_report(host, thick_lv.path)[0]["lv_attr"][0] == "O", timeout=120, what="the merge to begin")
+    proc.terminate()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "the rollback was cut short" in err, err
+    assert ws.ok("--json", "status").json()["volumes"][0]["rollback"]["state"] == "cut-short"
+    assert not host.mount_point(str(thick_lv.mountpoint)).exists
+
+    plan = ws.ok("rollback", "--resume", "data", "--dry-run").stdout
+    assert f"it finishes the rollback to {target} begun at" in plan and "is finished" in plan
+    done = ws.ok("--json", "rollback", "--resume", "data", "--yes").json()
+    assert files(thick_lv) == {"a": b"one", "b": b"keep"} and host.mount_point(str(thick_lv.mountpoint)).exists
+    assert target_lv not in all_lv_names(host) and ws.snapshots() == [done["pre_rollback"]]
+    assert ws.ok("--json", "status").json()["volumes"][0]["rollback"] is None
     ws.ok("snapshot", "data")                                 # snapshots work again
 
 
@@ -175,9 +197,6 @@ def test_thin_rollback_keeps_every_snapshot_and_is_undone_by_another(host, ws, t
 def test_thin_rollback_cut_short_after_the_rename_is_reported_and_resumed(host, ws, thin_lv, tidy, monkeypatch):
     ws.write_config({"data": lvm_volume(thin_lv)})
     target = snapshot_then_change(ws, thin_lv)
-    backend = backend_of(ws)
-    [snapshot] = backend.list()
-    way = backend.rollback_way(snapshot, [snapshot], None)
     real = lvm_rollback.lvm
 
     def killed_at_lvcreate(argv, timeout):
@@ -187,16 +206,21 @@ def test_thin_rollback_cut_short_after_the_rename_is_reported_and_resumed(host, 
         return real(argv, timeout)
 
     monkeypatch.setattr(lvm_rollback, "lvm", killed_at_lvcreate)
-    with pytest.raises(KeyboardInterrupt):
-        backend.roll_back(snapshot, way, (), resuming=False)
+    with pytest.raises(Interrupted, match="the rollback was cut short"):
+        rollback.rollback(Engine(config.load(ws.config)), target, False, lambda plan: True)
     monkeypatch.undo()
     assert thin_lv.name not in all_lv_names(host) and not host.mount_point(str(thin_lv.mountpoint)).exists
 
     r = ws.run("snapshot", "data")
-    assert r.returncode == 1 and len(r.stderr.splitlines()) == 1
-    assert f"a rollback was cut short after renaming it to {VG}/{thin_lv.name}_rb_" in r.stderr
-    assert ws.snapshots() == [target]
+    [error] = [line for line in r.stderr.splitlines() if line.startswith("snapmgr: error:")]
+    assert r.returncode == 1 and f"a rollback was cut short after renaming it to {VG}/{thin_lv.name}_rb_" in error
+    [pre] = set(ws.snapshots()) - {target}
 
-    assert backend.roll_back(snapshot, way, (), resuming=True) is None
-    assert files(thin_lv) == {"a": b"one", "b": b"keep"}
+    plan = ws.ok("rollback", "--resume", "data", "--dry-run").stdout
+    assert f"it finishes the rollback to {target} begun at" in plan and "takes the place of" in plan
+    done = ws.ok("--json", "rollback", "--resume", "data", "--yes").json()
+    assert done["pre_rollback"] == pre and done["before_resume"] is None   # unmounted: nothing new to keep
+    assert files(thin_lv) == {"a": b"one", "b": b"keep"} and host.mount_point(str(thin_lv.mountpoint)).exists
     assert not [n for n in all_lv_names(host) if "_rb_" in n]
+    assert ws.ok("--json", "status").json()["volumes"][0]["rollback"] is None
+    assert set(ws.snapshots()) == {target, pre}
