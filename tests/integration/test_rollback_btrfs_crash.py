@@ -13,7 +13,9 @@ import random
 import signal
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import btrfsutil
 import pytest
@@ -217,9 +219,10 @@ def stage(vol: Volume, rolled_back: bool) -> str:
     return f"new tree made, {carried} nested subvolumes carried"
 
 
-def test_rollbacks_of_a_subvolume_mounted_by_name_killed_at_random_points(ws, tmp_path):
-    """The same trials where the subvolume is mounted with subvol=: the swap goes through
-    the top level mounted in the run directory, which a kill may leave mounted."""
+@contextmanager
+def mounted_by_name(tmp_path: Path) -> Iterator[tuple[Path, Path, list]]:
+    """A btrfs filesystem (its top level mounted) whose subvolume /data is mounted with
+    subvol= at tmp_path/live: the top level, that mountpoint, and the argv mounting it."""
     with loop_mount(tmp_path, "btrfs") as mnt:
         btrfsutil.create_subvolume(mnt / "data")
         where = tmp_path / "live"
@@ -228,38 +231,45 @@ def test_rollbacks_of_a_subvolume_mounted_by_name_killed_at_random_points(ws, tm
         mount = ["mount", "-t", "btrfs", "-o", "subvol=/data", device, where]
         subprocess.run(mount, check=True)
         try:
-            ws.write_config({"data": {"backend": "btrfs", "subvolume": where, "snapshot_dir": mnt / ".snapshots"}})
-            make_tree(where, files=200)
-            ws.ok("snapshot")
-            vol = Volume(ws, where)
-            vol.backend = BtrfsBackend("data", {"subvolume": where, "snapshot_dir": mnt / ".snapshots"},
-                                       ws.root / "run")
-            target = vol.target()
-            wanted = vol.own(target.path)
-            rng = random.Random(int(os.environ.get("SNAPMGR_TRIAL_SEED", "11")))
-            for trial in range(TRIALS // 2):
-                change(where)
-                old = vol.own(where)
-                before = {s.id for s in vol.backend.list()}
-                run = ws.start("rollback", str(target.id), "--yes")
-                after_the_snapshot(vol, run, before)
-                time.sleep(rng.uniform(0, 0.1))
-                run.send_signal(signal.SIGKILL)
-                run.wait()
-                run.stdout.close(), run.stderr.close()
-                assert vol.own(where) == old   # the mount shows the replaced subvolume until mounted again
-                assert vol.own(mnt / "data") in (old, wanted), f"trial {trial}: a mix"
-                taken = [s for s in vol.backend.list() if s.id not in before]
-                if taken:
-                    assert [vol.own(s.path) for s in taken] == [old]
-                    assert vol.resume(target).startswith(f"at the next mount of {str(where)!r}")
-                else:
-                    ws.ok("rollback", str(target.id), "--yes")
-                assert vol.own(mnt / "data") == wanted
-                subprocess.run(["umount", where], check=True)
-                subprocess.run(mount, check=True)
-                assert vol.own(where) == wanted and vol.backend.rollback_pending(target.id) is None
-                assert vol.resume(target) is None and not os.path.lexists(mnt / ".data.rollback")
-                assert not mounts.below(ws.root / "run")
+            yield mnt, where, mount
         finally:
             subprocess.run(["umount", where], check=False)
+
+
+def test_rollbacks_of_a_subvolume_mounted_by_name_killed_at_random_points(ws, tmp_path):
+    """The same trials where the subvolume is mounted with subvol=: the swap goes through
+    the top level mounted in the run directory, which a kill may leave mounted."""
+    with mounted_by_name(tmp_path) as (mnt, where, mount):
+        ws.write_config({"data": {"backend": "btrfs", "subvolume": where, "snapshot_dir": mnt / ".snapshots"}})
+        make_tree(where, files=200)
+        ws.ok("snapshot")
+        vol = Volume(ws, where)
+        vol.backend = BtrfsBackend("data", {"subvolume": where, "snapshot_dir": mnt / ".snapshots"},
+                                   ws.root / "run")
+        target = vol.target()
+        wanted = vol.own(target.path)
+        rng = random.Random(int(os.environ.get("SNAPMGR_TRIAL_SEED", "11")))
+        for trial in range(TRIALS // 2):
+            change(where)
+            old = vol.own(where)
+            before = {s.id for s in vol.backend.list()}
+            run = ws.start("rollback", str(target.id), "--yes")
+            after_the_snapshot(vol, run, before)
+            time.sleep(rng.uniform(0, 0.1))
+            run.send_signal(signal.SIGKILL)
+            run.wait()
+            run.stdout.close(), run.stderr.close()
+            assert vol.own(where) == old   # the mount shows the replaced subvolume until mounted again
+            assert vol.own(mnt / "data") in (old, wanted), f"trial {trial}: a mix"
+            taken = [s for s in vol.backend.list() if s.id not in before]
+            if taken:
+                assert [vol.own(s.path) for s in taken] == [old]
+                assert vol.resume(target).startswith(f"at the next mount of {str(where)!r}")
+            else:
+                ws.ok("rollback", str(target.id), "--yes")
+            assert vol.own(mnt / "data") == wanted
+            subprocess.run(["umount", where], check=True)
+            subprocess.run(mount, check=True)
+            assert vol.own(where) == wanted and vol.backend.rollback_pending(target.id) is None
+            assert vol.resume(target) is None and not os.path.lexists(mnt / ".data.rollback")
+            assert not mounts.below(ws.root / "run")

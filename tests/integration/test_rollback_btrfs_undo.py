@@ -12,8 +12,9 @@ import btrfsutil
 
 from snapmgr.backends import mounts
 from snapmgr.journal import Journal
-from tests.integration.helpers import loop_mount, make_tree, needs_root, tree
-from tests.integration.test_rollback_btrfs_crash import NESTED, Volume, change, is_subvolume, vol  # noqa: F401
+from tests.integration.helpers import make_tree, needs_root, tree
+from tests.integration.test_rollback_btrfs_crash import (NESTED, Volume, change, is_subvolume,  # noqa: F401
+                                                         mounted_by_name, vol)
 
 pytestmark = needs_root
 
@@ -62,50 +63,41 @@ def test_a_rollback_cut_short_before_its_swap_is_undone_by_one_to_its_pre_rollba
 
 
 def test_a_replaced_subvolume_written_to_while_still_mounted_is_kept(ws, tmp_path):
-    with loop_mount(tmp_path, "btrfs") as mnt:
-        btrfsutil.create_subvolume(mnt / "data")
-        where = tmp_path / "live"
-        where.mkdir()
-        device = next(m.source for m in mounts.mounts() if m.mountpoint == mnt)
-        mount = ["mount", "-t", "btrfs", "-o", "subvol=/data", device, where]
-        subprocess.run(mount, check=True)
+    with mounted_by_name(tmp_path) as (mnt, where, mount):
         replaced = mnt / ".data.rollback"
-        try:
-            ws.write_config({"data": {"backend": "btrfs", "subvolume": where, "snapshot_dir": mnt / ".snapshots"}})
-            make_tree(where, files=20)
-            ws.ok("snapshot")
-            [target] = ws.snapshots()
+        ws.write_config({"data": {"backend": "btrfs", "subvolume": where, "snapshot_dir": mnt / ".snapshots"}})
+        make_tree(where, files=20)
+        ws.ok("snapshot")
+        [target] = ws.snapshots()
 
-            def rolled_back_then_mounted_again(written: bool) -> None:
-                change(where)
-                ws.ok("rollback", target, "--yes")
-                assert mounts.mounted_at(where) is not None and os.path.lexists(replaced)
-                tree(where)   # read (atimes) whether written to or not
-                if written:   # the services, started again, write to what the mount shows
-                    (where / "late").write_text("kept")
-                subprocess.run(["umount", where], check=True)
-                subprocess.run(mount, check=True)
-
-            # Not written to after the swap, only read: the next rollback deletes it.
-            rolled_back_then_mounted_again(written=False)
-            # The reads alone moved its ctransid past its pre-rollback snapshot's transaction.
-            btrfsutil.sync(replaced)
-            pre = btrfsutil.subvolume_info(mnt / ".snapshots" / ws.snapshots()[-1])
-            assert btrfsutil.subvolume_info(replaced).ctransid > pre.otransid
-            first = btrfsutil.subvolume_id(replaced)
-            rolled_back_then_mounted_again(written=True)
-            assert btrfsutil.subvolume_id(replaced) != first
-            # Written to: the next rollback refuses, keeping it, and changes nothing.
+        def rolled_back_then_mounted_again(written: bool) -> None:
             change(where)
-            live = btrfsutil.subvolume_id(where)
-            refused = ws.run("rollback", target, "--yes")
-            assert refused.returncode == 1 and "was written to after its pre-rollback snapshot" in refused.stderr
-            assert "'/.data.rollback'" in refused.stderr.splitlines()[-1] and "Traceback" not in refused.stderr
-            assert (replaced / "late").read_text() == "kept"
-            assert btrfsutil.subvolume_id(where) == live and (where / "added").exists()
-            assert ws.ok("--json", "status").json()["volumes"][0]["rollback"] is None   # nothing to resume
-            # Once it is dealt with as told, rollbacks go on.
-            btrfsutil.delete_subvolume(replaced)
             ws.ok("rollback", target, "--yes")
-        finally:
-            subprocess.run(["umount", where], check=False)
+            assert mounts.mounted_at(where) is not None and os.path.lexists(replaced)
+            tree(where)   # read (atimes) whether written to or not
+            if written:   # the services, started again, write to what the mount shows
+                (where / "late").write_text("kept")
+            subprocess.run(["umount", where], check=True)
+            subprocess.run(mount, check=True)
+
+        # Not written to after the swap, only read: the next rollback deletes it.
+        rolled_back_then_mounted_again(written=False)
+        # The reads alone moved its ctransid past its pre-rollback snapshot's transaction.
+        btrfsutil.sync(replaced)
+        pre = btrfsutil.subvolume_info(mnt / ".snapshots" / ws.snapshots()[-1])
+        assert btrfsutil.subvolume_info(replaced).ctransid > pre.otransid
+        first = btrfsutil.subvolume_id(replaced)
+        rolled_back_then_mounted_again(written=True)
+        assert btrfsutil.subvolume_id(replaced) != first
+        # Written to: the next rollback refuses, keeping it, and changes nothing.
+        change(where)
+        live = btrfsutil.subvolume_id(where)
+        refused = ws.run("rollback", target, "--yes")
+        assert refused.returncode == 1 and "was written to after its pre-rollback snapshot" in refused.stderr
+        assert "'/.data.rollback'" in refused.stderr.splitlines()[-1] and "Traceback" not in refused.stderr
+        assert (replaced / "late").read_text() == "kept"
+        assert btrfsutil.subvolume_id(where) == live and (where / "added").exists()
+        assert ws.ok("--json", "status").json()["volumes"][0]["rollback"] is None   # nothing to resume
+        # Once it is dealt with as told, rollbacks go on.
+        btrfsutil.delete_subvolume(replaced)
+        ws.ok("rollback", target, "--yes")
