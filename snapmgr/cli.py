@@ -203,6 +203,8 @@ def rollback(c: Context, snapshot, resume, dry_run, yes, choice):
     if unpublished:
         _error(str(unpublished))
         sys.exit(EXIT_FAILED)
+    if done.matches is False:   # rolled back all the same: the line above says where it differs
+        sys.exit(EXIT_FAILED)
 
 
 @cli.command("diff")

@@ -23,8 +23,10 @@ log = logging.getLogger(__name__)
 LIVE = "live"   # the volume as it is now, where a snapshot could be named
 
 
-def diff(engine: Engine, old_text: str, new_text: str, path_text: str | None = None, quick: bool = False) -> Diff:
-    """What changed from snapshot OLD to snapshot NEW (or to the live volume, LIVE)."""
+def diff(engine: Engine, old_text: str, new_text: str, path_text: str | None = None, quick: bool = False,
+         written_only: bool = False) -> Diff:
+    """What changed from snapshot OLD to snapshot NEW (or to the live volume, LIVE); how
+    much it reads: see snapmgr.diff."""
     volume, backend, old = engine.snapshot_of(old_text)
     live = backend.live_root()
     new = None
@@ -50,7 +52,7 @@ def diff(engine: Engine, old_text: str, new_text: str, path_text: str | None = N
             else:
                 root = stack.enter_context(backend.browse_root(snapshot))
                 sides.append(Side(str(snapshot.id), None, root, snapshot.created.timestamp()))
-        return differences(*sides, path, algorithm, quick, backend.shares_inodes and new is not None)
+        return differences(*sides, path, algorithm, quick, backend.shares_inodes and new is not None, written_only)
 
 
 def versions(engine: Engine, path_text: str) -> History:

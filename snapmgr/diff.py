@@ -12,7 +12,13 @@ margin before the older snapshot was taken (manifest.settled_before): a write in
 clock tick can leave it as it was. The mtime is not trusted (`touch -r`, `rsync -t` and
 archivers set it back), so correctness costs one read of each file that was written.
 `quick` reads nothing: a file whose size is the same shows its content as changed only
-where both sides have a hash (a manifest); otherwise its new mtime (m) is all that shows."""
+where both sides have a hash (a manifest); otherwise its new mtime (m) is all that shows.
+`written_only` reads what a rollback's check must: of the newer side's files, only those
+written since the older side was taken (by ctime, which nothing sets back: a write, a
+rename or a new link of the file moves it); the others are taken as they were then. What
+that misses, between a snapshot and the live volume it was taken of: a file in a
+directory renamed in since, which keeps its own old ctime, where it has the size and mtime
+of the file it replaced (see snapmgr.backends.changes)."""
 
 from __future__ import annotations
 
@@ -59,6 +65,7 @@ class Diff:
     method: str                   # "manifests", or "walk" when a side had to be walked
     hashed: int                   # files read to compare their content
     changes: tuple[Change, ...]
+    from_manifests: tuple[str, ...] = ()   # the sides read from their manifests
 
 
 def flags(change: Change) -> str:
@@ -68,7 +75,8 @@ def flags(change: Change) -> str:
     return first + "".join(flag if what in change.what else "." for flag, what in COLUMNS)
 
 
-def differences(old: Side, new: Side, path: bytes, algorithm: str, quick: bool, shares_inodes: bool = False) -> Diff:
+def differences(old: Side, new: Side, path: bytes, algorithm: str, quick: bool, shares_inodes: bool = False,
+                written_only: bool = False) -> Diff:
     """`shares_inodes`: both sides are snapshots on one filesystem whose unchanged files are
     one inode (rsync's hardlinks, whose ctime every new link moves): then the same inode
     number alone shows a file unchanged."""
@@ -78,9 +86,10 @@ def differences(old: Side, new: Side, path: bytes, algorithm: str, quick: bool, 
         raise SnapmgrError(f"{volume_paths.shown(path)} exists neither in {old.name} nor in {new.name}")
     walked = old.manifest is None or new.manifest is None
     settled = settled_before(min((s.taken for s in (old, new) if s.taken is not None), default=None))
-    hashed = 0 if quick else _hash_where_needed(old, new, algorithm, shares_inodes, settled)
+    hashed = 0 if quick else _hash_where_needed(old, new, algorithm, shares_inodes, settled, written_only)
     return Diff(old.name, new.name, path, "walk" if walked else "manifests", hashed,
-                tuple(_without_directory_sizes(compare(old.entries, new.entries), new.entries)))
+                tuple(_without_directory_sizes(compare(old.entries, new.entries), new.entries)),
+                tuple(s.name for s in (old, new) if s.manifest is not None))
 
 
 def _without_directory_sizes(changes: Iterator[Change], new: list[Entry]) -> Iterator[Change]:
@@ -145,11 +154,12 @@ def _pairs(old: Side, new: Side) -> Iterator[tuple[int, int]]:
             yield i, j
 
 
-def _hash_where_needed(old: Side, new: Side, algorithm: str, shares_inodes: bool, settled: float) -> int:
+def _hash_where_needed(old: Side, new: Side, algorithm: str, shares_inodes: bool, settled: float,
+                       written_only: bool) -> int:
     jobs: list[tuple[int, int]] = []    # (side, index) of each file to read
     for i, j in _pairs(old, new):
         o, n = old.entries[i], new.entries[j]
-        if o.digest is not None and n.digest is not None:
+        if o.digest is not None and n.digest is not None or written_only and n.ctime_ns < settled:
             continue
         if o.ino == n.ino and (shares_inodes or (o.ctime_ns == n.ctime_ns and o.ctime_ns < settled)):
             digest = o.digest or n.digest   # one inode, unchanged: one content

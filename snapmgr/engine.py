@@ -17,7 +17,7 @@ from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Callable, Collection, Iterable, TypeVar
+from typing import Callable, Collection, Iterable, Iterator, TypeVar
 
 from snapmgr import (manifest, manifest_recording, observed, priority, procfs, quiesce, retention, scheduled_wait,
                      sh, space_guard)
@@ -31,8 +31,9 @@ from snapmgr.lock import volume_lock
 from snapmgr.manifest.verify import Problem, check as check_snapshot
 from snapmgr.model import PRE_ROLLBACK_TAG, ForeignSnapshot, MinFree, Snapshot, SnapshotId, stamp
 from snapmgr.quiesce import undo
-from snapmgr.quiesce.watchdog import Watchdog, perform_all
-from snapmgr.quiesce.window import Window, WindowOverrun
+from snapmgr.quiesce.mounted import MountedGate
+from snapmgr.quiesce.watchdog import Performed, Watchdog, perform_all
+from snapmgr.quiesce.window import Report, Window, WindowOverrun
 from snapmgr.records import Records
 from snapmgr.schema import did_you_mean
 
@@ -59,6 +60,21 @@ class Outcome:
     decisions: list[retention.Decision] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
     policy: str | None = None
+
+
+@dataclass
+class _Staged:
+    """Snapshots of volumes staged for one window: each take, run in the window, adds its
+    result; then each is recorded (`recorded` holds those taken, for their manifests)."""
+
+    volumes: list[Volume]
+    backends: list[Backend]
+    runs: list[Run]
+    outcomes: list[Outcome]
+    takes: list[Callable[[], Snapshot]] = field(default_factory=list)
+    results: list[Snapshot | SnapmgrError] = field(default_factory=list)
+    failure: BaseException | None = None
+    recorded: list[tuple[Outcome, manifest_recording.Taken]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -403,13 +419,9 @@ class Engine:
                         w = self.journal.window(w.id)   # as it stands now that no other run can change it
                         if w.status not in ("open", "recovery-failed"):
                             continue   # another run ended it, and told of it
-                        # A window of an older snapmgr has no boot id: as the caller says.
-                        current = procfs.boot_id()
-                        restarted = w.boot_id != current if w.boot_id and current else boot
-                        lines, failed = perform_all(list(reversed(w.plan)), False, restarted, queue=boot)
+                        detail = self._retry(w, boot)
                 except LockBusy:
                     continue  # its snapmgr, or its watchdog, is still at work
-                detail = self._record_try(w, lines, failed)
             else:
                 detail = w.detail or w.status
             told.append(f"the quiesce window of {', '.join(w.volumes)} opened by pid {w.pid} at "
@@ -455,11 +467,35 @@ class Engine:
                           exc_info=True)
         return None
 
-    def _record_try(self, w: StoredWindow, lines: list[str], failed: int) -> str:
-        """Record how a try to resume the window went; say how."""
-        attempts = w.attempts + 1
-        done = "; ".join(lines) or "nothing was left to resume"
-        if not failed:
+    def _retry(self, w: StoredWindow, boot: bool) -> str:
+        """Try to resume the window, under the locks of its volumes; record how it went and say how."""
+        # A window of an older snapmgr has no boot id: as the caller says.
+        current = procfs.boot_id()
+        restarted = w.boot_id != current if w.boot_id and current else boot
+        return self._record_try(w, perform_all(list(reversed(w.plan)), False, restarted, queue=boot))
+
+    def resume_held(self, volume: Volume) -> list[str]:
+        """Under the volume's lock, once a rollback has put it back in place: resume what
+        its windows cut short still hold (the gate of a rollback's window holds the services
+        back while the volume is off its mountpoint), rather than leave it to a later run,
+        which could start a unit stopped since."""
+        told = []
+        for w in self.journal.unsettled_windows(failed=True):
+            if w.volumes == [volume.name] and w.status in ("open", "recovery-failed"):
+                told.append(f"the quiesce window of {volume.name} opened by pid {w.pid} at "
+                            f"{w.started:%Y-%m-%d %H:%M:%S} UTC: {self._retry(w, False)}")
+                self.journal.window_reported(w.id)
+        return told
+
+    def _record_try(self, w: StoredWindow, performed: Performed) -> str:
+        """Record how a try to resume the window went; say how. A try a gate held back is
+        no try: it is due again at every run."""
+        attempts = w.attempts if performed.held else w.attempts + 1
+        done = "; ".join(performed.lines) or "nothing was left to resume"
+        failed = performed.failed
+        if performed.held:
+            status, detail = "open", f"tried to recover it now: {done}; every run tries again"
+        elif not failed:
             status, detail = "recovered", f"recovered now: {done}"
         elif attempts < RECOVERY_ATTEMPTS and w.status == "open":
             status, detail = "open", (f"tried to recover it now (try {attempts} of {RECOVERY_ATTEMPTS}): {done}; "
@@ -521,14 +557,11 @@ class Engine:
         return outcomes
 
     def _take(self, volumes: list[Volume], group: Group | None, tags: frozenset[str], dry_run: bool,
-              progress: Progress | None, outcomes: list[Outcome], held_grade: str | None = None) -> None:
-        """Stage every volume, then take them all inside one quiesce window, then record.
-        `held_grade`: the services are held already (a rollback's window), as well as
-        that grade says; no window of its own."""
+              progress: Progress | None, outcomes: list[Outcome]) -> None:
+        """Stage every volume, then take them all inside one quiesce window, then record."""
         backends = [self.backend(v) for v in volumes]
-        now = self.clock()
-        ids = [SnapshotId.next_free(v.name, now, (s.id for s in b.list())) for v, b in zip(volumes, backends)]
-        window = self._window(volumes, backends, ids, group, dry_run) if held_grade is None else Window([], 0)
+        ids = self._next_ids(volumes, backends)
+        window = self._window(volumes, backends, ids, group, dry_run)
         if dry_run:
             if refused := space_guard.refusal(volumes, backends, group):
                 raise refused
@@ -536,51 +569,70 @@ class Engine:
             for outcome, backend, sid in zip(outcomes, backends, ids):
                 outcome.planned = f"would create {sid}: {backend.plan_create(sid)} (quiesce: {quiesce_plan})"
             return
-        pid = os.getpid()
-        runs = [self.journal.begin(v.name, "snapshot", pid) for v in volumes]
-        takes: list[Callable[[], Snapshot]] = []
-        results: list[Snapshot | SnapmgrError] = []
-        failure: BaseException | None = None
+        staged = self._stage(volumes, backends, ids, group, tags, progress, outcomes, bool(window.quiescers))
+        if staged.failure is None:
+            try:
+                self._hold(window, volumes, group, staged.takes, staged.results)
+            except BaseException as e:
+                staged.failure = e
+        self._record_staged(staged, window.report.as_meta() | {"group": group.name if group else None},
+                            window.report.resume_failures)
+        self._manifests(staged)
+        if staged.failure is not None:
+            raise staged.failure
+
+    def _next_ids(self, volumes: list[Volume], backends: list[Backend]) -> list[SnapshotId]:
+        now = self.clock()
+        return [SnapshotId.next_free(v.name, now, (s.id for s in b.list())) for v, b in zip(volumes, backends)]
+
+    def _stage(self, volumes: list[Volume], backends: list[Backend], ids: list[SnapshotId], group: Group | None,
+               tags: frozenset[str], progress: Progress | None, outcomes: list[Outcome], prepass: bool) -> _Staged:
+        """Begin each volume's run and stage its snapshot (prepass: the services will be
+        paused, so each backend does beforehand what it can); what stopped it, kept."""
+        runs = [self.journal.begin(v.name, "snapshot", os.getpid()) for v in volumes]
+        staged = _Staged(volumes, backends, runs, outcomes)
         try:
             # Once the runs are begun, so that a refusal is a failed run monitoring sees;
             # before anything is copied or paused.
             if refused := space_guard.refusal(volumes, backends, group):
                 raise refused
-            takes = [b.stage(sid, tags | v.tags, progress, prepass=bool(window.quiescers))
-                     for v, b, sid in zip(volumes, backends, ids)]
+            staged.takes = [b.stage(sid, tags | v.tags, progress, prepass) for v, b, sid in zip(volumes, backends, ids)]
             for kind in {type(b) for b in backends}:
-                kind.join([t for b, t in zip(backends, takes) if type(b) is kind])
-            self._hold(window, volumes, group, takes, results)
+                kind.join([t for b, t in zip(backends, staged.takes) if type(b) is kind])
         except BaseException as e:
-            failure = e
-        if failure is not None:
-            # What was taken is recorded whatever stopped the rest: without its record a
-            # snapshot loses what its quiescers kept (a backup label, a binlog position).
+            staged.failure = e
+        return staged
+
+    def _record_staged(self, staged: _Staged, meta: dict, resume_failures: list[str]) -> None:
+        """Record what was taken, and finish every run: what was taken is recorded whatever
+        stopped the rest, since without its record a snapshot loses what its quiescers kept
+        (a backup label, a binlog position)."""
+        results, failure = staged.results, staged.failure
+        if failure is not None or len(results) < len(staged.volumes):
             stopped = as_error(failure) if isinstance(failure, (SnapmgrError, OSError)) else \
-                SnapmgrError(f"stopped by {failure!r}")
-            results += [taken_with_another(t) or stopped for t in takes[len(results):]]
-            results += [stopped] * (len(volumes) - len(results))
-        meta = window.report.as_meta() | {"group": group.name if group else None}
-        if held_grade is not None:
-            meta["grade"] = held_grade
-        meta = self._part_way(volumes, meta)
-        recorded: list[tuple[Outcome, manifest_recording.Taken]] = []
-        for outcome, run, volume, backend, result in zip(outcomes, runs, volumes, backends, results):
+                SnapmgrError(f"stopped by {failure!r}" if failure else "not taken")
+            results += [taken_with_another(t) or stopped for t in staged.takes[len(results):]]
+            results += [stopped] * (len(staged.volumes) - len(results))
+        meta = self._part_way(staged.volumes, meta)
+        for outcome, run, volume, backend, result in zip(staged.outcomes, staged.runs, staged.volumes,
+                                                         staged.backends, results):
             record = dict(meta)
-            outcome.error = self._record(run, volume, backend, result, record, window.report.resume_failures)
+            outcome.error = self._record(run, volume, backend, result, record, resume_failures)
             if isinstance(result, Snapshot):
                 # This very record gets the manifest's part below: the outcome shows it too.
                 outcome.created = replace(result, record=record)
-                recorded.append((outcome, manifest_recording.Taken(result, backend, self._records(backend),
-                                                                   volume.manifest, record)))
-        # The manifests last, each possibly hours long: a stop meanwhile finds every
-        # snapshot of the group recorded and every run finished.
-        if not isinstance(failure, Interrupted):
-            unrecorded = manifest_recording.record_all([taken for _, taken in recorded])
-            for (outcome, _), error in zip(recorded, unrecorded):
-                outcome.error = outcome.error or error
-        if failure is not None:
-            raise failure
+                staged.recorded.append((outcome, manifest_recording.Taken(result, backend, self._records(backend),
+                                                                          volume.manifest, record)))
+
+    @staticmethod
+    def _manifests(staged: _Staged) -> None:
+        """The manifests last, each possibly hours long: a stop meanwhile finds every
+        snapshot of the group recorded and every run finished."""
+        if isinstance(staged.failure, (Interrupted, KeyboardInterrupt)):
+            return
+        unrecorded = manifest_recording.record_all([taken for _, taken in staged.recorded])
+        for (outcome, _), error in zip(staged.recorded, unrecorded):
+            outcome.error = outcome.error or error
 
     def _part_way(self, volumes: list[Volume], meta: dict) -> dict:
         """A snapshot of a volume that a rollback cut short left part way holds a mix of
@@ -616,10 +668,13 @@ class Engine:
         context = quiesce.Context(self.config.path, tuple(v.name for v in volumes), tuple(map(str, ids)), dry_run, busy,
                                   tuple(b.volume for b in backends if not b.atomic))
         limits = [s.max_window for s in specs] + ([group.max_window] if group else [])
+        quiescers = [quiesce.KINDS[s.kind](s, replace(context, purpose=purpose)) for s in specs]
         if purpose == "rollback":
             limits = [ROLLBACK_WINDOW]
-        return Window([quiesce.KINDS[s.kind](s, replace(context, purpose=purpose)) for s in specs],
-                      min(limits, default=timedelta(0)).total_seconds())
+            mountpoints = [p for b in backends for p in b.mountpoints()]
+            if quiescers and mountpoints:   # last: resumed first, it holds the services back while the volume is off
+                quiescers.append(MountedGate(mountpoints, replace(context, purpose=purpose)))
+        return Window(quiescers, min(limits, default=timedelta(0)).total_seconds())
 
     def _hold(self, window: Window, volumes: list[Volume], group: Group | None,
               takes: list[Callable[[], Snapshot]], results: list[Snapshot | SnapmgrError]) -> None:
@@ -660,7 +715,10 @@ class Engine:
                     pass
                 elif unresumed:
                     undo.mark_done(plan, unresumed)
-                    self.journal.window_tried(window_id, plan, 1, "open", detail, r.grade, r.quiesce_s, r.freeze_s)
+                    # Held back by a gate, it is due again at every run.
+                    tries = 0 if any(plan[i].get("gate") for i in unresumed) else 1
+                    self.journal.window_tried(window_id, plan, tries, "open", detail, r.grade, r.quiesce_s,
+                                              r.freeze_s)
                 else:
                     self.journal.window_ended(window_id, "closed", detail, r.grade, r.quiesce_s, r.freeze_s)
         finally:
@@ -745,15 +803,68 @@ class Engine:
         records.delete(snapshot.id)
         manifest.delete(records.directory, snapshot.id)
 
-    def pre_rollback(self, volume: Volume, held_grade: str | None = None) -> str:
+    def pre_rollback(self, volume: Volume) -> str:
         """A protected snapshot of the volume as it is, taken under the lock already held:
-        what a restore in place (or a rollback) can be undone with. `held_grade`: the
-        services are held already (held_for_rollback), as well as that grade says."""
+        what a restore in place can be undone with."""
         outcome = Outcome(volume.name)
-        self._take([volume], None, frozenset({PRE_ROLLBACK_TAG}), False, None, [outcome], held_grade)
-        if outcome.error or outcome.created is None:
-            raise SnapmgrError(f"the {PRE_ROLLBACK_TAG} snapshot failed, so nothing was restored: {outcome.error}")
-        return str(outcome.created.id)
+        self._take([volume], None, frozenset({PRE_ROLLBACK_TAG}), False, None, [outcome])
+        return _pre_rollback_taken(outcome)
+
+    @contextmanager
+    def pre_rollback_staged(self, volume: Volume) -> Iterator[Callable[[str], str]]:
+        """A rollback's protected snapshot of the volume as it is, under the lock already
+        held: staged now, before its services stop (with the backend's prepass, when it
+        has services to stop); yields what takes it inside the rollback's window, given the
+        grade held_for_rollback gave, and returns its id. Its run begins there, so a
+        rollback refused before has none; its manifest is recorded on the way out, once
+        the services run again."""
+        backend = self.backend(volume)
+        stopping = bool(self._window([volume], [backend], [], None, True, purpose="rollback").quiescers)
+        [sid] = self._next_ids([volume], [backend])
+        if refused := space_guard.refusal([volume], [backend], None):
+            raise refused
+        outcome = Outcome(volume.name)
+        staged = _Staged([volume], [backend], [], [outcome],
+                         [backend.stage(sid, frozenset({PRE_ROLLBACK_TAG}) | volume.tags, None, stopping)])
+
+        def take(grade: str) -> str:
+            staged.runs = [self.journal.begin(volume.name, "snapshot", os.getpid())]
+            try:
+                staged.results += [_attempt(t) for t in staged.takes]
+            except BaseException as e:
+                staged.failure = e
+                raise
+            finally:
+                # The rollback's window is not this snapshot's: its services are held as the grade says.
+                self._record_staged(staged, Report().as_meta() | {"group": None, "grade": grade}, [])
+            return _pre_rollback_taken(outcome)
+        try:
+            yield take
+        except BaseException as e:
+            staged.failure = e
+            raise
+        finally:
+            if staged.recorded and not isinstance(staged.failure, (Interrupted, KeyboardInterrupt)):
+                self.manifest_if_missing(volume, str(staged.recorded[0][1].snapshot.id))
+
+    def manifest_if_missing(self, volume: Volume, snapshot_id: str) -> None:
+        """Write the manifest of a snapshot taken without one yet: a rollback's pre-rollback
+        snapshot once the rollback is over, or once a resume has finished a rollback whose
+        run was stopped before it could. Found again first: a rollback may have moved it
+        and its record (btrfs carries the snapshots' own subvolume into the tree it swaps in)."""
+        backend = self.backend(volume)
+
+        def write() -> list[SnapmgrError | None]:
+            snapshot = next((s for s in backend.list() if str(s.id) == snapshot_id), None)
+            if snapshot is None:
+                raise SnapmgrError(f"{snapshot_id} was not found after the rollback")
+            records = self._records(backend)
+            record = records.read(snapshot.id)
+            if record is None or manifest_recording.was_written(record) or volume.manifest == "off":
+                return []
+            return manifest_recording.record_all([manifest_recording.Taken(snapshot, backend, records,
+                                                                           volume.manifest, record)])
+        _told(snapshot_id, write)
 
     def held_for_rollback(self, volume: Volume, work: Callable[[str], T]) -> T:
         """`work(grade)` with the volume's services stopped for a rollback (each quiescer in
@@ -825,6 +936,27 @@ def _verify_state(verifies: list[Verify], existing: set[str]) -> tuple[Verify | 
     """Of the snapshots that still exist: the latest verify, and those found damaged."""
     mine = [v for v in verifies if v.snapshot in existing]
     return (mine[-1] if mine else None), tuple(sorted(v.snapshot for v in mine if v.result == "damaged"))
+
+
+def _told(snapshot_id: str, write: Callable[[], list[SnapmgrError | None]]) -> None:
+    """Write a snapshot's manifest once a rollback is over: what fails is told, not raised
+    over the rollback's own outcome; a stop stays one, saying the rollback is done."""
+    try:
+        errors = write()
+    except (Interrupted, KeyboardInterrupt) as e:
+        raise Interrupted(f"{e or 'interrupted'}; the rollback is done, but the manifest of {snapshot_id} was not "
+                          f"written") from None
+    except (SnapmgrError, OSError) as e:
+        errors = [as_error(e)]
+    for error in errors:
+        if error:
+            log.warning("the manifest of %s: %s", snapshot_id, error)
+
+
+def _pre_rollback_taken(outcome: Outcome) -> str:
+    if outcome.error or outcome.created is None:
+        raise SnapmgrError(f"the {PRE_ROLLBACK_TAG} snapshot failed, so nothing was restored: {outcome.error}")
+    return str(outcome.created.id)
 
 
 def _attempt(take: Callable[[], Snapshot]) -> Snapshot | SnapmgrError:

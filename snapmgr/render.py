@@ -117,7 +117,8 @@ def rolled_back_json(r: RolledBack) -> dict:
             "takes_effect": p.takes_effect,
             "losses": None if p.losses is None else asdict(p.losses) | {"shown": list(p.losses.shown)},
             "newer": [{"snapshot": s, "fate": fate} for s, fate in p.newer], "services": list(p.services),
-            "pre_rollback": r.pre_rollback, "seconds": r.seconds, "check": r.check, "pending": r.pending, "before_resume": r.before_resume,
+            "pre_rollback": r.pre_rollback, "seconds": r.seconds, "check": r.check, "matches": r.matches,
+            "pending": r.pending, "before_resume": r.before_resume,
             "affected": [{"snapshot": s, "fate": fate} for s, fate in p.others], "resumes": p.resumes}
 
 

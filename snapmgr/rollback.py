@@ -15,10 +15,14 @@ ever left stopped, and the snapshots hold both states whole."""
 
 from __future__ import annotations
 
+import logging
 import os
+import stat
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Sequence
 
 from snapmgr import compare_jobs
 from snapmgr.backends.base import Backend, RollbackWay
@@ -26,11 +30,13 @@ from snapmgr.config import Volume
 from snapmgr.engine import Engine
 from snapmgr.errors import Interrupted, RollbackRefused, SnapmgrError, UsageError, as_error, quote
 from snapmgr.journal import UNFINISHED, RollbackRecord, Run
+from snapmgr.manifest import Change
 from snapmgr.model import Snapshot, SnapshotId, stamp
 from snapmgr.restore_job import own_places
-from snapmgr.volume_paths import shown
+from snapmgr.volume_paths import joined, shown, under
 from snapmgr.writers import users
 
+log = logging.getLogger(__name__)
 SHOWN_PATHS = 5   # of each kind of loss, in the plan
 
 
@@ -64,6 +70,7 @@ class RolledBack:
     pre_rollback: str | None = None
     seconds: float | None = None
     check: str | None = None    # how the volume compares with the snapshot afterwards
+    matches: bool | None = None  # whether it matched (None: not compared)
     pending: str | None = None  # what is still to happen, and when (a merge at the next activation)
     before_resume: str | None = None   # a resume's own pre-rollback snapshot: the volume as the cut left it
 
@@ -194,8 +201,7 @@ def _carried_out(engine: Engine, planned: _Planned, run: Run, record: int, resum
                 f"{quote(name)} (pid {pid})" for pid, name in sorted(still.items()))
                 + f" with the services stopped: stop it first (a systemd quiescer of volume {volume.name} that "
                   f"names its unit does it for every rollback); nothing was changed")
-        # A volume a rollback cut short left unmounted (or without its LV) has nothing new to keep.
-        taken = engine.pre_rollback(volume, held_grade=grade) if live is not None or not resuming else None
+        taken = take_pre_rollback(grade) if take_pre_rollback else None
         pre = resuming.pre_rollback if resuming else taken
         if not journal.rollback_moved(record, "rolling-back", run=run, pre_rollback=pre):
             raise SnapmgrError(f"the journal cannot record that the rollback is under way ({journal.failure}), and a "
@@ -222,31 +228,101 @@ def _carried_out(engine: Engine, planned: _Planned, run: Run, record: int, resum
                                seconds=round(time.monotonic() - started, 3))
         # Compared before the services write again; a target the rollback consumed cannot be.
         consumed = planned.way.fates.get(target.id)
-        check = None if left else _compared(engine, target) if consumed is None else \
-            f"{target.id} is {consumed}, so the volume was not compared with it"
+        if left:
+            check = None, None
+        elif consumed is not None:
+            check = f"{target.id} is {consumed}, so the volume was not compared with it", None
+        else:
+            check = _compared(engine, backend, target, resuming is not None)
         return pre, taken, left, check
 
     try:
-        pre, taken, left, check = engine.held_for_rollback(volume, roll_back)
+        # A volume a rollback cut short left unmounted (or without its LV) has nothing new to keep.
+        with engine.pre_rollback_staged(volume) if live is not None or not resuming else nullcontext() \
+                as take_pre_rollback:
+            pre, taken, left, check = engine.held_for_rollback(volume, roll_back)
     except BaseException as e:
         if not under_way and not resuming:
             journal.rollback_moved(record, "refused", str(e) or type(e).__name__)
         raise
-    return RolledBack(planned.plan, False, pre, round(time.monotonic() - started, 3), check, left,
+    # The volume is in place again: what a window cut short still holds back starts now.
+    for line in engine.resume_held(volume):
+        log.warning("%s", line)
+    if resuming and pre:   # its run was stopped before it could write it
+        engine.manifest_if_missing(volume, pre)
+    return RolledBack(planned.plan, False, pre, round(time.monotonic() - started, 3), *check, left,
                       taken if resuming else None)
 
 
-def _compared(engine: Engine, target: Snapshot) -> str:
-    """How the volume compares with the snapshot, by size and mtime as the copy went (the
-    services wait for it; `snapmgr diff` reads the files): what a finished rollback says,
-    whatever stops the comparison."""
+def _compared(engine: Engine, backend: Backend, target: Snapshot, resuming: bool) -> tuple[str, bool | None]:
+    """How the volume compares with the snapshot, while the services still wait: every
+    entry by its metadata, and by content every file written since the snapshot was taken,
+    which holds whatever the rollback copied (against the snapshot's manifest where it has
+    one); whether they match (None: not compared, or not judged: a resume may find what
+    the services wrote after the cut, which the rollback had already put in place)."""
+    # A clock set back since the snapshot was taken would hide what was written since.
+    written_only = target.created.timestamp() <= time.time()
     try:
-        after = compare_jobs.diff(engine, str(target.id), compare_jobs.LIVE, quick=True)
-    except (Exception, KeyboardInterrupt) as e:
-        return f"the volume was not compared with {target.id} ({as_error(e) if isinstance(e, Exception) else 'interrupted'})"
-    if not after.changes:
-        return f"the volume matches {target.id} by size and mtime (snapmgr diff {target.id} live reads the files)"
-    return f"the volume differs from {target.id} in {len(after.changes)} entries (snapmgr diff {target.id} live)"
+        after = compare_jobs.diff(engine, str(target.id), compare_jobs.LIVE, written_only=written_only)
+        changes, apart = _apart(backend, after.changes, own_places(engine))
+    except (Interrupted, KeyboardInterrupt) as e:
+        raise Interrupted(f"{e or 'interrupted'}; rolled back to {target.id}, but the check was stopped (snapmgr "
+                          f"diff {target.id} live compares)") from None
+    except (SnapmgrError, OSError) as e:
+        return f"the volume was not compared with {target.id} ({as_error(e)})", None
+    against = "its manifest" if str(target.id) in after.from_manifests else "its files"
+    which = "each file written since it was taken" if written_only else "every file"
+    read = f"and by content {which} ({after.hashed} read, against {against})"
+    if apart:
+        read += (f"; other filesystems in it and snapmgr's own directories, which no rollback changes, left out: "
+                 f"{', '.join(shown(p) for p in apart[:SHOWN_PATHS])}{', ...' if len(apart) > SHOWN_PATHS else ''}")
+    if not changes:
+        return f"the volume matches {target.id}: every entry by its metadata, {read}", True
+    differs = (f"the volume DIFFERS from {target.id} in {len(changes)} entries (snapmgr diff {target.id} live "
+               f"lists them), compared by metadata, {read}")
+    if resuming:
+        return differs + "; a resume may find what the services wrote since the cut", None
+    return differs, False
+
+
+def _apart(backend: Backend, changes: Sequence[Change], kept: Sequence[tuple[Path, str]]
+           ) -> tuple[list[Change], list[bytes]]:
+    """The changes, without those in what each rollback keeps where it is: other
+    filesystems mounted in the volume (a nested subvolume, a mount; not the volume's own),
+    with the directories made since to hold them, and snapmgr's own directories. And the
+    roots of those left out."""
+    real = Path(os.path.realpath(backend.live_root()))   # a root behind a symlink is on the symlink's target
+    devices = {os.stat(p).st_dev for p in (real, *backend.own_mounts())}
+    places = [os.fsencode(place.relative_to(real)) for place, _ in kept if place != real and place.is_relative_to(real)]
+    elsewhere: dict[bytes, bool] = {}
+
+    def other(path: bytes) -> bool:   # a directory of another filesystem than the volume's
+        if path not in elsewhere:
+            try:
+                st = os.lstat(joined(real, path))
+                elsewhere[path] = stat.S_ISDIR(st.st_mode) and st.st_dev not in devices
+            except (FileNotFoundError, NotADirectoryError):
+                elsewhere[path] = False
+        return elsewhere[path]
+    roots: set[bytes] = set()
+    for c in changes:
+        parts = c.path.split(b"/") if c.path else []
+        ancestors = [b"/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+        roots.update(p for p in places if any(a == p for a in ancestors))
+        if top := next((a for a in ancestors if other(a)), None):
+            roots.add(top)
+    # A directory added since the snapshot whose changes below are all of those: it was
+    # made to hold them (a directory's new entries are all changes of it).
+    apart = {c.path for c in changes if any(under(c.path, r) for r in roots)}
+    below: dict[bytes, list[bytes]] = {}
+    for c in changes:
+        if c.path:
+            below.setdefault(c.path.rpartition(b"/")[0], []).append(c.path)
+    for c in sorted(changes, key=lambda c: -c.path.count(b"/")):
+        inside = below.get(c.path)
+        if c.status == "added" and inside and all(p in apart for p in inside):
+            apart.add(c.path)
+    return [c for c in changes if c.path not in apart], sorted(roots)
 
 
 def _losses(engine: Engine, target: Snapshot) -> Losses:

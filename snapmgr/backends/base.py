@@ -7,12 +7,13 @@ exists."""
 from __future__ import annotations
 
 import abc
+import os
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ClassVar, Mapping, Sequence
 
-from snapmgr.backends import shared_mounts
+from snapmgr.backends import mounts, shared_mounts
 from snapmgr.model import ForeignSnapshot, MinFree, Snapshot, SnapshotId, human_size
 from snapmgr.errors import SnapmgrError
 from snapmgr.schema import Field
@@ -169,6 +170,12 @@ class Backend(abc.ABC):
     # What a rollback may be told to do with the snapshots newer than its target, where
     # the backend's own way would otherwise lose them (ZFS: "destroy-newer", "keep-newer").
     rollback_choices: ClassVar[tuple[str, ...]] = ()
+
+    def mountpoints(self) -> tuple[Path, ...]:
+        """Where the volume is mounted, and where a rollback cut short took it off: a
+        rollback's window starts the services again only once each is mounted."""
+        return tuple(p for p in (self.live_root(), *self.own_mounts())
+                     if p is not None and mounts.mounted_at(Path(os.path.realpath(p))))
 
     def rollback_way(self, target: Snapshot, snapshots: list[Snapshot], choice: str | None,
                      resuming: bool = False) -> RollbackWay:

@@ -223,6 +223,8 @@ def swap_in(parent: Path, name: str, target: Path, inner: list[PurePosixPath],
         btrfsutil.create_snapshot(target, temporary)
     for path in inner:
         _carry(live, temporary, path)
+    # Those carried before a kill too: nested() finds every one in the new tree.
+    _times_as_held(temporary, carried(live, target), nested(temporary, btrfsutil))
     exchange(live, temporary)
     fsync_dir(parent)
     return _finish(temporary, snapshots_of(), pending, btrfsutil)
@@ -256,11 +258,6 @@ def _carry(live: Path, temporary: Path, path: PurePosixPath) -> None:
     source, there = live / path, temporary / path
     if not os.path.lexists(source):
         return   # moved by the rollback that was cut short
-    # The deepest directory the snapshot has on the way keeps its times as it holds them.
-    touched = there.parent
-    while not os.path.lexists(touched):
-        touched = touched.parent
-    held = os.stat(touched)
     if os.path.lexists(there):
         os.rmdir(there)
     for ancestor in reversed([p for p in path.parents if p != PurePosixPath()]):
@@ -269,7 +266,18 @@ def _carry(live: Path, temporary: Path, path: PurePosixPath) -> None:
             os.mkdir(temporary / ancestor, st.st_mode & 0o7777)
             os.chown(temporary / ancestor, st.st_uid, st.st_gid)
     os.rename(source, there)
-    os.utime(touched, ns=(held.st_atime_ns, held.st_mtime_ns))
+
+
+def _times_as_held(temporary: Path, target: Path, inner: list[PurePosixPath]) -> None:
+    """The deepest directory the snapshot has on the way to each carried subvolume gets
+    its times back as the snapshot holds them, which a carry moved: from the snapshot
+    itself, so that a resume also mends a carry a kill cut short."""
+    for path in inner:
+        holder = path.parent
+        while holder != PurePosixPath(".") and not os.path.lexists(target / holder):
+            holder = holder.parent
+        held = os.stat(target / holder)
+        os.utime(temporary / holder, ns=(held.st_atime_ns, held.st_mtime_ns))
 
 
 def _finish(replaced: Path, snapshots_of: dict[bytes, Newest], pending: str | None, btrfsutil) -> str | None:

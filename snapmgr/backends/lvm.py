@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from snapmgr import schema, sh
-from snapmgr.backends import lvm_rollback, mounts, shared_mounts
+from snapmgr.backends import lvm_rollback, mounts, remount, shared_mounts
 from snapmgr.backends.base import Backend, Progress, RollbackWay, Space
 from snapmgr.backends.lvm_cli import lvm
 from snapmgr.errors import SnapmgrError, quote
@@ -177,6 +177,9 @@ class LvmBackend(Backend):
 
     def rollback_pending(self, target: SnapshotId) -> str | None:
         return lvm_rollback.pending(self._rollback_origin, self._lv_name(target))
+
+    def mountpoints(self) -> tuple[Path, ...]:
+        return tuple(dict.fromkeys([*super().mountpoints(), *remount.recorded(self._rollback_origin.record)]))
 
     @property
     def _rollback_origin(self) -> lvm_rollback.Origin:

@@ -77,6 +77,14 @@ def put_back(device: Path, record: Path, forget: bool = True) -> None:
         record.unlink()
 
 
+def recorded(record: Path) -> list[Path]:
+    """Where a rollback cut short took the device off, as `record` says: none without one."""
+    try:
+        return [Path(p["mountpoint"]) for p in json.loads(record.read_text())]
+    except FileNotFoundError:
+        return []
+
+
 def _write(record: Path, places: list[Place]) -> None:
     # Written whole or not at all: a half-written record would lose a mount.
     record.parent.mkdir(parents=True, exist_ok=True)

@@ -62,6 +62,9 @@ class Quiescer(abc.ABC):
     # to do: a frozen filesystem could not be written), or "server" (a database session
     # cannot keep a server off files being replaced: a systemd quiescer must stop it).
     in_rollback: ClassVar[str] = "pause"
+    # Whether the quiescers paused before it stay paused while its resume fails (it is
+    # resumed first): a condition for starting them again, not a pause of its own.
+    gates: ClassVar[bool] = False
 
     def __init__(self, spec: Spec, context: Context):
         self.spec = spec

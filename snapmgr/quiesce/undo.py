@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Collection, Mapping, Sequence
 
 from snapmgr import sh
+from snapmgr.errors import SnapmgrError, quote
 from snapmgr.quiesce.freezing import thaw
 
 
@@ -34,6 +35,22 @@ def run_action(argv: Sequence[str], env: Mapping[str, str], timeout: float,
     return action
 
 
+def mounted_action(mountpoints: Sequence[str]) -> dict:
+    return {"mounted": list(mountpoints)}
+
+
+def check_mounted(mountpoints: Sequence[str]) -> str:
+    """Raise unless something is mounted at each mountpoint, as the mount table says (a
+    bind mount within one filesystem is one too)."""
+    from snapmgr.backends import mounts   # here: the watchdog starts without the backends
+    bare = [m for m in mountpoints if mounts.mounted_at(Path(os.path.realpath(m))) is None]
+    if bare:
+        raise SnapmgrError(f"{', '.join(map(quote, bare))} is not mounted (a rollback cut short took it off), so the "
+                           f"services were not started again, lest they write into the directory underneath: "
+                           f"snapmgr rollback --resume mounts it, and the next snapmgr run starts them")
+    return f"{', '.join(mountpoints)} is mounted"
+
+
 def mark_done(steps: list[dict], pending: Collection[int]) -> None:
     """Mark every undo action done but those of the steps `pending` (by index): a later
     try repeats only those."""
@@ -47,6 +64,8 @@ def perform(action: dict, inherited_fds: bool, restarted: bool = False, queue: b
     action names are open in this process (the watchdog), else paths are opened anew.
     `restarted`: the machine was restarted since the window. `queue`: what would wait
     for a unit to start must not (snapmgr-recover.service)."""
+    if "mounted" in action:
+        return check_mounted(action["mounted"])
     if "thaw" in action:
         if restarted:
             return f"{action['thaw']} is no longer frozen: the machine restarted since"

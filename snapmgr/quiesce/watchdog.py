@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from snapmgr import sh
@@ -125,28 +126,41 @@ def main() -> int:
             return 0
     pending = [i for i in reversed(started) if i not in resumed]
     undo.mark_done(steps, pending)   # the others were resumed by snapmgr, or never paused
-    lines, failed = perform_all([steps[i] for i in pending], inherited_fds=True)
-    _report(plan, reason, lines, failed)
+    _report(plan, reason, perform_all([steps[i] for i in pending], inherited_fds=True))
     return 0
 
 
+@dataclass
+class Performed:
+    lines: list[str]   # one for each action
+    failed: int        # actions that failed
+    held: bool = False  # a gate holds the rest back: a later try is due, whatever the tries so far
+
+
 def perform_all(steps: list[dict], inherited_fds: bool, restarted: bool = False,
-                queue: bool = False) -> tuple[list[str], int]:
+                queue: bool = False) -> Performed:
     """Every undo action of the steps not done yet, in order; a failure is noted and the
-    rest go on. Each action done is marked so in its step ("done"), so that a later try
-    repeats only what failed. A line for each action, and how many failed."""
+    rest go on, but after a gate's (quiesce.mounted), which holds back the rest (if any
+    is left to do). Each action done is marked so in its step ("done"), so that a later
+    try repeats only what is not; a gate's never is: it is looked at every time."""
     lines, failed = [], 0
-    for step in steps:
+    for n, step in enumerate(steps):
         for action in step["undo"]:
             if action.get("done"):
                 continue
             try:
                 lines.append(f"{step['name']}: {undo.perform(action, inherited_fds, restarted, queue)}")
-                action["done"] = True
+                action["done"] = not step.get("gate")
             except (SnapmgrError, OSError) as e:
-                lines.append(f"{step['name']}: FAILED: {e}")
-                failed += 1
-    return lines, failed
+                if not step.get("gate"):
+                    lines.append(f"{step['name']}: FAILED: {e}")
+                    failed += 1
+                    continue
+                held = [s["name"] for s in steps[n + 1:] if any(not a.get("done") for a in s["undo"])]
+                if held:   # they wait, not done, for a later try
+                    lines.append(f"{step['name']}: {e}; not resumed until then: {', '.join(held)}")
+                    return Performed(lines, failed + 1, held=True)
+    return Performed(lines, failed)
 
 
 def _kill_and_wait(pid: int, lines: _Lines) -> None:
@@ -161,7 +175,8 @@ def _kill_and_wait(pid: int, lines: _Lines) -> None:
         pass
 
 
-def _report(plan: dict, reason: str, lines: list[str], failed: int) -> None:
+def _report(plan: dict, reason: str, performed: Performed) -> None:
+    lines = performed.lines
     summary = f"quiesce watchdog: {reason}; " + ("; ".join(lines) if lines else "nothing was left to resume")
     try:
         os.write(sys.stderr.fileno(), f"snapmgr: WARNING: {one_line(summary)}\n".encode())
@@ -169,8 +184,8 @@ def _report(plan: dict, reason: str, lines: list[str], failed: int) -> None:
         pass  # snapmgr's terminal may be gone with it
     if plan.get("journal") and plan.get("window") is not None:
         journal = Journal(Path(plan["journal"]))
-        if failed:  # a later run tries the failed actions again
-            journal.window_tried(plan["window"], plan["steps"], 1, "open", summary)
+        if performed.failed:  # a later run tries the failed actions again; any run, while a gate holds them
+            journal.window_tried(plan["window"], plan["steps"], 0 if performed.held else 1, "open", summary)
         else:
             journal.window_ended(plan["window"], "undone", summary)
         journal.close()

@@ -77,7 +77,8 @@ class Window:
 
     def plan(self) -> list[dict]:
         """What the watchdog, or a later run, does to resume each quiescer without us."""
-        return [{"name": q.name, "undo": q.undo(), "timeout": q.timeout} for q in self.quiescers]
+        return [{"name": q.name, "undo": q.undo(), "timeout": q.timeout} | ({"gate": True} if q.gates else {})
+                for q in self.quiescers]
 
     @staticmethod
     def descriptors(plan: list[dict]) -> list[int]:
@@ -133,8 +134,13 @@ class Window:
 
     def _resume_all(self, started: list[int], watchdog: Watchdog) -> None:
         try:
+            held: list[int] = []   # the quiescers a failed gate holds back
             for i in reversed(started):
                 q = self.quiescers[i]
+                if held:
+                    held.append(i)
+                    self.report.unresumed.append(i)
+                    continue
                 watchdog.tell(resuming=i)
                 try:
                     q.resume()
@@ -143,9 +149,14 @@ class Window:
                     log.error("resuming quiescer %s", failure)
                     self.report.resume_failures.append(failure)
                     self.report.unresumed.append(i)   # the watchdog, if it must act, tries it too
+                    if q.gates:
+                        held.append(i)
                 else:
                     self.report.records[q.name] = q.record()
                     watchdog.tell(resumed=i)
+            if held[1:]:
+                self.report.resume_failures.append(
+                    "not resumed until then: " + ", ".join(self.quiescers[i].name for i in held[1:]))
         except BaseException as e:
             watchdog.abandon(f"snapmgr failed while resuming: {e!r}")
             raise

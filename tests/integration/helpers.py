@@ -80,7 +80,7 @@ class Workspace:
 
     def ok(self, *args: str) -> Result:
         r = self.run(*args)
-        assert r.returncode == 0, f"snapmgr {' '.join(args)} failed ({r.returncode}): {r.stderr}"
+        assert r.returncode == 0, f"snapmgr {' '.join(args)} failed ({r.returncode}): {r.stderr} {r.stdout[-600:]}"
         return r
 
     def on_terminal(self, *args: str, timeout: float = 120) -> tuple[int, str]:
@@ -203,7 +203,14 @@ def loop_mount(root: Path, fstype: str, size_mib: int = 300, mkfs_args: tuple[st
         yield mnt
     finally:
         subprocess.run(["fsfreeze", "--unfreeze", mnt], capture_output=True)  # never leave it frozen
-        subprocess.run(["umount", mnt], check=True)  # the loop device detaches with it
+        # A writer that blocked on the frozen filesystem may still be on its way out; a
+        # mount left behind would outlive the run (the loop device detaches with it).
+        try:
+            wait_for(lambda: subprocess.run(["umount", mnt], capture_output=True).returncode == 0,
+                     timeout=10, what=f"umount {mnt} (busy)")
+        except AssertionError:
+            subprocess.run(["umount", "--lazy", mnt], check=True)
+            raise
 
 
 def writable_within(path: Path, seconds: float) -> bool:

@@ -8,6 +8,7 @@ import json
 import os
 import pty
 import random
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -49,16 +50,61 @@ def test_a_rollback_puts_the_volume_back_keeps_what_snapshots_leave_out_and_is_u
     before = state(ws)
     done = ws.ok("--json", "rollback", target, "--yes").json()
     assert state(ws) == {"a": "one", "b": "keep", "cache/x": "cached later"}   # the excluded cache is kept
-    assert done["check"].startswith(f"the volume matches {target} by size and mtime") and done["dry_run"] is False
+    # Verified against the snapshot's manifest: the two files the copy wrote ('a', rewritten
+    # the same size, and 'b', brought back), by content.
+    assert done["check"] == (f"the volume matches {target}: every entry by its metadata, and by content each "
+                             f"file written since it was taken (2 read, against its manifest)") and done["matches"]
+    assert done["dry_run"] is False
     safety = done["pre_rollback"]
-    listed = {s["id"]: s["tags"] for s in ws.ok("--json", "list").json()["snapshots"]}
+    snapshots = ws.ok("--json", "list").json()["snapshots"]
+    listed = {s["id"]: s["tags"] for s in snapshots}
     assert listed == {target: ["manual"], safety: ["pre-rollback"]}
+    # Its manifest, written once the services ran again.
+    assert {s["id"]: s["manifest"] for s in snapshots}[safety] == "blake3"
     # The pre-rollback snapshot undoes it; that rollback takes one of its own.
     again = ws.ok("--json", "rollback", safety, "--yes").json()
-    assert state(ws) == before and again["check"].startswith(f"the volume matches {safety} ")
+    assert state(ws) == before and again["check"].startswith(f"the volume matches {safety}: ") and again["matches"]
     assert len(ws.snapshots()) == 3
     runs = ws.ok("--json", "status").json()["volumes"][0]
     assert runs["last_error"] is None
+
+
+def test_snapmgrs_own_directories_inside_the_source_are_neither_rolled_back_nor_checked(ws):
+    # A source holding snapmgr's state (as source = "/" does): its journal, written while
+    # the volume rolls back, is kept as it is and is no difference.
+    ws.write_config({"data": {"backend": "rsync", "source": ws.source, "repository": ws.repo}},
+                    state_dir=ws.source / "state")
+    target = snapshot_then_change(ws)
+    done = ws.ok("--json", "rollback", target, "--yes").json()
+    assert done["matches"] and done["check"].endswith("snapmgr's own directories, which no rollback changes, "
+                                                      "left out: 'state'")
+    assert (ws.source / "state" / "journal.db").exists() and (ws.source / "a").read_text() == "one"
+
+
+@pytest.mark.parametrize("manifest", ["blake3", "off"])
+def test_the_check_reads_what_was_written_since_and_finds_a_rewrite_the_copy_skipped(ws, manifest):
+    """rsync skips a file whose size and mtime match the snapshot's (its quick check); the
+    check reads every file written since the snapshot, so a rewrite that kept both (its
+    mtime set back, as `touch -r` and archivers do) is found, against the manifest or,
+    without one, the snapshot's own file; and the command fails, the rollback done."""
+    ws.write_config({"data": {"backend": "rsync", "source": ws.source, "repository": ws.repo,
+                              "manifest": manifest}})
+    (ws.source / "same").write_text("one")
+    ws.ok("snapshot")
+    [target] = ws.snapshots()
+    then = os.stat(ws.source / "same")
+    (ws.source / "same").write_text("two")
+    os.utime(ws.source / "same", ns=(then.st_atime_ns, then.st_mtime_ns))
+    r = ws.run("--json", "rollback", target, "--yes")
+    done = r.json()
+    # Without a manifest, the snapshot's file is read too.
+    against = "1 read, against its manifest" if manifest != "off" else "2 read, against its files"
+    assert r.returncode == 1 and done["matches"] is False and done["pre_rollback"]
+    assert done["check"] == (f"the volume DIFFERS from {target} in 1 entries (snapmgr diff {target} live lists "
+                             f"them), compared by metadata, and by content each file written since it was taken "
+                             f"({against})")
+    assert (ws.source / "same").read_text() == "two"
+    assert ws.ok("diff", target, "live").stdout == "c..... /same\n"
 
 
 def test_a_dry_run_shows_the_plan_and_changes_nothing(ws):
@@ -124,8 +170,10 @@ def test_the_services_are_stopped_for_the_whole_rollback_and_told_it_is_one(ws):
     assert services.startswith(f"app: run {sys.executable} -c ") and ", then " in services
     done = ws.ok("--json", "rollback", target, "--yes").json()
     pre, post = (json.loads(line) for line in log.read_text().splitlines())
-    # Stopped before the pre-rollback snapshot was taken, started once the volume was back.
+    # Stopped before the pre-rollback snapshot was taken, started once the volume was back;
+    # its prepass ran before they stopped (its partial copy was there), as for any quiesced snapshot.
     assert pre[:3] == ["rollback", "pre", "two"] and done["pre_rollback"] not in pre[3]
+    assert f"{done['pre_rollback']}.partial" in pre[3]
     assert post[:3] == ["rollback", "post", "one"] and done["pre_rollback"] in post[3]
     # Taken with the services stopped: as good as a quiesced snapshot.
     grades = {s["id"]: s["grade"] for s in ws.ok("--json", "list").json()["snapshots"]}
@@ -247,6 +295,42 @@ def test_a_rollback_stopped_mid_copy_is_told_of_until_resumed_and_the_services_a
     assert state(ws) == before
     assert ws.run("rollback", "--resume", "data", "--yes").stderr.strip() == \
         "snapmgr: error: volume data has no rollback cut short to resume"
+
+
+@needs_root
+def test_services_are_not_started_again_over_a_volume_a_rollback_killed_took_off_its_mountpoint(ws):
+    """An LVM merge or a ZFS swap takes the volume off its mountpoint; killed then, the
+    watchdog would start the services on the bare directory underneath, where what they
+    write vanishes once the volume is mounted over it. Here the volume (a tmpfs) goes
+    away mid-copy, then snapmgr is killed: the services wait until it is mounted again."""
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", ws.source], check=True)
+    try:
+        log = ws.root / "services"
+        target, _, _ = slow_rollback(ws, log)
+        plan = ws.ok("--json", "rollback", target, "--dry-run").json()
+        assert plan["services"][-1] == f"mounted: the services start again only once {ws.source} is mounted again"
+        log.unlink()
+        proc = ws.start("rollback", target, "--yes")
+        copying = wait_for(lambda: pids_of("rsync", f"{ws.repo / target}/./"), timeout=60,
+                           what="the rollback's rsync to start")
+        subprocess.run(["umount", "--lazy", ws.source], check=True)
+        for pid in (proc.pid, *copying):   # its rsync too, which would hold the volume's lock a while
+            os.kill(pid, signal.SIGKILL)
+        proc.wait()
+        wait_for(lambda: not pids_of(os.path.basename(sys.executable), "snapmgr.quiesce.watchdog"),
+                 what="the watchdog to finish")
+        assert services(log) == ["pre"]
+        held = ws.run("recover")
+        assert f"'{ws.source}' is not mounted" in held.stdout + held.stderr and "not resumed until then: app" in \
+            held.stdout + held.stderr, held
+        assert services(log) == ["pre"]
+        # A try the gate held back is no try: the very next run, whatever it is, tries again.
+        subprocess.run(["mount", "-t", "tmpfs", "tmpfs", ws.source], check=True)
+        ws.run("list")
+        assert services(log) == ["pre", "post"]
+    finally:
+        while os.path.ismount(ws.source):
+            subprocess.run(["umount", "--lazy", ws.source], check=True)
 
 
 def test_a_rollback_cut_short_is_settled_by_rolling_back_to_its_pre_rollback_snapshot(ws):

@@ -66,7 +66,9 @@ def test_a_rollback_swaps_in_the_snapshot_keeps_newer_ones_and_is_undone_by_anot
     # Nothing is left beside it: the replaced subvolume is deleted, P holds it.
     assert subvolumes(fs) == {"data", *(f".snapshots/{s}" for s in (target, newer, safety))}
     again = ws.ok("--json", "rollback", safety, "--yes").json()
-    assert tree(live) == before and again["check"].startswith(f"the volume matches {safety}")
+    assert tree(live) == before and again["matches"] and again["check"].startswith(
+        f"the volume matches {safety}: every entry by its metadata, and by content each file written since it was "
+        f"taken (")
     assert len(ws.snapshots()) == 4
 
 
@@ -99,6 +101,10 @@ def test_nested_subvolumes_and_the_snapshots_inside_are_carried_over(ws, fs):
     assert "the nested subvolumes '.snapshots', 'new/dir/sub', 'old' moved into it first" in plan["method"]
     done = ws.ok("--json", "rollback", target, "--yes").json()
     assert (live / "a").read_text() == "one" and not (live / "c").exists()
+    # The check leaves them out, and the directories made to hold one ('new', 'new/dir').
+    assert done["matches"] and done["check"].endswith(
+        "other filesystems in it and snapmgr's own directories, which no rollback changes, left out: '.snapshots', "
+        "'new/dir/sub', 'old'")
     # Not part of the volume's snapshots: kept as they are, where they were.
     assert (live / "old" / "x").read_text() == "changed after the snapshot"
     assert (live / "new" / "dir" / "sub" / "y").read_text() == "made after the snapshot"

@@ -5,6 +5,7 @@ puts a thin snapshot of the target in the volume's place, keeping every snapshot
 from __future__ import annotations
 
 import subprocess
+import sys
 import time
 
 import pytest
@@ -139,8 +140,15 @@ def test_thick_rollback_deferred_while_the_origin_is_busy_then_completed_by_hand
 
 
 def test_thick_rollback_stopped_once_the_merge_has_begun_is_resumed(host, ws, thick_lv, tidy):
-    ws.write_config({"data": lvm_volume(thick_lv, snapshot_size="48M")})
+    # A service, whose quiescer writes "pre" and "post" to a log: never started again
+    # while the volume is off its mountpoint.
+    log = ws.root / "services"
+    ws.write_config({"data": lvm_volume(thick_lv, snapshot_size="48M") | {"quiesce": ["app"]}},
+                    quiesce={"app": {"kind": "command", **{
+                        phase: [sys.executable, "-c", f"open({str(log)!r}, 'a').write({phase + chr(10)!r})"]
+                        for phase in ("pre", "post")}}})
     target = snapshot_then_change(ws, thick_lv)
+    log.unlink()
     thick_lv.write("big", b"\xcd" * (24 << 20))   # a merge that lasts beyond lvconvert's first look at it
     target_lv = lv_of(ws, target)
     proc = ws.start("rollback", target, "--yes")
@@ -152,11 +160,13 @@ def test_thick_rollback_stopped_once_the_merge_has_begun_is_resumed(host, ws, th
     assert proc.returncode == 130 and "the rollback was cut short" in err, err
     assert ws.ok("--json", "status").json()["volumes"][0]["rollback"]["state"] == "cut-short"
     assert not host.mount_point(str(thick_lv.mountpoint)).exists
+    assert log.read_text().split() == ["pre"] and f"{thick_lv.mountpoint}' is not mounted" in err, err
 
     plan = ws.ok("rollback", "--resume", "data", "--dry-run").stdout
     assert f"it finishes the rollback to {target} begun at" in plan and "is finished" in plan
     done = ws.ok("--json", "rollback", "--resume", "data", "--yes").json()
     assert files(thick_lv) == {"a": b"one", "b": b"keep"} and host.mount_point(str(thick_lv.mountpoint)).exists
+    assert log.read_text().split()[-1] == "post"   # started again once it was mounted
     assert target_lv not in all_lv_names(host) and ws.snapshots() == [done["pre_rollback"]]
     assert ws.ok("--json", "status").json()["volumes"][0]["rollback"] is None
     ws.ok("snapshot", "data")                                 # snapshots work again

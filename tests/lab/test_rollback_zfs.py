@@ -239,7 +239,7 @@ def test_a_rollback_cut_short_is_finished_by_resuming(host, ws, ds, cut):
     backend = engine.backend(volume)
     [target] = backend.list()
     way = backend.rollback_way(target, [target], None)
-    safety = engine.pre_rollback(volume, held_grade="crash")
+    safety = engine.pre_rollback(volume)
     # What the run left in the journal when it was killed: its rollback under way.
     journal = engine.journal
     record = journal.rollback_begun(journal.begin("data", "rollback", os.getpid()), "data", str(target.id),

@@ -176,7 +176,8 @@ def test_a_timer_every_5s_takes_tagged_snapshots_and_prunes_them(host, ws, insta
         listed = ws.ok("--json", "list").json()["snapshots"]
         seen.update(s["id"] for s in listed)
         assert all(s["tags"] == ["fast"] for s in listed), listed
-        return len(seen) >= 3 and len(listed) == 2 and show(host, "snapmgr-fast.service", "ActiveState") != "activating"
+        # Not "between runs": in a loaded guest a run lasts as long as the timer's period.
+        return len(seen) >= 3 and len(listed) == 2
     with logged_on_failure(host, "snapmgr-fast.service"):
         wait_for(pruned_after_three_runs, timeout=120, what="three timer runs, pruned to keep_last = 2")
     # Every 5s the timer triggers again, and until that run ends systemd has no next
