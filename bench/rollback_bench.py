@@ -9,6 +9,9 @@ same state; each contender but two puts the tree back as T. Contenders, in an or
 shuffled each round:
 - snapmgr rollback VOL@T --yes, manifest = "off" and with the default blake3 manifest
   (a volume of its own each, both on the one tree, no quiescers);
+- the same, blake3, with a service to stop: a command quiescer that touches one file
+  when the services stop and another when they start again, whose mtimes time the
+  window (the pre-rollback snapshot's prepass runs before it, its manifest after);
 - snapmgr rollback VOL@T --dry-run: starting snapmgr and the plan alone (changes nothing);
 - bare `rsync -aHAX --numeric-ids --delete T/ source/`: the goal's yardstick;
 - rsync with the argv the rollback's copy runs (snapmgr.restore.argv): the cost of its
@@ -20,10 +23,11 @@ shuffled each round:
   pre-rollback snapshot from T and those files after the services start again;
 - `cp -al T`: the bulk of building that snapshot then (changes nothing).
 
-snapmgr runs with -vv, whose log lines are timestamped as they arrive: the two rsync runs
-it starts split its wall time into the plan (with starting Python, the lock and the
+snapmgr runs with -vv, whose log lines are timestamped as they arrive: without a service
+to stop, the two rsync runs it starts split its wall time into the plan (with starting Python, the lock and the
 writers check), the pre-rollback snapshot's rsync, the rest of that snapshot (flush,
-manifest, record), the copy, and the comparison afterwards (with the journal and exit).
+record), the copy, and what follows it: the check, then (the services running again) the
+pre-rollback snapshot's manifest, the journal and exit.
 The first round is a warm-up and is not counted. Prints the median, min and max of each,
 the ratio of each median to the bare rsync's, and the median of each of snapmgr's phases.
 
@@ -57,8 +61,8 @@ from snapmgr.restore import argv as restore_argv  # noqa: E402
 PER_DIR, FANOUT = 100, 10
 MEDIAN_SIZE, SIZE_SIGMA, MAX_SIZE = 2048, 1.5, 1 << 20   # lognormal: mean ~6 KiB
 SHARES = {"rewritten": 0.6, "added": 0.2, "deleted": 0.2}  # of the changed fraction
-PHASES = ("plan (+ start, lock, writers)", "pre-rollback: rsync --link-dest", "pre-rollback: flush, manifest, record",
-          "copy: rsync --delete", "comparison (+ journal, exit)")
+PHASES = ("plan (+ start, lock, writers)", "pre-rollback: rsync --link-dest", "pre-rollback: flush, record",
+          "copy: rsync --delete", "check, pre-rollback manifest, exit")
 
 
 class Content:
@@ -123,12 +127,14 @@ class Contender:
 
 
 class Rollback(Contender):
-    """snapmgr rollback, its phases timed by the rsync runs its -vv log announces."""
+    """snapmgr rollback, its phases timed by the rsync runs its -vv log announces; or,
+    given the files its quiescer touches, how long the services were stopped."""
 
-    def __init__(self, name: str, argv: list[str]):
+    def __init__(self, name: str, argv: list[str], stopped: tuple[Path, Path] | None = None):
         super().__init__(name, argv)
         self.phases: list[list[float]] = []
         self.reported: list[float] = []   # the `seconds` of its --json output
+        self.stopped, self.windows = stopped, []
 
     def run(self, env: dict) -> None:
         marks: list[float] = []
@@ -145,13 +151,17 @@ class Rollback(Contender):
         proc.wait()
         reader.join()
         ended = time.perf_counter()
-        if proc.returncode or len(marks) != 4:
+        if proc.returncode or not self.stopped and len(marks) != 4:
             raise SystemExit(f"{self.name} failed (exit {proc.returncode}, {len(marks)} rsync marks):\n"
                              + "".join(log[-20:]))
         self.times.append(ended - started)
-        edges = [started, *marks, ended]
-        self.phases.append([b - a for a, b in zip(edges, edges[1:])])
         self.reported.append(json.loads(out[0])["seconds"])
+        if self.stopped:
+            stop, start = (p.stat().st_mtime for p in self.stopped)
+            self.windows.append(start - stop)
+        else:
+            edges = [started, *marks, ended]
+            self.phases.append([b - a for a, b in zip(edges, edges[1:])])
 
 
 class Snapshots(Contender):
@@ -202,11 +212,14 @@ def snapmgr(config: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "snapmgr", "--config", str(config), *args]
 
 
-def volume_config(work: Path, name: str, source: Path, manifest: str) -> Path:
+def volume_config(work: Path, name: str, source: Path, manifest: str, stopped: tuple[Path, Path] | None = None
+                  ) -> Path:
     config = work / f"{name}.toml"
+    service = f'quiesce = ["service"]\n\n[quiesce.service]\nkind = "command"\npre = ["touch", "{stopped[0]}"]\n' \
+              f'post = ["touch", "{stopped[1]}"]\n' if stopped else ""
     config.write_text(f'[settings]\nstate_dir = "{work / name}-state"\nrun_dir = "{work / name}-run"\n\n'
                       f'[volumes.{name}]\nbackend = "rsync"\nsource = "{source}"\nrepository = "{work / name}"\n'
-                      f'manifest = "{manifest}"\n')
+                      f'manifest = "{manifest}"\n{service}')
     config.chmod(0o644)
     return config
 
@@ -235,6 +248,8 @@ def bench(work: Path, args) -> int:
     print(f"generating {args.files:,} files in {source} ...", flush=True)
     paths = make_tree(source, args.files, content)
     configs = {manifest: volume_config(work, f"vol{manifest}", source, manifest) for manifest in ("off", "blake3")}
+    stopped = (work / "stopped", work / "started")
+    configs["service"] = volume_config(work, "volservice", source, "blake3", stopped)
     targets = {}
     for manifest, config in configs.items():
         out = subprocess.run(snapmgr(config, "--json", "snapshot"), env=env, check=True, capture_output=True).stdout
@@ -246,6 +261,8 @@ def bench(work: Path, args) -> int:
                                              "--yes")),
         Rollback("snapmgr rollback, blake3", snapmgr(configs["blake3"], "--json", "-vv", "rollback",
                                                      targets["blake3"]["id"], "--yes")),
+        Rollback("snapmgr rollback, a service", snapmgr(configs["service"], "--json", "-vv", "rollback",
+                                                        targets["service"]["id"], "--yes"), stopped),
         Contender("snapmgr rollback --dry-run", snapmgr(configs["off"], "rollback", targets["off"]["id"], "--dry-run"),
                   restores=False),
         Contender("rsync --delete", ["rsync", "-aHAX", "--numeric-ids", "--delete", f"{tree}/", f"{source}/"]),
@@ -266,7 +283,8 @@ def bench(work: Path, args) -> int:
             if not round_:
                 c.times.pop()
                 if isinstance(c, Rollback):
-                    c.phases.pop(), c.reported.pop()
+                    c.reported.pop()
+                    (c.windows if c.stopped else c.phases).pop()
         print(f"round {round_}: " + (", ".join(f"{c.name} {c.times[-1]:.2f}s" for c in contenders) if round_
                                      else "warm-up, not counted"), flush=True)
     report(contenders, args)
@@ -292,7 +310,11 @@ def report(contenders: list[Contender], args) -> None:
         print(f"{c.name:32}{medians[c.name]:8.3f}{min(c.times):8.3f}{max(c.times):8.3f}"
               f"{medians[c.name] / base:18.2f}x")
     for c in contenders:
-        if isinstance(c, Rollback):
+        if isinstance(c, Rollback) and c.stopped:
+            window = statistics.median(c.windows)
+            print(f"\n{c.name}: the service stopped for {window:.3f} s (median; min {min(c.windows):.3f}, max "
+                  f"{max(c.windows):.3f}): {window / base:.2f}x a bare rsync --delete")
+        elif isinstance(c, Rollback):
             print(f"\n{c.name}: median of each phase (its own --json seconds, which leave out the plan: "
                   f"{statistics.median(c.reported):.3f})")
             for i, phase in enumerate(PHASES):
