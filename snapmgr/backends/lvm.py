@@ -140,8 +140,7 @@ class LvmBackend(Backend):
 
     @contextmanager
     def browse_root(self, snapshot: Snapshot) -> Iterator[Path]:
-        if snapshot.invalid:
-            raise SnapmgrError(f"{snapshot.id} is invalid ({snapshot.invalid}); it has no data to show")
+        _refuse_invalid(snapshot)
         with self._browsed(snapshot.id, lambda: self._mount(snapshot)) as root:
             yield root
 
@@ -194,7 +193,12 @@ class LvmBackend(Backend):
     def _mount(self, snapshot: Snapshot) -> None:
         lv, directory = snapshot.meta["lv"], self._browse_dir(snapshot.id)
         # Asked now, not taken from the listing: another process may have released it since.
-        if lvs(lv)[0]["lv_attr"][4] != "a":
+        # Only a thin snapshot is activated on its own: a thick one is active with its
+        # origin, and deactivating it would deactivate the origin too (LVM asks, and a
+        # --yes would take the volume away from under its users).
+        row = lvs(lv)[0]
+        _refuse_invalid(self._snapshot(row) or snapshot)   # since it was listed: writes to its origin filled it
+        if _is_thin(row) and row["lv_attr"][4] != "a":
             # Made first, so that a release after a kill at any point deactivates it; empty,
             # so that no kill or full /run can leave it half written.
             self._activated(snapshot.id).touch()
@@ -328,6 +332,11 @@ class LvmBackend(Backend):
                 "use_percent": row["data_percent" if thin else "snap_percent"] or None}
         tags = frozenset(t[len(TAG_TAG):] for t in labels if t.startswith(TAG_TAG))
         return Snapshot(sid, Path("/dev", row["vg_name"], row["lv_name"]), tags, meta, invalid=invalid)
+
+
+def _refuse_invalid(snapshot: Snapshot) -> None:
+    if snapshot.invalid:
+        raise SnapmgrError(f"{snapshot.id} is invalid ({snapshot.invalid}); it has no data to show")
 
 
 def _is_thin(row: dict) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from snapmgr import config
@@ -80,6 +82,27 @@ def test_overflowed_snapshot_is_invalid_everywhere(host, ws, thick_lv):
 
     decisions = ws.ok("--json", "prune", "data").json()["results"][0]["decisions"]
     assert decisions == [{"id": listed["id"], "keep": False, "reason": f"invalid ({listed['invalid']})"}]
+    assert snapshot_rows(host, thick_lv.name) == []
+
+
+def test_snapshot_overflowed_before_its_manifest_is_unverified_and_leaves_nothing_behind(host, ws, thick_lv):
+    # The service's resume writes more than the snapshot's 4 MiB can hold before snapmgr
+    # browses the snapshot for its manifest: by then LVM has dropped it.
+    fill = (f"import os; f = open({str(thick_lv.mountpoint / 'big')!r}, 'wb'); f.write(bytes(16 << 20)); "
+            f"os.fsync(f.fileno())")
+    ws.write_config({"data": lvm_volume(thick_lv, snapshot_size="4M") | {"quiesce": ["app"]}},
+                    {"default": {"keep_last": 5}},
+                    quiesce={"app": {"kind": "command", "pre": ["true"], "post": [sys.executable, "-c", fill]}})
+    created = ws.ok("--json", "snapshot", "--tag", "hourly", "data").json()["results"][0]["created"]
+    reason = created["consistency"]["manifest"]["unverified"]
+    assert reason == f"its manifest could not be written: {created['id']} is invalid (overflowed: writes to " \
+                     f"{thick_lv.path} filled its 4.0MiB of snapshot space); it has no data to show", reason
+    # Neither activated nor deactivated on its own: that would have taken the origin with it.
+    assert sorted(p.name for p in (ws.root / "run" / "mounts").iterdir()) == [f"{created['id']}.lock"]
+    assert host.mount_point(str(thick_lv.mountpoint)).exists
+
+    decisions = ws.ok("--json", "prune", "data").json()["results"][0]["decisions"]
+    assert [d["keep"] for d in decisions] == [False], decisions
     assert snapshot_rows(host, thick_lv.name) == []
 
 
