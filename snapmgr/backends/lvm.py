@@ -192,12 +192,16 @@ class LvmBackend(Backend):
 
     def _mount(self, snapshot: Snapshot) -> None:
         lv, directory = snapshot.meta["lv"], self._browse_dir(snapshot.id)
-        # Asked now, not taken from the listing: another process may have released it since.
+        # Asked now, not taken from the listing: another process may have released it
+        # since, or writes to its origin filled it.
+        row = lvs(lv)[0]
+        _refuse_invalid(self._snapshot(row) or snapshot)
         # Only a thin snapshot is activated on its own: a thick one is active with its
         # origin, and deactivating it would deactivate the origin too (LVM asks, and a
         # --yes would take the volume away from under its users).
-        row = lvs(lv)[0]
-        _refuse_invalid(self._snapshot(row) or snapshot)   # since it was listed: writes to its origin filled it
+        if not _is_thin(row) and row["lv_attr"][4] == "-":
+            raise SnapmgrError(f"{snapshot.id} is not active, as its origin {self.origin_name} is not: "
+                               f"lvchange --activate y {self.origin_name} activates both")
         if _is_thin(row) and row["lv_attr"][4] != "a":
             # Made first, so that a release after a kill at any point deactivates it; empty,
             # so that no kill or full /run can leave it half written.
@@ -214,7 +218,9 @@ class LvmBackend(Backend):
         if os.path.lexists(directory):
             directory.rmdir()
         if activated.exists():
-            lvm(["lvchange", "--activate", "n", f"{self.vg}/{self._lv_name(snapshot_id)}"], timeout=120)
+            lv = f"{self.vg}/{self._lv_name(snapshot_id)}"
+            if _is_thin(lvs(lv)[0]):   # an older snapmgr marked thick ones too
+                lvm(["lvchange", "--activate", "n", lv], timeout=120)
             activated.unlink()
 
     def free_space(self) -> Space:

@@ -9,7 +9,7 @@ import pytest
 from snapmgr import config
 from snapmgr.engine import Engine
 from snapmgr.errors import SnapmgrError
-from tests.lab.conftest import VG, lv_report, lvm_volume
+from tests.lab.conftest import VG, lv_report, lvm_volume, sh
 
 
 def snapshot_rows(host, origin: str) -> list[dict]:
@@ -104,6 +104,22 @@ def test_snapshot_overflowed_before_its_manifest_is_unverified_and_leaves_nothin
     decisions = ws.ok("--json", "prune", "data").json()["results"][0]["decisions"]
     assert [d["keep"] for d in decisions] == [False], decisions
     assert snapshot_rows(host, thick_lv.name) == []
+
+
+def test_a_thick_snapshot_of_an_inactive_origin_is_refused_saying_how_to_activate_it(host, ws, thick_lv):
+    ws.write_config({"data": lvm_volume(thick_lv, snapshot_size="8M")})
+    ws.ok("snapshot", "data")
+    sh(host, "umount", thick_lv.mountpoint)
+    sh(host, "lvchange", "--activate", "n", thick_lv.path)
+    try:
+        [snapshot] = backend_of(ws).list()
+        with pytest.raises(SnapmgrError, match=f"is not active, as its origin {thick_lv.path} is not: lvchange "
+                                               f"--activate y {thick_lv.path} activates both"):
+            with backend_of(ws).browse_root(snapshot):
+                pass
+        assert snapshot_rows(host, thick_lv.name)[0]["lv_attr"][4] == "-"
+    finally:
+        sh(host, "lvchange", "--activate", "y", thick_lv.path)
 
 
 def test_thick_snapshot_refused_when_the_vg_lacks_space(host, ws, thick_lv):
