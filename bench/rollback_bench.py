@@ -11,7 +11,8 @@ shuffled each round:
   (a volume of its own each, both on the one tree, no quiescers);
 - the same, blake3, with a service to stop: a command quiescer that touches one file
   when the services stop and another when they start again, whose mtimes time the
-  window (the pre-rollback snapshot's prepass runs before it, its manifest after);
+  window (the pre-rollback snapshot's prepass runs before it, its manifest and the
+  check after);
 - snapmgr rollback VOL@T --dry-run: starting snapmgr and the plan alone (changes nothing);
 - bare `rsync -aHAX --numeric-ids --delete T/ source/`: the goal's yardstick;
 - rsync with the argv the rollback's copy runs (snapmgr.restore.argv): the cost of its
@@ -26,8 +27,8 @@ shuffled each round:
 snapmgr runs with -vv, whose log lines are timestamped as they arrive: without a service
 to stop, the two rsync runs it starts split its wall time into the plan (with starting Python, the lock and the
 writers check), the pre-rollback snapshot's rsync, the rest of that snapshot (flush,
-record), the copy, and what follows it: the check, then (the services running again) the
-pre-rollback snapshot's manifest, the journal and exit.
+record), the copy, and what follows it (the services running again): the pre-rollback
+snapshot's manifest, the check, the journal and exit.
 The first round is a warm-up and is not counted. Prints the median, min and max of each,
 the ratio of each median to the bare rsync's, and the median of each of snapmgr's phases.
 
@@ -56,13 +57,14 @@ sys.path.insert(0, str(REPO))  # this checkout's snapmgr, for the rollback's own
 
 from rsync_bench import SNAPMGR_FLAGS  # noqa: E402  (this script's directory is on sys.path)
 import snapmgr.backends  # noqa: E402,F401  (first: snapmgr.restore alone is a circular import)
+from snapmgr.manifest.walk import RACY_MARGIN_NS  # noqa: E402
 from snapmgr.restore import argv as restore_argv  # noqa: E402
 
 PER_DIR, FANOUT = 100, 10
 MEDIAN_SIZE, SIZE_SIGMA, MAX_SIZE = 2048, 1.5, 1 << 20   # lognormal: mean ~6 KiB
 SHARES = {"rewritten": 0.6, "added": 0.2, "deleted": 0.2}  # of the changed fraction
 PHASES = ("plan (+ start, lock, writers)", "pre-rollback: rsync --link-dest", "pre-rollback: flush, record",
-          "copy: rsync --delete", "check, pre-rollback manifest, exit")
+          "copy: rsync --delete", "pre-rollback manifest, check, exit")
 
 
 class Content:
@@ -247,6 +249,9 @@ def bench(work: Path, args) -> int:
     source = work / "source"
     print(f"generating {args.files:,} files in {source} ...", flush=True)
     paths = make_tree(source, args.files, content)
+    # As a real target is, taken well after its files were written: the check reads every
+    # file whose ctime is within the racy margin before the snapshot.
+    time.sleep(RACY_MARGIN_NS / 1e9)
     configs = {manifest: volume_config(work, f"vol{manifest}", source, manifest) for manifest in ("off", "blake3")}
     stopped = (work / "stopped", work / "started")
     configs["service"] = volume_config(work, "volservice", source, "blake3", stopped)

@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 
 from snapmgr import compare_jobs
 from snapmgr.backends.base import Backend, RollbackWay
+from snapmgr.backends.changes import ctimes_now
 from snapmgr.config import Volume
 from snapmgr.engine import Engine
 from snapmgr.errors import Interrupted, RollbackRefused, SnapmgrError, UsageError, as_error, quote
@@ -38,6 +39,12 @@ from snapmgr.writers import users
 
 log = logging.getLogger(__name__)
 SHOWN_PATHS = 5   # of each kind of loss, in the plan
+# How long the services wait once the volume's ctimes are listed, so that whatever they
+# change gets another ctime than the one listed: the kernel stamps ctimes from a clock
+# that moves once a tick (every 10 ms at HZ=100).
+CLOCK_LAG_S = 0.02
+
+Checked = tuple[str | None, bool | None]   # how the volume compares with the target, whether they match
 
 
 @dataclass(frozen=True)
@@ -183,10 +190,11 @@ def _check_unchanged(shown: _Planned, now: _Planned) -> None:
 def _carried_out(engine: Engine, planned: _Planned, run: Run, record: int, resuming: RollbackRecord | None,
                  started: float) -> RolledBack:
     """The rollback, with the services stopped for the whole of it: the pre-rollback
-    snapshot, the backend's part, and the comparison, each step kept in the journal so
-    that a rollback cut short can be resumed and is told of until it is. A resume takes
-    a pre-rollback snapshot too (what the services wrote since the cut is in no other),
-    and the rollback keeps the one taken before it began."""
+    snapshot and the backend's part, each step kept in the journal so that a rollback cut
+    short can be resumed and is told of until it is; then, the services running again
+    where what they write can be told from what the rollback wrote (fine_ctimes), the
+    comparison. A resume takes a pre-rollback snapshot too (what the services wrote since
+    the cut is in no other), and the rollback keeps the one taken before it began."""
     volume, backend, target = planned.volume, planned.backend, planned.target
     live = backend.live_root()
     journal = engine.journal
@@ -194,7 +202,7 @@ def _carried_out(engine: Engine, planned: _Planned, run: Run, record: int, resum
     # What a rollback that changed nothing leaves the record at: a resume's, as it was.
     unchanged = "cut-short" if resuming else "refused"
 
-    def roll_back(grade: str) -> tuple[str, str | None, str | None, str | None]:
+    def roll_back(grade: str) -> tuple[str, str | None, str | None, Callable[[], Checked]]:
         nonlocal under_way
         if live is not None and (still := users([live, *backend.own_mounts()]).writers):
             raise SnapmgrError(f"{quote(live)} is still written by " + ", ".join(
@@ -226,21 +234,13 @@ def _carried_out(engine: Engine, planned: _Planned, run: Run, record: int, resum
         # after it is another matter (held_for_rollback says so).
         journal.rollback_moved(record, "pending" if left else "done", left,
                                seconds=round(time.monotonic() - started, 3))
-        # Compared before the services write again; a target the rollback consumed cannot be.
-        consumed = planned.way.fates.get(target.id)
-        if left:
-            check = None, None
-        elif consumed is not None:
-            check = f"{target.id} is {consumed}, so the volume was not compared with it", None
-        else:
-            check = _compared(engine, backend, target, resuming is not None)
-        return pre, taken, left, check
+        return pre, taken, left, _check_way(engine, planned, left, resuming is not None)
 
     try:
         # A volume a rollback cut short left unmounted (or without its LV) has nothing new to keep.
         with engine.pre_rollback_staged(volume) if live is not None or not resuming else nullcontext() \
                 as take_pre_rollback:
-            pre, taken, left, check = engine.held_for_rollback(volume, roll_back)
+            pre, taken, left, checked = engine.held_for_rollback(volume, roll_back)
     except BaseException as e:
         if not under_way and not resuming:
             journal.rollback_moved(record, "refused", str(e) or type(e).__name__)
@@ -250,24 +250,55 @@ def _carried_out(engine: Engine, planned: _Planned, run: Run, record: int, resum
         log.warning("%s", line)
     if resuming and pre:   # its run was stopped before it could write it
         engine.manifest_if_missing(volume, pre)
-    return RolledBack(planned.plan, False, pre, round(time.monotonic() - started, 3), *check, left,
+    return RolledBack(planned.plan, False, pre, round(time.monotonic() - started, 3), *checked(), left,
                       taken if resuming else None)
 
 
-def _compared(engine: Engine, backend: Backend, target: Snapshot, resuming: bool) -> tuple[str, bool | None]:
-    """How the volume compares with the snapshot, while the services still wait: every
-    entry by its metadata, and by content every file written since the snapshot was taken,
-    which holds whatever the rollback copied (against the snapshot's manifest where it has
-    one); whether they match (None: not compared, or not judged: a resume may find what
-    the services wrote after the cut, which the rollback had already put in place)."""
+def _check_way(engine: Engine, planned: _Planned, left: str | None, resuming: bool) -> Callable[[], Checked]:
+    """Inside the rollback's window, once the volume is the target: what compares it with
+    the target, now, or once the services run again where what they change then can be
+    told apart (changes.ctimes_now), so that they wait for the copy alone."""
+    target, backend = planned.target, planned.backend
+    consumed = planned.way.fates.get(target.id)
+    if left:
+        return lambda: (None, None)
+    if consumed is not None:
+        return lambda: (f"{target.id} is {consumed}, so the volume was not compared with it", None)
+    live, held = backend.live_root(), None
+    if planned.plan.services and live is not None:   # else nothing waits for the check
+        try:
+            held = ctimes_now(live, backend.crosses_mounts(), backend.own_mounts(),
+                              [place for place, _ in own_places(engine)])
+            if held is not None:
+                time.sleep(CLOCK_LAG_S)
+        except (Interrupted, KeyboardInterrupt) as e:
+            raise _check_stopped(e, target) from None
+        except (SnapmgrError, OSError):
+            log.debug("the volume's ctimes could not be listed: compared before the services start", exc_info=True)
+            held = None
+    if held is None:
+        found = _compared(engine, backend, target, resuming)
+        return lambda: found
+    return lambda: _compared(engine, backend, target, resuming, held)
+
+
+def _compared(engine: Engine, backend: Backend, target: Snapshot, resuming: bool,
+              held: dict[bytes, int] | None = None) -> Checked:
+    """How the volume compares with the snapshot: every entry by its metadata, and by
+    content every file written since the snapshot was taken, which holds whatever the
+    rollback copied (against the snapshot's manifest where it has one); whether they
+    match (None: not compared, or not judged: a resume may find what the services wrote
+    after the cut, which the rollback had already put in place). `held`: the services run
+    again, and these were the volume's entries and ctimes when they started: what they
+    changed since is left out."""
     # A clock set back since the snapshot was taken would hide what was written since.
     written_only = target.created.timestamp() <= time.time()
     try:
         after = compare_jobs.diff(engine, str(target.id), compare_jobs.LIVE, written_only=written_only)
         changes, apart = _apart(backend, after.changes, own_places(engine))
+        changes, by_services = _as_held(backend, changes, held)
     except (Interrupted, KeyboardInterrupt) as e:
-        raise Interrupted(f"{e or 'interrupted'}; rolled back to {target.id}, but the check was stopped (snapmgr "
-                          f"diff {target.id} live compares)") from None
+        raise _check_stopped(e, target) from None
     except (SnapmgrError, OSError) as e:
         return f"the volume was not compared with {target.id} ({as_error(e)})", None
     against = "its manifest" if str(target.id) in after.from_manifests else "its files"
@@ -276,13 +307,49 @@ def _compared(engine: Engine, backend: Backend, target: Snapshot, resuming: bool
     if apart:
         read += (f"; other filesystems in it and snapmgr's own directories, which no rollback changes, left out: "
                  f"{', '.join(shown(p) for p in apart[:SHOWN_PATHS])}{', ...' if len(apart) > SHOWN_PATHS else ''}")
+    if by_services:
+        read += f"; {_entries(by_services)} the services changed once they ran again left out"
     if not changes:
         return f"the volume matches {target.id}: every entry by its metadata, {read}", True
-    differs = (f"the volume DIFFERS from {target.id} in {len(changes)} entries (snapmgr diff {target.id} live "
+    differs = (f"the volume DIFFERS from {target.id} in {_entries(len(changes))} (snapmgr diff {target.id} live "
                f"lists them), compared by metadata, {read}")
     if resuming:
         return differs + "; a resume may find what the services wrote since the cut", None
     return differs, False
+
+
+def _check_stopped(e: BaseException, target: Snapshot) -> Interrupted:
+    return Interrupted(f"{e or 'interrupted'}; rolled back to {target.id}, but the check was stopped (snapmgr diff "
+                       f"{target.id} live compares)")
+
+
+def _entries(count: int) -> str:
+    return f"{count} entr{'y' if count == 1 else 'ies'}"
+
+
+def _as_held(backend: Backend, changes: list[Change], held: dict[bytes, int] | None) -> tuple[list[Change], int]:
+    """The changes, without those the services made once they ran again, as `held` (the
+    entries and their ctimes then; None: none is left out) tells: an entry made since, one
+    gone since, one whose ctime moved since. And how many were left out."""
+    if held is None:
+        return changes, 0
+    live = backend.live_root()
+    if live is None:
+        raise SnapmgrError("the volume was taken off its mountpoint since")
+    root = Path(os.path.realpath(live))
+
+    def by_services(c: Change) -> bool:
+        then = held.get(c.path)
+        if c.status == "added":
+            return then is None
+        if c.status == "removed":
+            return then is not None
+        try:
+            return then is None or os.lstat(joined(root, c.path)).st_ctime_ns != then
+        except (FileNotFoundError, NotADirectoryError):
+            return True
+    kept = [c for c in changes if not by_services(c)]
+    return kept, len(changes) - len(kept)
 
 
 def _apart(backend: Backend, changes: Sequence[Change], kept: Sequence[tuple[Path, str]]

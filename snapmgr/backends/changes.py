@@ -25,9 +25,10 @@ import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping
+from typing import Iterable, Iterator, Mapping, Sequence
 
 from snapmgr import sh
+from snapmgr.backends import mounts
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,44 @@ CTIME_KEPT = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "zfs", "
 MOUNTINFO = "/proc/self/mountinfo"
 
 Identity = tuple[int, int]  # (st_dev, st_ino)
+
+
+def fine_ctimes(root: Path) -> bool:
+    """Whether the filesystem holding `root` sets a ctime on every change, from this
+    kernel's clock, finer than a second: then the ctimes of what changed tell changes made
+    a few clock ticks apart from each other. One that keeps whole seconds (ext4 with
+    128-byte inodes, as mke2fs makes small ones) shows it in the root's own ctime."""
+    mount = mounts.containing(root)
+    return mount is not None and mount.fstype in CTIME_KEPT and os.stat(root).st_ctime_ns % 1_000_000_000 != 0
+
+
+def ctimes_now(root: Path, crosses_mounts: bool, own_mounts: Sequence[Path], pruned: Sequence[Path]
+               ) -> dict[bytes, int] | None:
+    """Each entry below `root` by its path relative to it ("" the root), with its ctime
+    (ns): on root's filesystem and those of `own_mounts`, or every one when it
+    `crosses_mounts`, but for the directories `pruned`. None when what changes next
+    could not be told by its ctime (fine_ctimes), or a name is not UTF-8."""
+    if not fine_ctimes(root):
+        return None
+    real = os.path.realpath(root)
+    starts = [real, *(os.path.realpath(m) for m in own_mounts)]
+    prunes = [arg for place in pruned if Path(place).is_relative_to(real) and os.path.realpath(place) != real
+              for arg in ("-path", _pattern(os.path.realpath(place)), "-prune", "-o")]
+    result = sh.run(["find", *starts, *([] if crosses_mounts else ["-xdev"]), *prunes, "-printf", r"%C@ %p\0"],
+                    check=False)
+    if result.returncode or "\ufffd" in result.stdout:
+        return None
+    listed = {}
+    for record in result.stdout.split("\0")[:-1]:
+        stamp, path = record.split(" ", 1)
+        seconds, _, fraction = stamp.partition(".")
+        listed[os.fsencode(path[len(real) + 1:])] = int(seconds) * 1_000_000_000 + int(fraction[:9].ljust(9, "0"))
+    return listed
+
+
+def _pattern(path: str) -> str:
+    """`path` as a find -path pattern that matches it alone."""
+    return re.sub(r"([*?\[\]\\])", r"\\\1", path)
 
 
 class WholeTree(Exception):

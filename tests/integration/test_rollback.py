@@ -4,6 +4,7 @@ stopped for the whole of it (command quiescers here; systemd units in the lab)."
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pty
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from snapmgr.backends.changes import fine_ctimes
 from tests.integration.helpers import Workspace, loop_mount, needs_root, pids_of, wait_for
 
 QUIESCE_LOG = "quiesce.log"
@@ -100,7 +102,7 @@ def test_the_check_reads_what_was_written_since_and_finds_a_rewrite_the_copy_ski
     # Without a manifest, the snapshot's file is read too.
     against = "1 read, against its manifest" if manifest != "off" else "2 read, against its files"
     assert r.returncode == 1 and done["matches"] is False and done["pre_rollback"]
-    assert done["check"] == (f"the volume DIFFERS from {target} in 1 entries (snapmgr diff {target} live lists "
+    assert done["check"] == (f"the volume DIFFERS from {target} in 1 entry (snapmgr diff {target} live lists "
                              f"them), compared by metadata, and by content each file written since it was taken "
                              f"({against})")
     assert (ws.source / "same").read_text() == "two"
@@ -178,6 +180,41 @@ def test_the_services_are_stopped_for_the_whole_rollback_and_told_it_is_one(ws):
     # Taken with the services stopped: as good as a quiesced snapshot.
     grades = {s["id"]: s["grade"] for s in ws.ok("--json", "list").json()["snapshots"]}
     assert grades[done["pre_rollback"]] == "application"
+
+
+@pytest.mark.parametrize("stamps", ["fine", pytest.param("whole seconds", marks=needs_root)])
+def test_what_the_services_change_once_started_again_is_left_out_of_the_check_and_nothing_else(ws, tmp_path, stamps):
+    """Where ctimes are finer than a second, the volume is compared with the snapshot once
+    the services run again, leaving out what they changed since (as the volume's ctimes
+    listed when they started show); where they keep whole seconds, while the services
+    still wait. Either way a difference the rollback left is found."""
+    with contextlib.ExitStack() as stack:
+        if stamps == "whole seconds":
+            mnt = stack.enter_context(loop_mount(tmp_path, "ext4", mkfs_args=("-I", "128")))   # 1 s stamps
+            ws.source = mnt / "src"
+            ws.source.mkdir()
+        assert fine_ctimes(ws.source) == (stamps == "fine")
+        # Started after the rollback, the service rewrites one file, makes another and
+        # deletes a third, all in the directory that holds the difference the rollback leaves.
+        service = ("import os, sys; d = sys.argv[1]; os.environ['SNAPMGR_ACTION'] == 'rollback' and ["
+                   "open(os.path.join(d, 'a'), 'w').write('service'), open(os.path.join(d, 'd'), 'w').write('new'), "
+                   "os.remove(os.path.join(d, 'b'))]")
+        rsync_volume(ws, {"app": {"kind": "command", "pre": ["true"],
+                                  "post": [sys.executable, "-c", service, str(ws.source)]}})
+        (ws.source / "same").write_text("one")
+        target = snapshot_then_change(ws)
+        # Rewritten keeping its size and mtime: the copy skips it, the check finds it.
+        then = os.stat(ws.source / "same")
+        (ws.source / "same").write_text("two")
+        os.utime(ws.source / "same", ns=(then.st_atime_ns, then.st_mtime_ns))
+        r = ws.run("--json", "rollback", target, "--yes")
+        done = r.json()
+        assert state(ws) == {"a": "service", "cache/x": "cached later", "d": "new", "same": "two"}
+        assert r.returncode == 1 and done["matches"] is False
+        assert done["check"].startswith(f"the volume DIFFERS from {target} in 1 entry "), done["check"]
+        # 'a', 'b' and 'd', and the directory that holds them.
+        left_out = "; 4 entries the services changed once they ran again left out"
+        assert done["check"].endswith(left_out) == (stamps == "fine"), done["check"]
 
 
 def test_a_snapshot_taken_while_the_question_waits_makes_the_rollback_refuse(ws):
