@@ -24,7 +24,7 @@ LIVE = "live"   # the volume as it is now, where a snapshot could be named
 
 
 def diff(engine: Engine, old_text: str, new_text: str, path_text: str | None = None, quick: bool = False,
-         written_only: bool = False) -> Diff:
+         written_only: bool = False, live_moving: bool = False) -> Diff:
     """What changed from snapshot OLD to snapshot NEW (or to the live volume, LIVE); how
     much it reads: see snapmgr.diff."""
     volume, backend, old = engine.snapshot_of(old_text)
@@ -45,14 +45,16 @@ def diff(engine: Engine, old_text: str, new_text: str, path_text: str | None = N
         sides = []
         for snapshot, found in zip((old, new), manifests):
             if snapshot is None:
-                sides.append(Side(LIVE, None, live, None, left_out=backend.left_out(),
+                # Resolved: the walk would take a root that is a symlink for one.
+                sides.append(Side(LIVE, None, Path(os.path.realpath(live)), None, left_out=backend.left_out(),
                                   crosses_mounts=backend.crosses_mounts(), own_mounts=backend.own_mounts()))
             elif found and found.algorithm == algorithm:
                 sides.append(Side(str(snapshot.id), found, None, snapshot.created.timestamp()))
             else:
                 root = stack.enter_context(backend.browse_root(snapshot))
                 sides.append(Side(str(snapshot.id), None, root, snapshot.created.timestamp()))
-        return differences(*sides, path, algorithm, quick, backend.shares_inodes and new is not None, written_only)
+        return differences(*sides, path, algorithm, quick, backend.shares_inodes and new is not None, written_only,
+                           live_moving and new is None)
 
 
 def versions(engine: Engine, path_text: str) -> History:

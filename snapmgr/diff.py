@@ -76,17 +76,20 @@ def flags(change: Change) -> str:
 
 
 def differences(old: Side, new: Side, path: bytes, algorithm: str, quick: bool, shares_inodes: bool = False,
-                written_only: bool = False) -> Diff:
+                written_only: bool = False, new_moving: bool = False) -> Diff:
     """`shares_inodes`: both sides are snapshots on one filesystem whose unchanged files are
     one inode (rsync's hardlinks, whose ctime every new link moves): then the same inode
-    number alone shows a file unchanged."""
+    number alone shows a file unchanged. `new_moving`: the new side is a live volume whose
+    services run: a file of it gone or changed before it could be read is not compared
+    by content, rather than the whole comparison failing."""
     for side in (old, new):
         side.entries = list(_entries(side, path))
     if not old.entries and not new.entries:
         raise SnapmgrError(f"{volume_paths.shown(path)} exists neither in {old.name} nor in {new.name}")
     walked = old.manifest is None or new.manifest is None
     settled = settled_before(min((s.taken for s in (old, new) if s.taken is not None), default=None))
-    hashed = 0 if quick else _hash_where_needed(old, new, algorithm, shares_inodes, settled, written_only)
+    hashed = 0 if quick else _hash_where_needed(old, new, algorithm, shares_inodes, settled, written_only,
+                                                new_moving)
     return Diff(old.name, new.name, path, "walk" if walked else "manifests", hashed,
                 tuple(_without_directory_sizes(compare(old.entries, new.entries), new.entries)),
                 tuple(s.name for s in (old, new) if s.manifest is not None))
@@ -154,8 +157,16 @@ def _pairs(old: Side, new: Side) -> Iterator[tuple[int, int]]:
             yield i, j
 
 
+def _moved(root: Path, entry: Entry) -> bool:
+    """Whether the entry is gone from under `root`, or its ctime moved, since it was walked."""
+    try:
+        return os.lstat(volume_paths.joined(root, entry.path)).st_ctime_ns != entry.ctime_ns
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+
+
 def _hash_where_needed(old: Side, new: Side, algorithm: str, shares_inodes: bool, settled: float,
-                       written_only: bool) -> int:
+                       written_only: bool, new_moving: bool) -> int:
     jobs: list[tuple[int, int]] = []    # (side, index) of each file to read
     for i, j in _pairs(old, new):
         o, n = old.entries[i], new.entries[j]
@@ -176,6 +187,8 @@ def _hash_where_needed(old: Side, new: Side, algorithm: str, shares_inodes: bool
                          for s, k in jobs], algorithm)
     for (s, k), digest in zip(jobs, digests):
         entries = sides[s].entries
+        if isinstance(digest, Unreadable) and s == 1 and new_moving and _moved(new.root, entries[k]):
+            continue
         if isinstance(digest, Unreadable):
             raise SnapmgrError(f"cannot compare {volume_paths.shown(entries[k].path)} in {sides[s].name}: "
                                f"{digest.reason}")

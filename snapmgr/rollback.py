@@ -20,19 +20,20 @@ import os
 import stat
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
 from snapmgr import compare_jobs
 from snapmgr.backends.base import Backend, RollbackWay
-from snapmgr.backends.changes import ctimes_now
+from snapmgr.backends.changes import Held, held, held_now
 from snapmgr.config import Volume
 from snapmgr.engine import Engine
 from snapmgr.errors import Interrupted, RollbackRefused, SnapmgrError, UsageError, as_error, quote
 from snapmgr.journal import UNFINISHED, RollbackRecord, Run
 from snapmgr.manifest import Change
 from snapmgr.model import Snapshot, SnapshotId, stamp
+from snapmgr.quiesce.window import WindowOverrun
 from snapmgr.restore_job import own_places
 from snapmgr.volume_paths import joined, shown, under
 from snapmgr.writers import users
@@ -43,6 +44,9 @@ SHOWN_PATHS = 5   # of each kind of loss, in the plan
 # change gets another ctime than the one listed: the kernel stamps ctimes from a clock
 # that moves once a tick (every 10 ms at HZ=100).
 CLOCK_LAG_S = 0.02
+
+# Of the properties a comparison finds differing, those a listing holds, by its field.
+AS_LISTED = {"type": "kind", "mode": "mode", "owner": "uid", "group": "gid", "size": "size", "mtime": "mtime_ns"}
 
 Checked = tuple[str | None, bool | None]   # how the volume compares with the target, whether they match
 
@@ -257,46 +261,48 @@ def _carried_out(engine: Engine, planned: _Planned, run: Run, record: int, resum
 def _check_way(engine: Engine, planned: _Planned, left: str | None, resuming: bool) -> Callable[[], Checked]:
     """Inside the rollback's window, once the volume is the target: what compares it with
     the target, now, or once the services run again where what they change then can be
-    told apart (changes.ctimes_now), so that they wait for the copy alone."""
+    told apart (changes.held_now), so that they wait for the copy alone."""
     target, backend = planned.target, planned.backend
     consumed = planned.way.fates.get(target.id)
     if left:
         return lambda: (None, None)
     if consumed is not None:
         return lambda: (f"{target.id} is {consumed}, so the volume was not compared with it", None)
-    live, held = backend.live_root(), None
+    live, listed = backend.live_root(), None
     if planned.plan.services and live is not None:   # else nothing waits for the check
         try:
-            held = ctimes_now(live, backend.crosses_mounts(), backend.own_mounts(),
-                              [place for place, _ in own_places(engine)])
-            if held is not None:
+            listed = held_now(live, backend.own_mounts(), [place for place, _ in own_places(engine)])
+            if listed is not None:
                 time.sleep(CLOCK_LAG_S)
         except (Interrupted, KeyboardInterrupt) as e:
             raise _check_stopped(e, target) from None
-        except (SnapmgrError, OSError):
-            log.debug("the volume's ctimes could not be listed: compared before the services start", exc_info=True)
-            held = None
-    if held is None:
+        except WindowOverrun as e:   # the services are due to start: no walk of the volume now
+            return lambda: (f"the volume was not compared with {target.id} ({e})", None)
+        except (SnapmgrError, OSError, ValueError):
+            log.debug("the volume could not be listed: compared before the services start", exc_info=True)
+            listed = None
+    if listed is None:
         found = _compared(engine, backend, target, resuming)
         return lambda: found
-    return lambda: _compared(engine, backend, target, resuming, held)
+    return lambda: _compared(engine, backend, target, resuming, listed)
 
 
 def _compared(engine: Engine, backend: Backend, target: Snapshot, resuming: bool,
-              held: dict[bytes, int] | None = None) -> Checked:
+              listed: dict[bytes, Held] | None = None) -> Checked:
     """How the volume compares with the snapshot: every entry by its metadata, and by
     content every file written since the snapshot was taken, which holds whatever the
     rollback copied (against the snapshot's manifest where it has one); whether they
     match (None: not compared, or not judged: a resume may find what the services wrote
-    after the cut, which the rollback had already put in place). `held`: the services run
-    again, and these were the volume's entries and ctimes when they started: what they
-    changed since is left out."""
+    after the cut, which the rollback had already put in place). `listed`: the services
+    run again, and these were the volume's entries when they started: what they changed
+    since is left out (_as_listed)."""
     # A clock set back since the snapshot was taken would hide what was written since.
     written_only = target.created.timestamp() <= time.time()
     try:
-        after = compare_jobs.diff(engine, str(target.id), compare_jobs.LIVE, written_only=written_only)
+        after = compare_jobs.diff(engine, str(target.id), compare_jobs.LIVE, written_only=written_only,
+                                  live_moving=listed is not None)
         changes, apart = _apart(backend, after.changes, own_places(engine))
-        changes, by_services = _as_held(backend, changes, held)
+        changes, by_services = _as_listed(_live_real(backend), changes, listed) if listed else (changes, 0)
     except (Interrupted, KeyboardInterrupt) as e:
         raise _check_stopped(e, target) from None
     except (SnapmgrError, OSError) as e:
@@ -327,29 +333,38 @@ def _entries(count: int) -> str:
     return f"{count} entr{'y' if count == 1 else 'ies'}"
 
 
-def _as_held(backend: Backend, changes: list[Change], held: dict[bytes, int] | None) -> tuple[list[Change], int]:
-    """The changes, without those the services made once they ran again, as `held` (the
-    entries and their ctimes then; None: none is left out) tells: an entry made since, one
-    gone since, one whose ctime moved since. And how many were left out."""
-    if held is None:
-        return changes, 0
+def _live_real(backend: Backend) -> Path:
     live = backend.live_root()
     if live is None:
         raise SnapmgrError("the volume was taken off its mountpoint since")
-    root = Path(os.path.realpath(live))
+    return Path(os.path.realpath(live))
 
-    def by_services(c: Change) -> bool:
-        then = held.get(c.path)
+
+def _as_listed(root: Path, changes: list[Change], listed: dict[bytes, Held]) -> tuple[list[Change], int]:
+    """The changes of the volume at `root` as they were when the services started again,
+    as `listed` then, and how many the services made or touched since: an entry
+    made since or gone since is left out; one changed since (another inode, or its ctime
+    moved) keeps only the differences in what it still has as listed (its type, mode,
+    owner, group, size or mtime), since those it had then too."""
+    def as_then(c: Change) -> Change | None:
+        then = listed.get(c.path)
         if c.status == "added":
-            return then is None
+            return c if then is not None else None
         if c.status == "removed":
-            return then is not None
+            return c if then is None else None
+        if then is None:
+            return None
         try:
-            return then is None or os.lstat(joined(root, c.path)).st_ctime_ns != then
+            now = held(os.lstat(joined(root, c.path)))
         except (FileNotFoundError, NotADirectoryError):
-            return True
-    kept = [c for c in changes if not by_services(c)]
-    return kept, len(changes) - len(kept)
+            return None
+        if (now.dev, now.ino, now.ctime_ns) == (then.dev, then.ino, then.ctime_ns):
+            return c
+        kept = frozenset(w for w in c.what
+                         if w in AS_LISTED and getattr(now, AS_LISTED[w]) == getattr(then, AS_LISTED[w]))
+        return replace(c, what=kept) if kept else None
+    found = [as_then(c) for c in changes]
+    return [c for c in found if c is not None], sum(1 for c, f in zip(changes, found) if f != c)
 
 
 def _apart(backend: Backend, changes: Sequence[Change], kept: Sequence[tuple[Path, str]]

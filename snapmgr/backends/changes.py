@@ -25,10 +25,11 @@ import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 from snapmgr import sh
 from snapmgr.backends import mounts
+from snapmgr.manifest.walk import KIND_OF
 
 log = logging.getLogger(__name__)
 
@@ -52,28 +53,53 @@ def fine_ctimes(root: Path) -> bool:
     return mount is not None and mount.fstype in CTIME_KEPT and os.stat(root).st_ctime_ns % 1_000_000_000 != 0
 
 
-def ctimes_now(root: Path, crosses_mounts: bool, own_mounts: Sequence[Path], pruned: Sequence[Path]
-               ) -> dict[bytes, int] | None:
-    """Each entry below `root` by its path relative to it ("" the root), with its ctime
-    (ns): on root's filesystem and those of `own_mounts`, or every one when it
-    `crosses_mounts`, but for the directories `pruned`. None when what changes next
-    could not be told by its ctime (fine_ctimes), or a name is not UTF-8."""
+class Held(NamedTuple):
+    """An entry as find lists it: what tells whether it changed since (its identity and
+    ctime), and the properties a later comparison can take from it."""
+    dev: int
+    ino: int
+    ctime_ns: int
+    kind: str        # find's %y, as snapmgr.manifest's kinds: "f", "d", "l", ...
+    mode: int        # st_mode & 0o7777
+    uid: int
+    gid: int
+    size: int
+    mtime_ns: int
+
+
+def held(st: os.stat_result) -> Held:
+    return Held(st.st_dev, st.st_ino, st.st_ctime_ns, KIND_OF.get(stat.S_IFMT(st.st_mode), "?"), st.st_mode & 0o7777,
+                st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns)
+
+
+def held_now(root: Path, own_mounts: Sequence[Path], pruned: Sequence[Path]) -> dict[bytes, Held] | None:
+    """Each entry on the filesystems of `root` and of `own_mounts` (below it), by its path
+    relative to root ("" the root), but in the directories `pruned`. None where what
+    changes next could not be told (fine_ctimes), or a name is not UTF-8."""
     if not fine_ctimes(root):
         return None
     real = os.path.realpath(root)
-    starts = [real, *(os.path.realpath(m) for m in own_mounts)]
-    prunes = [arg for place in pruned if Path(place).is_relative_to(real) and os.path.realpath(place) != real
-              for arg in ("-path", _pattern(os.path.realpath(place)), "-prune", "-o")]
-    result = sh.run(["find", *starts, *([] if crosses_mounts else ["-xdev"]), *prunes, "-printf", r"%C@ %p\0"],
-                    check=False)
+    inside = real.rstrip("/") + "/"
+    prunes = [arg for place in map(os.path.realpath, pruned) if place.startswith(inside)
+              for arg in ("-path", _pattern(place), "-prune", "-o")]
+    result = sh.run(["find", real, *(os.path.realpath(m) for m in own_mounts), "-xdev", *prunes,
+                     "-printf", r"%D %i %C@ %y %m %U %G %s %T@ %p\0"], check=False)
     if result.returncode or "\ufffd" in result.stdout:
         return None
     listed = {}
     for record in result.stdout.split("\0")[:-1]:
-        stamp, path = record.split(" ", 1)
-        seconds, _, fraction = stamp.partition(".")
-        listed[os.fsencode(path[len(real) + 1:])] = int(seconds) * 1_000_000_000 + int(fraction[:9].ljust(9, "0"))
+        dev, ino, ctime, kind, mode, uid, gid, size, mtime, path = record.split(" ", 9)
+        if path != real and not path.startswith(inside):
+            return None
+        listed[os.fsencode(path[len(inside):])] = Held(int(dev), int(ino), _ns(ctime), kind, int(mode, 8), int(uid),
+                                                       int(gid), int(size), _ns(mtime))
     return listed
+
+
+def _ns(stamp: str) -> int:
+    """find's %C@ or %T@ (seconds, a point, ten digits) in ns."""
+    seconds, _, fraction = stamp.partition(".")
+    return int(seconds) * 1_000_000_000 + int(fraction[:9].ljust(9, "0"))
 
 
 def _pattern(path: str) -> str:

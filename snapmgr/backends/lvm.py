@@ -14,6 +14,7 @@ id is stored without its volume (SnapshotId.label), dropping the one character L
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shlex
@@ -29,6 +30,7 @@ from snapmgr.backends.lvm_cli import lvm
 from snapmgr.errors import SnapmgrError, quote
 from snapmgr.model import Snapshot, SnapshotId, human_size
 
+log = logging.getLogger(__name__)
 TAG_OWNER = "snapmgr"
 TAG_VOLUME = "snapmgr.volume."
 TAG_LABEL = "snapmgr.id."
@@ -199,9 +201,13 @@ class LvmBackend(Backend):
         # Only a thin snapshot is activated on its own: a thick one is active with its
         # origin, and deactivating it would deactivate the origin too (LVM asks, and a
         # --yes would take the volume away from under its users).
-        if not _is_thin(row) and row["lv_attr"][4] == "-":
+        state = row["lv_attr"][4]
+        if not _is_thin(row) and state == "-":
             raise SnapmgrError(f"{snapshot.id} is not active, as its origin {self.origin_name} is not: "
                                f"lvchange --activate y {self.origin_name} activates both")
+        if not _is_thin(row) and state not in "as":   # suspended: the mount waits for it
+            raise SnapmgrError(f"{snapshot.id} cannot be mounted: LVM reports its state as {state!r} "
+                               f"(lv_attr {row['lv_attr']}; see lvs(8))")
         if _is_thin(row) and row["lv_attr"][4] != "a":
             # Made first, so that a release after a kill at any point deactivates it; empty,
             # so that no kill or full /run can leave it half written.
@@ -219,7 +225,12 @@ class LvmBackend(Backend):
             directory.rmdir()
         if activated.exists():
             lv = f"{self.vg}/{self._lv_name(snapshot_id)}"
-            if _is_thin(lvs(lv)[0]):   # an older snapmgr marked thick ones too
+            try:
+                thin = _is_thin(lvs(lv)[0])
+            except SnapmgrError:   # removed by hand: nothing left to deactivate
+                log.debug("%s", lv, exc_info=True)
+                thin = False
+            if thin:   # an older snapmgr marked thick ones too
                 lvm(["lvchange", "--activate", "n", lv], timeout=120)
             activated.unlink()
 

@@ -40,7 +40,7 @@ PENDING = object()   # a digest being computed (and the xattrs read with it)
 GIVE_OUT_EVERY = 512  # entries walked between two looks at what the pool has hashed
 # Coarser than any timestamp granularity Linux filesystems have (FAT's 2 s).
 RACY_MARGIN_NS = 2_000_000_000
-_KIND = {stat.S_IFREG: "f", stat.S_IFDIR: "d", stat.S_IFLNK: "l", stat.S_IFCHR: "c", stat.S_IFBLK: "b",
+KIND_OF = {stat.S_IFREG: "f", stat.S_IFDIR: "d", stat.S_IFLNK: "l", stat.S_IFCHR: "c", stat.S_IFBLK: "b",
          stat.S_IFIFO: "p", stat.S_IFSOCK: "s"}
 
 
@@ -95,7 +95,7 @@ def stream(root: str | os.PathLike, algorithm: str | None, previous: Iterable[En
             old = before.at(rel)
             unchanged = old is not None and (old.ino, old.size, old.mtime_ns) == (st.st_ino, st.st_size, st.st_mtime_ns) \
                 and (shares_inodes or (old.ctime_ns == st.st_ctime_ns and old.ctime_ns < settled))
-            kind = _KIND.get(stat.S_IFMT(st.st_mode), "?")
+            kind = KIND_OF.get(stat.S_IFMT(st.st_mode), "?")
             if kind == "f":
                 stats.bytes += st.st_size
             row = _row(absolute, rel, kind, st)

@@ -122,6 +122,20 @@ def test_a_thick_snapshot_of_an_inactive_origin_is_refused_saying_how_to_activat
         sh(host, "lvchange", "--activate", "y", thick_lv.path)
 
 
+def test_a_marker_an_older_run_left_on_a_thick_snapshot_is_dropped_without_deactivating_it(host, ws, thick_lv):
+    ws.write_config({"data": lvm_volume(thick_lv, snapshot_size="8M")})
+    ws.ok("snapshot", "data")
+    [sid] = ws.snapshots()
+    # What a run of an older snapmgr killed while it browsed the snapshot left behind.
+    mounts = ws.root / "run" / "mounts"
+    (mounts / sid).mkdir(parents=True)
+    for suffix in (".activated", ".users"):
+        (mounts / f"{sid}{suffix}").touch()
+    ws.ok("delete", sid)
+    assert snapshot_rows(host, thick_lv.name) == [] and host.mount_point(str(thick_lv.mountpoint)).exists
+    assert not (mounts / f"{sid}.activated").exists() and not (mounts / sid).exists()
+
+
 def test_thick_snapshot_refused_when_the_vg_lacks_space(host, ws, thick_lv):
     ws.write_config({"data": lvm_volume(thick_lv, snapshot_size="100G")})
     r = ws.run("snapshot", "data")
