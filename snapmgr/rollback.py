@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 
 from snapmgr import compare_jobs
 from snapmgr.backends.base import Backend, RollbackWay
-from snapmgr.backends.changes import Held, held, held_now
+from snapmgr.backends.changes import Held, Listing, held, held_now
 from snapmgr.config import Volume
 from snapmgr.engine import Engine
 from snapmgr.errors import Interrupted, RollbackRefused, SnapmgrError, UsageError, as_error, quote
@@ -278,7 +278,7 @@ def _check_way(engine: Engine, planned: _Planned, left: str | None, resuming: bo
             raise _check_stopped(e, target) from None
         except WindowOverrun as e:   # the services are due to start: no walk of the volume now
             return lambda: (f"the volume was not compared with {target.id} ({e})", None)
-        except (SnapmgrError, OSError, ValueError):
+        except (SnapmgrError, OSError):
             log.debug("the volume could not be listed: compared before the services start", exc_info=True)
             listed = None
     if listed is None:
@@ -288,7 +288,7 @@ def _check_way(engine: Engine, planned: _Planned, left: str | None, resuming: bo
 
 
 def _compared(engine: Engine, backend: Backend, target: Snapshot, resuming: bool,
-              listed: dict[bytes, Held] | None = None) -> Checked:
+              listed: Listing | None = None) -> Checked:
     """How the volume compares with the snapshot: every entry by its metadata, and by
     content every file written since the snapshot was taken, which holds whatever the
     rollback copied (against the snapshot's manifest where it has one); whether they
@@ -302,7 +302,7 @@ def _compared(engine: Engine, backend: Backend, target: Snapshot, resuming: bool
         after = compare_jobs.diff(engine, str(target.id), compare_jobs.LIVE, written_only=written_only,
                                   live_moving=listed is not None)
         changes, apart = _apart(backend, after.changes, own_places(engine))
-        changes, by_services = _as_listed(_live_real(backend), changes, listed) if listed else (changes, 0)
+        changes, by_services = _as_listed(_live_real(backend), changes, listed.entries()) if listed else (changes, 0)
     except (Interrupted, KeyboardInterrupt) as e:
         raise _check_stopped(e, target) from None
     except (SnapmgrError, OSError) as e:

@@ -13,7 +13,10 @@ because what was renamed in with it keeps its old ctimes.
 What ctimes cannot show, the whole tree is compared for: filesystems whose ctimes come
 from another clock (network, FUSE) or do not record these changes, mounts that came or
 went, the clock set back. The one case no mark can see: a directory renamed away and
-back while the prepass ran, with another directory in its place meanwhile."""
+back while the prepass ran, with another directory in its place meanwhile.
+
+The same ctimes let a rollback's check run once the services start again (held_now): a
+listing of the volume taken just before tells what they changed since."""
 
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from typing import Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 from snapmgr import sh
 from snapmgr.backends import mounts
+from snapmgr.errors import SnapmgrError
 from snapmgr.manifest.walk import KIND_OF
 
 log = logging.getLogger(__name__)
@@ -72,10 +76,31 @@ def held(st: os.stat_result) -> Held:
                 st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns)
 
 
-def held_now(root: Path, own_mounts: Sequence[Path], pruned: Sequence[Path]) -> dict[bytes, Held] | None:
-    """Each entry on the filesystems of `root` and of `own_mounts` (below it), by its path
-    relative to root ("" the root), but in the directories `pruned`. None where what
-    changes next could not be told (fine_ctimes), or a name is not UTF-8."""
+@dataclass(frozen=True)
+class Listing:
+    """What held_now's find printed, read only when asked: once the services run again."""
+    inside: str   # the root's real path, ending in "/"
+    text: str
+
+    def entries(self) -> dict[bytes, Held]:
+        """Each entry by its path relative to the root ("" the root itself)."""
+        listed = {}
+        try:
+            for record in self.text.split("\0")[:-1]:
+                dev, ino, ctime, kind, mode, uid, gid, size, mtime, path = record.split(" ", 9)
+                if not (path + "/").startswith(self.inside):
+                    raise ValueError(f"{path!r} is not below {self.inside}")
+                listed[os.fsencode(path[len(self.inside):])] = Held(
+                    int(dev), int(ino), _ns(ctime), kind, int(mode, 8), int(uid), int(gid), int(size), _ns(mtime))
+        except ValueError as e:
+            raise SnapmgrError(f"find's listing of the volume could not be read ({e})") from None
+        return listed
+
+
+def held_now(root: Path, own_mounts: Sequence[Path], pruned: Sequence[Path]) -> Listing | None:
+    """Every entry on the filesystems of `root` and of `own_mounts` (below it), but in the
+    directories `pruned`. None where what changes next could not be told (fine_ctimes),
+    or a name is not UTF-8."""
     if not fine_ctimes(root):
         return None
     real = os.path.realpath(root)
@@ -86,14 +111,7 @@ def held_now(root: Path, own_mounts: Sequence[Path], pruned: Sequence[Path]) -> 
                      "-printf", r"%D %i %C@ %y %m %U %G %s %T@ %p\0"], check=False)
     if result.returncode or "\ufffd" in result.stdout:
         return None
-    listed = {}
-    for record in result.stdout.split("\0")[:-1]:
-        dev, ino, ctime, kind, mode, uid, gid, size, mtime, path = record.split(" ", 9)
-        if path != real and not path.startswith(inside):
-            return None
-        listed[os.fsencode(path[len(inside):])] = Held(int(dev), int(ino), _ns(ctime), kind, int(mode, 8), int(uid),
-                                                       int(gid), int(size), _ns(mtime))
-    return listed
+    return Listing(inside, result.stdout)
 
 
 def _ns(stamp: str) -> int:

@@ -12,9 +12,9 @@ from snapmgr.rollback import _as_listed
 
 
 def as_listed_now(root: Path) -> dict[bytes, object]:
-    listed = held_now(root, (), [])
-    assert listed is not None
-    return listed
+    listing = held_now(root, (), [])
+    assert listing is not None
+    return listing.entries()
 
 
 def test_every_entry_as_lstat_sees_it_but_the_directories_pruned(tmp_path):
@@ -27,7 +27,7 @@ def test_every_entry_as_lstat_sees_it_but_the_directories_pruned(tmp_path):
     (real / "rep-x").mkdir()     # which that pattern, unescaped, would prune too
     root = tmp_path / "link"     # a root reached through a symlink
     root.symlink_to(real)
-    listed = held_now(root, (), [pruned, tmp_path / "elsewhere", real])
+    listed = held_now(root, (), [pruned, tmp_path / "elsewhere", real]).entries()
     assert set(listed) == {b"", b"d", b"d/e", b"d/e/a name\nwith a newline", b"l", b"rep-x"}
     assert listed == {p: held(os.lstat(os.path.join(real, os.fsdecode(p)))) for p in listed}
 
