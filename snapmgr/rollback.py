@@ -196,8 +196,8 @@ def _carried_out(engine: Engine, planned: _Planned, run: Run, record: int, resum
     """The rollback, with the services stopped for the whole of it: the pre-rollback
     snapshot and the backend's part, each step kept in the journal so that a rollback cut
     short can be resumed and is told of until it is; then, the services running again
-    where what they write can be told from what the rollback wrote (fine_ctimes), the
-    comparison. A resume takes a pre-rollback snapshot too (what the services wrote since
+    where what they write can be told from what the rollback wrote (changes.held_now),
+    the comparison. A resume takes a pre-rollback snapshot too (what the services wrote since
     the cut is in no other), and the rollback keeps the one taken before it began."""
     volume, backend, target = planned.volume, planned.backend, planned.target
     live = backend.live_root()
@@ -301,8 +301,9 @@ def _compared(engine: Engine, backend: Backend, target: Snapshot, resuming: bool
     try:
         after = compare_jobs.diff(engine, str(target.id), compare_jobs.LIVE, written_only=written_only,
                                   live_moving=listed is not None)
-        changes, apart = _apart(backend, after.changes, own_places(engine))
-        changes, by_services = _as_listed(_live_real(backend), changes, listed.entries()) if listed else (changes, 0)
+        root = _live_real(backend)
+        changes, apart = _apart(root, backend, after.changes, own_places(engine))
+        changes, by_services = _as_listed(root, changes, listed.entries()) if listed else (changes, 0)
     except (Interrupted, KeyboardInterrupt) as e:
         raise _check_stopped(e, target) from None
     except (SnapmgrError, OSError) as e:
@@ -334,6 +335,7 @@ def _entries(count: int) -> str:
 
 
 def _live_real(backend: Backend) -> Path:
+    """The volume's root, resolved: one behind a symlink is on the symlink's target."""
     live = backend.live_root()
     if live is None:
         raise SnapmgrError("the volume was taken off its mountpoint since")
@@ -367,13 +369,12 @@ def _as_listed(root: Path, changes: list[Change], listed: dict[bytes, Held]) -> 
     return [c for c in found if c is not None], sum(1 for c, f in zip(changes, found) if f != c)
 
 
-def _apart(backend: Backend, changes: Sequence[Change], kept: Sequence[tuple[Path, str]]
+def _apart(real: Path, backend: Backend, changes: Sequence[Change], kept: Sequence[tuple[Path, str]]
            ) -> tuple[list[Change], list[bytes]]:
     """The changes, without those in what each rollback keeps where it is: other
     filesystems mounted in the volume (a nested subvolume, a mount; not the volume's own),
     with the directories made since to hold them, and snapmgr's own directories. And the
-    roots of those left out."""
-    real = Path(os.path.realpath(backend.live_root()))   # a root behind a symlink is on the symlink's target
+    roots of those left out. `real`: the real path of the volume's root."""
     devices = {os.stat(p).st_dev for p in (real, *backend.own_mounts())}
     places = [os.fsencode(place.relative_to(real)) for place, _ in kept if place != real and place.is_relative_to(real)]
     elsewhere: dict[bytes, bool] = {}

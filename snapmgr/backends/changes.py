@@ -105,8 +105,8 @@ def held_now(root: Path, own_mounts: Sequence[Path], pruned: Sequence[Path]) -> 
         return None
     real = os.path.realpath(root)
     inside = real.rstrip("/") + "/"
-    prunes = [arg for place in map(os.path.realpath, pruned) if place.startswith(inside)
-              for arg in ("-path", _pattern(place), "-prune", "-o")]
+    prunes = [arg for place in map(os.path.realpath, pruned) if place.startswith(inside) and os.path.exists(place)
+              for arg in ("-samefile", place, "-prune", "-o")]
     result = sh.run(["find", real, *(os.path.realpath(m) for m in own_mounts), "-xdev", *prunes,
                      "-printf", r"%D %i %C@ %y %m %U %G %s %T@ %p\0"], check=False)
     if result.returncode or "\ufffd" in result.stdout:
@@ -118,11 +118,6 @@ def _ns(stamp: str) -> int:
     """find's %C@ or %T@ (seconds, a point, ten digits) in ns."""
     seconds, _, fraction = stamp.partition(".")
     return int(seconds) * 1_000_000_000 + int(fraction[:9].ljust(9, "0"))
-
-
-def _pattern(path: str) -> str:
-    """`path` as a find -path pattern that matches it alone."""
-    return re.sub(r"([*?\[\]\\])", r"\\\1", path)
 
 
 class WholeTree(Exception):
