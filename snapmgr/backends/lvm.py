@@ -201,14 +201,14 @@ class LvmBackend(Backend):
         # Only a thin snapshot is activated on its own: a thick one is active with its
         # origin, and deactivating it would deactivate the origin too (LVM asks, and a
         # --yes would take the volume away from under its users).
-        state = row["lv_attr"][4]
-        if not _is_thin(row) and state == "-":
+        state, thin = row["lv_attr"][4], _is_thin(row)
+        if not thin and state == "-":
             raise SnapmgrError(f"{snapshot.id} is not active, as its origin {self.origin_name} is not: "
                                f"lvchange --activate y {self.origin_name} activates both")
-        if not _is_thin(row) and state not in "as":   # suspended: the mount waits for it
+        if not thin and state not in "as":   # suspended: the mount waits for it
             raise SnapmgrError(f"{snapshot.id} cannot be mounted: LVM reports its state as {state!r} "
                                f"(lv_attr {row['lv_attr']}; see lvs(8))")
-        if _is_thin(row) and row["lv_attr"][4] != "a":
+        if thin and state != "a":
             # Made first, so that a release after a kill at any point deactivates it; empty,
             # so that no kill or full /run can leave it half written.
             self._activated(snapshot.id).touch()
