@@ -6,9 +6,11 @@ other times, never this one): content, truncation, mode, owner, xattrs and ACLs,
 link made or removed, a rename of the entry itself. Making, removing or renaming an
 entry also sets its directory's. So an entry older than the mark is as the prepass
 copied it, if each directory above it is older too or, though changed, still the one
-the mark saw there. A changed directory is copied one level deep, with deletion; one
-the mark did not see there (made, renamed in, put in another's place) is copied whole,
-because what was renamed in with it keeps its old ctimes.
+the mark saw there. Of a changed directory, the directory itself is copied, each changed
+entry, and each name the copy has but the source no longer does (deleted, with
+rsync --delete-missing-args): what was made or renamed into it has a ctime of its own.
+One the mark did not see there (made, renamed in, put in another's place) is copied
+whole, because what was renamed in with it keeps its old ctimes.
 
 What ctimes cannot show, the whole tree is compared for: filesystems whose ctimes come
 from another clock (network, FUSE) or do not record these changes, mounts that came or
@@ -146,9 +148,8 @@ class Mark:
 
 @dataclass(frozen=True)
 class Passes:
-    """Names for rsync --files-from, relative to the source: `names` one level each (a
-    directory as "dir/.", its entries then compared and extra ones deleted), `trees`
-    copied whole."""
+    """Names for rsync --files-from, relative to the source: `names` each alone (one gone
+    from the source is deleted from the copy), `trees` copied whole."""
     names: tuple[str, ...]
     trees: tuple[str, ...]
 
@@ -288,22 +289,19 @@ def _sort(mark: Mark, scope: Scope, changed: list[_Entry], copy: _Copy) -> tuple
     mark saw them, or missing from the copy. A path whose directory is not in the copy is
     left out: the prepass excluded that directory, and rsync checks a listed name alone."""
     top_dev = mark.dirs[""][0]
-    levels: dict[str, bool] = dict.fromkeys(mark.boundaries, False)  # path: with its entries?
+    listed = set(mark.boundaries)  # with one_file_system rsync reads only the mount points of the others
     trees = []
     for entry in changed:
+        listed.add(entry.path)
         if entry.kind != "d" or (scope.one_file_system and entry.ident[0] != top_dev):
-            levels[entry.path] = False  # with one_file_system, a mount point is listed for itself alone
-        elif mark.dirs.get(entry.path) == entry.ident and copy.is_dir(entry.path):
-            levels[entry.path] = True
+            continue
+        if mark.dirs.get(entry.path) == entry.ident and copy.is_dir(entry.path):
+            listed.update(copy.gone(entry.path, scope.source))
         else:
             trees.append(entry.path)
     covered = _Covered(trees)
-
-    def listed(path: str) -> bool:
-        # An entry listed for itself alone is sent anyway with the entries of its directory.
-        sent = path and not levels[path] and levels.get(_parent(path))
-        return not covered(path) and copy.is_dir(_parent(path)) and not sent
-    names = [os.path.join(".", path, ".") if level else f"./{path}" for path, level in levels.items() if listed(path)]
+    # The source itself cannot be listed alone: "." is sent with its entries (rsync -d).
+    names = [f"./{path}" if path else "." for path in listed if not covered(path) and copy.is_dir(_parent(path))]
     return sorted(names), sorted(tree for tree in covered.roots if copy.is_dir(_parent(tree)))
 
 
@@ -357,6 +355,11 @@ class _Copy:
         for path in reversed(todo):
             known = self._dirs[path] = known and stat.S_ISDIR(_mode(self.root / path))
         return known
+
+    def gone(self, path: str, source: Path) -> list[str]:
+        """The entries of the copy's directory `path` the source's no longer has."""
+        there = {entry.name for entry in _scandir(source / path)}
+        return [os.path.join(path, entry.name) for entry in _scandir(self.root / path) if entry.name not in there]
 
     def unshare(self, path: str, source: Path) -> None:
         """Unlink the copy of `path` if it shares its inode and rsync would keep it: a
