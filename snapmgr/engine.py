@@ -808,14 +808,14 @@ class Engine:
         what a restore in place can be undone with."""
         outcome = Outcome(volume.name)
         self._take([volume], None, frozenset({PRE_ROLLBACK_TAG}), False, None, [outcome])
-        return _pre_rollback_taken(outcome)
+        return str(_pre_rollback_taken(outcome).id)
 
     @contextmanager
-    def pre_rollback_staged(self, volume: Volume) -> Iterator[Callable[[str], str]]:
+    def pre_rollback_staged(self, volume: Volume) -> Iterator[Callable[[str], Snapshot]]:
         """A rollback's protected snapshot of the volume as it is, under the lock already
         held: staged now, before its services stop (with the backend's prepass, when it
         has services to stop); yields what takes it inside the rollback's window, given the
-        grade held_for_rollback gave, and returns its id. Its run begins there, so a
+        grade held_for_rollback gave, and returns it. Its run begins there, so a
         rollback refused before has none; its manifest is recorded on the way out, once
         the services run again."""
         backend = self.backend(volume)
@@ -827,7 +827,7 @@ class Engine:
         staged = _Staged([volume], [backend], [], [outcome],
                          [backend.stage(sid, frozenset({PRE_ROLLBACK_TAG}) | volume.tags, None, stopping)])
 
-        def take(grade: str) -> str:
+        def take(grade: str) -> Snapshot:
             staged.runs = [self.journal.begin(volume.name, "snapshot", os.getpid())]
             try:
                 staged.results += [_attempt(t) for t in staged.takes]
@@ -953,10 +953,10 @@ def _told(snapshot_id: str, write: Callable[[], list[SnapmgrError | None]]) -> N
             log.warning("the manifest of %s: %s", snapshot_id, error)
 
 
-def _pre_rollback_taken(outcome: Outcome) -> str:
+def _pre_rollback_taken(outcome: Outcome) -> Snapshot:
     if outcome.error or outcome.created is None:
         raise SnapmgrError(f"the {PRE_ROLLBACK_TAG} snapshot failed, so nothing was restored: {outcome.error}")
-    return str(outcome.created.id)
+    return outcome.created
 
 
 def _attempt(take: Callable[[], Snapshot]) -> Snapshot | SnapmgrError:

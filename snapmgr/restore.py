@@ -109,7 +109,10 @@ def _kind(path: bytes) -> str | None:
 
 
 def argv(root: Path, paths: Sequence[bytes], dest: Path, dry_run: bool, delete: bool,
-         left_out: Sequence[str], kept: Sequence[str]) -> list[str]:
+         left_out: Sequence[str], kept: Sequence[str], names_from: Path | None = None) -> list[str]:
+    """rsync's argv for a copy of PATHs from ROOT into DEST; with `names_from`, of the
+    names that file lists instead (NUL-terminated, relative to ROOT), each alone: one
+    ROOT lacks is deleted from DEST."""
     # --modify-window=-1: mtimes compared to the nanosecond; otherwise a symlink or fifo
     # made within the second of its original's mtime keeps the time of its making.
     argv = ["rsync", "-aHAX", "--numeric-ids", "--sparse", "--relative", "--modify-window=-1",
@@ -125,6 +128,8 @@ def argv(root: Path, paths: Sequence[bytes], dest: Path, dry_run: bool, delete: 
         # walks, where a list of mounts read beforehand would miss one made meanwhile.
         # What the snapshots leave out on purpose is excluded, so it is not deleted either.
         argv += ["--delete", "--one-file-system", *(f"--exclude={rule}" for rule in left_out)]
+    if names_from:
+        return argv + [f"--files-from={names_from}", "--from0", "--delete-missing-args", f"{root}/", f"{dest}/"]
     # Every source starts with '/', so none can be read as an option or a remote host.
     sources = [joined(root, b"./" + (p or b".")) for p in paths]
     return argv + [os.fsdecode(p) for p in sources] + [f"{dest}/"]

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from snapmgr import compare_jobs
+from snapmgr.backends import rsync_filters
 from snapmgr.backends.base import Backend, RollbackWay
 from snapmgr.backends.changes import Held, Listing, held, held_now
 from snapmgr.config import Volume
@@ -213,7 +214,8 @@ def _carried_out(engine: Engine, planned: _Planned, run: Run, record: int, resum
                 f"{quote(name)} (pid {pid})" for pid, name in sorted(still.items()))
                 + f" with the services stopped: stop it first (a systemd quiescer of volume {volume.name} that "
                   f"names its unit does it for every rollback); nothing was changed")
-        taken = take_pre_rollback(grade) if take_pre_rollback else None
+        current = take_pre_rollback(grade) if take_pre_rollback else None
+        taken = current and str(current.id)
         pre = resuming.pre_rollback if resuming else taken
         if not journal.rollback_moved(record, "rolling-back", run=run, pre_rollback=pre):
             raise SnapmgrError(f"the journal cannot record that the rollback is under way ({journal.failure}), and a "
@@ -221,7 +223,7 @@ def _carried_out(engine: Engine, planned: _Planned, run: Run, record: int, resum
                                f"pre-rollback snapshot {taken}")
         under_way = True
         try:
-            left = backend.roll_back(target, planned.way, own_places(engine), resuming=resuming is not None)
+            left = backend.roll_back(target, planned.way, own_places(engine), resuming is not None, current)
         except RollbackRefused as e:
             journal.rollback_moved(record, unchanged, None if resuming else str(e))
             raise SnapmgrError(str(e)) from None
@@ -372,9 +374,10 @@ def _as_listed(root: Path, changes: list[Change], listed: dict[bytes, Held]) -> 
 def _apart(real: Path, backend: Backend, changes: Sequence[Change], kept: Sequence[tuple[Path, str]]
            ) -> tuple[list[Change], list[bytes]]:
     """The changes, without those in what each rollback keeps where it is: other
-    filesystems mounted in the volume (a nested subvolume, a mount; not the volume's own),
-    with the directories made since to hold them, and snapmgr's own directories. And the
-    roots of those left out. `real`: the real path of the volume's root."""
+    filesystems mounted in the volume (a nested subvolume, a mount; not the volume's own)
+    and snapmgr's own directories, with the directories made since to hold them or what
+    the snapshots leave out. And the roots of those left out (other filesystems, snapmgr's
+    directories). `real`: the real path of the volume's root."""
     devices = {os.stat(p).st_dev for p in (real, *backend.own_mounts())}
     places = [os.fsencode(place.relative_to(real)) for place, _ in kept if place != real and place.is_relative_to(real)]
     elsewhere: dict[bytes, bool] = {}
@@ -394,16 +397,21 @@ def _apart(real: Path, backend: Backend, changes: Sequence[Change], kept: Sequen
         roots.update(p for p in places if any(a == p for a in ancestors))
         if top := next((a for a in ancestors if other(a)), None):
             roots.add(top)
-    # A directory added since the snapshot whose changes below are all of those: it was
-    # made to hold them (a directory's new entries are all changes of it).
     apart = {c.path for c in changes if any(under(c.path, r) for r in roots)}
-    below: dict[bytes, list[bytes]] = {}
-    for c in changes:
-        if c.path:
-            below.setdefault(c.path.rpartition(b"/")[0], []).append(c.path)
+    excluded = rsync_filters.matcher(backend.left_out())
+
+    def made_to_hold(path: bytes) -> bool:
+        # A directory added since the snapshot was made to hold what it holds, when that
+        # is all left out here or left out of the snapshots (which a rollback keeps, and
+        # so cannot delete the directory).
+        try:
+            with os.scandir(joined(real, path)) as it:
+                inside = [(path + b"/" + os.fsencode(e.name), e.is_dir(follow_symlinks=False)) for e in it]
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        return bool(inside) and all(p in apart or excluded(p, is_dir) for p, is_dir in inside)
     for c in sorted(changes, key=lambda c: -c.path.count(b"/")):
-        inside = below.get(c.path)
-        if c.status == "added" and inside and all(p in apart for p in inside):
+        if c.status == "added" and c.path and made_to_hold(c.path):
             apart.add(c.path)
     return [c for c in changes if c.path not in apart], sorted(roots)
 

@@ -188,11 +188,13 @@ class Backend(abc.ABC):
                            f"--in-place --delete copies the snapshot back file by file")
 
     def roll_back(self, target: Snapshot, way: RollbackWay, keep: Sequence[tuple[Path, str]],
-                  resuming: bool) -> str | None:
+                  resuming: bool, current: Snapshot | None = None) -> str | None:
         """Put the volume back as `target` holds it, the way rollback_way() told, once the
         services are stopped and the pre-rollback snapshot is taken. `keep`: places under
         live_root() never touched, each with what it is (other volumes' storage). `resuming`: an earlier call
         was cut short (killed, or failed part way), and this one finishes what it began.
+        `current`: that pre-rollback snapshot when it was taken just now, in this window:
+        the volume exactly as it is, which a copy need not compare again.
         Returns what is still to happen and when (a merge deferred to the next
         activation), None once the volume is the snapshot."""
         raise SnapmgrError(f"rolling back a {self.name} volume is not built yet")

@@ -120,7 +120,7 @@ class BtrfsBackend(DirectoryBackend):
                            takes_effect=where.takes_effect)
 
     def roll_back(self, target: Snapshot, way: RollbackWay, keep: Sequence[tuple[Path, str]],
-                  resuming: bool) -> str | None:
+                  resuming: bool, current: Snapshot | None = None) -> str | None:
         """`way` is not needed: what to do is read again from the subvolumes and mounts
         (a resume may come after a remount). `resuming` takes the pre-rollback snapshot
         to be there, as the orchestration takes it before any roll_back(): it is how a

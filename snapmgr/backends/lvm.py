@@ -162,7 +162,7 @@ class LvmBackend(Backend):
                                 resuming)
 
     def roll_back(self, target: Snapshot, way: RollbackWay, keep: Sequence[tuple[Path, str]],
-                  resuming: bool) -> str | None:
+                  resuming: bool, current: Snapshot | None = None) -> str | None:
         self._release_browsed(target.id)   # a mounted snapshot would defer its merge
         return lvm_rollback.roll_back(self._rollback_origin, target, resuming)
 

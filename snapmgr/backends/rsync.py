@@ -11,17 +11,18 @@ import re
 import shlex
 import shutil
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from dataclasses import replace
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 from snapmgr import schema, sh
-from snapmgr.backends import changes, rsync_filters
+from snapmgr.backends import changes, linked_trees, mounts, rsync_filters
 from snapmgr.backends.base import Progress, RollbackWay, Space
 from snapmgr.backends.directory import DirectoryBackend, syncfs
 from snapmgr.errors import RollbackRefused, SnapmgrError, SpaceRefused, UsageError, quote
 from snapmgr.model import Snapshot, SnapshotId, human_size
-from snapmgr.restore import copy, kept_out
+from snapmgr.restore import argv as restore_argv, copy, kept_out
 
 log = logging.getLogger(__name__)
 
@@ -157,19 +158,14 @@ class RsyncBackend(DirectoryBackend):
 
     def _rsync_listed(self, partial: Path, latest: Path | None, progress: Progress | None, names: Sequence[str],
                       recursive: bool) -> sh.Completed:
-        # The list is written next to the copy: the repository is never frozen, and rsync
-        # refuses a list behind a symlink (/dev/fd/N). --delete-missing-args: a name gone
+        # --delete-missing-args: a name gone
         # since it was listed is deleted from the copy, as a pass over the whole tree would.
         # -a does not recurse through a list by itself. --link-dest stays: it costs per
         # listed name only, and links what is as the previous snapshot has it (an entry
         # unshared, changed back, or in a directory copied whole), as one pass would.
-        path = partial.with_suffix(NAMES)
-        path.write_bytes(b"".join(os.fsencode(name) + b"\0" for name in names))
-        try:
+        with _listed(partial.with_suffix(NAMES), map(os.fsencode, names)) as path:
             listing = [f"--files-from={path}", "--from0", "--delete-missing-args", *(["-r"] if recursive else [])]
             return self._rsync(partial, latest, progress, listing)
-        finally:
-            path.unlink()
 
     def _rsync(self, partial: Path, latest: Path | None, progress: Progress | None, listing: Sequence[str] = (),
                accept: tuple[int, ...] = (0, RSYNC_VANISHED)) -> sh.Completed:
@@ -229,7 +225,8 @@ class RsyncBackend(DirectoryBackend):
         return RollbackWay("rsync --delete from the snapshot into the source; what the snapshots leave out is kept "
                            "as it is")
 
-    def roll_back(self, target: Snapshot, way: RollbackWay, keep: Sequence[tuple[Path, str]], resuming: bool) -> None:
+    def roll_back(self, target: Snapshot, way: RollbackWay, keep: Sequence[tuple[Path, str]], resuming: bool,
+                  current: Snapshot | None = None) -> None:
         # A copy cut short is finished by copying again: rsync skips what already matches.
         live = self.live_root()
         try:
@@ -237,7 +234,32 @@ class RsyncBackend(DirectoryBackend):
         except UsageError as e:
             raise RollbackRefused(f"{e}; nothing was changed") from None
         with self.browse_root(target) as root:
-            copy(root, [b""], live, delete=True, left_out=self.left_out(), kept=kept, own_mounts=self.own_mounts())
+            names = self._differing(target, root, current)
+            if names is None:
+                copy(root, [b""], live, delete=True, left_out=self.left_out(), kept=kept, own_mounts=self.own_mounts())
+                return
+            log.debug("%s: the copy lists the %d names where the volume differs", target.id, len(names))
+            with _listed(self.snapshot_dir / f"{target.id}{NAMES}", names) as path:
+                sh.run(restore_argv(root, [], live, False, True, self.left_out(), kept, names_from=path))
+
+    def _differing(self, target: Snapshot, root: Path, current: Snapshot | None) -> list[bytes] | None:
+        """The names a rollback to `target` (at `root`) copies: where the volume differs,
+        as the pre-rollback snapshot `current` holds it (linked_trees); None when that is
+        not known, or is most of the tree, and the copy compares the whole tree."""
+        live = Path(os.path.realpath(self.live_root()))
+        found = None
+        if current is None or current.meta.get("warnings"):
+            why = "no pre-rollback snapshot holds the volume exactly as it is"   # a file vanished while copied
+        elif any(m.mountpoint != live for m in mounts.below(live)):
+            why = "other filesystems are mounted in the volume"   # which a copy goes around
+        elif (found := linked_trees.apart(root, current.path)) is None:
+            why = f"{current.id} is on another filesystem than {target.id}"
+        elif len(found.names) > changes.WHOLE_TREE_SHARE * found.entries:
+            why = f"{len(found.names):,} of {found.entries:,} entries differ"
+        else:
+            return found.names
+        log.debug("the copy compares the whole tree: %s", why)
+        return None
 
     def _publish(self, snapshot_id: SnapshotId) -> None:
         self._partial(snapshot_id).rename(self.snapshot_dir / str(snapshot_id))
@@ -298,6 +320,18 @@ class RsyncBackend(DirectoryBackend):
         for leftover in leftovers:
             log.info("removing an interrupted copy: %s", leftover.name)
             shutil.rmtree(leftover)
+
+
+@contextmanager
+def _listed(path: Path, names: Iterable[bytes]) -> Iterator[Path]:
+    """A file at `path` listing `names` for rsync --files-from --from0, while in use. It
+    is written into the repository: that is never frozen, and rsync refuses a list
+    behind a symlink (/dev/fd/N)."""
+    path.write_bytes(b"".join((name or b".") + b"\0" for name in names))
+    try:
+        yield path
+    finally:
+        path.unlink()
 
 
 def _failure(result: sh.Completed) -> SnapmgrError:

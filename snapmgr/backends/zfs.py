@@ -38,7 +38,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Iterable, Iterator, NamedTuple
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 from snapmgr import schema, sh
 from snapmgr.backends import mounts
@@ -211,7 +211,8 @@ class ZfsBackend(Backend):
         fate = "destroyed" if choice == "destroy-newer" else f"moves to {kept}"
         return RollbackWay(method, choice, fates={s.id: fate for s in moving})
 
-    def roll_back(self, target: Snapshot, way: RollbackWay, keep: tuple[Path, ...], resuming: bool) -> None:
+    def roll_back(self, target: Snapshot, way: RollbackWay, keep: Sequence[tuple[Path, str]], resuming: bool,
+                  current: Snapshot | None = None) -> None:
         # Built on this module's helpers, so imported only here.
         from snapmgr.backends import zfs_rollback
         snapshots = self.list()

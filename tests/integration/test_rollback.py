@@ -70,6 +70,17 @@ def test_a_rollback_puts_the_volume_back_keeps_what_snapshots_leave_out_and_is_u
     assert runs["last_error"] is None
 
 
+def test_a_directory_made_since_to_hold_what_the_snapshots_leave_out_is_kept_and_no_difference(ws):
+    rsync_volume(ws)
+    target = snapshot_then_change(ws)
+    (ws.source / "new" / "cache").mkdir(parents=True)
+    (ws.source / "new" / "cache" / "x").write_text("left out of every snapshot")
+    (ws.source / "new" / "other").write_text("not left out")
+    done = ws.ok("--json", "rollback", target, "--yes").json()
+    assert state(ws) == {"a": "one", "b": "keep", "cache/x": "cached later", "new/cache/x": "left out of every snapshot"}
+    assert done["matches"], done["check"]
+
+
 def test_snapmgrs_own_directories_inside_the_source_are_neither_rolled_back_nor_checked(ws):
     # A source holding snapmgr's state (as source = "/" does): its journal, written while
     # the volume rolls back, is kept as it is and is no difference.

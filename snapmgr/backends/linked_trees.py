@@ -1,0 +1,75 @@
+"""Where two hardlink snapshots of one volume differ, told without reading a file or,
+but for directories, looking at one: rsync --link-dest links a file into the next
+snapshot only when it is unchanged, data and every attribute, so an entry that is one
+inode in both is the same file. Directories are never linked; theirs are compared
+(mode, owner, group, mtime, xattrs and ACLs).
+
+An rsync rollback copies from the target only the names found here against the
+pre-rollback snapshot it has just taken, the volume as it is: listing them costs a
+readdir of both trees, where rsync --delete compares every file."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+
+class Apart(NamedTuple):
+    names: list[bytes]   # relative to the roots, b"" the root itself
+    entries: int         # how many the older tree has
+
+
+def apart(old: Path, new: Path) -> Apart | None:
+    """The names where `new` is not as `old`, for a copy from `old` that lists them
+    (rsync --files-from, one name each, --delete-missing-args): of a directory `new`
+    lacks, each entry below it; of an inode `old` links under several names, every
+    name once one is listed, since rsync -H links only names listed together. None when
+    the trees are on different filesystems, where no inode is shared."""
+    if os.lstat(old).st_dev != os.lstat(new).st_dev:
+        return None
+    found = [] if _same_dir(old, new) else [b""]
+    first: dict[int, bytes] = {}         # each inode of `old` by its first name
+    more: dict[int, list[bytes]] = {}    # and by its others, when it has more
+    listed_inodes = set()
+    entries = 0
+    todo: list[tuple[bytes, bool]] = [(b"", True)]   # a directory of `old`, and whether `new` has one there
+    while todo:
+        path, in_new = todo.pop()
+        olds = _entries(os.path.join(bytes(old), path))
+        news = _entries(os.path.join(bytes(new), path)) if in_new else {}
+        entries += len(olds)
+        for name, o in olds.items():
+            relative = os.path.join(path, name)
+            n = news.get(name)
+            if o.is_dir(follow_symlinks=False):
+                both = n is not None and n.is_dir(follow_symlinks=False)
+                if not (both and _same_dir(o.path, n.path)):
+                    found.append(relative)
+                todo.append((relative, both))
+                continue
+            inode = o.inode()
+            if first.setdefault(inode, relative) is not relative:
+                more.setdefault(inode, []).append(relative)
+            if n is None or n.inode() != inode or n.is_dir(follow_symlinks=False):
+                found.append(relative)
+                listed_inodes.add(inode)
+        found += [os.path.join(path, name) for name in news.keys() - olds.keys()]
+    linked = [name for inode in listed_inodes for name in [first[inode], *more.get(inode, ())]]
+    return Apart(sorted(set(found).union(linked)), entries)
+
+
+def _entries(path: bytes) -> dict[bytes, os.DirEntry]:
+    with os.scandir(path) as it:
+        return {entry.name: entry for entry in it}
+
+
+def _same_dir(a: bytes | Path, b: bytes | Path) -> bool:
+    sa, sb = os.lstat(a), os.lstat(b)
+    if (sa.st_mode, sa.st_uid, sa.st_gid, sa.st_mtime_ns) != (sb.st_mode, sb.st_uid, sb.st_gid, sb.st_mtime_ns):
+        return False
+    return _xattrs(a) == _xattrs(b)
+
+
+def _xattrs(path: bytes | Path) -> dict[str, bytes]:
+    return {key: os.getxattr(path, key, follow_symlinks=False) for key in os.listxattr(path, follow_symlinks=False)}

@@ -1,0 +1,122 @@
+"""An rsync rollback copies only the names where the volume differs from the target,
+found by comparing the target with the pre-rollback snapshot taken just before, inode
+by inode (snapmgr.backends.linked_trees). On real trees with real rsync, whatever was
+changed since the target was taken, the volume ends up as the target holds it (rsync,
+comparing contents too, finds nothing to change; the hard links are the same), what the
+snapshots leave out is kept as it was, and the listed copy is the one that ran."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+from hypothesis import HealthCheck, Phase, event, given, note, settings
+from hypothesis import strategies as st
+
+from snapmgr import rollback
+from snapmgr.backends import linked_trees
+from snapmgr.config import load
+from snapmgr.engine import Engine
+from snapmgr.model import SnapshotId
+from tests.integration.changing_trees import (EXCLUDE, Bases, Ops, backend_log, differences, left_out, link_groups, names,
+                                              ops, signature)
+from tests.integration.helpers import toml
+
+EXAMPLES = 30
+TARGET = SnapshotId("data", "20200101T000000Z")
+LISTED = "the copy lists the "
+WHOLE = "the copy compares the whole tree: "
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory) -> Bases:
+    return Bases(tmp_path_factory.mktemp("bases"), EXAMPLES + 5)
+
+
+@pytest.fixture
+def examples() -> Iterator[int]:
+    return itertools.count()
+
+
+def engine_of(root: Path, service: bool) -> Engine:
+    """An rsync volume on `root`/source, excludes and all; with a service, a command
+    quiescer, so the pre-rollback snapshot is copied before its window and brought up to
+    date in it, as for a real service."""
+    quiesce = {"quiesce.svc": {"kind": "command", "pre": ["true"], "post": ["true"]}} if service else {}
+    config = root / "snapmgr.toml"
+    config.write_text(toml({"settings": {"state_dir": root / "state", "run_dir": root / "run"},
+                            "volumes.data": {"backend": "rsync", "source": root / "source", "repository": root / "repo",
+                                             "exclude": EXCLUDE, "quiesce": ["svc"] if service else []},
+                            **quiesce}))
+    return Engine(load(config))
+
+
+# Without the explain phase: each of its runs takes a base tree and a second of rsync.
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture],
+          phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink])
+@given(operations=ops, service=st.booleans())
+def test_the_volume_is_the_target_whatever_changed_since(bases, tmp_path, examples, operations, service):
+    root = tmp_path / f"example{next(examples)}"
+    root.mkdir()
+    source = root / "source"
+    bases.take(source)
+    engine = engine_of(root, service)
+    target = engine.backend(engine.config.volumes["data"]).create(TARGET, frozenset()).path
+    changed = Ops(source)
+    for op in operations:
+        changed.apply(op)
+    kept = {path: sign for path, sign in signature(source).items() if left_out(path, sign[0])}
+
+    with backend_log() as log:
+        done = rollback.rollback(engine, str(TARGET), False, lambda plan: True)
+    note("\n".join(log))
+
+    assert differences(target, source, excluded_kept=True) == []
+    among = names(target)
+    assert link_groups(target, among) == link_groups(source, among)
+    assert {path: sign for path, sign in signature(source).items() if left_out(path, sign[0])} == kept
+    assert done.matches, done.check
+    listed = [line for line in log if LISTED in line]
+    whole = [line.partition(WHOLE)[2] for line in log if WHOLE in line]
+    event("listed copy" if listed else "whole-tree copy")
+    # The one fallback these operations can call for: most of the tree changed.
+    assert listed or (len(whole) == 1 and whole[0].endswith("entries differ")), log
+
+
+def test_the_names_apart_are_where_the_trees_differ_and_all_names_of_a_linked_inode(tmp_path):
+    old, new = tmp_path / "old", tmp_path / "new"
+    for d in ("same", "gone/deep", "moded", "replaced"):
+        (old / d).mkdir(parents=True)
+    for f in ("same/f", "same/changed", "gone/deep/f", "replaced/f", "linked"):
+        (old / f).write_text(f)
+    os.link(old / "linked", old / "same/other-name")
+    (old / "file-then-dir").write_text("a file")
+    subprocess.run(["cp", "-al", old, new], check=True)   # as rsync --link-dest makes the next snapshot: files linked
+    for d in ("same", "gone/deep", "moded", "replaced"):   # and every directory its own, with its times
+        os.utime(new / d, ns=(0, os.stat(old / d).st_mtime_ns))
+    os.utime(new, ns=(0, os.stat(old).st_mtime_ns))
+    (new / "same/changed").unlink()
+    (new / "same/changed").write_text("rewritten")
+    (new / "linked").unlink()
+    (new / "linked").write_text("its own file now")
+    shutil.rmtree(new / "gone")
+    shutil.rmtree(new / "replaced")
+    (new / "replaced").write_text("a file where a directory was")
+    (new / "file-then-dir").unlink()
+    (new / "file-then-dir").mkdir()
+    (new / "added").mkdir()
+    (new / "added/inside").write_text("not listed: the directory goes whole")
+    os.chmod(new / "moded", 0o700)
+    for d in ("same", "moded"):
+        os.utime(new / d, ns=(0, os.stat(old / d).st_mtime_ns))
+    os.utime(new, ns=(0, os.stat(old).st_mtime_ns))
+
+    found = linked_trees.apart(old, new)
+    assert found is not None and found.entries == len(names(old))
+    assert found.names == sorted([b"same/changed", b"linked", b"same/other-name", b"gone", b"gone/deep",
+                                  b"gone/deep/f", b"replaced", b"replaced/f", b"file-then-dir", b"added", b"moded"])
