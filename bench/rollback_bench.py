@@ -25,9 +25,10 @@ shuffled each round:
 - `cp -al T`: the bulk of building that snapshot then (changes nothing).
 
 snapmgr runs with -vv, whose log lines are timestamped as they arrive: without a service
-to stop, the two rsync runs it starts split its wall time into the plan (with starting Python, the lock and the
-writers check), the pre-rollback snapshot's rsync, the rest of that snapshot (flush,
-record), the copy, and what follows it (the services running again): the pre-rollback
+to stop, the two rsync runs it starts split its wall time into the plan (with starting
+Python, the lock and the writers check), the pre-rollback snapshot's rsync, the rest of
+that snapshot (flush, record) with the names where it and the target are apart, the copy
+of those names, and what follows it (the services running again): the pre-rollback
 snapshot's manifest, the check, the journal and exit.
 The first round is a warm-up and is not counted. Prints the median, min and max of each,
 the ratio of each median to the bare rsync's, and the median of each of snapmgr's phases.
@@ -63,8 +64,8 @@ from snapmgr.restore import argv as restore_argv  # noqa: E402
 PER_DIR, FANOUT = 100, 10
 MEDIAN_SIZE, SIZE_SIGMA, MAX_SIZE = 2048, 1.5, 1 << 20   # lognormal: mean ~6 KiB
 SHARES = {"rewritten": 0.6, "added": 0.2, "deleted": 0.2}  # of the changed fraction
-PHASES = ("plan (+ start, lock, writers)", "pre-rollback: rsync --link-dest", "pre-rollback: flush, record",
-          "copy: rsync --delete", "pre-rollback manifest, check, exit")
+PHASES = ("plan (+ start, lock, writers)", "pre-rollback: rsync --link-dest",
+          "pre-rollback: flush, record; names apart", "copy: rsync of those names", "pre-rollback manifest, check, exit")
 
 
 class Content:
