@@ -23,6 +23,7 @@ from snapmgr.backends import changes
 from tests.integration.trees import acl_xattr
 
 EXCLUDE = ["*.tmp", "/cache/", "skip/"]
+EXAMPLES = 30   # of each property: each takes a base tree and a second or two of rsync
 
 
 # The trees ---------------------------------------------------------------------------------
@@ -254,8 +255,8 @@ def differences(source: Path, copy: Path, excluded_kept: bool = False) -> list[s
         return lines
     holding = {str(parent) for path in copy.rglob("*") if left_out(str(path.relative_to(copy)), path.lstat().st_mode)
                for parent in path.relative_to(copy).parents}
-    return [line for line in lines if not (line.startswith("cannot delete non-empty directory: ")
-                                           or line.startswith("*deleting ") and line.split(None, 1)[1].rstrip("/") in holding)]
+    kept = [line for line in lines if line.startswith("*deleting ") and line.split(None, 1)[1].rstrip("/") in holding]
+    return [line for line in lines if line not in kept and not line.startswith("cannot delete non-empty directory: ")]
 
 
 def left_out(path: str, mode: int) -> bool:

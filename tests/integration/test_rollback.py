@@ -77,7 +77,8 @@ def test_a_directory_made_since_to_hold_what_the_snapshots_leave_out_is_kept_and
     (ws.source / "new" / "cache" / "x").write_text("left out of every snapshot")
     (ws.source / "new" / "other").write_text("not left out")
     done = ws.ok("--json", "rollback", target, "--yes").json()
-    assert state(ws) == {"a": "one", "b": "keep", "cache/x": "cached later", "new/cache/x": "left out of every snapshot"}
+    assert state(ws) == {"a": "one", "b": "keep", "cache/x": "cached later",
+                         "new/cache/x": "left out of every snapshot"}
     assert done["matches"], done["check"]
 
 

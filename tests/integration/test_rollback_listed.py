@@ -7,14 +7,11 @@ snapshots leave out is kept as it was, and the listed copy is the one that ran."
 
 from __future__ import annotations
 
-import itertools
 import os
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Iterator
 
-import pytest
 from hypothesis import HealthCheck, Phase, event, given, note, settings
 from hypothesis import strategies as st
 
@@ -23,24 +20,13 @@ from snapmgr.backends import linked_trees
 from snapmgr.config import load
 from snapmgr.engine import Engine
 from snapmgr.model import SnapshotId
-from tests.integration.changing_trees import (EXCLUDE, Bases, Ops, backend_log, differences, left_out, link_groups, names,
-                                              ops, signature)
+from tests.integration.changing_trees import (EXAMPLES, EXCLUDE, Ops, backend_log, differences, left_out, link_groups,
+                                              names, ops, signature)
 from tests.integration.helpers import toml
 
-EXAMPLES = 30
 TARGET = SnapshotId("data", "20200101T000000Z")
 LISTED = "the copy lists the "
 WHOLE = "the copy compares the whole tree: "
-
-
-@pytest.fixture(scope="module")
-def bases(tmp_path_factory) -> Bases:
-    return Bases(tmp_path_factory.mktemp("bases"), EXAMPLES + 5)
-
-
-@pytest.fixture
-def examples() -> Iterator[int]:
-    return itertools.count()
 
 
 def engine_of(root: Path, service: bool) -> Engine:

@@ -6,14 +6,11 @@ the one that ran, unless a hard link reached into a directory copied whole."""
 
 from __future__ import annotations
 
-import itertools
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
 
-import pytest
 from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
 
@@ -21,27 +18,16 @@ from snapmgr.backends import changes
 from snapmgr.config import load
 from snapmgr.engine import Engine
 from snapmgr.model import SnapshotId
-from tests.integration.changing_trees import (EXCLUDE, Bases, Ops, backend_log, differences, link_groups, names, ops,
-                                              signature)
+from tests.integration.changing_trees import (EXAMPLES, EXCLUDE, Bases, Ops, backend_log, differences, link_groups,
+                                              names, ops, signature)
 from tests.integration.helpers import make_tree, needs_root, toml, tree
 
-EXAMPLES = 30
 PREVIOUS, NEXT = SnapshotId("data", "20200101T000000Z"), SnapshotId("data", "20200101T000001Z")
 SHORT_PASS = "the pass in the window lists"
 WHOLE_TREE = "the pass in the window compares the whole tree: "
 
 
-@pytest.fixture(scope="module")
-def bases(tmp_path_factory) -> Bases:
-    return Bases(tmp_path_factory.mktemp("bases"), EXAMPLES + 5)
-
-
 # The properties ----------------------------------------------------------------------------
-
-@pytest.fixture
-def examples() -> Iterator[int]:
-    return itertools.count()
-
 
 def workspace(root: Path, bases: Bases, one_file_system: bool):
     """A source from the base trees, and its rsync volume, excludes and all, as the engine makes it."""
