@@ -9,8 +9,11 @@ copied it, if each directory above it is older too or, though changed, still the
 the mark saw there. Of a changed directory, the directory itself is copied, each changed
 entry, and each name the copy has but the source no longer does (deleted, with
 rsync --delete-missing-args): what was made or renamed into it has a ctime of its own.
-One the mark did not see there (made, renamed in, put in another's place) is copied
-whole, because what was renamed in with it keeps its old ctimes.
+But xfs (and any filesystem not known to do otherwise) leaves the ctimes of two entries
+that renameat2(RENAME_EXCHANGE) swaps as they were: there a changed directory's entries
+are all compared ("dir/."). One the mark did not see there (made, renamed in, put in
+another's place) is copied whole, because what was renamed in with it keeps its old
+ctimes.
 
 What ctimes cannot show, the whole tree is compared for: filesystems whose ctimes come
 from another clock (network, FUSE) or do not record these changes, mounts that came or
@@ -45,6 +48,8 @@ SLACK_S = 2.0
 WHOLE_TREE_SHARE = 0.4
 # Local filesystems that set ctime on each change above, from this kernel's clock.
 CTIME_KEPT = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "zfs", "tmpfs"})
+# Of those, the ones seen to set the ctime of both entries a RENAME_EXCHANGE swaps.
+EXCHANGE_STAMPED = frozenset({"ext2", "ext3", "ext4", "btrfs", "tmpfs"})
 MOUNTINFO = "/proc/self/mountinfo"
 
 Identity = tuple[int, int]  # (st_dev, st_ino)
@@ -144,6 +149,7 @@ class Mark:
     dirs: Mapping[str, Identity]    # each directory by its path below the source ("" the source)
     boundaries: tuple[str, ...]     # with one_file_system: directories on other filesystems
     entries: int
+    exchanges_stamped: bool         # every filesystem walked is one of EXCHANGE_STAMPED
 
 
 @dataclass(frozen=True)
@@ -173,7 +179,8 @@ def take_mark(scope: Scope) -> Mark:
         dirs, boundaries, entries = _walk(scope)
     except OSError as e:
         raise WholeTree(f"the source could not be walked: {e}") from None
-    return Mark(wall - SLACK_S, wall, monotonic, tuple(line for *_, line in mounts), dirs, boundaries, entries)
+    return Mark(wall - SLACK_S, wall, monotonic, tuple(line for *_, line in mounts), dirs, boundaries, entries,
+                all(kind in EXCHANGE_STAMPED for _, kind, _ in walked))
 
 
 def prepare(mark: Mark, scope: Scope, partial: Path) -> Passes:
@@ -287,21 +294,33 @@ def _find(scope: Scope, starts: list[str | Path]) -> list[str | Path]:
 def _sort(mark: Mark, scope: Scope, changed: list[_Entry], copy: _Copy) -> tuple[list[str], list[str]]:
     """The names to list, and the directories to copy whole: changed ones not where the
     mark saw them, or missing from the copy. A path whose directory is not in the copy is
-    left out: the prepass excluded that directory, and rsync checks a listed name alone."""
+    left out: the prepass excluded that directory, and rsync checks a listed name alone.
+    The source itself is listed once a name in it is: rsync sets a directory's mtime
+    back only when it lists it (with --relative, each directory above a name but ".")."""
     top_dev = mark.dirs[""][0]
-    listed = set(mark.boundaries)  # with one_file_system rsync reads only the mount points of the others
+    levels: dict[str, bool] = dict.fromkeys(mark.boundaries, False)  # path: with its entries?
     trees = []
     for entry in changed:
-        listed.add(entry.path)
+        levels[entry.path] = False
         if entry.kind != "d" or (scope.one_file_system and entry.ident[0] != top_dev):
-            continue
-        if mark.dirs.get(entry.path) == entry.ident and copy.is_dir(entry.path):
-            listed.update(copy.gone(entry.path, scope.source))
-        else:
+            continue   # with one_file_system, a mount point is listed for itself alone
+        if mark.dirs.get(entry.path) != entry.ident or not copy.is_dir(entry.path):
             trees.append(entry.path)
+        elif mark.exchanges_stamped:
+            levels.update(dict.fromkeys(copy.gone(entry.path, scope.source), False))
+        else:
+            levels[entry.path] = True
     covered = _Covered(trees)
-    # The source itself cannot be listed alone: "." is sent with its entries (rsync -d).
-    names = [f"./{path}" if path else "." for path in listed if not covered(path) and copy.is_dir(_parent(path))]
+    if any(path and not _parent(path) for path in levels):
+        levels.setdefault("", False)
+
+    def listed(path: str) -> bool:
+        # An entry listed for itself alone is sent anyway with the entries of its directory.
+        sent = path and not levels[path] and levels.get(_parent(path))
+        return not covered(path) and copy.is_dir(_parent(path)) and not sent
+    # "." alone is sent with its entries too (rsync -d).
+    names = [os.path.join(".", path, ".") if level else f"./{path}" if path else "."
+             for path, level in levels.items() if listed(path)]
     return sorted(names), sorted(tree for tree in covered.roots if copy.is_dir(_parent(tree)))
 
 

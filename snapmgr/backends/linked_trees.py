@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 
 class Apart(NamedTuple):
@@ -20,12 +20,16 @@ class Apart(NamedTuple):
     entries: int         # how many the older tree has
 
 
-def apart(old: Path, new: Path) -> Apart | None:
+def apart(old: Path, new: Path, left_out: Callable[[bytes, bool], bool]) -> Apart | None:
     """The names where `new` is not as `old`, for a copy from `old` that lists them
     (rsync --files-from, one name each, --delete-missing-args): of a directory `new`
     lacks, each entry below it; of an inode `old` links under several names, every
-    name once one is listed, since rsync -H links only names listed together. None when
-    the trees are on different filesystems, where no inode is shared."""
+    name once one is listed, since rsync -H links only names listed together; the root,
+    once a name in it is, since rsync sets a directory's mtime back only when it lists it
+    (with --relative, each directory above a name but the root). What `left_out` says
+    (given a path and whether it is a directory, on either side) is neither listed nor
+    looked into: rsync checks a listed name's own rules only, never its directories'.
+    None when the trees are on different filesystems, where no inode is shared."""
     if os.lstat(old).st_dev != os.lstat(new).st_dev:
         return None
     found = [] if _same_dir(old, new) else [b""]
@@ -42,6 +46,9 @@ def apart(old: Path, new: Path) -> Apart | None:
         for name, o in olds.items():
             relative = os.path.join(path, name)
             n = news.get(name)
+            if left_out(relative, o.is_dir(follow_symlinks=False)) or \
+                    n is not None and left_out(relative, n.is_dir(follow_symlinks=False)):
+                continue
             if o.is_dir(follow_symlinks=False):
                 both = n is not None and n.is_dir(follow_symlinks=False)
                 if not (both and _same_dir(o.path, n.path)):
@@ -54,9 +61,12 @@ def apart(old: Path, new: Path) -> Apart | None:
             if n is None or n.inode() != inode or n.is_dir(follow_symlinks=False):
                 found.append(relative)
                 listed_inodes.add(inode)
-        found += [os.path.join(path, name) for name in news.keys() - olds.keys()]
-    linked = [name for inode in listed_inodes for name in [first[inode], *more.get(inode, ())]]
-    return Apart(sorted(set(found).union(linked)), entries)
+        found += [os.path.join(path, name) for name, n in news.items()
+                  if name not in olds and not left_out(os.path.join(path, name), n.is_dir(follow_symlinks=False))]
+    names = set(found).union(name for inode in listed_inodes for name in [first[inode], *more.get(inode, ())])
+    if any(b"/" not in name for name in names):
+        names.add(b"")
+    return Apart(sorted(names), entries)
 
 
 def _entries(path: bytes) -> dict[bytes, os.DirEntry]:

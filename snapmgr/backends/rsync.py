@@ -234,7 +234,7 @@ class RsyncBackend(DirectoryBackend):
         except UsageError as e:
             raise RollbackRefused(f"{e}; nothing was changed") from None
         with self.browse_root(target) as root:
-            names = self._differing(target, root, current)
+            names = self._differing(target, root, current, rsync_filters.matcher([*kept, *self.left_out()]))
             if names is None:
                 copy(root, [b""], live, delete=True, left_out=self.left_out(), kept=kept, own_mounts=self.own_mounts())
                 return
@@ -242,17 +242,19 @@ class RsyncBackend(DirectoryBackend):
             with _listed(self.snapshot_dir / f"{target.id}{NAMES}", names) as path:
                 sh.run(restore_argv(root, [], live, False, True, self.left_out(), kept, names_from=path))
 
-    def _differing(self, target: Snapshot, root: Path, current: Snapshot | None) -> list[bytes] | None:
+    def _differing(self, target: Snapshot, root: Path, current: Snapshot | None,
+                   left_out: Callable[[bytes, bool], bool]) -> list[bytes] | None:
         """The names a rollback to `target` (at `root`) copies: where the volume differs,
-        as the pre-rollback snapshot `current` holds it (linked_trees); None when that is
-        not known, or is most of the tree, and the copy compares the whole tree."""
+        as the pre-rollback snapshot `current` holds it (linked_trees), but what the copy
+        leaves out; None when that is not known, or is most of the tree, and the copy
+        compares the whole tree."""
         live = Path(os.path.realpath(self.live_root()))
         found = None
         if current is None or current.meta.get("warnings"):
             why = "no pre-rollback snapshot holds the volume exactly as it is"   # a file vanished while copied
         elif any(m.mountpoint != live for m in mounts.below(live)):
             why = "other filesystems are mounted in the volume"   # which a copy goes around
-        elif (found := linked_trees.apart(root, current.path)) is None:
+        elif (found := linked_trees.apart(root, current.path, left_out)) is None:
             why = f"{current.id} is on another filesystem than {target.id}"
         elif len(found.names) > changes.WHOLE_TREE_SHARE * found.entries:
             why = f"{len(found.names):,} of {found.entries:,} entries differ"

@@ -19,7 +19,7 @@ from typing import Iterator
 from hypothesis import note
 from hypothesis import strategies as st
 
-from snapmgr.backends import changes
+from snapmgr.backends import changes, directory
 from tests.integration.trees import acl_xattr
 
 EXCLUDE = ["*.tmp", "/cache/", "skip/"]
@@ -43,6 +43,7 @@ def make_base(root: Path) -> None:
             (sub / "twin").write_text("twin")
             os.utime(sub / "twin", ns=(0, 10**18))
             (sub / "twin").chmod(0o640 if (d + s) % 2 else 0o644)
+    (root / "top").write_bytes(b"top" * 10)
     os.link(root / "d0/s0/f0", root / "d1/s1/linked")
     (root / "d0/link").symlink_to("s0/f1")
     os.mkfifo(root / "d2/fifo")
@@ -184,6 +185,12 @@ class Ops:
             os.rename(a, parked)
             os.rename(b, a)
             os.rename(parked, b)
+
+    def exchange(self, i, j):
+        """Two entries swap names in one step (renameat2 RENAME_EXCHANGE)."""
+        a, b = self._other(i), self._entries(lambda p: True)[j % len(self._entries(lambda p: True))]
+        if a != b and not b.is_relative_to(a):
+            directory.exchange(a, b)
 
     def dir_over_file(self, i, j):
         path = self._other(i)

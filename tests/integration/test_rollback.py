@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from snapmgr.backends.changes import fine_ctimes
-from tests.integration.helpers import Workspace, loop_mount, needs_root, pids_of, wait_for
+from tests.integration.helpers import Workspace, loop_mount, make_tree, needs_root, pids_of, wait_for
 
 QUIESCE_LOG = "quiesce.log"
 
@@ -87,11 +87,16 @@ def test_snapmgrs_own_directories_inside_the_source_are_neither_rolled_back_nor_
     # the volume rolls back, is kept as it is and is no difference.
     ws.write_config({"data": {"backend": "rsync", "source": ws.source, "repository": ws.repo}},
                     state_dir=ws.source / "state")
+    make_tree(ws.source / "bulk", files=100)   # so that the copy lists the few names apart
     target = snapshot_then_change(ws)
-    done = ws.ok("--json", "rollback", target, "--yes").json()
+    (ws.source / "state" / "made-since").write_text("not in the target")
+    r = ws.ok("-vv", "--json", "rollback", target, "--yes")
+    done = r.json()
+    assert "the copy lists the " in r.stderr
     assert done["matches"] and done["check"].endswith("snapmgr's own directories, which no rollback changes, "
                                                       "left out: 'state'")
     assert (ws.source / "state" / "journal.db").exists() and (ws.source / "a").read_text() == "one"
+    assert (ws.source / "state" / "made-since").exists()
 
 
 @pytest.mark.parametrize("manifest", ["blake3", "off"])

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, Phase, event, given, note, settings
 from hypothesis import strategies as st
 
 from snapmgr import rollback
-from snapmgr.backends import linked_trees
+from snapmgr.backends import linked_trees, rsync_filters
 from snapmgr.config import load
 from snapmgr.engine import Engine
 from snapmgr.model import SnapshotId
@@ -76,16 +76,13 @@ def test_the_volume_is_the_target_whatever_changed_since(bases, tmp_path, exampl
 
 def test_the_names_apart_are_where_the_trees_differ_and_all_names_of_a_linked_inode(tmp_path):
     old, new = tmp_path / "old", tmp_path / "new"
-    for d in ("same", "gone/deep", "moded", "replaced"):
+    for d in ("same", "gone/deep", "moded", "replaced", "logs"):
         (old / d).mkdir(parents=True)
-    for f in ("same/f", "same/changed", "gone/deep/f", "replaced/f", "linked"):
+    for f in ("same/f", "same/changed", "gone/deep/f", "replaced/f", "linked", "logs/a", "same/x.tmp"):
         (old / f).write_text(f)
     os.link(old / "linked", old / "same/other-name")
     (old / "file-then-dir").write_text("a file")
     subprocess.run(["cp", "-al", old, new], check=True)   # as rsync --link-dest makes the next snapshot: files linked
-    for d in ("same", "gone/deep", "moded", "replaced"):   # and every directory its own, with its times
-        os.utime(new / d, ns=(0, os.stat(old / d).st_mtime_ns))
-    os.utime(new, ns=(0, os.stat(old).st_mtime_ns))
     (new / "same/changed").unlink()
     (new / "same/changed").write_text("rewritten")
     (new / "linked").unlink()
@@ -98,11 +95,30 @@ def test_the_names_apart_are_where_the_trees_differ_and_all_names_of_a_linked_in
     (new / "added").mkdir()
     (new / "added/inside").write_text("not listed: the directory goes whole")
     os.chmod(new / "moded", 0o700)
-    for d in ("same", "moded"):
-        os.utime(new / d, ns=(0, os.stat(old / d).st_mtime_ns))
-    os.utime(new, ns=(0, os.stat(old).st_mtime_ns))
+    # Left out, as the volume's excludes and snapmgr's own places are: never listed.
+    (new / "logs/a").unlink()
+    (new / "logs/b").write_text("b")
+    (new / "same/x.tmp").unlink()
+    (new / "same/x.tmp").write_text("rewritten")
+    (new / "state").mkdir()
+    for d in ("", "same", "gone/deep", "moded", "logs"):   # every directory its own, with its times as in old
+        if (new / d).is_dir():
+            os.utime(new / d, ns=(0, os.stat(old / d).st_mtime_ns))
+    left_out = rsync_filters.matcher(["/state/", "logs/", "*.tmp"])
 
-    found = linked_trees.apart(old, new)
-    assert found is not None and found.entries == len(names(old))
-    assert found.names == sorted([b"same/changed", b"linked", b"same/other-name", b"gone", b"gone/deep",
+    found = linked_trees.apart(old, new, left_out)
+    assert found is not None and found.entries == len(names(old)) - 1   # not logs/a: logs is not looked into
+    # The root too: a name in it is listed.
+    assert found.names == sorted([b"", b"same/changed", b"linked", b"same/other-name", b"gone", b"gone/deep",
                                   b"gone/deep/f", b"replaced", b"replaced/f", b"file-then-dir", b"added", b"moded"])
+    # Only a deeper name: its directories are rsync's to set back (--relative), the root not listed.
+    (new / "linked").unlink()
+    os.link(old / "linked", new / "linked")
+    for name in ("gone", "replaced", "file-then-dir", "added"):
+        subprocess.run(["rm", "-r", new / name], check=False)
+        if (old / name).exists():
+            subprocess.run(["cp", "-al", old / name, new / name], check=True)
+    os.chmod(new / "moded", 0o755)
+    for d in ("", "gone", "gone/deep", "replaced", "moded"):
+        os.utime(new / d, ns=(0, os.stat(old / d).st_mtime_ns))
+    assert linked_trees.apart(old, new, left_out).names == [b"same/changed"]
