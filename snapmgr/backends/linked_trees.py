@@ -18,6 +18,7 @@ from typing import Callable, NamedTuple
 class Apart(NamedTuple):
     names: list[bytes]   # relative to the roots, b"" the root itself
     entries: int         # how many the older tree has
+    filed: list[bytes]   # directories of the newer tree where the older has something else
 
 
 def apart(old: Path, new: Path, left_out: Callable[[bytes, bool], bool]) -> Apart | None:
@@ -36,6 +37,7 @@ def apart(old: Path, new: Path, left_out: Callable[[bytes, bool], bool]) -> Apar
     first: dict[int, bytes] = {}         # each inode of `old` by its first name
     more: dict[int, list[bytes]] = {}    # and by its others, when it has more
     listed_inodes = set()
+    filed: list[bytes] = []
     entries = 0
     todo: list[tuple[bytes, bool]] = [(b"", True)]   # a directory of `old`, and whether `new` has one there
     while todo:
@@ -55,6 +57,8 @@ def apart(old: Path, new: Path, left_out: Callable[[bytes, bool], bool]) -> Apar
                     found.append(relative)
                 todo.append((relative, both))
                 continue
+            if n is not None and n.is_dir(follow_symlinks=False):
+                filed.append(relative)
             inode = o.inode()
             if first.setdefault(inode, relative) is not relative:
                 more.setdefault(inode, []).append(relative)
@@ -66,7 +70,7 @@ def apart(old: Path, new: Path, left_out: Callable[[bytes, bool], bool]) -> Apar
     names = set(found).union(name for inode in listed_inodes for name in [first[inode], *more.get(inode, ())])
     if any(b"/" not in name for name in names):
         names.add(b"")
-    return Apart(sorted(names), entries)
+    return Apart(sorted(names), entries, filed)
 
 
 def _entries(path: bytes) -> dict[bytes, os.DirEntry]:

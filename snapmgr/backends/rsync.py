@@ -23,6 +23,7 @@ from snapmgr.backends.directory import DirectoryBackend, syncfs
 from snapmgr.errors import RollbackRefused, SnapmgrError, SpaceRefused, UsageError, quote
 from snapmgr.model import Snapshot, SnapshotId, human_size
 from snapmgr.restore import argv as restore_argv, copy, kept_out
+from snapmgr.volume_paths import joined, shown
 
 log = logging.getLogger(__name__)
 
@@ -233,33 +234,38 @@ class RsyncBackend(DirectoryBackend):
             kept = kept_out(live, [b""], keep)
         except UsageError as e:
             raise RollbackRefused(f"{e}; nothing was changed") from None
+        left_out = rsync_filters.matcher([*kept, *self.left_out()])
         with self.browse_root(target) as root:
-            names = self._differing(target, root, current, rsync_filters.matcher([*kept, *self.left_out()]))
-            if names is None:
+            found = self._apart(target, root, current, left_out)
+            for path in found.filed if found else ():
+                if held := _held_below(live, path, left_out):
+                    raise RollbackRefused(f"{shown(path)} is a directory holding {shown(held)}, which the rollback "
+                                          f"keeps (the snapshots leave it out), where {target.id} has no directory: "
+                                          f"move it out of the way first; nothing was changed")
+            if found is None or len(found.names) > changes.WHOLE_TREE_SHARE * found.entries:
+                if found is not None:
+                    log.debug("the copy compares the whole tree: %d of %d entries differ", len(found.names),
+                              found.entries)
                 copy(root, [b""], live, delete=True, left_out=self.left_out(), kept=kept, own_mounts=self.own_mounts())
                 return
-            log.debug("%s: the copy lists the %d names where the volume differs", target.id, len(names))
-            with _listed(self.snapshot_dir / f"{target.id}{NAMES}", names) as path:
+            log.debug("%s: the copy lists the %d names where the volume differs", target.id, len(found.names))
+            with _listed(self.snapshot_dir / f"{target.id}{NAMES}", found.names) as path:
                 sh.run(restore_argv(root, [], live, False, True, self.left_out(), kept, names_from=path))
 
-    def _differing(self, target: Snapshot, root: Path, current: Snapshot | None,
-                   left_out: Callable[[bytes, bool], bool]) -> list[bytes] | None:
-        """The names a rollback to `target` (at `root`) copies: where the volume differs,
-        as the pre-rollback snapshot `current` holds it (linked_trees), but what the copy
-        leaves out; None when that is not known, or is most of the tree, and the copy
-        compares the whole tree."""
+    def _apart(self, target: Snapshot, root: Path, current: Snapshot | None,
+               left_out: Callable[[bytes, bool], bool]) -> linked_trees.Apart | None:
+        """Where the volume, as the pre-rollback snapshot `current` holds it, and `target`
+        (at `root`) are apart (linked_trees), but what the copy leaves out; None when that
+        cannot be told."""
         live = Path(os.path.realpath(self.live_root()))
-        found = None
         if current is None or current.meta.get("warnings"):
             why = "no pre-rollback snapshot holds the volume exactly as it is"   # a file vanished while copied
         elif any(m.mountpoint != live for m in mounts.below(live)):
             why = "other filesystems are mounted in the volume"   # which a copy goes around
         elif (found := linked_trees.apart(root, current.path, left_out)) is None:
             why = f"{current.id} is on another filesystem than {target.id}"
-        elif len(found.names) > changes.WHOLE_TREE_SHARE * found.entries:
-            why = f"{len(found.names):,} of {found.entries:,} entries differ"
         else:
-            return found.names
+            return found
         log.debug("the copy compares the whole tree: %s", why)
         return None
 
@@ -322,6 +328,25 @@ class RsyncBackend(DirectoryBackend):
         for leftover in leftovers:
             log.info("removing an interrupted copy: %s", leftover.name)
             shutil.rmtree(leftover)
+
+
+def _held_below(root: Path, path: bytes, left_out: Callable[[bytes, bool], bool]) -> bytes | None:
+    """Something `left_out` says, in the directory `path` below `root` or deeper: what a
+    copy that puts a file there could not delete."""
+    todo = [path]
+    while todo:
+        directory = todo.pop()
+        try:
+            with os.scandir(joined(root, directory)) as it:
+                entries = [(directory + b"/" + entry.name, entry.is_dir(follow_symlinks=False)) for entry in it]
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for inside, is_dir in entries:
+            if left_out(inside, is_dir):
+                return inside
+            if is_dir:
+                todo.append(inside)
+    return None
 
 
 @contextmanager

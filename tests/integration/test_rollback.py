@@ -82,6 +82,21 @@ def test_a_directory_made_since_to_hold_what_the_snapshots_leave_out_is_kept_and
     assert done["matches"], done["check"]
 
 
+def test_a_directory_holding_what_the_snapshots_leave_out_where_the_target_has_a_file_is_refused(ws):
+    rsync_volume(ws)
+    make_tree(ws.source / "bulk", files=100)
+    target = snapshot_then_change(ws)
+    (ws.source / "a").unlink()
+    (ws.source / "a" / "cache").mkdir(parents=True)
+    (ws.source / "a" / "cache" / "x").write_text("left out of every snapshot")
+    before = state(ws)
+    r = ws.run("rollback", target, "--yes")
+    error = r.stderr.splitlines()[-1]   # after the plan
+    assert r.returncode == 1 and error.startswith("snapmgr: error: 'a' is a directory holding 'a/cache', which the "
+                                                  "rollback keeps") and error.endswith("nothing was changed")
+    assert state(ws) == before
+
+
 def test_snapmgrs_own_directories_inside_the_source_are_neither_rolled_back_nor_checked(ws):
     # A source holding snapmgr's state (as source = "/" does): its journal, written while
     # the volume rolls back, is kept as it is and is no difference.
