@@ -159,11 +159,11 @@ class RsyncBackend(DirectoryBackend):
 
     def _rsync_listed(self, partial: Path, latest: Path | None, progress: Progress | None, names: Sequence[str],
                       recursive: bool) -> sh.Completed:
-        # --delete-missing-args: a name gone
-        # since it was listed is deleted from the copy, as a pass over the whole tree would.
-        # -a does not recurse through a list by itself. --link-dest stays: it costs per
-        # listed name only, and links what is as the previous snapshot has it (an entry
-        # unshared, changed back, or in a directory copied whole), as one pass would.
+        # --delete-missing-args: a name gone since it was listed is deleted from the copy,
+        # as a pass over the whole tree would. -a does not recurse through a list by
+        # itself. --link-dest stays: it costs per listed name only, and links what is as
+        # the previous snapshot has it (an entry unshared, changed back, or in a directory
+        # copied whole), as one pass would.
         with _listed(partial.with_suffix(NAMES), map(os.fsencode, names)) as path:
             listing = [f"--files-from={path}", "--from0", "--delete-missing-args", *(["-r"] if recursive else [])]
             return self._rsync(partial, latest, progress, listing)
