@@ -223,8 +223,9 @@ class RsyncBackend(DirectoryBackend):
         if recorded is not None and recorded != os.statvfs(live).f_fsid:
             raise SnapmgrError(f"{quote(live)} is not on the filesystem {target.id} was taken from (is it mounted?): a "
                                f"rollback would fill whatever lies underneath; nothing was changed")
-        return RollbackWay("rsync --delete from the snapshot into the source; what the snapshots leave out is kept "
-                           "as it is")
+        return RollbackWay("rsync --delete from the snapshot into the source, over only the names where the "
+                           "pre-rollback snapshot and it differ when that can be told; what the snapshots leave out "
+                           "is kept as it is")
 
     def roll_back(self, target: Snapshot, way: RollbackWay, keep: Sequence[tuple[Path, str]], resuming: bool,
                   current: Snapshot | None = None) -> None:

@@ -3,6 +3,7 @@ against the live volume, from manifests and by walking, hostile names kept to on
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import time
@@ -10,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from snapmgr import config
+from snapmgr import config, diff
 from snapmgr.diff import Side, differences
 from snapmgr.engine import Engine
+from snapmgr.errors import SnapmgrError
 from snapmgr.manifest import load, save, scan
 from tests.integration.helpers import in_one_second, loop_mount, needs_root
 from tests.integration.trees import ACL, snapshot, volume  # noqa: F401 (a fixture)
@@ -257,3 +259,32 @@ def test_between_rsync_snapshots_one_inode_is_one_content_though_its_ctime_moved
     result = ws.ok("--json", "diff", first, second).json()
     assert [(c["flags"], c["path"]) for c in result["changes"]] == [("c....m", "f3")]
     assert result["hashed"] == 1   # the new f3: the old one's hash is in the manifest
+
+
+@pytest.mark.parametrize("moving", [True, False])
+def test_a_live_file_deleted_between_the_walk_and_its_reading(tmp_path, monkeypatch, moving):
+    """On a live volume whose services run (new_moving), a file can go after the walk listed
+    it: it is left uncompared by content rather than failing the whole comparison. Where
+    nothing is expected to move, the same is an error naming the file. (The deletion is
+    made to fall between the two steps, where a running service would put it by chance.)"""
+    sid, records, live = "data@20261124T000000Z", tmp_path / "records", tmp_path / "live"
+    live.mkdir()
+    for name in ("kept", "doomed"):
+        (live / name).write_bytes(b"1")
+    save(records, sid, "blake3", scan(live, "blake3"))
+    for name in ("kept", "doomed"):
+        (live / name).write_bytes(b"2")   # the same size: only reading tells the change
+    real = diff.hash_many
+
+    def deleting_first(jobs, algorithm):
+        (live / "doomed").unlink()
+        return real(jobs, algorithm)
+    monkeypatch.setattr(diff, "hash_many", deleting_first)
+    compared = functools.partial(differences, Side(sid, load(records, sid), None, time.time()),
+                                 Side("live", None, live, None), b"", "blake3", quick=False, new_moving=moving)
+    if not moving:
+        with pytest.raises(SnapmgrError, match=r"^cannot compare 'doomed' in live: "):
+            compared()
+        return
+    changes = {c.path: (c.status, c.what) for c in compared().changes}
+    assert changes[b"kept"][1] >= {"content"} and "content" not in changes[b"doomed"][1], changes
