@@ -17,6 +17,8 @@ from typing import Iterator
 
 import pytest
 
+from snapmgr import procfs
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -167,6 +169,18 @@ def pids_of(program: str, needle: str) -> list[int]:
                 any(needle.encode() in a for a in argv):
             pids.append(int(entry.name))
     return pids
+
+
+def open_paths(pid: int) -> list[str]:
+    """What process `pid` has open, as its mount namespace shows the paths; a descriptor
+    it closes while this looks (a daemon's threads open and close their own) is not."""
+    found = []
+    for descriptor in procfs.descriptors([pid]):
+        try:
+            found.append(descriptor.target())
+        except OSError:
+            continue
+    return found
 
 
 def held_window_command(held: Path) -> list[str]:

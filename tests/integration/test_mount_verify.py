@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from snapmgr.journal import Journal
-from tests.integration.helpers import make_tree, needs_root, pids_of, wait_for
+from tests.integration.helpers import make_tree, needs_root, open_paths, pids_of, wait_for
 from tests.integration.test_mount import label, mnt, mount, mounted_type, snapshot  # noqa: F401 (mnt: a fixture)
 from tests.integration.test_verify import flip_a_byte
 
@@ -65,8 +65,7 @@ def test_a_daemon_journals_through_a_connection_of_its_own(ws, mnt):
         [daemon] = pids_of(Path(sys.executable).name, str(mnt))
         # SQLite connections must not cross a fork: the daemon has opened none yet, though
         # its parent read the journal before forking (every command resumes interrupted windows).
-        assert not [fd for fd in Path(f"/proc/{daemon}/fd").iterdir()
-                    if os.readlink(fd).startswith(str(journal))]
+        assert not [path for path in open_paths(daemon) if path.startswith(str(journal))]
         with open(mnt / "data" / label(sid) / "d1" / "f0001", "rb") as f, pytest.raises(OSError) as e:
             f.read()
         assert e.value.errno == errno.EIO

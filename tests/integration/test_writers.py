@@ -13,7 +13,7 @@ from typing import Iterator
 import pytest
 
 from snapmgr.writers import users
-from tests.integration.helpers import loop_mount, needs_root
+from tests.integration.helpers import loop_mount, needs_root, open_paths
 
 # Maps the first 4 KiB of argv[1], shared or private (argv[2]), read and write, and
 # closes its descriptor: only the mapping is left. (Python's mmap keeps a descriptor of
@@ -76,7 +76,7 @@ def test_a_writer_in_another_mount_namespace_seeing_the_volume_elsewhere_is_foun
             "f = open(sys.argv[2] + '/' + sys.argv[3], 'a')")
     name = "sub/b" if not shown else "b"
     with running(code, str(volume / shown), str(elsewhere), name, prefix=("unshare", "--mount")) as writer:
-        seen_as = [os.readlink(f"/proc/{writer}/fd/{n}") for n in os.listdir(f"/proc/{writer}/fd")]
+        seen_as = open_paths(writer)
         found = users([volume])
     assert f"{elsewhere}/{name}" in seen_as   # not a path under the volume's
     assert not os.path.ismount(elsewhere)     # the bind mount is the other namespace's alone
@@ -88,8 +88,7 @@ def test_a_writable_shared_mapping_is_a_writer_and_a_private_one_a_holder(volume
     # closed, the mapping still writes to the file.
     with running(MAPS, str(volume / "sub" / "b"), "shared") as shared, \
             running(MAPS, str(volume / "sub" / "b"), "private") as private:
-        assert not [n for pid in (shared, private) for n in os.listdir(f"/proc/{pid}/fd")
-                    if os.readlink(f"/proc/{pid}/fd/{n}").startswith(str(volume))]
+        assert not [path for pid in (shared, private) for path in open_paths(pid) if path.startswith(str(volume))]
         found = users([volume])
     assert shared in found.writers
     assert private in found.holders and private not in found.writers
