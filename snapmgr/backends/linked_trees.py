@@ -24,8 +24,10 @@ class Apart(NamedTuple):
 def apart(old: Path, new: Path, left_out: Callable[[bytes, bool], bool]) -> Apart | None:
     """The names where `new` is not as `old`, for a copy from `old` that lists them
     (rsync --files-from, one name each, --delete-missing-args): of a directory `new`
-    lacks, each entry below it; of an inode `old` links under several names, every
-    name once one is listed, since rsync -H links only names listed together; the root,
+    lacks, each entry below it; every name of an inode `old` links under several,
+    whether or not they look apart, since rsync -H links only names listed together and
+    a split of them shows in no inode here (rsync --link-dest linked the newer tree's
+    alike files back into the one); the root,
     once a name in it is, since rsync sets a directory's mtime back only when it lists it
     (with --relative, each directory above a name but the root). What `left_out` says
     (given a path and whether it is a directory, on either side) is neither listed nor
@@ -36,7 +38,6 @@ def apart(old: Path, new: Path, left_out: Callable[[bytes, bool], bool]) -> Apar
     found = [] if _same_dir(old, new) else [b""]
     first: dict[int, bytes] = {}         # each inode of `old` by its first name
     more: dict[int, list[bytes]] = {}    # and by its others, when it has more
-    listed_inodes = set()
     filed: list[bytes] = []
     entries = 0
     todo: list[tuple[bytes, bool]] = [(b"", True)]   # a directory of `old`, and whether `new` has one there
@@ -64,10 +65,9 @@ def apart(old: Path, new: Path, left_out: Callable[[bytes, bool], bool]) -> Apar
                 more.setdefault(inode, []).append(relative)
             if n is None or n.inode() != inode or n.is_dir(follow_symlinks=False):
                 found.append(relative)
-                listed_inodes.add(inode)
         found += [os.path.join(path, name) for name, n in news.items()
                   if name not in olds and not left_out(os.path.join(path, name), n.is_dir(follow_symlinks=False))]
-    names = set(found).union(name for inode in listed_inodes for name in [first[inode], *more.get(inode, ())])
+    names = set(found).union(name for inode, others in more.items() for name in [first[inode], *others])
     if any(b"/" not in name for name in names):
         names.add(b"")
     return Apart(sorted(names), entries, filed)

@@ -84,19 +84,42 @@ def test_the_volume_is_the_target_whatever_changed_since(bases, tmp_path, exampl
     assert listed or (len(whole) == 1 and whole[0].endswith("entries differ")), log
 
 
+def test_two_names_of_one_file_in_the_target_split_since_are_one_file_again(bases, tmp_path):
+    """A copy-and-rename editor splits a hard link: one name gets a file of its own, alike
+    in all but the inode. The pre-rollback snapshot's --link-dest links it back into the
+    target's one inode, so no inode shows the split; the listed copy joins the names again
+    all the same, as the whole-tree copy does, because it lists every name of a linked inode."""
+    source = tmp_path / "source"
+    bases.take(source)   # d0/s0/f0 and d1/s1/linked are one file
+    engine = engine_of(tmp_path, service=False)
+    target = engine.backend(engine.config.volumes["data"]).create(TARGET, frozenset()).path
+    first, linked = source / "d0/s0/f0", source / "d1/s1/linked"
+    split = linked.with_name("split")
+    shutil.copy2(linked, split)   # contents, mode, times and xattrs (the ACL among them)
+    os.chown(split, linked.lstat().st_uid, linked.lstat().st_gid)
+    os.replace(split, linked)
+    assert first.lstat().st_ino != linked.lstat().st_ino
+
+    with backend_log() as log:
+        done = rollback.rollback(engine, str(TARGET), False, lambda plan: True)
+    assert any(LISTED in line for line in log), log
+    assert first.lstat().st_ino == linked.lstat().st_ino
+    assert differences(target, source, excluded_kept=True) == [] and done.matches, done.check
+
+
 def test_the_names_apart_are_where_the_trees_differ_and_all_names_of_a_linked_inode(tmp_path):
     old, new = tmp_path / "old", tmp_path / "new"
     for d in ("same", "gone/deep", "moded", "replaced", "logs"):
         (old / d).mkdir(parents=True)
-    for f in ("same/f", "same/changed", "gone/deep/f", "replaced/f", "linked", "logs/a", "same/x.tmp"):
+    for f in ("same/f", "same/changed", "gone/deep/f", "replaced/f", "same/linked", "logs/a", "same/x.tmp"):
         (old / f).write_text(f)
-    os.link(old / "linked", old / "same/other-name")
+    os.link(old / "same/linked", old / "same/other-name")
     (old / "file-then-dir").write_text("a file")
     subprocess.run(["cp", "-al", old, new], check=True)   # as rsync --link-dest makes the next snapshot: files linked
     (new / "same/changed").unlink()
     (new / "same/changed").write_text("rewritten")
-    (new / "linked").unlink()
-    (new / "linked").write_text("its own file now")
+    (new / "same/linked").unlink()
+    (new / "same/linked").write_text("its own file now")
     shutil.rmtree(new / "gone")
     shutil.rmtree(new / "replaced")
     (new / "replaced").write_text("a file where a directory was")
@@ -119,16 +142,17 @@ def test_the_names_apart_are_where_the_trees_differ_and_all_names_of_a_linked_in
     found = linked_trees.apart(old, new, left_out)
     assert found is not None and found.entries == len(names(old)) - 1   # not logs/a: logs is not looked into
     # The root too: a name in it is listed.
-    assert found.names == sorted([b"", b"same/changed", b"linked", b"same/other-name", b"gone", b"gone/deep",
+    assert found.names == sorted([b"", b"same/changed", b"same/linked", b"same/other-name", b"gone", b"gone/deep",
                                   b"gone/deep/f", b"replaced", b"replaced/f", b"file-then-dir", b"added", b"moded"])
-    # Only a deeper name: its directories are rsync's to set back (--relative), the root not listed.
-    (new / "linked").unlink()
-    os.link(old / "linked", new / "linked")
+    # Only deeper names: their directories are rsync's to set back (--relative), the root
+    # not listed. Both names of the linked inode still are: a split would not show.
+    (new / "same/linked").unlink()
+    os.link(old / "same/linked", new / "same/linked")
     for name in ("gone", "replaced", "file-then-dir", "added"):
         subprocess.run(["rm", "-r", new / name], check=False)
         if (old / name).exists():
             subprocess.run(["cp", "-al", old / name, new / name], check=True)
     os.chmod(new / "moded", 0o755)
-    for d in ("", "gone", "gone/deep", "replaced", "moded"):
+    for d in ("", "same", "gone", "gone/deep", "replaced", "moded"):
         os.utime(new / d, ns=(0, os.stat(old / d).st_mtime_ns))
-    assert linked_trees.apart(old, new, left_out).names == [b"same/changed"]
+    assert linked_trees.apart(old, new, left_out).names == [b"same/changed", b"same/linked", b"same/other-name"]
