@@ -22,17 +22,17 @@ class Apart(NamedTuple):
 
 
 def apart(old: Path, new: Path, left_out: Callable[[bytes, bool], bool]) -> Apart | None:
-    """The names where `new` is not as `old`, for a copy from `old` that lists them
-    (rsync --files-from, one name each, --delete-missing-args): of a directory `new`
-    lacks, each entry below it; every name of an inode `old` links under several,
-    whether or not they look apart, since rsync -H links only names listed together and
-    a split of them shows in no inode here (rsync --link-dest linked the newer tree's
-    alike files back into the one); the root,
-    once a name in it is, since rsync sets a directory's mtime back only when it lists it
-    (with --relative, each directory above a name but the root). What `left_out` says
-    (given a path and whether it is a directory, on either side) is neither listed nor
-    looked into: rsync checks a listed name's own rules only, never its directories'.
-    None when the trees are on different filesystems, where no inode is shared."""
+    """The names a copy from `old` must list to make `new` as `old` is (rsync
+    --files-from, one name each, --delete-missing-args): those where they differ; of a
+    directory `new` lacks, each entry below it; every name of an inode `old` links under
+    several, whether or not they look apart, since rsync -H links only names listed
+    together and a split of them shows in no inode here (rsync --link-dest linked the
+    newer tree's alike files back into the one); the root, once a name in it is, since
+    rsync sets a directory's mtime back only when it lists it (with --relative, each
+    directory above a name but the root). What `left_out` says (given a path and whether
+    it is a directory, on either side) is neither listed nor looked into: rsync checks a
+    listed name's own rules only, never its directories'. None when the trees are on
+    different filesystems, where no inode is shared."""
     if os.lstat(old).st_dev != os.lstat(new).st_dev:
         return None
     found = [] if _same_dir(old, new) else [b""]

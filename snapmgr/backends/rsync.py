@@ -224,8 +224,8 @@ class RsyncBackend(DirectoryBackend):
             raise SnapmgrError(f"{quote(live)} is not on the filesystem {target.id} was taken from (is it mounted?): a "
                                f"rollback would fill whatever lies underneath; nothing was changed")
         return RollbackWay("rsync --delete from the snapshot into the source, over only the names where the "
-                           "pre-rollback snapshot and it differ when that can be told; what the snapshots leave out "
-                           "is kept as it is")
+                           "pre-rollback snapshot and it differ (and each name of a file it links under several) "
+                           "when that can be told; what the snapshots leave out is kept as it is")
 
     def roll_back(self, target: Snapshot, way: RollbackWay, keep: Sequence[tuple[Path, str]], resuming: bool,
                   current: Snapshot | None = None) -> None:
@@ -245,11 +245,12 @@ class RsyncBackend(DirectoryBackend):
                                           f"move it out of the way first; nothing was changed")
             if found is None or len(found.names) > changes.WHOLE_TREE_SHARE * found.entries:
                 if found is not None:
-                    log.debug("the copy compares the whole tree: %d of %d entries differ", len(found.names),
-                              found.entries)
+                    log.debug("the copy compares the whole tree: %d of its %d entries would be listed",
+                              len(found.names), found.entries)
                 copy(root, [b""], live, delete=True, left_out=self.left_out(), kept=kept, own_mounts=self.own_mounts())
                 return
-            log.debug("%s: the copy lists the %d names where the volume differs", target.id, len(found.names))
+            log.debug("%s: the copy lists the %d names where the volume differs or that name a linked file",
+                      target.id, len(found.names))
             with _listed(self.snapshot_dir / f"{target.id}{NAMES}", found.names) as path:
                 sh.run(restore_argv(root, [], live, False, True, self.left_out(), kept, names_from=path))
 

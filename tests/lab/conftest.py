@@ -62,9 +62,9 @@ class LogicalVolume:
         return f"{VG}/{self.name}"
 
     def format_and_mount(self) -> None:
-        # ext4 otherwise zeroes its inode tables and journal from a kernel thread after the
-        # mount: megabytes of writes that can overflow a small thick snapshot taken meanwhile.
-        eager = ["-E", "lazy_itable_init=0,lazy_journal_init=0"] if self.fstype == "ext4" else []
+        # ext4 otherwise zeroes its inode tables from a kernel thread after the mount:
+        # megabytes of writes that can overflow a small thick snapshot taken meanwhile.
+        eager = ["-E", "lazy_itable_init=0"] if self.fstype == "ext4" else []
         sh(self.host, f"mkfs.{self.fstype}", "-q", *eager, f"/dev/{self.path}")
         self.mountpoint.mkdir(parents=True, exist_ok=True)
         sh(self.host, "mount", f"/dev/{self.path}", self.mountpoint)
