@@ -36,7 +36,7 @@ from snapmgr.manifest import Change
 from snapmgr.model import Snapshot, SnapshotId, stamp
 from snapmgr.quiesce.window import WindowOverrun
 from snapmgr.restore_job import own_places
-from snapmgr.volume_paths import joined, shown, under
+from snapmgr.volume_paths import children, joined, shown, under
 from snapmgr.writers import users
 
 log = logging.getLogger(__name__)
@@ -404,11 +404,7 @@ def _apart(real: Path, backend: Backend, changes: Sequence[Change], kept: Sequen
         # A directory added since the snapshot was made to hold what it holds, when that
         # is all left out here or left out of the snapshots (which a rollback keeps, and
         # so cannot delete the directory).
-        try:
-            with os.scandir(joined(real, path)) as it:
-                inside = [(path + b"/" + os.fsencode(e.name), e.is_dir(follow_symlinks=False)) for e in it]
-        except (FileNotFoundError, NotADirectoryError):
-            return False
+        inside = children(real, path)
         return bool(inside) and all(p in apart or excluded(p, is_dir) for p, is_dir in inside)
     for c in sorted(changes, key=lambda c: -c.path.count(b"/")):
         if c.status == "added" and c.path and made_to_hold(c.path):

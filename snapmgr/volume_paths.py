@@ -44,6 +44,16 @@ def joined(root: Path, relative_path: bytes) -> bytes:
     return os.fsencode(root) + (b"/" + relative_path if relative_path else b"")
 
 
+def children(root: Path, relative_path: bytes) -> list[tuple[bytes, bool]] | None:
+    """Each entry of the directory at `relative_path` below `root`, by its own relative
+    path, and whether it is a directory; None when no directory is there."""
+    try:
+        with os.scandir(joined(root, relative_path)) as it:
+            return [(os.path.join(relative_path, e.name), e.is_dir(follow_symlinks=False)) for e in it]
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
 def shown(relative_path: bytes) -> str:
     """A relative path as messages show it."""
     return quote(os.fsdecode(relative_path or b"."))

@@ -23,7 +23,7 @@ from snapmgr.backends.directory import DirectoryBackend, syncfs
 from snapmgr.errors import RollbackRefused, SnapmgrError, SpaceRefused, UsageError, quote
 from snapmgr.model import Snapshot, SnapshotId, human_size
 from snapmgr.restore import argv as restore_argv, copy, kept_out
-from snapmgr.volume_paths import joined, shown
+from snapmgr.volume_paths import children, shown
 
 log = logging.getLogger(__name__)
 
@@ -337,13 +337,7 @@ def _held_below(root: Path, path: bytes, left_out: Callable[[bytes, bool], bool]
     copy that puts a file there could not delete."""
     todo = [path]
     while todo:
-        directory = todo.pop()
-        try:
-            with os.scandir(joined(root, directory)) as it:
-                entries = [(directory + b"/" + entry.name, entry.is_dir(follow_symlinks=False)) for entry in it]
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        for inside, is_dir in entries:
+        for inside, is_dir in children(root, todo.pop()) or ():
             if left_out(inside, is_dir):
                 return inside
             if is_dir:
